@@ -1,0 +1,103 @@
+"""The engine's paged KV pool and the attention contexts that read and write it.
+
+The pool is a stack of pages in kvrelay.kv_format layout: kv [num_blocks, L, 2, H, B, D] (TensorRT-LLM's
+pool layout) and e [num_blocks, len(e_layers), B, hidden]. A sequence owns a block table (list of
+block ids); token at position p lives in block table[p // B], slot p % B.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kvrelay.kv_format import PageFormat
+
+
+class PagedKVPool:
+    def __init__(self, fmt: PageFormat, num_blocks: int, device: torch.device):
+        self.fmt = fmt
+        self.num_blocks = num_blocks
+        self.kv = torch.zeros((num_blocks, *fmt.kv_shape), dtype=fmt.torch_dtype, device=device)
+        self.e = torch.zeros((num_blocks, *fmt.e_shape), dtype=fmt.torch_dtype, device=device)
+        self.e_index = {l: i for i, l in enumerate(fmt.e_layers)}
+
+    def slots(self, table: list[int], start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = torch.arange(start, end)
+        B = self.fmt.block_size
+        blocks = torch.tensor(table, dtype=torch.long)[pos // B]
+        return blocks.to(self.kv.device), (pos % B).to(self.kv.device)
+
+    def write_kv(self, layer: int, blocks, offs, k, v) -> None:
+        # k, v: [T, H, D] -> pool[block, layer, 0|1, :, slot, :]
+        self.kv[blocks, layer, 0, :, offs, :] = k.to(self.kv.dtype)
+        self.kv[blocks, layer, 1, :, offs, :] = v.to(self.kv.dtype)
+
+    def write_e(self, layer: int, blocks, offs, h) -> None:
+        i = self.e_index.get(layer)
+        if i is not None:
+            self.e[blocks, i, offs, :] = h.to(self.e.dtype)
+
+    def gather(self, layer: int, table: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K, V of one sequence's first `length` tokens: [H, length, D] each."""
+        kv = self.kv[table, layer]                             # [nb, 2, H, B, D]
+        kv = kv.permute(1, 2, 0, 3, 4).flatten(2, 3)           # [2, H, nb*B, D]
+        return kv[0, :, :length], kv[1, :, :length]
+
+
+def _sdpa(q, k, v, mask=None, causal=False):
+    gqa = q.shape[-3] != k.shape[-3]
+    return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
+                                          is_causal=causal, enable_gqa=gqa)
+
+
+class PrefillAttention:
+    """New tokens [start, start+n) of one sequence; attends to its cached tokens and causally to itself."""
+
+    def __init__(self, pool: PagedKVPool, table: list[int], start: int, n: int):
+        self.pool, self.start, self.n = pool, start, n
+        self.blocks, self.offs = pool.slots(table, start, start + n)
+        B = pool.fmt.block_size
+        self.table = torch.tensor(table[: (start + n + B - 1) // B], dtype=torch.long, device=pool.kv.device)
+        if start:
+            i = torch.arange(n, device=pool.kv.device)[:, None]
+            j = torch.arange(start + n, device=pool.kv.device)[None, :]
+            self.mask = j <= start + i
+
+    def __call__(self, layer, q, k, v):
+        self.pool.write_kv(layer, self.blocks, self.offs, k, v)
+        q = q.transpose(0, 1)                                   # [H, n, D]
+        if self.start == 0:  # nothing cached before: attend to the fresh k, v directly
+            o = _sdpa(q, k.transpose(0, 1), v.transpose(0, 1), causal=True)
+        else:
+            K, V = self.pool.gather(layer, self.table, self.start + self.n)
+            o = _sdpa(q, K, V, mask=self.mask)
+        return o.transpose(0, 1)                                # [n, H, D]
+
+
+class DecodeAttention:
+    """One new token for each of several sequences (continuous batching), padded to the longest."""
+
+    def __init__(self, pool: PagedKVPool, tables: list[list[int]], lengths: list[int]):
+        dev = pool.kv.device
+        B = pool.fmt.block_size
+        self.pool = pool
+        pos = [n - 1 for n in lengths]  # the new token's position
+        self.blocks = torch.tensor([t[p // B] for t, p in zip(tables, pos)], dtype=torch.long, device=dev)
+        self.offs = torch.tensor([p % B for p in pos], dtype=torch.long, device=dev)
+        nb = max((n + B - 1) // B for n in lengths)
+        self.table = torch.tensor([t[:nb] + [t[0]] * (nb - min(len(t), nb)) for t in tables], dtype=torch.long, device=dev)
+        j = torch.arange(nb * B, device=dev)[None, :]
+        self.mask = (j < torch.tensor(lengths, device=dev)[:, None])[:, None, None, :]  # [S, 1, 1, T]
+
+    def __call__(self, layer, q, k, v):
+        self.pool.write_kv(layer, self.blocks, self.offs, k, v)
+        kv = self.pool.kv[self.table, layer]                    # [S, nb, 2, H, B, D]
+        kv = kv.permute(2, 0, 3, 1, 4, 5).flatten(3, 4)         # [2, S, H, nb*B, D]
+        o = _sdpa(q[:, :, None, :], kv[0], kv[1], mask=self.mask)  # q [S, Hq, 1, D]
+        return o[:, :, 0, :]                                    # [S, Hq, D]
+
+
+class DenseAttention:
+    """No cache at all: the unpaged reference the paged paths are tested against."""
+
+    def __call__(self, layer, q, k, v):
+        return _sdpa(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), causal=True).transpose(0, 1)

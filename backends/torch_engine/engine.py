@@ -1,0 +1,402 @@
+"""The PyTorch engine: paged KV, prefix caching, DroidSpeak re-prefill, continuous-batching decode.
+
+One engine serves one model. `add_request` may be called from any thread (it validates at once and
+queues); `step` runs on one thread: it admits queued requests (prefill or re-prefill, then the first
+token) and then decodes one token for every running sequence together.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kvrelay import fingerprint as fp
+from kvrelay.engine_api import DonorKV, PrefillInfo, Request, RequestOutput
+from kvrelay.errors import KvRelayError, PlanError
+from kvrelay.kv_format import KVPages, PageFormat, block_hashes, dtype_name, DTYPES
+from kvrelay.plan import RecomputePlan
+
+from .attention import DecodeAttention, DenseAttention, PagedKVPool, PrefillAttention
+from .block_manager import BlockManager
+from .config import EngineConfig, ModelConfig
+from .model import LlamaModel, load_weights, random_init
+from .sampler import sample
+
+
+@dataclass(slots=True, eq=False)  # identity: a sequence is itself, not its contents
+class Sequence:
+    req: Request
+    tokens: list[int]                   # prompt + generated so far
+    table: list[int] = field(default_factory=list)
+    hashes: list[bytes] = field(default_factory=list)   # chain hashes of registered full blocks
+    salt: bytes = b""                   # b"" = exact own KV; else the donor+plan it was derived from
+    output: list[int] = field(default_factory=list)
+    generator: torch.Generator | None = None
+    prefill_sent: bool = False
+    first_token_time_ns: int = 0
+    admitted_at: int = 0
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.req.prompt_tokens)
+
+
+class TorchEngine:
+    def __init__(self, name: str, model_cfg: ModelConfig, model: LlamaModel, fingerprint: str,
+                 config: EngineConfig):
+        self.name, self.cfg, self.model, self.fingerprint, self.config = name, model_cfg, model, fingerprint, config
+        self.num_layers = model_cfg.num_layers
+        self.device = torch.device(config.device)
+        self.max_model_len = config.max_model_len or model_cfg.max_position_embeddings
+        e_layers = tuple(range(2, model_cfg.num_layers, 2)) if config.e_layers is None else tuple(config.e_layers)
+        self.page_format = PageFormat(model_cfg.num_layers, model_cfg.num_kv_heads, model_cfg.head_dim,
+                                      model_cfg.hidden_size, config.block_size, config.dtype, e_layers)
+        num_blocks = config.kv_cache_bytes // self.page_format.page_bytes
+        if num_blocks < 2:
+            raise KvRelayError(f"kv_cache_bytes={config.kv_cache_bytes} holds {num_blocks} blocks of "
+                               f"{self.page_format.page_bytes} bytes; give the engine more cache")
+        self.pool = PagedKVPool(self.page_format, num_blocks, self.device)
+        self.blocks = BlockManager(num_blocks)
+        self._inbox: deque[Sequence] = deque()       # filled by add_request from any thread
+        self._aborts: deque[str] = deque()
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._admissions = 0
+        self._active: set[str] = set()              # request ids queued or running
+
+    # --- construction ---------------------------------------------------------------------------
+
+    @classmethod
+    def from_dir(cls, name: str, model_dir: str | Path, config: EngineConfig | None = None) -> "TorchEngine":
+        config = config or EngineConfig()
+        model_dir = Path(model_dir)
+        mcfg = ModelConfig.from_dir(model_dir)
+        model = cls._build(mcfg, config)
+        load_weights(model, model_dir)
+        return cls(name, mcfg, model.to(DTYPES[config.dtype]), fp.of_model_dir(model_dir), config)
+
+    @classmethod
+    def random(cls, name: str, hf_config: dict, seed: int, config: EngineConfig | None = None,
+               tokenizer_id: str = "random") -> "TorchEngine":
+        """Random weights of a given shape (benchmarks of e.g. Llama-3-8B with nothing on disk)."""
+        config = config or EngineConfig()
+        mcfg = ModelConfig.from_hf(hf_config)
+        model = cls._build(mcfg, config)
+        random_init(model, seed)
+        fingerprint = fp.compute(hf_config, None) + "-" + tokenizer_id
+        return cls(name, mcfg, model, fingerprint, config)
+
+    @staticmethod
+    def _build(mcfg: ModelConfig, config: EngineConfig) -> LlamaModel:
+        if config.dtype not in DTYPES:
+            raise KvRelayError(f"dtype must be one of {sorted(DTYPES)}, got {config.dtype!r}")
+        if config.device.startswith("cuda") and not torch.cuda.is_available():
+            raise KvRelayError(f"device {config.device!r} asked for, but torch sees no CUDA device")
+        prev = torch.get_default_dtype()
+        torch.set_default_dtype(DTYPES[config.dtype])  # build in the target dtype: no fp32 copy of 8B weights
+        try:
+            with torch.device(config.device):
+                model = LlamaModel(mcfg)
+        finally:
+            torch.set_default_dtype(prev)
+        model.inv_freq = model.inv_freq.float()
+        return model.eval().requires_grad_(False)
+
+    # --- requests -------------------------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Validate now (errors reach the caller), run later in step()."""
+        toks = request.prompt_tokens
+        if not toks:
+            raise KvRelayError("empty prompt: at least one token is needed")
+        if min(toks) < 0 or max(toks) >= self.cfg.vocab_size:
+            raise KvRelayError(f"token ids must be in 0..{self.cfg.vocab_size - 1}")
+        request.sampling.validate(self.max_model_len)
+        total = len(toks) + request.sampling.max_tokens
+        if total > self.max_model_len:
+            raise KvRelayError(f"prompt ({len(toks)} tokens) + max_tokens ({request.sampling.max_tokens}) = "
+                               f"{total} exceeds the model's context limit of {self.max_model_len} tokens")
+        need = -(-total // self.page_format.block_size)
+        if need > self.blocks.num_blocks:
+            raise KvRelayError(f"request needs {need} KV blocks; this engine's cache holds {self.blocks.num_blocks}")
+        if request.donor is not None:
+            self._check_donor(request.donor, request.plan)
+        if request.request_id in self._active:
+            raise KvRelayError(f"request_id {request.request_id!r} is already running on {self.name!r}")
+        gen = None
+        if request.sampling.seed is not None:
+            gen = torch.Generator().manual_seed(request.sampling.seed)
+        self._active.add(request.request_id)
+        self._inbox.append(Sequence(request, list(toks), generator=gen))
+
+    def _check_donor(self, donor: DonorKV, plan: RecomputePlan | None) -> None:
+        fp.require_same(donor.producer, donor.fingerprint, self.name, self.fingerprint)
+        if not donor.format.compatible_with(self.page_format):
+            raise KvRelayError(f"donor pages {donor.format} do not fit this engine's pages {self.page_format}")
+        if plan is None:
+            raise PlanError("a donor needs a recompute plan (RecomputePlan.none() to reuse every layer)")
+        plan.validate(self.num_layers)
+        missing = [a for a in plan.e_layers_needed() if a not in donor.format.e_layers]
+        if missing:
+            raise PlanError(f"plan {plan} starts recomputing at layers {missing}, but pages from "
+                            f"{donor.producer!r} carry E only for layers {list(donor.format.e_layers)}")
+
+    def abort(self, request_id: str) -> None:
+        self._aborts.append(request_id)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._inbox or self.waiting or self.running or self._aborts)
+
+    # --- the loop -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[RequestOutput]:
+        while self._inbox:
+            self.waiting.append(self._inbox.popleft())
+        outputs = self._apply_aborts()
+        admitted, budget = [], self.config.max_prefill_tokens
+        while self.waiting and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            blocks_needed = -(-(len(seq.tokens) + 1) // self.page_format.block_size)
+            if blocks_needed > self.blocks.num_available or (admitted and len(seq.tokens) > budget):
+                break
+            self.waiting.popleft()
+            budget -= len(seq.tokens)
+            outputs.append(self._prefill(seq))
+            admitted.append(seq)
+        decoding = [s for s in self.running if s not in admitted]
+        if decoding:
+            outputs.extend(self._decode(decoding))
+        return outputs
+
+    def generate(self, requests: list[Request]) -> dict[str, RequestOutput]:
+        """Run requests to completion; one merged output per request (tests, profiler, benchmarks)."""
+        for r in requests:
+            self.add_request(r)
+        done: dict[str, RequestOutput] = {}
+        while self.has_unfinished():
+            for o in self.step():
+                prev = done.get(o.request_id)
+                if prev is not None:
+                    o.prefill, o.pages = prev.prefill, prev.pages
+                    o.logits = prev.logits + o.logits
+                    o.first_token_time_ns = prev.first_token_time_ns
+                done[o.request_id] = o
+        return done
+
+    # --- prefill --------------------------------------------------------------------------------
+
+    def _prefill(self, seq: Sequence) -> RequestOutput:
+        t0 = time.perf_counter()
+        seq.admitted_at = self._admissions = self._admissions + 1
+        req = seq.req
+        if req.donor is not None:
+            info, h_last = self._reprefill(seq, req.donor, req.plan.merged())
+        else:
+            info, h_last = self._full_prefill(seq)
+        logits = self.model.logits(h_last)[0]
+        self._sync()
+        info.seconds = time.perf_counter() - t0
+        first = not seq.prefill_sent  # a preempted sequence coming back does not report its prefill twice
+        pages = self._export(seq) if first and req.export_pages else None  # before _emit may free blocks
+        self.running.append(seq)
+        out = self._emit(seq, logits)
+        if first:
+            out.prefill, out.pages, seq.prefill_sent = info, pages, True
+        return out
+
+    def _full_prefill(self, seq: Sequence) -> tuple[PrefillInfo, torch.Tensor]:
+        B = self.page_format.block_size
+        toks = seq.tokens
+        hashes = block_hashes(toks, B)
+        cached = []
+        if self.config.prefix_caching:  # keep >= 1 token to compute: its logits start generation
+            cached = self.blocks.match_prefix(hashes[: (len(toks) - 1) // B])
+        start = len(cached) * B
+        seq.table = cached + self.blocks.allocate(-(-len(toks) // B) - len(cached))
+        h = self._run(seq, toks[start:], start, 0, self.num_layers, capture_e=True)
+        self._register(seq, hashes)
+        return PrefillInfo(prompt_tokens=len(toks), cached_tokens=start), h[-1:]
+
+    def _reprefill(self, seq: Sequence, donor: DonorKV, plan: RecomputePlan) -> tuple[PrefillInfo, torch.Tensor]:
+        """DroidSpeak: recompute `plan`'s layer groups over the shared context from the donor's E,
+        reuse the donor's KV in every other layer, then prefill the rest through all layers."""
+        B, L = self.page_format.block_size, self.num_layers
+        toks = seq.tokens
+        n_reuse_blocks = self._shared_blocks(donor, toks)
+        if n_reuse_blocks == 0:
+            info, h = self._full_prefill(seq)
+            info.donor, info.plan = donor.producer, "none shared"
+            return info, h
+        seq.salt = f"{donor.producer}|{donor.fingerprint}|{plan}".encode()
+        hashes = block_hashes(toks, B, salt=seq.salt)
+        # Same donor and plan seen before: the hybrid blocks may still be cached here.
+        hit = self.blocks.match_prefix(hashes[:n_reuse_blocks]) if self.config.prefix_caching else []
+        seq.table = hit + self.blocks.allocate(-(-len(toks) // B) - len(hit))
+        lo, n_reuse = len(hit) * B, n_reuse_blocks * B
+        if lo < n_reuse:
+            for a, b in plan.groups:  # recompute groups first: they need only E, not the donor's KV
+                h = self.model.embed(self._tensor(toks[lo:n_reuse])) if a == 0 else \
+                    donor.e_layer(a)[lo:n_reuse].to(self.device, self.pool.kv.dtype)
+                self._run(seq, None, lo, a, b, h=h)
+        reused = set(plan.reused_layers(L)) if lo < n_reuse else set()
+        fresh = torch.tensor(seq.table[len(hit):n_reuse_blocks], dtype=torch.long, device=self.device)
+
+        def load_layer(layer, _h):  # donor KV of a reused layer, fetched just before the suffix needs it
+            if layer in reused:
+                self.pool.kv[fresh, layer] = donor.kv_layer(layer)[len(hit):n_reuse_blocks].to(self.device, self.pool.kv.dtype)
+
+        h = self._run(seq, toks[n_reuse:], n_reuse, 0, L, on_enter=load_layer)
+        self._register(seq, hashes)
+        info = PrefillInfo(prompt_tokens=len(toks), cached_tokens=len(hit) * B, reused_tokens=n_reuse,
+                           donor=donor.producer, reused_layers=L - plan.num_recomputed,
+                           recomputed_layers=plan.num_recomputed, plan=str(plan))
+        return info, h[-1:]
+
+    def _shared_blocks(self, donor: DonorKV, toks: list[int]) -> int:
+        """Leading blocks whose tokens the donor's pages really cover; >= 1 prompt token stays to compute."""
+        B = self.page_format.block_size
+        n = min(donor.num_tokens // B, (len(toks) - 1) // B)
+        for i in range(n):
+            if donor.tokens[i * B:(i + 1) * B] != toks[i * B:(i + 1) * B]:
+                return i
+        return n
+
+    def _run(self, seq: Sequence, tokens, start: int, first: int, last: int, h=None, capture_e=False,
+             on_enter=None) -> torch.Tensor:
+        """Layers [first, last) over the sequence's tokens at positions start.. (h given or embedded)."""
+        if h is None:
+            h = self.model.embed(self._tensor(tokens))
+        n = h.shape[0]
+        attn = PrefillAttention(self.pool, seq.table, start, n)
+        if capture_e:
+            def on_enter(layer, x):
+                self.pool.write_e(layer, attn.blocks, attn.offs, x)
+        positions = torch.arange(start, start + n, device=self.device)
+        return self.model.run_layers(h, positions, attn, first, last, on_enter=on_enter)
+
+    # --- decode ---------------------------------------------------------------------------------
+
+    def _decode(self, seqs: list[Sequence]) -> list[RequestOutput]:
+        B = self.page_format.block_size
+        for s in sorted(seqs, key=lambda s: s.admitted_at):
+            if s in self.running and len(s.table) * B < len(s.tokens):
+                self._grow(s)
+        seqs = [s for s in seqs if s in self.running]
+        if not seqs:
+            return []
+        attn = DecodeAttention(self.pool, [s.table for s in seqs], [len(s.tokens) for s in seqs])
+        h = self.model.embed(self._tensor([s.tokens[-1] for s in seqs]))
+        positions = torch.tensor([len(s.tokens) - 1 for s in seqs], device=self.device)
+
+        def capture_e(layer, x):
+            self.pool.write_e(layer, attn.blocks, attn.offs, x)
+
+        h = self.model.run_layers(h, positions, attn, 0, self.num_layers, on_enter=capture_e)
+        logits = self.model.logits(h)
+        outs = []
+        for i, s in enumerate(seqs):
+            self._register(s, None)
+            outs.append(self._emit(s, logits[i]))
+        return outs
+
+    def _grow(self, seq: Sequence) -> None:
+        """One more block for a decoding sequence, preempting the newest others if the cache is full."""
+        while self.blocks.num_available == 0:
+            victim = max((s for s in self.running if s is not seq), key=lambda s: s.admitted_at, default=None)
+            if victim is None:
+                raise KvRelayError("KV cache too small for a single sequence")
+            self._preempt(victim)
+        seq.table += self.blocks.allocate(1)
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free a sequence's blocks; it re-prefills prompt + output so far when re-admitted."""
+        self.running.remove(seq)
+        self.blocks.release(seq.table)
+        seq.table, seq.hashes = [], []
+        self.waiting.appendleft(seq)
+
+    # --- outputs --------------------------------------------------------------------------------
+
+    def _emit(self, seq: Sequence, logits: torch.Tensor) -> RequestOutput:
+        sp = seq.req.sampling
+        tok = sample(logits, sp.temperature, sp.top_p, sp.top_k, seq.generator)
+        if not seq.output:
+            seq.first_token_time_ns = time.time_ns()
+        seq.tokens.append(tok)
+        seq.output.append(tok)
+        out = RequestOutput(seq.req.request_id, [tok], list(seq.output), False,
+                            first_token_time_ns=seq.first_token_time_ns)
+        if len(seq.output) <= sp.return_logits:
+            out.logits = [logits.float().cpu().clone()]
+        stops = set(sp.stop_token_ids) | (set() if sp.ignore_eos else set(self.cfg.eos_token_ids))
+        if tok in stops or len(seq.output) >= sp.max_tokens:
+            out.finished, out.finish_reason = True, "stop" if tok in stops else "length"
+            self._finish(seq)
+        return out
+
+    def _finish(self, seq: Sequence) -> None:
+        self._active.discard(seq.req.request_id)
+        if seq in self.running:
+            self.running.remove(seq)
+        self.blocks.release(seq.table)
+        seq.table = []
+
+    def _apply_aborts(self) -> list[RequestOutput]:
+        outs = []
+        while self._aborts:
+            rid = self._aborts.popleft()
+            for s in [s for s in self.running + list(self.waiting) if s.req.request_id == rid]:
+                if s in self.waiting:
+                    self.waiting.remove(s)
+                self._finish(s)
+                outs.append(RequestOutput(rid, [], list(s.output), True, "abort"))
+        return outs
+
+    def _register(self, seq: Sequence, hashes: list[bytes] | None) -> None:
+        """Publish full blocks not yet registered (prefill passes its hashes; decode extends the chain)."""
+        if not self.config.prefix_caching:
+            return
+        B = self.page_format.block_size
+        full = len(seq.tokens) // B  # every token of seq.tokens has its KV in the cache by now
+        if hashes is None:
+            parent = seq.hashes[-1] if seq.hashes else b""
+            hashes = seq.hashes + block_hashes(seq.tokens[len(seq.hashes) * B: full * B], B, seq.salt, parent)
+        for i in range(len(seq.hashes), min(full, len(hashes))):
+            self.blocks.register(seq.table[i], hashes[i])
+        seq.hashes = list(hashes[:full])
+
+    def _export(self, seq: Sequence) -> KVPages:
+        """The prompt's full blocks as pages (KV + E). Only exact own KV is exportable as a donor's."""
+        if seq.salt:
+            raise KvRelayError("pages of a re-prefilled request are derived from another model's KV and "
+                               "cannot be exported as this model's own")
+        B = self.page_format.block_size
+        n = seq.prompt_len // B
+        idx = torch.tensor(seq.table[:n], dtype=torch.long, device=self.device)
+        return KVPages(self.page_format, self.name, self.fingerprint, seq.req.prompt_tokens[: n * B],
+                       self.pool.kv[idx].clone(), self.pool.e[idx].clone(),
+                       block_hashes(seq.req.prompt_tokens[: n * B], B))
+
+    # --- helpers --------------------------------------------------------------------------------
+
+    def _tensor(self, tokens: list[int]) -> torch.Tensor:
+        return torch.tensor(tokens, dtype=torch.long, device=self.device)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def forward_dense(self, tokens: list[int]) -> torch.Tensor:
+        """Logits at every position with no cache at all (the unpaged reference)."""
+        h = self.model.embed(self._tensor(tokens))
+        h = self.model.run_layers(h, torch.arange(len(tokens), device=self.device), DenseAttention(), 0, self.num_layers)
+        return self.model.logits(h)
+
+    @property
+    def dtype_name(self) -> str:
+        return dtype_name(self.pool.kv.dtype)

@@ -1,0 +1,62 @@
+"""`kvrelay` command line. Each subcommand lives in its own module and is imported only when used,
+so `kvrelay --help` stays fast (torch takes seconds to import)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from kvrelay.errors import KvRelayError
+
+# (command path, module, help). Each module has `add_arguments(parser)` and `run(args) -> int`.
+COMMANDS = [
+    (("models", "build"), "kvrelay.families.cli", "build a model family's weights (cached outside git)"),
+    (("models", "list"), "kvrelay.families.cli_list", "list model families and whether they are built"),
+    (("bench", "prefill"), "kvrelay.bench.prefill", "full prefill vs. layer-selective re-prefill timings"),
+    (("demo",), "kvrelay.demo", "one donor prefill, one cross-model re-prefill, generated text side by side"),
+]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse already exits 2; keep the program name in the message
+        self.print_usage(sys.stderr)
+        self.exit(2, f"kvrelay: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    root = _Parser(prog="kvrelay", description=__doc__.split("\n")[0])
+    groups: dict[tuple, argparse._SubParsersAction] = {(): root.add_subparsers(dest="cmd", required=True, parser_class=_Parser)}
+    parents: dict[tuple, argparse.ArgumentParser] = {}
+    for path, module, help_ in COMMANDS:
+        for i in range(1, len(path)):
+            prefix = path[:i]
+            if prefix not in groups:
+                p = groups[prefix[:-1]].add_parser(prefix[-1], help=f"{prefix[-1]} commands")
+                parents[prefix] = p
+                groups[prefix] = p.add_subparsers(dest=f"cmd_{i}", required=True, parser_class=_Parser)
+        p = groups[path[:-1]].add_parser(path[-1], help=help_, description=help_)
+        p.set_defaults(_module=module)
+        _lazy_arguments(p, module)
+    return root
+
+
+def _lazy_arguments(parser: argparse.ArgumentParser, module: str) -> None:
+    # Arguments are declared by the command module; importing it here keeps one place per command.
+    # Command modules must keep heavy imports (torch) inside run().
+    importlib.import_module(module).add_arguments(parser)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except KvRelayError as e:
+        print(f"kvrelay: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kvrelay: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

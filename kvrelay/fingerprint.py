@@ -1,0 +1,55 @@
+"""A family fingerprint: what two models must share for one's KV to mean anything to the other.
+
+Architecture (layer count, widths, heads, RoPE) and tokenizer (vocabulary, merges, special tokens).
+Weights are deliberately not part of it: fine-tuned variants share a fingerprint with their base.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from kvrelay.errors import FingerprintMismatch, KvRelayError
+
+ARCH_FIELDS = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size",
+               "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size")
+TOKENIZER_SECTIONS = ("model", "added_tokens", "normalizer", "pre_tokenizer")
+
+
+def architecture(config: dict) -> dict:
+    arch = {k: config.get(k) for k in ARCH_FIELDS}
+    if arch["head_dim"] is None and config.get("hidden_size") and config.get("num_attention_heads"):
+        arch["head_dim"] = config["hidden_size"] // config["num_attention_heads"]
+    rope = config.get("rope_parameters") or {"rope_theta": config.get("rope_theta"),
+                                             **(config.get("rope_scaling") or {})}
+    arch["rope"] = rope
+    return arch
+
+
+def tokenizer_digest(tokenizer_json: Path | None) -> str:
+    """Digest of the parts of tokenizer.json that decide token ids (not formatting of the file)."""
+    if tokenizer_json is None:
+        return "no-tokenizer"
+    if not tokenizer_json.exists():
+        raise KvRelayError(f"tokenizer file missing: {tokenizer_json}")
+    tok = json.loads(tokenizer_json.read_text())
+    canon = json.dumps({k: tok.get(k) for k in TOKENIZER_SECTIONS}, sort_keys=True)
+    return hashlib.sha256(canon.encode()).hexdigest()[:16]
+
+
+def compute(config: dict, tokenizer_json: Path | None) -> str:
+    canon = json.dumps({"arch": architecture(config), "tok": tokenizer_digest(tokenizer_json)}, sort_keys=True)
+    return hashlib.sha256(canon.encode()).hexdigest()[:16]
+
+
+def of_model_dir(model_dir: Path) -> str:
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    return compute(config, model_dir / "tokenizer.json")
+
+
+def require_same(donor_model: str, donor_fp: str, receiver_model: str, receiver_fp: str) -> None:
+    if donor_fp != receiver_fp:
+        raise FingerprintMismatch(
+            f"cannot share KV from {donor_model!r} (fingerprint {donor_fp}) with {receiver_model!r} "
+            f"(fingerprint {receiver_fp}): models differ in architecture or tokenizer")

@@ -1,0 +1,150 @@
+"""The KV page format: the one place that says how cached context travels between models.
+
+A *page* is one block of `block_size` consecutive context tokens, for every layer:
+
+    kv  [num_layers, 2, num_kv_heads, block_size, head_dim]   (2 = K, V)
+    e   [len(e_layers), block_size, hidden_size]             hidden state *entering* each layer in e_layers
+
+The kv layout is TensorRT-LLM's paged block layout: its pool is [num_blocks, num_layers, 2,
+num_kv_heads * tokens_per_block * head_dim], so a page here is exactly `pool[block_id]` viewed 6-D, and
+the engine's own cache is a pool of pages in this layout. E (DroidSpeak's "E cache") is only needed at
+layers where a receiver starts recomputing, hence `e_layers`.
+
+Pages are addressed by a hash chain over token blocks (parent digest + block tokens + salt), so a
+page's identity includes everything before it; `salt` separates exact KV (b"") from hybrid KV that a
+receiver assembled from a donor (never served as a plain prefix hit).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+
+from kvrelay.errors import KvRelayError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HASH_BYTES = 16
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for name, dt in DTYPES.items():
+        if dt == dtype:
+            return name
+    raise KvRelayError(f"unsupported KV dtype {dtype}; use one of {sorted(DTYPES)}")
+
+
+@dataclass(frozen=True, slots=True)
+class PageFormat:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    block_size: int
+    dtype: str = "float32"
+    e_layers: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise KvRelayError(f"unsupported KV dtype {self.dtype!r}; use one of {sorted(DTYPES)}")
+        if any(not 0 < l < self.num_layers for l in self.e_layers) or list(self.e_layers) != sorted(set(self.e_layers)):
+            raise KvRelayError(f"e_layers must be sorted, distinct and in 1..{self.num_layers - 1}: {self.e_layers}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def kv_shape(self) -> tuple[int, ...]:
+        return (self.num_layers, 2, self.num_kv_heads, self.block_size, self.head_dim)
+
+    @property
+    def e_shape(self) -> tuple[int, ...]:
+        return (len(self.e_layers), self.block_size, self.hidden_size)
+
+    @property
+    def page_bytes(self) -> int:
+        per = self.torch_dtype.itemsize
+        kv = self.num_layers * 2 * self.num_kv_heads * self.block_size * self.head_dim
+        return per * (kv + len(self.e_layers) * self.block_size * self.hidden_size)
+
+    def compatible_with(self, other: "PageFormat") -> bool:
+        """Same geometry: one's KV can be placed into the other's cache (dtype may be converted)."""
+        return (self.num_layers, self.num_kv_heads, self.head_dim, self.hidden_size, self.block_size) == \
+               (other.num_layers, other.num_kv_heads, other.head_dim, other.hidden_size, other.block_size)
+
+    def to_dict(self) -> dict:
+        return {"num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
+                "hidden_size": self.hidden_size, "block_size": self.block_size, "dtype": self.dtype,
+                "e_layers": list(self.e_layers)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PageFormat":
+        return cls(**{**d, "e_layers": tuple(d.get("e_layers", ()))})
+
+
+def block_hashes(tokens: list[int], block_size: int, salt: bytes = b"", parent: bytes = b"") -> list[bytes]:
+    """Chain digests of the *full* blocks of `tokens` (a partial last block has no identity yet)."""
+    out = []
+    for i in range(len(tokens) // block_size):
+        h = hashlib.sha256()
+        h.update(parent)
+        h.update(salt)
+        h.update(torch.tensor(tokens[i * block_size:(i + 1) * block_size], dtype=torch.int64).numpy().tobytes())
+        parent = h.digest()[:HASH_BYTES]
+        out.append(parent)
+    return out
+
+
+@dataclass(slots=True)
+class KVPages:
+    """Consecutive pages of one context as produced by one model: the unit a donor hands a receiver.
+
+    kv [n, num_layers, 2, H, B, D]; e [n, len(e_layers), B, hidden]; tokens = the n*B context tokens.
+    Implements the donor interface the engine reads (`e_layer`, `kv_layer`), which a streaming loader
+    implements too so that recompute can start before every layer has arrived.
+    """
+    format: PageFormat
+    producer: str
+    fingerprint: str
+    tokens: list[int]
+    kv: torch.Tensor
+    e: torch.Tensor
+    hashes: list[bytes] = field(default_factory=list)
+
+    def __post_init__(self):
+        n = len(self.tokens) // self.format.block_size
+        if len(self.tokens) != n * self.format.block_size:
+            raise KvRelayError(f"pages hold whole blocks: {len(self.tokens)} tokens is not a multiple of "
+                               f"block_size {self.format.block_size}")
+        if tuple(self.kv.shape) != (n, *self.format.kv_shape):
+            raise KvRelayError(f"kv pages have shape {tuple(self.kv.shape)}, format wants {(n, *self.format.kv_shape)}")
+        if tuple(self.e.shape) != (n, *self.format.e_shape):
+            raise KvRelayError(f"e pages have shape {tuple(self.e.shape)}, format wants {(n, *self.format.e_shape)}")
+        if not self.hashes:
+            self.hashes = block_hashes(self.tokens, self.format.block_size)
+
+    @property
+    def num_pages(self) -> int:
+        return self.kv.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens)
+
+    def e_layer(self, layer: int) -> torch.Tensor:
+        """Hidden states entering `layer` for every page token: [num_tokens, hidden]."""
+        if layer not in self.format.e_layers:
+            raise KvRelayError(f"pages from {self.producer!r} carry E for layers {list(self.format.e_layers)}, "
+                               f"not for layer {layer}")
+        i = self.format.e_layers.index(layer)
+        return self.e[:, i].reshape(-1, self.format.hidden_size)
+
+    def kv_layer(self, layer: int) -> torch.Tensor:
+        """K and V of one layer for every page: [n, 2, H, B, D]."""
+        return self.kv[:, layer]
+
+    def prefix(self, num_pages: int) -> "KVPages":
+        n = num_pages * self.format.block_size
+        return KVPages(self.format, self.producer, self.fingerprint, self.tokens[:n], self.kv[:num_pages],
+                       self.e[:num_pages], self.hashes[:num_pages])

@@ -1,0 +1,18 @@
+"""Where built artefacts live: outside git, under $KVRELAY_HOME (default ~/.cache/kvrelay)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def home() -> Path:
+    return Path(os.environ.get("KVRELAY_HOME") or Path.home() / ".cache" / "kvrelay")
+
+
+def family_dir(family: str) -> Path:
+    return home() / "families" / family
+
+
+def repo_root() -> Path:
+    """The source checkout (profiles/, model_repository/ templates live there)."""
+    return Path(__file__).resolve().parent.parent
