@@ -111,6 +111,7 @@ class KVPages:
     kv: torch.Tensor
     e: torch.Tensor
     hashes: list[bytes] = field(default_factory=list)
+    derived_from: str = ""   # "" = the producer's own exact KV; else the donor+plan it was assembled from
 
     def __post_init__(self):
         n = len(self.tokens) // self.format.block_size
@@ -147,4 +148,4 @@ class KVPages:
     def prefix(self, num_pages: int) -> "KVPages":
         n = num_pages * self.format.block_size
         return KVPages(self.format, self.producer, self.fingerprint, self.tokens[:n], self.kv[:num_pages],
-                       self.e[:num_pages], self.hashes[:num_pages])
+                       self.e[:num_pages], self.hashes[:num_pages], self.derived_from)

@@ -46,8 +46,9 @@ class Sequence:
 
 class TorchEngine:
     def __init__(self, name: str, model_cfg: ModelConfig, model: LlamaModel, fingerprint: str,
-                 config: EngineConfig):
+                 config: EngineConfig, model_dir: Path | None = None):
         self.name, self.cfg, self.model, self.fingerprint, self.config = name, model_cfg, model, fingerprint, config
+        self.model_dir = model_dir  # None for random weights
         self.num_layers = model_cfg.num_layers
         self.device = torch.device(config.device)
         self.max_model_len = config.max_model_len or model_cfg.max_position_embeddings
@@ -76,7 +77,7 @@ class TorchEngine:
         mcfg = ModelConfig.from_dir(model_dir)
         model = cls._build(mcfg, config)
         load_weights(model, model_dir)
-        return cls(name, mcfg, model.to(DTYPES[config.dtype]), fp.of_model_dir(model_dir), config)
+        return cls(name, mcfg, model, fp.of_model_dir(model_dir), config, model_dir)
 
     @classmethod
     def random(cls, name: str, hf_config: dict, seed: int, config: EngineConfig | None = None,
@@ -133,6 +134,9 @@ class TorchEngine:
         self._inbox.append(Sequence(request, list(toks), generator=gen))
 
     def _check_donor(self, donor: DonorKV, plan: RecomputePlan | None) -> None:
+        if getattr(donor, "derived_from", ""):
+            raise KvRelayError(f"pages from {donor.producer!r} were themselves derived from {donor.derived_from!r}; "
+                               "only a model's own KV can be a donor")
         fp.require_same(donor.producer, donor.fingerprint, self.name, self.fingerprint)
         if not donor.format.compatible_with(self.page_format):
             raise KvRelayError(f"donor pages {donor.format} do not fit this engine's pages {self.page_format}")
@@ -370,16 +374,17 @@ class TorchEngine:
         seq.hashes = list(hashes[:full])
 
     def _export(self, seq: Sequence) -> KVPages:
-        """The prompt's full blocks as pages (KV + E). Only exact own KV is exportable as a donor's."""
-        if seq.salt:
-            raise KvRelayError("pages of a re-prefilled request are derived from another model's KV and "
-                               "cannot be exported as this model's own")
+        """The prompt's full blocks as pages. A re-prefilled prompt's KV is hybrid: it is exported
+        without E and marked derived_from, and no engine or store accepts it as a donor's own."""
         B = self.page_format.block_size
         n = seq.prompt_len // B
         idx = torch.tensor(seq.table[:n], dtype=torch.long, device=self.device)
-        return KVPages(self.page_format, self.name, self.fingerprint, seq.req.prompt_tokens[: n * B],
-                       self.pool.kv[idx].clone(), self.pool.e[idx].clone(),
-                       block_hashes(seq.req.prompt_tokens[: n * B], B))
+        fmt, e = self.page_format, self.pool.e[idx].clone()
+        if seq.salt:
+            fmt = PageFormat(**{**fmt.to_dict(), "e_layers": ()})
+            e = e[:, :0]
+        return KVPages(fmt, self.name, self.fingerprint, seq.req.prompt_tokens[: n * B], self.pool.kv[idx].clone(),
+                       e, block_hashes(seq.req.prompt_tokens[: n * B], B), seq.salt.decode())
 
     # --- helpers --------------------------------------------------------------------------------
 

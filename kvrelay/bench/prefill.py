@@ -1,0 +1,133 @@
+"""`kvrelay bench prefill`: receiver full prefill vs. DroidSpeak re-prefill, side by side, one run.
+
+For each context length, the sender prefills context + its question and exports pages; the receiver
+then prefills context + another question (a) fully and (b) from the sender's pages recomputing
+10/25/50% of its layers as one contiguous group. Median of repeats; prefix caching off so every
+repeat does the work.
+"""
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import sys
+
+FRACTIONS = (0.10, 0.25, 0.50)
+
+
+def add_arguments(p):
+    p.add_argument("--family", required=True, help="tiny | smol | llama8b-random")
+    p.add_argument("--sender", help="donor model (default: the family's base)")
+    p.add_argument("--receiver", help="receiving model (default: the family's second model)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: float32 on cpu, bfloat16 on cuda)")
+    p.add_argument("--lengths", default="512,1024,2048,4096", help="context lengths in tokens, comma-separated")
+    p.add_argument("--suffix", type=int, default=32, help="question tokens after the shared context")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per point (median reported)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def plan_for(fraction: float, num_layers: int):
+    """One contiguous group of round(fraction * L) layers, starting at an even layer >= 2 (so it starts
+    from the donor's E, the realistic and costlier case) and placed mid-model."""
+    from kvrelay.plan import RecomputePlan
+    n = max(1, round(fraction * num_layers))
+    start = max(2, (num_layers - n) // 2 // 2 * 2)
+    start = min(start, (num_layers - n) // 2 * 2)
+    return RecomputePlan(((start, start + n),))
+
+
+def run(args) -> int:
+    from kvrelay.errors import KvRelayError
+    try:
+        lengths = [int(x) for x in args.lengths.split(",")]
+    except ValueError:
+        raise KvRelayError(f"--lengths must be comma-separated integers, got {args.lengths!r}") from None
+    if any(n < 16 for n in lengths) or args.repeats < 1 or args.suffix < 1:
+        raise KvRelayError("--lengths must be >= 16, --repeats and --suffix >= 1")
+    result = bench(args.family, lengths, args.repeats, args.suffix, args.device, args.dtype,
+                   args.sender, args.receiver, progress=not args.json)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print_table(result)
+    return 0
+
+
+def bench(family, lengths, repeats=3, suffix=32, device="cpu", dtype=None, sender=None, receiver=None,
+          progress=False, **synthetic_overrides) -> dict:
+    from tqdm import tqdm
+
+    from kvrelay.backends.torch_engine.config import EngineConfig
+    from kvrelay.engine_api import Request, SamplingParams
+    from kvrelay.engines import family_models, make_engine
+    from kvrelay.errors import KvRelayError
+
+    dtype = dtype or ("float32" if device == "cpu" else "bfloat16")
+    models = family_models(family)
+    sender, receiver = sender or models[0], receiver or models[1]
+    if sender == receiver:
+        raise KvRelayError("--sender and --receiver must differ")
+    longest = max(lengths) + suffix + 1
+    kv_bytes = None
+    cfg = lambda caching: EngineConfig(device=device, dtype=dtype, prefix_caching=caching,
+                                       max_model_len=None, kv_cache_bytes=kv_bytes or (2 << 30))
+    S = make_engine(family, sender, cfg(True), **synthetic_overrides)
+    kv_bytes = S.page_format.page_bytes * (2 * (longest // S.page_format.block_size + 2))
+    R = make_engine(family, receiver, cfg(False), **synthetic_overrides)
+    if longest > R.max_model_len:
+        raise KvRelayError(f"length {max(lengths)} + suffix exceeds the model's {R.max_model_len}-token limit")
+    L = R.num_layers
+    plans = {f: plan_for(f, L) for f in FRACTIONS}
+    rng = random.Random()
+    vocab = R.cfg.vocab_size
+    one = SamplingParams(max_tokens=1, ignore_eos=True)
+
+    def timed(req):
+        return R.generate([req])[req.request_id].prefill.seconds
+
+    points = [(n, kind) for n in lengths for kind in ["full", *FRACTIONS]]
+    bar = tqdm(total=len(points) * repeats + len(lengths), desc=f"bench {family}", disable=not progress, file=sys.stderr)
+    per_len: dict[int, dict] = {}
+    for n in lengths:
+        ctx = [rng.randrange(vocab) for _ in range(n)]
+        pages = S.generate([Request("donor", ctx + [rng.randrange(vocab) for _ in range(suffix)],
+                                    one, export_pages=True)])["donor"].pages
+        bar.update(1)
+        times: dict = {"full": [], **{f: [] for f in FRACTIONS}}
+        timed(Request("warmup", ctx + [1] * suffix, one))
+        for r in range(repeats):
+            for kind in times:
+                q = ctx + [rng.randrange(vocab) for _ in range(suffix)]
+                req = Request(f"{kind}-{r}", q, one) if kind == "full" else \
+                    Request(f"{kind}-{r}", q, one, donor=pages, plan=plans[kind])
+                times[kind].append(timed(req))
+                bar.update(1)
+        full = statistics.median(times["full"])
+        per_len[n] = {"full_s": full,
+                      "reprefill_s": {str(f): statistics.median(times[f]) for f in FRACTIONS},
+                      "speedup": {str(f): full / statistics.median(times[f]) for f in FRACTIONS}}
+    bar.close()
+    ref = 2048 if 2048 in per_len else max(per_len)
+    return {
+        "family": family, "sender": sender, "receiver": receiver, "device": device, "dtype": dtype,
+        "num_layers": L, "suffix_tokens": suffix, "repeats": repeats,
+        "plans": {str(f): str(p) for f, p in plans.items()},
+        "layers_recomputed": {str(f): p.num_recomputed for f, p in plans.items()},
+        "full_s": {str(n): v["full_s"] for n, v in per_len.items()},
+        "reprefill_s": {str(f): {str(n): v["reprefill_s"][str(f)] for n, v in per_len.items()} for f in FRACTIONS},
+        "speedup": {str(f): {str(n): v["speedup"][str(f)] for n, v in per_len.items()} for f in FRACTIONS},
+        "speedup_25": per_len[ref]["speedup"]["0.25"],
+        "speedup_25_at": ref,
+    }
+
+
+def print_table(r: dict) -> None:
+    fr = list(r["plans"])
+    print(f"{r['family']}: {r['sender']} -> {r['receiver']} on {r['device']} ({r['dtype']}), "
+          f"{r['num_layers']} layers, +{r['suffix_tokens']} question tokens, median of {r['repeats']}")
+    print("context  full_s   " + "  ".join(f"re@{float(f):.0%}({r['layers_recomputed'][f]}L)  x" .ljust(22) for f in fr))
+    for n, full in r["full_s"].items():
+        cells = "  ".join(f"{r['reprefill_s'][f][n]:8.4f}  {r['speedup'][f][n]:5.2f}x".ljust(22) for f in fr)
+        print(f"{n:>7}  {full:7.4f}  {cells}")
+    print(f"speedup at 25% of layers recomputed, {r['speedup_25_at']} tokens: {r['speedup_25']:.2f}x")

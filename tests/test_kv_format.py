@@ -1,0 +1,89 @@
+import pytest
+import torch
+
+from kvrelay.errors import KvRelayError
+from kvrelay.kv_format import KVPages, PageFormat, block_hashes
+
+FMT = PageFormat(num_layers=4, num_kv_heads=2, head_dim=8, hidden_size=32, block_size=4, e_layers=(2,))
+
+
+def pages(n, fmt=FMT, tokens=None):
+    tokens = tokens if tokens is not None else list(range(n * fmt.block_size))
+    return KVPages(fmt, "m", "fp", tokens, torch.randn(n, *fmt.kv_shape), torch.randn(n, *fmt.e_shape))
+
+
+def test_hash_chain_identifies_whole_prefix():
+    a = block_hashes(list(range(12)), 4)
+    b = block_hashes(list(range(12)) + [99, 98], 4)      # partial last block: no identity
+    c = block_hashes([7] + list(range(1, 12)), 4)        # first block differs -> every later hash differs
+    assert len(a) == 3 and a == b
+    assert all(x != y for x, y in zip(a, c))
+
+
+def test_salt_separates_hybrid_from_exact_kv():
+    toks = list(range(8))
+    assert block_hashes(toks, 4) != block_hashes(toks, 4, salt=b"donor|plan")
+    assert block_hashes(toks, 4, salt=b"x") == block_hashes(toks, 4, salt=b"x")
+
+
+def test_hash_chain_can_be_extended_incrementally():
+    toks = list(range(16))
+    whole = block_hashes(toks, 4, salt=b"s")
+    head = block_hashes(toks[:8], 4, salt=b"s")
+    assert head + block_hashes(toks[8:], 4, salt=b"s", parent=head[-1]) == whole
+
+
+def test_page_is_a_tensorrt_llm_pool_block():
+    """TRT-LLM's pool is [blocks, layers, 2, kv_heads * tokens_per_block * head_dim]; a page must be
+    exactly one such block, so a TRT-LLM engine can copy it in with pool[block_id].copy_(page)."""
+    p = pages(3)
+    trt_pool = p.kv.reshape(3, FMT.num_layers, 2, FMT.num_kv_heads * FMT.block_size * FMT.head_dim)
+    k_layer1_head1_token2 = p.kv[0, 1, 0, 1, 2]
+    flat = trt_pool[0, 1, 0].view(FMT.num_kv_heads, FMT.block_size, FMT.head_dim)[1, 2]
+    assert torch.equal(k_layer1_head1_token2, flat)
+    assert p.kv.is_contiguous()
+
+
+def test_page_bytes_counts_kv_and_e():
+    kv = 4 * 2 * 2 * 4 * 8
+    e = 1 * 4 * 32
+    assert FMT.page_bytes == 4 * (kv + e)
+
+
+def test_e_layer_view_and_missing_layer_error():
+    p = pages(2)
+    assert p.e_layer(2).shape == (8, 32)
+    assert torch.equal(p.e_layer(2)[5], p.e[1, 0, 1])
+    with pytest.raises(KvRelayError, match="carry E for layers \\[2\\], not for layer 3"):
+        p.e_layer(3)
+
+
+@pytest.mark.parametrize("bad", [
+    dict(tokens=list(range(7))),                               # not whole blocks
+])
+def test_pages_refuse_partial_blocks(bad):
+    with pytest.raises(KvRelayError, match="whole blocks"):
+        pages(2, **bad)
+
+
+def test_pages_refuse_wrong_shapes():
+    with pytest.raises(KvRelayError, match="kv pages have shape"):
+        KVPages(FMT, "m", "fp", list(range(8)), torch.randn(2, 3, 2, 2, 4, 8), torch.randn(2, *FMT.e_shape))
+
+
+def test_format_validation_and_round_trip():
+    with pytest.raises(KvRelayError, match="e_layers"):
+        PageFormat(4, 2, 8, 32, 4, e_layers=(0,))
+    with pytest.raises(KvRelayError, match="e_layers"):
+        PageFormat(4, 2, 8, 32, 4, e_layers=(3, 2))
+    with pytest.raises(KvRelayError, match="dtype"):
+        PageFormat(4, 2, 8, 32, 4, dtype="int8")
+    assert PageFormat.from_dict(FMT.to_dict()) == FMT
+    assert FMT.compatible_with(PageFormat(4, 2, 8, 32, 4, dtype="bfloat16", e_layers=()))
+    assert not FMT.compatible_with(PageFormat(4, 2, 8, 32, 8))
+
+
+def test_prefix_keeps_identity():
+    p = pages(3)
+    q = p.prefix(2)
+    assert q.tokens == p.tokens[:8] and q.hashes == p.hashes[:2] and torch.equal(q.kv, p.kv[:2])
