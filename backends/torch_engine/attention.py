@@ -44,9 +44,15 @@ class PagedKVPool:
 
 
 def _sdpa(q, k, v, mask=None, causal=False):
+    # Always 4-D [batch, heads, tokens, dim]: with 3-D inputs PyTorch's CPU dispatch falls back to the
+    # math kernel, ~8x slower than the flash kernel at 2k tokens.
+    squeeze = q.dim() == 3
+    if squeeze:
+        q, k, v = q[None], k[None], v[None]
     gqa = q.shape[-3] != k.shape[-3]
-    return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
-                                          is_causal=causal, enable_gqa=gqa)
+    o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
+                                       is_causal=causal, enable_gqa=gqa)
+    return o[0] if squeeze else o
 
 
 class PrefillAttention:
