@@ -53,3 +53,31 @@ def require_same(donor_model: str, donor_fp: str, receiver_model: str, receiver_
         raise FingerprintMismatch(
             f"cannot share KV from {donor_model!r} (fingerprint {donor_fp}) with {receiver_model!r} "
             f"(fingerprint {receiver_fp}): models differ in architecture or tokenizer")
+
+
+def weights_digest(model_dir: Path) -> str:
+    """Digest of a model's weight files: part of a producer's identity in the page store, so pages of a
+    rebuilt or retrained model are never served as the new weights' KV. Cached beside the weights."""
+    model_dir = Path(model_dir)
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise KvRelayError(f"no *.safetensors weights in {model_dir}")
+    stamp = ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
+    cache = model_dir / ".kvrelay-weights-digest"
+    try:
+        cached_stamp, digest = cache.read_text().split("\n")[:2]
+        if cached_stamp == stamp:
+            return digest
+    except (OSError, ValueError):
+        pass
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    digest = h.hexdigest()[:12]
+    try:
+        cache.write_text(f"{stamp}\n{digest}\n")
+    except OSError:
+        pass  # read-only model dir: recompute next time
+    return digest

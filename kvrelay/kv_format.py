@@ -17,6 +17,8 @@ receiver assembled from a donor (never served as a plain prefix hit).
 from __future__ import annotations
 
 import hashlib
+import math
+import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +27,10 @@ from kvrelay.errors import KvRelayError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 HASH_BYTES = 16
+
+
+class PageCorrupt(KvRelayError):
+    """Bytes that do not decode to the page they claim to be (checksum, size or header)."""
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -100,9 +106,11 @@ def block_hashes(tokens: list[int], block_size: int, salt: bytes = b"", parent: 
 class KVPages:
     """Consecutive pages of one context as produced by one model: the unit a donor hands a receiver.
 
-    kv [n, num_layers, 2, H, B, D]; e [n, len(e_layers), B, hidden]; tokens = the n*B context tokens.
-    Implements the donor interface the engine reads (`e_layer`, `kv_layer`), which a streaming loader
-    implements too so that recompute can start before every layer has arrived.
+    kv [n, len(layers), 2, H, B, D]; e [n, len(format.e_layers), B, hidden]; tokens = the n*B context
+    tokens. `layers` is None when every layer is present; a receiver that recomputes some layers only
+    needs the others' KV, so a subset travels. Implements the donor interface the engine reads
+    (`e_layer`, `kv_layer`), which a streaming loader implements too so that recompute can start
+    before every layer has arrived.
     """
     format: PageFormat
     producer: str
@@ -112,14 +120,19 @@ class KVPages:
     e: torch.Tensor
     hashes: list[bytes] = field(default_factory=list)
     derived_from: str = ""   # "" = the producer's own exact KV; else the donor+plan it was assembled from
+    layers: tuple[int, ...] | None = None
 
     def __post_init__(self):
         n = len(self.tokens) // self.format.block_size
         if len(self.tokens) != n * self.format.block_size:
             raise KvRelayError(f"pages hold whole blocks: {len(self.tokens)} tokens is not a multiple of "
                                f"block_size {self.format.block_size}")
-        if tuple(self.kv.shape) != (n, *self.format.kv_shape):
-            raise KvRelayError(f"kv pages have shape {tuple(self.kv.shape)}, format wants {(n, *self.format.kv_shape)}")
+        nl = self.format.num_layers if self.layers is None else len(self.layers)
+        if self.layers is not None and any(not 0 <= l < self.format.num_layers for l in self.layers):
+            raise KvRelayError(f"page layers {self.layers} out of range for {self.format.num_layers} layers")
+        want = (n, nl, *self.format.kv_shape[1:])
+        if tuple(self.kv.shape) != want:
+            raise KvRelayError(f"kv pages have shape {tuple(self.kv.shape)}, format wants {want}")
         if tuple(self.e.shape) != (n, *self.format.e_shape):
             raise KvRelayError(f"e pages have shape {tuple(self.e.shape)}, format wants {(n, *self.format.e_shape)}")
         if not self.hashes:
@@ -143,9 +156,45 @@ class KVPages:
 
     def kv_layer(self, layer: int) -> torch.Tensor:
         """K and V of one layer for every page: [n, 2, H, B, D]."""
-        return self.kv[:, layer]
+        if self.layers is None:
+            return self.kv[:, layer]
+        if layer not in self.layers:
+            raise KvRelayError(f"pages from {self.producer!r} carry KV for layers {list(self.layers)}, not {layer}")
+        return self.kv[:, self.layers.index(layer)]
+
+    def has_layers(self, layers) -> bool:
+        return self.layers is None or set(layers) <= set(self.layers)
 
     def prefix(self, num_pages: int) -> "KVPages":
         n = num_pages * self.format.block_size
         return KVPages(self.format, self.producer, self.fingerprint, self.tokens[:n], self.kv[:num_pages],
-                       self.e[:num_pages], self.hashes[:num_pages], self.derived_from)
+                       self.e[:num_pages], self.hashes[:num_pages], self.derived_from, self.layers)
+
+
+# --- bytes on the wire / in a store ------------------------------------------------------------
+
+def pack_tensor(t: torch.Tensor) -> bytes:
+    """Raw tensor bytes with a small header (dtype, shape) and a CRC32 of the payload: a store can
+    tell a corrupt or truncated page from a good one without trusting the transport."""
+    t = t.detach().contiguous().cpu()
+    payload = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    header = f"{dtype_name(t.dtype)}:{','.join(map(str, t.shape))}:{zlib.crc32(payload):08x}".encode()
+    return len(header).to_bytes(2, "little") + header + payload
+
+
+def unpack_tensor(blob: bytes) -> torch.Tensor:
+    """Inverse of pack_tensor; PageCorrupt if the header, size or checksum do not match."""
+    try:
+        hlen = int.from_bytes(blob[:2], "little")
+        dt, shape, crc = blob[2:2 + hlen].decode().split(":")
+        shape = tuple(int(x) for x in shape.split(",")) if shape else ()
+        payload = blob[2 + hlen:]
+        dtype = DTYPES[dt]
+    except Exception as e:  # any malformed header
+        raise PageCorrupt(f"unreadable page header: {e}") from None
+    if len(payload) != dtype.itemsize * math.prod(shape):
+        raise PageCorrupt(f"page payload is {len(payload)} bytes, header says {shape} {dt}")
+    if f"{zlib.crc32(payload):08x}" != crc:
+        raise PageCorrupt("page checksum mismatch")
+    return torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(dtype).reshape(shape) if payload \
+        else torch.empty(shape, dtype=dtype)

@@ -87,3 +87,29 @@ def test_prefix_keeps_identity():
     p = pages(3)
     q = p.prefix(2)
     assert q.tokens == p.tokens[:8] and q.hashes == p.hashes[:2] and torch.equal(q.kv, p.kv[:2])
+
+
+def test_layer_subset_pages():
+    kv = torch.randn(2, 2, 2, 2, 4, 8)
+    p = KVPages(FMT, "m", "fp", list(range(8)), kv, torch.randn(2, *FMT.e_shape), layers=(1, 3))
+    assert torch.equal(p.kv_layer(3), kv[:, 1]) and p.has_layers([1]) and not p.has_layers([0, 1])
+    with pytest.raises(KvRelayError, match="carry KV for layers \\[1, 3\\], not 0"):
+        p.kv_layer(0)
+    with pytest.raises(KvRelayError, match="kv pages have shape"):
+        KVPages(FMT, "m", "fp", list(range(8)), kv, torch.randn(2, *FMT.e_shape), layers=(1,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_pack_round_trip_and_corruption_detected(dtype):
+    from kvrelay.kv_format import PageCorrupt, pack_tensor, unpack_tensor
+    t = torch.randn(3, 2, 5).to(dtype)
+    blob = pack_tensor(t)
+    assert torch.equal(unpack_tensor(blob), t)
+    flipped = bytearray(blob)
+    flipped[-3] ^= 0x40
+    with pytest.raises(PageCorrupt, match="checksum"):
+        unpack_tensor(bytes(flipped))
+    with pytest.raises(PageCorrupt, match="payload is"):
+        unpack_tensor(blob[:-4])
+    with pytest.raises(PageCorrupt, match="header"):
+        unpack_tensor(b"\x05\x00garbage")

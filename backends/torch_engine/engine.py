@@ -46,9 +46,10 @@ class Sequence:
 
 class TorchEngine:
     def __init__(self, name: str, model_cfg: ModelConfig, model: LlamaModel, fingerprint: str,
-                 config: EngineConfig, model_dir: Path | None = None):
+                 config: EngineConfig, model_dir: Path | None = None, weights_id: str = ""):
         self.name, self.cfg, self.model, self.fingerprint, self.config = name, model_cfg, model, fingerprint, config
         self.model_dir = model_dir  # None for random weights
+        self.model_id = f"{name}@{weights_id}" if weights_id else name  # identity of these exact weights
         self.num_layers = model_cfg.num_layers
         self.device = torch.device(config.device)
         self.max_model_len = config.max_model_len or model_cfg.max_position_embeddings
@@ -77,7 +78,7 @@ class TorchEngine:
         mcfg = ModelConfig.from_dir(model_dir)
         model = cls._build(mcfg, config)
         load_weights(model, model_dir)
-        return cls(name, mcfg, model, fp.of_model_dir(model_dir), config, model_dir)
+        return cls(name, mcfg, model, fp.of_model_dir(model_dir), config, model_dir, fp.weights_digest(model_dir))
 
     @classmethod
     def random(cls, name: str, hf_config: dict, seed: int, config: EngineConfig | None = None,
@@ -88,7 +89,7 @@ class TorchEngine:
         model = cls._build(mcfg, config)
         random_init(model, seed)
         fingerprint = fp.compute(hf_config, None) + "-" + tokenizer_id
-        return cls(name, mcfg, model, fingerprint, config)
+        return cls(name, mcfg, model, fingerprint, config, weights_id=f"random-{tokenizer_id}-seed{seed}")
 
     @staticmethod
     def _build(mcfg: ModelConfig, config: EngineConfig) -> LlamaModel:
@@ -143,6 +144,10 @@ class TorchEngine:
         if plan is None:
             raise PlanError("a donor needs a recompute plan (RecomputePlan.none() to reuse every layer)")
         plan.validate(self.num_layers)
+        reused = plan.reused_layers(self.num_layers)
+        if hasattr(donor, "has_layers") and not donor.has_layers(reused):
+            raise PlanError(f"plan {plan} reuses layers {reused}, but pages from {donor.producer!r} carry KV "
+                            f"only for layers {list(donor.layers)}")
         missing = [a for a in plan.e_layers_needed() if a not in donor.format.e_layers]
         if missing:
             raise PlanError(f"plan {plan} starts recomputing at layers {missing}, but pages from "
@@ -235,7 +240,10 @@ class TorchEngine:
             info, h = self._full_prefill(seq)
             info.donor, info.plan = donor.producer, "none shared"
             return info, h
-        seq.salt = f"{donor.producer}|{donor.fingerprint}|{plan}".encode()
+        own = donor.producer == self.model_id and plan.num_recomputed == 0
+        # Our own KV coming back (evicted here, kept by a store): exact, so plain hashes; anything else
+        # is hybrid and salted with donor and plan.
+        seq.salt = b"" if own else f"{donor.producer}|{donor.fingerprint}|{plan}".encode()
         hashes = block_hashes(toks, B, salt=seq.salt)
         # Same donor and plan seen before: the hybrid blocks may still be cached here.
         hit = self.blocks.match_prefix(hashes[:n_reuse_blocks]) if self.config.prefix_caching else []
@@ -383,7 +391,7 @@ class TorchEngine:
         if seq.salt:
             fmt = PageFormat(**{**fmt.to_dict(), "e_layers": ()})
             e = e[:, :0]
-        return KVPages(fmt, self.name, self.fingerprint, seq.req.prompt_tokens[: n * B], self.pool.kv[idx].clone(),
+        return KVPages(fmt, self.model_id, self.fingerprint, seq.req.prompt_tokens[: n * B], self.pool.kv[idx].clone(),
                        e, block_hashes(seq.req.prompt_tokens[: n * B], B), seq.salt.decode())
 
     # --- helpers --------------------------------------------------------------------------------

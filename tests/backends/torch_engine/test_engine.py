@@ -154,7 +154,7 @@ def test_hybrid_pages_cannot_be_a_donor(base, code, rng):
     pages = _pages(base, rng)
     hybrid = code.generate([Request("h", pages.tokens + [3], greedy(1), donor=pages,
                                     plan=RecomputePlan(((2, 4),)), export_pages=True)])["h"].pages
-    assert hybrid.derived_from.startswith("base|")
+    assert hybrid.derived_from.startswith(base.model_id + "|") and hybrid.producer == code.model_id
     with pytest.raises(KvRelayError, match="only a model's own KV can be a donor"):
         base.add_request(Request("x", pages.tokens + [3], greedy(1), donor=hybrid, plan=RecomputePlan.none()))
 
@@ -166,6 +166,19 @@ def test_donor_covering_another_context_reuses_only_the_shared_blocks(base, code
     assert out.prefill.reused_tokens == 32
     unrelated = code.generate([Request("y", toks(rng, 40), greedy(1), donor=pages, plan=RecomputePlan.none())])["y"]
     assert unrelated.prefill.reused_tokens == 0
+
+
+def test_own_pages_restored_from_a_store_are_exact(tiny_family, base, rng):
+    fresh = TorchEngine.from_dir("base", tiny_family.model_dir("base"), EngineConfig(kv_cache_bytes=32 << 20))
+    pages = _pages(base, rng)                                 # "published" by another instance of base
+    assert pages.producer == fresh.model_id and "@" in fresh.model_id
+    prompt = pages.tokens + [11, 12]
+    want = base.generate([Request("w", prompt, SamplingParams(max_tokens=1, return_logits=1))])["w"].logits[0]
+    got = fresh.generate([Request("g", prompt, SamplingParams(max_tokens=1, return_logits=1), donor=pages,
+                                  plan=RecomputePlan.none())])["g"]
+    assert (got.logits[0] - want).abs().max() < 2e-4
+    plain = fresh.generate([Request("p", prompt, greedy(1))])["p"]
+    assert plain.prefill.cached_tokens == 64                  # exact KV: a plain prefix hit afterwards
 
 
 def test_hybrid_kv_never_answers_a_plain_prefix_hit(base, code, rng):
