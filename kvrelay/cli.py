@@ -14,6 +14,9 @@ COMMANDS = [
     (("models", "list"), "kvrelay.families.cli_list", "list model families and whether they are built"),
     (("bench", "prefill"), "kvrelay.bench.prefill", "full prefill vs. layer-selective re-prefill timings"),
     (("demo",), "kvrelay.demo", "one donor prefill, one cross-model re-prefill, generated text side by side"),
+    (("serve",), "kvrelay.serve", "run tritonserver with the family's models, orchestrator and page store"),
+    (("query",), "kvrelay.query", "send one request to a running server; print text and KV reuse"),
+    (("repo",), "kvrelay.repo_cmd", "write the Triton model repository for a deployment"),
     (("profile",), "kvrelay.profiler.cli", "offline profile of a (sender, receiver) pair; `profile plot`, `profile check`"),
     (("eval",), "kvrelay.evaluate", "quality and prefill time: full prefill vs. full reuse vs. selected plan"),
 ]

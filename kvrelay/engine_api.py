@@ -24,6 +24,7 @@ class SamplingParams:
     top_k: int = 0                    # 0 = off
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
+    stop_sequences: tuple[tuple[int, ...], ...] = ()   # multi-token stops (tokenized stop words)
     ignore_eos: bool = False
     return_logits: int = 0            # full next-token logits for the first N generated tokens
 

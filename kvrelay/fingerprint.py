@@ -32,7 +32,7 @@ def tokenizer_digest(tokenizer_json: Path | None) -> str:
         return "no-tokenizer"
     if not tokenizer_json.exists():
         raise KvRelayError(f"tokenizer file missing: {tokenizer_json}")
-    tok = json.loads(tokenizer_json.read_text())
+    tok = json.loads(tokenizer_json.read_text(encoding="utf-8"))
     canon = json.dumps({k: tok.get(k) for k in TOKENIZER_SECTIONS}, sort_keys=True)
     return hashlib.sha256(canon.encode()).hexdigest()[:16]
 
@@ -44,7 +44,7 @@ def compute(config: dict, tokenizer_json: Path | None) -> str:
 
 def of_model_dir(model_dir: Path) -> str:
     model_dir = Path(model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     return compute(config, model_dir / "tokenizer.json")
 
 
@@ -65,7 +65,7 @@ def weights_digest(model_dir: Path) -> str:
     stamp = ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
     cache = model_dir / ".kvrelay-weights-digest"
     try:
-        cached_stamp, digest = cache.read_text().split("\n")[:2]
+        cached_stamp, digest = cache.read_text(encoding="utf-8").split("\n")[:2]
         if cached_stamp == stamp:
             return digest
     except (OSError, ValueError):
@@ -77,7 +77,7 @@ def weights_digest(model_dir: Path) -> str:
                 h.update(chunk)
     digest = h.hexdigest()[:12]
     try:
-        cache.write_text(f"{stamp}\n{digest}\n")
+        cache.write_text(f"{stamp}\n{digest}\n", encoding="utf-8")
     except OSError:
         pass  # read-only model dir: recompute next time
     return digest

@@ -56,6 +56,14 @@ class PageFormat:
         if any(not 0 < l < self.num_layers for l in self.e_layers) or list(self.e_layers) != sorted(set(self.e_layers)):
             raise KvRelayError(f"e_layers must be sorted, distinct and in 1..{self.num_layers - 1}: {self.e_layers}")
 
+    @classmethod
+    def for_model(cls, num_layers: int, num_kv_heads: int, head_dim: int, hidden_size: int, block_size: int,
+                  dtype: str = "float32", e_layers: tuple[int, ...] | None = None) -> "PageFormat":
+        """The default E policy lives here: every 2nd layer, the group starts the profiler's stride-2
+        grid can choose, so any profiled plan finds the E it starts from."""
+        e = tuple(range(2, num_layers, 2)) if e_layers is None else tuple(e_layers)
+        return cls(num_layers, num_kv_heads, head_dim, hidden_size, block_size, dtype, e)
+
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
@@ -164,6 +172,21 @@ class KVPages:
 
     def has_layers(self, layers) -> bool:
         return self.layers is None or set(layers) <= set(self.layers)
+
+    def meta(self) -> dict:
+        """Everything but the tensors, JSON-ready: travels beside kv/e/tokens (Triton, stores)."""
+        return {"format": self.format.to_dict(), "producer": self.producer, "fingerprint": self.fingerprint,
+                "derived_from": self.derived_from, "layers": None if self.layers is None else list(self.layers)}
+
+    @classmethod
+    def from_parts(cls, meta: dict, tokens: list[int], kv: torch.Tensor, e: torch.Tensor) -> "KVPages":
+        try:
+            fmt = PageFormat.from_dict(meta["format"])
+            layers = meta.get("layers")
+            return cls(fmt, meta["producer"], meta["fingerprint"], list(tokens), kv, e,
+                       derived_from=meta.get("derived_from", ""), layers=None if layers is None else tuple(layers))
+        except (KeyError, TypeError) as err:
+            raise KvRelayError(f"malformed page metadata: {err}") from None
 
     def prefix(self, num_pages: int) -> "KVPages":
         n = num_pages * self.format.block_size

@@ -52,7 +52,7 @@ class ModelConfig:
         path = Path(model_dir) / "config.json"
         if not path.exists():
             raise KvRelayError(f"no config.json in {model_dir}: not a Hugging Face model directory")
-        return cls.from_hf(json.loads(path.read_text()))
+        return cls.from_hf(json.loads(path.read_text(encoding="utf-8")))
 
 
 @dataclass(slots=True)

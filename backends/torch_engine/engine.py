@@ -53,9 +53,8 @@ class TorchEngine:
         self.num_layers = model_cfg.num_layers
         self.device = torch.device(config.device)
         self.max_model_len = config.max_model_len or model_cfg.max_position_embeddings
-        e_layers = tuple(range(2, model_cfg.num_layers, 2)) if config.e_layers is None else tuple(config.e_layers)
-        self.page_format = PageFormat(model_cfg.num_layers, model_cfg.num_kv_heads, model_cfg.head_dim,
-                                      model_cfg.hidden_size, config.block_size, config.dtype, e_layers)
+        self.page_format = PageFormat.for_model(model_cfg.num_layers, model_cfg.num_kv_heads, model_cfg.head_dim,
+                                                model_cfg.hidden_size, config.block_size, config.dtype, config.e_layers)
         num_blocks = config.kv_cache_bytes // self.page_format.page_bytes
         if num_blocks < 2:
             raise KvRelayError(f"kv_cache_bytes={config.kv_cache_bytes} holds {num_blocks} blocks of "
@@ -345,8 +344,9 @@ class TorchEngine:
         if len(seq.output) <= sp.return_logits:
             out.logits = [logits.float().cpu().clone()]
         stops = set(sp.stop_token_ids) | (set() if sp.ignore_eos else set(self.cfg.eos_token_ids))
-        if tok in stops or len(seq.output) >= sp.max_tokens:
-            out.finished, out.finish_reason = True, "stop" if tok in stops else "length"
+        stopped = tok in stops or any(s and tuple(seq.output[-len(s):]) == s for s in sp.stop_sequences)
+        if stopped or len(seq.output) >= sp.max_tokens:
+            out.finished, out.finish_reason = True, "stop" if stopped else "length"
             self._finish(seq)
         return out
 

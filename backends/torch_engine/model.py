@@ -111,7 +111,7 @@ class LlamaModel(nn.Module):
 def _read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
     index = model_dir / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())) if index.exists() else ["model.safetensors"]
     state: dict[str, torch.Tensor] = {}
     for f in files:
         if not (model_dir / f).exists():

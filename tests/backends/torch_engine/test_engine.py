@@ -64,6 +64,14 @@ def test_stop_tokens_end_generation(base, rng):
     assert out.output_tokens == full[: full.index(stop) + 1] and out.finish_reason == "stop"
 
 
+def test_stop_sequences_end_generation(base, rng):
+    p = toks(rng, 20)
+    full = base.generate([Request("f2", p, greedy(10))])["f2"].output_tokens
+    seq = tuple(full[4:6])
+    out = base.generate([Request("s2", p, SamplingParams(max_tokens=10, ignore_eos=True, stop_sequences=(seq,)))])["s2"]
+    assert tuple(out.output_tokens[-2:]) == seq and len(out.output_tokens) <= 6 and out.finish_reason == "stop"
+
+
 def test_same_model_prefix_cache_and_lru_eviction(tiny_family, base, rng):
     eng = TorchEngine.from_dir("base", tiny_family.model_dir("base"),
                                EngineConfig(kv_cache_bytes=base.page_format.page_bytes * 24))

@@ -1,0 +1,165 @@
+"""A deployment: which family, which variants on which devices, which page store and profiles.
+
+Read from a TOML file (deploy/*.toml) or made from defaults for a family; the Triton model
+repository is generated from it, and every Triton model reads the resolved JSON copy at start-up.
+"""
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from kvrelay.errors import KvRelayError
+from kvrelay.kv_format import PageFormat
+
+UNITS = {"": 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+
+
+def parse_bytes(v) -> int:
+    if isinstance(v, int):
+        return v
+    s = str(v).strip()
+    num = s.rstrip("KMGiB")
+    unit = s[len(num):]
+    if unit not in UNITS or not num.replace(".", "", 1).isdigit():
+        raise KvRelayError(f"bad byte size {v!r}: use e.g. 512MiB, 2GiB or a number of bytes")
+    return int(float(num) * UNITS[unit])
+
+
+@dataclass(slots=True)
+class ModelDeployment:
+    name: str
+    device: str = "cpu"
+    dtype: str = "float32"
+    instances: int = 1
+    kv_cache_bytes: int = 512 << 20
+
+
+@dataclass(slots=True)
+class Deployment:
+    family: str
+    models: list[ModelDeployment]
+    store: str = "memory:1GiB"
+    profiles_dir: str = ""               # "" = the checkout's profiles/
+    block_size: int = 16
+    quality_target: float = 0.01         # selector: within 1% of the receiver's own quality
+    slo_s: float | None = None           # per-request prefill SLO for the selector's idle rule
+    max_tokens_limit: int = 1024         # largest max_tokens a request may ask
+    max_input_chars: int = 200_000       # refuse absurd text before tokenizing it
+    orchestrator_instances: int = 1
+    sharing: bool = True                 # False: every variant prefills itself (the no-sharing baseline)
+    extra: dict = field(default_factory=dict)
+
+    def model(self, name: str) -> ModelDeployment:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise KvRelayError(f"unknown model {name!r}; this deployment serves {self.model_names}")
+
+    @property
+    def model_names(self) -> list[str]:
+        return [m.name for m in self.models]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Deployment":
+        d = json.loads(text)
+        d["models"] = [ModelDeployment(**m) for m in d["models"]]
+        return cls(**d)
+
+
+def for_family(family: str, **overrides) -> Deployment:
+    """Every model of the family on the CPU with default settings."""
+    from kvrelay.engines import family_models
+    return Deployment(family=family, models=[ModelDeployment(m) for m in family_models(family)], **overrides)
+
+
+def load(path: str | Path) -> Deployment:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise KvRelayError(f"deployment file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise KvRelayError(f"{path}: not valid TOML: {e}") from None
+    if "family" not in raw:
+        raise KvRelayError(f"{path}: 'family' is required")
+    defaults = raw.pop("defaults", {})
+    models_raw = raw.pop("models", None)
+    from kvrelay.engines import family_models
+    names = list(models_raw) if models_raw else family_models(raw["family"])
+    known = family_models(raw["family"])
+    models = []
+    for n in names:
+        if n not in known:
+            raise KvRelayError(f"{path}: family {raw['family']!r} has no model {n!r} (it has {known})")
+        spec = {**defaults, **((models_raw or {}).get(n) or {})}
+        if "kv_cache_bytes" in spec:
+            spec["kv_cache_bytes"] = parse_bytes(spec["kv_cache_bytes"])
+        try:
+            models.append(ModelDeployment(n, **spec))
+        except TypeError as e:
+            raise KvRelayError(f"{path}: [models.{n}]: {e}") from None
+    try:
+        dep = Deployment(models=models, **raw)
+    except TypeError as e:
+        raise KvRelayError(f"{path}: {e}") from None
+    validate(dep)
+    return dep
+
+
+def validate(dep: Deployment) -> Deployment:
+    if not dep.models:
+        raise KvRelayError("a deployment needs at least one model")
+    for m in dep.models:
+        if m.instances < 1:
+            raise KvRelayError(f"model {m.name}: instances must be >= 1")
+        if m.dtype not in ("float32", "bfloat16", "float16"):
+            raise KvRelayError(f"model {m.name}: dtype must be float32, bfloat16 or float16")
+    if dep.block_size < 1 or dep.block_size & (dep.block_size - 1):
+        raise KvRelayError("block_size must be a power of two")
+    return dep
+
+
+@dataclass(frozen=True, slots=True)
+class ModelIdentity:
+    """What the orchestrator must know of a variant without loading it."""
+    name: str
+    model_id: str
+    fingerprint: str
+    page_format: PageFormat
+    max_model_len: int
+
+    @property
+    def num_layers(self) -> int:
+        return self.page_format.num_layers
+
+
+def _identity(dep: Deployment, m: ModelDeployment, model_id: str, fingerprint: str, cfg: dict) -> ModelIdentity:
+    heads = cfg["num_attention_heads"]
+    fmt = PageFormat.for_model(cfg["num_hidden_layers"], cfg.get("num_key_value_heads") or heads,
+                               cfg.get("head_dim") or cfg["hidden_size"] // heads, cfg["hidden_size"],
+                               dep.block_size, m.dtype)
+    return ModelIdentity(m.name, model_id, fingerprint, fmt, cfg.get("max_position_embeddings", 4096))
+
+
+def identities(dep: Deployment) -> dict[str, ModelIdentity]:
+    from kvrelay import fingerprint as fp
+    from kvrelay import synthetic
+    out = {}
+    if synthetic.is_synthetic(dep.family):
+        hf, seeds = synthetic.spec(dep.family)
+        for m in dep.models:
+            out[m.name] = _identity(dep, m, f"{m.name}@random-{dep.family}-seed{seeds[m.name]}",
+                                    fp.compute(hf, None) + "-" + dep.family, hf)
+        return out
+    from kvrelay.families import load_family
+    fam = load_family(dep.family)
+    for m in dep.models:
+        d = fam.model_dir(m.name)
+        cfg = json.loads((d / "config.json").read_text(encoding="utf-8"))
+        out[m.name] = _identity(dep, m, f"{m.name}@{fp.weights_digest(d)}", fp.of_model_dir(d), cfg)
+    return out

@@ -1,0 +1,21 @@
+"""`kvrelay repo`: write the Triton model repository for a deployment (what the Dockerfile runs)."""
+from __future__ import annotations
+
+
+def add_arguments(p):
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--family")
+    g.add_argument("--deployment")
+    p.add_argument("--store")
+    p.add_argument("--out", required=True, help="directory to write (replaced)")
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from kvrelay.serve import resolve
+    from kvrelay.triton_repo import generate
+    dep, _ = resolve(args)
+    generate(dep, Path(args.out))
+    print(f"wrote {args.out} ({', '.join(dep.model_names)})")
+    return 0

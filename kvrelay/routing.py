@@ -1,0 +1,84 @@
+"""Where a request's context KV comes from: the orchestrator's decision, free of Triton.
+
+- "restore": the receiver's own pages, published by another server: exact KV, no recompute;
+- "reuse":   another variant's pages + the selector's recompute plan (DroidSpeak re-prefill);
+- "full":    prefill from scratch (miss, no profile, sharing off, store down, ...), publishing the
+             prompt's pages afterwards when they are new to the store.
+A cross-model entry is only ever used through "reuse" with a plan: never as a plain prefix hit.
+"""
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from kvrelay.deployment import ModelIdentity
+from kvrelay.errors import KvRelayError
+from kvrelay.kv_format import block_hashes
+from kvrelay.plan import RecomputePlan
+
+log = logging.getLogger("kvrelay.routing")
+
+
+@dataclass(slots=True)
+class Route:
+    kind: str                           # "full" | "restore" | "reuse"
+    reason: str
+    donor: str = ""                     # donor model name
+    producer: str = ""                  # donor model_id (store key)
+    blocks: int = 0                     # leading context blocks the donor's pages cover
+    plan: RecomputePlan | None = None
+    export: bool = False                # publish this prompt's pages after a full prefill
+
+
+class RecentlyComputed:
+    """Prompts this server's engines computed themselves (their prefix caches likely still hold them):
+    restoring those from the store would only move bytes the engine already has."""
+
+    def __init__(self, capacity: int = 65536):
+        self._seen: OrderedDict[tuple, None] = OrderedDict()
+        self.capacity = capacity
+
+    def add(self, receiver: str, tenant: str, hashes: list[bytes]) -> None:
+        """Every block of a computed chain: any prefix of it is then known (a shared context)."""
+        for h in hashes:
+            key = (receiver, tenant, h)
+            self._seen[key] = None
+            self._seen.move_to_end(key)
+        while len(self._seen) > self.capacity:
+            self._seen.popitem(last=False)
+
+    def __contains__(self, key: tuple) -> bool:
+        return key in self._seen
+
+
+def route(store, selector, ids: dict[str, ModelIdentity], receiver: str, tenant: str, tokens: list[int],
+          recent: RecentlyComputed, *, sharing: bool = True, queued: int = 0, slo_s: float | None = None) -> Route:
+    me = ids[receiver]
+    B = me.page_format.block_size
+    full_blocks = len(tokens) // B
+    if full_blocks == 0:
+        return Route("full", "context shorter than one block")
+    try:
+        found = store.lookup(tenant, me.fingerprint, tokens, B)
+    except KvRelayError as e:  # StoreUnavailable and friends: serve anyway, from scratch
+        log.warning("page store lookup failed, full prefill: %s", e)
+        return Route("full", f"store unavailable: {e}")
+    by_id = {i.model_id: i for i in ids.values() if i.fingerprint == me.fingerprint}
+    own = found.get(me.model_id, 0)
+    cross = sorted(((n, by_id[p].name, p) for p, n in found.items() if p in by_id and p != me.model_id),
+                   key=lambda x: (-x[0], x[1]))
+    export = own < full_blocks
+    key = (receiver, tenant, block_hashes(tokens[: own * B], B)[-1] if own else b"")
+    if own and (not cross or own >= cross[0][0]):
+        if key in recent:
+            return Route("full", "own prefix: engine cache", export=False)
+        return Route("restore", "own pages from the store", receiver, me.model_id, own)
+    if not sharing or not cross:
+        return Route("full", "miss" if not cross else "sharing off", export=export)
+    n, donor, producer = cross[0]
+    choice = selector.choose(donor, receiver, ids[donor].fingerprint, me.fingerprint,
+                             context_tokens=n * B, queued=queued, slo_s=slo_s)
+    if choice.plan is None:
+        return Route("full", choice.reason, export=export)
+    return Route("reuse", choice.reason, donor, producer, n, choice.plan)

@@ -1,0 +1,73 @@
+"""`kvrelay serve`: generate the model repository for a deployment and run tritonserver on it."""
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+
+
+def add_arguments(p):
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--family", help="serve every model of this family with defaults (default: tiny)")
+    g.add_argument("--deployment", help="deployment TOML file (see deploy/)")
+    p.add_argument("--store", help="page store override: memory[:SIZE] or redis://HOST:PORT/DB")
+    p.add_argument("--no-sharing", action="store_true", help="no cross-model reuse: every variant prefills itself")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--http-port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=8001)
+    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--workdir", help="where the generated repository and logs go (default: under $KVRELAY_HOME)")
+
+
+def resolve(args):
+    """(Deployment, workdir) from --family/--deployment/--store/--no-sharing."""
+    from kvrelay import deployment as dp
+    from kvrelay.paths import home
+    if args.deployment:
+        dep = dp.load(args.deployment)
+    else:
+        family = args.family or "tiny"
+        _ensure_family(family)
+        dep = dp.for_family(family)
+    if getattr(args, "store", None):
+        dep.store = args.store
+    if getattr(args, "no_sharing", False):
+        dep.sharing = False
+    _ensure_family(dep.family)
+    from pathlib import Path
+    workdir = Path(args.workdir) if getattr(args, "workdir", None) else home() / "serve" / dep.family
+    return dp.validate(dep), workdir
+
+
+def _ensure_family(family: str) -> None:
+    from kvrelay import synthetic
+    if not synthetic.is_synthetic(family):
+        from kvrelay.families import ensure_built
+        ensure_built(family)
+
+
+def start(dep, workdir, **ports):
+    from kvrelay.triton_repo import generate
+    from kvrelay.tritonserver import TritonServer
+    generate(dep, workdir / "repository")
+    return TritonServer(workdir / "repository", workdir, **ports).start()
+
+
+def run(args) -> int:
+    dep, workdir = resolve(args)
+    print(f"kvrelay: starting tritonserver for family {dep.family} ({', '.join(dep.model_names)}), "
+          f"store {dep.store}, sharing {'on' if dep.sharing else 'off'}", file=sys.stderr)
+    server = start(dep, workdir, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
+                   metrics_port=args.metrics_port)
+    print(f"kvrelay: ready. HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}\n"
+          f"kvrelay: log {server.log_path}; Ctrl-C to stop", file=sys.stderr)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        if server.proc.poll() is not None:
+            print(f"kvrelay: tritonserver exited ({server.proc.returncode}); log {server.log_path}", file=sys.stderr)
+            return 1
+    print("kvrelay: stopping", file=sys.stderr)
+    server.stop()
+    return 0

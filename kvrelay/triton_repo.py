@@ -1,0 +1,53 @@
+"""Generate a Triton model repository from model_repository/ templates and a deployment."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from string import Template
+
+from kvrelay.deployment import Deployment, validate
+from kvrelay.errors import KvRelayError
+from kvrelay.paths import repo_root
+
+KV_TYPES = {"float32": "TYPE_FP32", "bfloat16": "TYPE_BF16", "float16": "TYPE_FP16"}
+
+
+def _render(template: str, **values) -> str:
+    path = repo_root() / "model_repository" / "templates" / f"{template}.pbtxt"
+    try:
+        return Template(path.read_text(encoding="utf-8")).substitute(**values)
+    except FileNotFoundError:
+        raise KvRelayError(f"template missing: {path} (kvrelay must run from its source checkout)") from None
+
+
+def _model(out: Path, name: str, config: str, entrypoint: str | None) -> None:
+    d = out / name
+    (d / "1").mkdir(parents=True, exist_ok=True)
+    (d / "config.pbtxt").write_text(config, encoding="utf-8")
+    if entrypoint:
+        shutil.copy(repo_root() / "model_repository" / "entrypoints" / f"{entrypoint}.py", d / "1" / "model.py")
+
+
+def generate(dep: Deployment, out: Path) -> Path:
+    """Write the repository into `out` (replaced if it exists); returns the deployment JSON path."""
+    validate(dep)
+    out = Path(out).resolve()
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    deployment = out / "deployment.json"
+    deployment.write_text(dep.to_json())
+    common = {"deployment": str(deployment)}
+    for stream in (False, True):
+        suffix = "_stream" if stream else ""
+        _model(out, f"orchestrator{suffix}", _render("orchestrator", name=f"orchestrator{suffix}",
+               decoupled=str(stream).lower(), instances=dep.orchestrator_instances, **common), "orchestrator")
+        _model(out, f"ensemble{suffix}", _render("ensemble", name=f"ensemble{suffix}",
+               orchestrator=f"orchestrator{suffix}"), None)
+    for pp in ("preprocessing", "postprocessing"):
+        _model(out, pp, _render(pp, instances=1, **common), pp)
+    for m in dep.models:
+        kind = "KIND_GPU" if m.device.startswith("cuda") else "KIND_CPU"
+        _model(out, f"engine_{m.name}", _render("engine", model=m.name, family=dep.family, kind=kind,
+               instances=m.instances, kv_type=KV_TYPES[m.dtype], **common), "engine")
+    return deployment

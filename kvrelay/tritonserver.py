@@ -1,0 +1,182 @@
+"""Run the real tritonserver that ships in the nvidia-pytriton wheel (CPU machines) or the NGC image.
+
+Recipe (../shared/DESIGN.md): a backend directory whose python/ holds the wheel's libtriton_python.so,
+triton_python_backend_utils.py and the stub for this Python; the venv's bin/ first on PATH so stubs
+import our packages; LD_LIBRARY_PATH = this interpreter's LIBDIR.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+from kvrelay.errors import KvRelayError
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wheel_dir() -> Path:
+    try:
+        import pytriton
+    except ImportError:
+        raise KvRelayError("tritonserver not found: pip install nvidia-pytriton==0.7.0 "
+                           "(or run inside the NGC Triton image)") from None
+    return Path(pytriton.__file__).parent / "tritonserver"
+
+
+def binary() -> Path:
+    system = Path("/opt/tritonserver/bin/tritonserver")  # NGC image
+    return system if system.exists() else _wheel_dir() / "bin" / "tritonserver"
+
+
+def backend_dir(dest: Path) -> Path:
+    system = Path("/opt/tritonserver/backends")
+    if system.exists() and not (_has_pytriton()):
+        return system
+    wheel = _wheel_dir()
+    ver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    py = Path(dest) / "python"
+    py.mkdir(parents=True, exist_ok=True)
+    for src in (wheel / "backends/python/libtriton_python.so", wheel / "backends/python/triton_python_backend_utils.py",
+                wheel / f"python_backend_stubs/{ver}/triton_python_backend_stub"):
+        if not src.exists():
+            raise KvRelayError(f"{src} missing: the pytriton wheel has no Python {ver} backend stub")
+        link = py / src.name
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(src)
+    return Path(dest)
+
+
+def _has_pytriton() -> bool:
+    try:
+        import pytriton  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+class TritonServer:
+    def __init__(self, repo: Path, workdir: Path, http_port: int = 0, grpc_port: int = 0, metrics_port: int = 0,
+                 host: str = "127.0.0.1", log_verbose: int = 0, extra_env: dict | None = None):
+        self.repo, self.workdir = Path(repo), Path(workdir)
+        self.http_port, self.grpc_port = http_port or free_port(), grpc_port or free_port()
+        self.metrics_port = metrics_port or free_port()
+        self.host, self.log_verbose, self.extra_env = host, log_verbose, extra_env or {}
+        self.proc: subprocess.Popen | None = None
+        self.log_path = self.workdir / "tritonserver.log"
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.host}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}/metrics"
+
+    def start(self, timeout_s: float = 180) -> "TritonServer":
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+        env["LD_LIBRARY_PATH"] = ":".join(filter(None, [sysconfig.get_config_var("LIBDIR"), env.get("LD_LIBRARY_PATH")]))
+        env["PYTHONUTF8"] = "1"  # the stubs' embedded Python gets no locale coercion: ASCII otherwise
+        env.update(self.extra_env)
+        cmd = [str(binary()), f"--model-repository={self.repo}", f"--backend-directory={backend_dir(self.workdir / 'backends')}",
+               f"--http-address={self.host}", f"--grpc-address={self.host}", f"--http-port={self.http_port}",
+               f"--grpc-port={self.grpc_port}", f"--metrics-port={self.metrics_port}", "--allow-metrics=true",
+               "--exit-timeout-secs=10", f"--log-verbose={self.log_verbose}"]
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.wait_ready(timeout_s)
+        return self
+
+    def wait_ready(self, timeout_s: float) -> None:
+        import urllib.request
+        t0 = time.time()
+        while time.time() - t0 < timeout_s:
+            if self.proc.poll() is not None:
+                raise KvRelayError(f"tritonserver exited with code {self.proc.returncode}; log: {self.log_path}\n"
+                                   + self.log_tail())
+            try:
+                with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise KvRelayError(f"tritonserver not ready after {timeout_s:.0f}s; log: {self.log_path}\n" + self.log_tail())
+
+    def log_tail(self, n: int = 30) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def stop(self, timeout_s: float = 60) -> None:
+        """SIGTERM, wait; SIGKILL the process group if it lingers; then clear stray stubs and shm."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        _kill_group(self.proc.pid)
+        self._log.close()
+        self.proc = None
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def _kill_group(pgid: int) -> None:
+    """Python-backend stubs live in the server's process group (start_new_session): none may outlive it."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    deadline = time.time() + 5
+    while time.time() < deadline and stub_pids(pgid):
+        time.sleep(0.05)
+
+
+def stub_pids(pgid: int | None = None) -> list[int]:
+    out = []
+    for d in glob.glob("/proc/[0-9]*"):
+        try:
+            cmd = open(f"{d}/cmdline", "rb").read()
+            if b"triton_python_backend_stub" not in cmd:
+                continue
+            stat = open(f"{d}/stat").read().rsplit(")", 1)[1].split()
+            if stat[0] == "Z":
+                continue
+            if pgid is None or int(stat[2]) == pgid:
+                out.append(int(d.split("/")[-1]))
+        except OSError:
+            continue
+    return out
+
+
+def shm_regions() -> list[str]:
+    return glob.glob("/dev/shm/triton_python_backend_shm_region_*")

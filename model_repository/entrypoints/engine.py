@@ -1,0 +1,1 @@
+from kvrelay.triton.engine_model import TritonPythonModel  # noqa: F401

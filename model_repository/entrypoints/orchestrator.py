@@ -1,0 +1,1 @@
+from kvrelay.triton.orchestrator import TritonPythonModel  # noqa: F401

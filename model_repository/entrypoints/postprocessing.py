@@ -1,0 +1,1 @@
+from kvrelay.triton.tokenizer_models import Postprocessing as TritonPythonModel  # noqa: F401

@@ -1,0 +1,52 @@
+"""kvrelay's Triton custom metrics (pb_utils.MetricFamily), exported on the server's /metrics."""
+from __future__ import annotations
+
+import threading
+
+import triton_python_backend_utils as pb_utils
+
+
+class Metrics:
+    def __init__(self, model_name: str):
+        # MetricFamily is attached to pb_utils only once the stub runs a model, not at import
+        f = lambda name, doc: pb_utils.MetricFamily(name=name, description=doc, kind=pb_utils.MetricFamily.COUNTER)
+        self._fams = {
+            "requests": f("kvrelay_requests_total", "Requests by receiver and KV route (full, restore, reuse) and donor"),
+            "hits": f("kvrelay_store_hits_total", "Page-store hits used, by donor -> receiver"),
+            "full": f("kvrelay_full_prefill_total", "Requests prefilled without cross-model reuse, by receiver and reason"),
+            "recomputed": f("kvrelay_layers_recomputed_total", "Layers recomputed in re-prefill, by donor -> receiver"),
+            "reused": f("kvrelay_layers_reused_total", "Layers whose KV was reused, by donor -> receiver"),
+            "bytes": f("kvrelay_kv_bytes_moved_total", "KV/E bytes moved between store and engines, by direction"),
+            "prefill_s": f("kvrelay_prefill_seconds_total", "Prefill seconds, by kind (full, reprefill, restore) and receiver"),
+            "prefill_n": f("kvrelay_prefill_count_total", "Prefills, by kind and receiver (divide seconds by this)"),
+            "store_errors": f("kvrelay_store_errors_total", "Page-store failures that fell back to full prefill"),
+        }
+        self._metrics: dict = {}
+        self._lock = threading.Lock()
+        self.model = model_name
+
+    def _m(self, fam: str, **labels):
+        key = (fam, tuple(sorted(labels.items())))
+        with self._lock:
+            if key not in self._metrics:
+                self._metrics[key] = self._fams[fam].Metric(labels={"model": self.model, **labels})
+            return self._metrics[key]
+
+    def prefill(self, route, receiver: str, info: dict) -> None:
+        donor = route.donor or "-"
+        self._m("requests", receiver=receiver, route=route.kind, donor=donor).increment(1)
+        kind = {"full": "full", "reuse": "reprefill", "restore": "restore"}[route.kind]
+        self._m("prefill_s", kind=kind, receiver=receiver).increment(float(info["seconds"]))
+        self._m("prefill_n", kind=kind, receiver=receiver).increment(1)
+        if route.kind == "full":
+            self._m("full", receiver=receiver, reason=route.reason.split(":")[0].split(" (")[0][:60]).increment(1)
+            return
+        self._m("hits", donor=donor, receiver=receiver).increment(1)
+        self._m("recomputed", donor=donor, receiver=receiver).increment(int(info["recomputed_layers"]))
+        self._m("reused", donor=donor, receiver=receiver).increment(int(info["reused_layers"]))
+
+    def bytes_moved(self, direction: str, n: int) -> None:
+        self._m("bytes", direction=direction).increment(int(n))
+
+    def store_error(self) -> None:
+        self._m("store_errors").increment(1)

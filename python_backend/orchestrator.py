@@ -1,0 +1,239 @@
+"""Triton orchestrator (BLS): page-store lookup, plan choice, the engine call, publishing, metrics.
+
+Each request runs on a worker thread so one orchestrator instance keeps many requests in flight
+(the engines batch them). The decoupled `orchestrator_stream` does the work and streams every token
+(`ensemble_stream`); the non-decoupled `orchestrator` (behind `ensemble`: HTTP /infer, gRPC unary)
+forwards to it and answers once, so one process owns the in-memory page store and its lookups.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from kvrelay import deployment as dp
+from kvrelay import routing
+from kvrelay.errors import KvRelayError
+from kvrelay.kv_format import block_hashes
+from kvrelay.plan import RecomputePlan
+from kvrelay.triton import io
+from kvrelay.triton.metrics import Metrics
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+ENGINE_OUTPUTS = ["output_ids", "finished", "finish_reason", "prefill_info", "first_token_time_ns",
+                  "pages_kv", "pages_e", "pages_tokens", "pages_meta"]
+OUTPUTS = ["output_ids", "prev_len", "kv_reused_layers", "kv_recomputed_layers", "kv_reused_tokens",
+           "kv_donor_model", "kv_route", "output_tokens", "first_token_time_ns"]
+log = logging.getLogger("kvrelay.orchestrator")
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.decoupled = pb_utils.using_decoupled_model_transaction_policy(json.loads(args["model_config"]))
+        self.pool = ThreadPoolExecutor(max_workers=64, thread_name_prefix="orchestrate")
+        if not self.decoupled:
+            return  # a proxy: the streaming orchestrator owns store, selector and metrics
+        from kvrelay.paths import repo_root
+        from kvrelay.selector import Selector
+        from kvrelay.store import open_store
+        p = io.params(args)
+        self.dep = dp.Deployment.from_json(Path(p["deployment"]).read_text(encoding="utf-8"))
+        self.ids = dp.identities(self.dep)
+        self.store = open_store(self.dep.store)
+        self.selector = Selector(Path(self.dep.profiles_dir or repo_root() / "profiles"), self.dep.family,
+                                 quality_target=self.dep.quality_target)
+        self.recent = routing.RecentlyComputed()
+        self.metrics = Metrics(args["model_name"])
+        self.publisher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="publish")
+        self.in_flight = 0
+        self.lock = threading.Lock()
+
+    def execute(self, requests):
+        for r in requests:
+            self.pool.submit(self._serve if self.decoupled else self._proxy, r, r.get_response_sender())
+        return None
+
+    def _proxy(self, r, sender):
+        """Forward to orchestrator_stream with stream=false; exactly one response comes back."""
+        try:
+            if io.scalar(r, "stream", bool, False):
+                raise io.BadInput("stream=true needs the streaming entry point 'ensemble_stream' "
+                                  "(HTTP generate_stream or gRPC streaming)")
+            inputs = [t for t in r.inputs() if t.name() != "stream"]
+            final = None
+            for resp in pb_utils.InferenceRequest(model_name="orchestrator_stream", requested_output_names=OUTPUTS,
+                                                  inputs=inputs).exec(decoupled=True):
+                if resp.has_error():
+                    io.send_error(sender, resp.error().message(), resp.error().code())
+                    return
+                if pb_utils.get_output_tensor_by_name(resp, "output_ids") is not None:
+                    final = resp
+            if final is None:
+                raise KvRelayError("no response from orchestrator_stream")
+            sender.send(pb_utils.InferenceResponse(final.output_tensors()), flags=FINAL)
+        except KvRelayError as e:
+            io.send_error(sender, str(e))
+        except Exception as e:
+            log.exception("orchestrator proxy failure")
+            io.send_error(sender, f"internal error: {e}", pb_utils.TritonError.INTERNAL)
+
+    # --- one request ------------------------------------------------------------------------------
+
+    def _serve(self, r, sender):
+        with self.lock:
+            self.in_flight += 1
+        try:
+            self._handle(r, sender)
+        except io.BadInput as e:
+            io.send_error(sender, str(e))
+        except KvRelayError as e:
+            io.send_error(sender, str(e))
+        except Exception as e:  # never leave a client hanging
+            log.exception("orchestrator failure")
+            io.send_error(sender, f"internal error: {e}", pb_utils.TritonError.INTERNAL)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+    def _handle(self, r, sender):
+        receiver = io.scalar(r, "model", str, "") or self.dep.models[0].name
+        if receiver not in self.ids:
+            raise io.BadInput(f"unknown model {receiver!r}; this deployment serves {self.dep.model_names}")
+        me = self.ids[receiver]
+        tokens = io.ints(r, "input_ids", required=True)
+        max_tokens = io.scalar(r, "max_tokens", int, required=True)
+        if not 1 <= max_tokens <= self.dep.max_tokens_limit:
+            raise io.BadInput(f"max_tokens must be in 1..{self.dep.max_tokens_limit}, got {max_tokens}")
+        if not tokens:
+            raise io.BadInput("the prompt is empty")
+        if len(tokens) + max_tokens > me.max_model_len:
+            raise io.BadInput(f"prompt ({len(tokens)} tokens) + max_tokens ({max_tokens}) exceeds the "
+                              f"{me.max_model_len}-token context of {receiver!r}")
+        stream = bool(io.scalar(r, "stream", bool, False))
+        tenant = io.scalar(r, "tenant", str, "") or "default"
+        t0 = time.perf_counter()
+        route = routing.route(self.store, self.selector, self.ids, receiver, tenant, tokens, self.recent,
+                              sharing=self.dep.sharing, queued=max(0, self.in_flight - 1), slo_s=self.dep.slo_s)
+        donor = self._fetch(route, me, tenant, tokens)
+        if route.kind != "full" and donor is None:
+            route = routing.Route("full", "donor pages unavailable", export=False)
+        passthrough = [t for t in (pb_utils.get_input_tensor_by_name(r, n)
+                                   for n in ("temperature", "top_p", "random_seed", "stop_ids", "request_id")) if t]
+        base_inputs = [io.tensor("input_ids", np.asarray(tokens, np.int32)),
+                       io.tensor("max_tokens", np.array([max_tokens], np.int32))] + passthrough
+        call = _Call(route, me, tenant, tokens, stream, sender)
+        try:
+            self._run(call, base_inputs, donor)
+        except _EngineRefusedDonor as e:  # e.g. a stale page: degrade to a correct full prefill
+            log.warning("engine refused donor pages, full prefill: %s", e)
+            call.route = routing.Route("full", "engine refused donor pages", export=False)
+            self._run(call, base_inputs, None)
+
+    def _run(self, call, base_inputs, donor):
+        inputs = base_inputs + [io.tensor("export_pages", np.array([call.route.export]))]
+        if donor is not None:
+            plan = RecomputePlan.none() if call.route.kind == "restore" else call.route.plan
+            inputs += io.pages_tensors("donor", donor, donor.kv.dtype) + [io.tensor("plan", str(plan))]
+        req = pb_utils.InferenceRequest(model_name=f"engine_{call.me.name}", requested_output_names=ENGINE_OUTPUTS,
+                                        inputs=inputs)
+        for resp in req.exec(decoupled=True):
+            self._forward(resp, call)
+
+    def _fetch(self, route, me, tenant, tokens):
+        if route.kind == "full":
+            return None
+        fmt = self.ids[route.donor].page_format
+        layers = e_layers = None
+        if route.kind == "restore":
+            e_layers = []
+        else:
+            layers, e_layers = route.plan.reused_layers(me.num_layers), route.plan.e_layers_needed()
+        try:
+            pages = self.store.fetch(tenant, me.fingerprint, route.producer, tokens, fmt, route.blocks,
+                                     layers=layers, e_layers=e_layers)
+        except KvRelayError as e:
+            log.warning("fetching pages from %s failed, full prefill: %s", route.producer, e)
+            self.metrics.store_error()
+            return None
+        if pages is None or pages.num_pages == 0:
+            return None
+        self.metrics.bytes_moved("fetch", pages.kv.nbytes + pages.e.nbytes)
+        return pages
+
+    def _forward(self, resp, call):
+        route = call.route
+        if resp.has_error():
+            msg = resp.error().message()
+            if call.info is None and route.kind != "full" and resp.error().code() == pb_utils.TritonError.INVALID_ARG \
+                    and any(w in msg for w in ("donor", "plan", "pages", "fingerprint")):
+                raise _EngineRefusedDonor(msg)
+            raise KvRelayError(msg)
+        get = pb_utils.get_output_tensor_by_name
+        ids_t = get(resp, "output_ids")
+        if ids_t is None:  # the empty final flag-only response of a decoupled stream
+            return
+        ids = ids_t.as_numpy().reshape(-1)
+        finished = bool(get(resp, "finished").as_numpy().reshape(-1)[0])
+        info_s = get(resp, "prefill_info").as_numpy().reshape(-1)[0]
+        info_s = info_s.decode() if isinstance(info_s, bytes) else str(info_s)
+        if info_s:
+            self._prefill_done(json.loads(info_s), call, resp)
+        if not (call.stream or finished):
+            return
+        info = call.info or {}
+        reusing = route.kind != "full"
+        out = [io.tensor("output_ids", ids.astype(np.int32)),
+               io.tensor("prev_len", np.array([max(len(ids) - 1, 0) if call.stream else 0], np.int32)),
+               io.tensor("kv_reused_layers", np.array([info.get("reused_layers", 0) if reusing else 0], np.int32)),
+               io.tensor("kv_recomputed_layers", np.array([info.get("recomputed_layers", 0) if reusing else 0], np.int32)),
+               io.tensor("kv_reused_tokens", np.array([info.get("reused_tokens", 0) if reusing else 0], np.int32)),
+               io.tensor("kv_donor_model", route.donor if reusing else ""),
+               io.tensor("kv_route", f"{route.kind}: {route.reason}"),
+               io.tensor("output_tokens", np.array([len(ids)], np.int32)),
+               io.tensor("first_token_time_ns", get(resp, "first_token_time_ns").as_numpy().astype(np.int64))]
+        call.sender.send(pb_utils.InferenceResponse(out), flags=FINAL if finished else 0)
+
+    def _prefill_done(self, info, call, resp):
+        call.info = info
+        self.metrics.prefill(call.route, call.me.name, info)
+        B = call.me.page_format.block_size
+        if call.route.export:
+            pages = io.pages_from(resp, "pages", pb_utils.get_output_tensor_by_name)
+            if pages is not None and pages.num_pages:
+                self.recent.add(call.me.name, call.tenant, pages.hashes)
+                self.publisher.submit(self._publish, call.tenant, pages)
+        elif call.route.kind == "full":
+            self.recent.add(call.me.name, call.tenant, block_hashes(call.tokens, B))
+
+    def _publish(self, tenant, pages):
+        try:
+            n = self.store.put(tenant, pages)
+            self.metrics.bytes_moved("publish", (pages.kv.nbytes + pages.e.nbytes) * n // max(pages.num_pages, 1))
+        except KvRelayError as e:
+            log.warning("publishing pages failed (requests unaffected): %s", e)
+            self.metrics.store_error()
+
+    def finalize(self):
+        self.pool.shutdown(wait=True, cancel_futures=False)
+        if self.decoupled:
+            self.publisher.shutdown(wait=True)
+            self.store.close()
+
+
+class _EngineRefusedDonor(Exception):
+    pass
+
+
+class _Call:
+    """One request's state across its engine responses (requests run concurrently on threads)."""
+    __slots__ = ("route", "me", "tenant", "tokens", "stream", "sender", "info")
+
+    def __init__(self, route, me, tenant, tokens, stream, sender):
+        self.route, self.me, self.tenant, self.tokens, self.stream, self.sender = route, me, tenant, tokens, stream, sender
+        self.info = None

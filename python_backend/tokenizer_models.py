@@ -1,0 +1,83 @@
+"""Triton pre/postprocessing: the family's tokenizer (shared by every variant: same fingerprint)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from kvrelay import deployment as dp
+from kvrelay import tokenizer as tk
+from kvrelay.triton import io
+
+
+def _tokenizer(args):
+    dep = dp.Deployment.from_json(Path(io.params(args)["deployment"]).read_text(encoding="utf-8"))
+    from kvrelay import synthetic
+    if synthetic.is_synthetic(dep.family):
+        return None, dep  # random-weight families take token ids as text: "12 7 99 ..."
+    from kvrelay.families import load_family
+    return tk.load(load_family(dep.family).model_dir(dep.models[0].name)), dep
+
+
+class Preprocessing:
+    """text_input (+ optional context, stop_words) -> input_ids, context_len, stop_ids."""
+
+    def initialize(self, args):
+        self.tok, self.dep = _tokenizer(args)
+
+    def _encode(self, text: str) -> list[int]:
+        if self.tok is None:
+            try:
+                return [int(x) for x in text.split()]
+            except ValueError:
+                raise io.BadInput("this deployment's models have no tokenizer: send token ids as text") from None
+        return tk.encode(self.tok, text)
+
+    def execute(self, requests):
+        out = []
+        for r in requests:
+            try:
+                text = io.scalar(r, "text_input", str, required=True)
+                context = io.scalar(r, "context", str, "")
+                if not text.strip() and not context.strip():
+                    raise io.BadInput("text_input is empty")
+                if len(text) + len(context) > self.dep.max_input_chars:
+                    raise io.BadInput(f"input is {len(text) + len(context)} characters; the limit is "
+                                      f"{self.dep.max_input_chars}")
+                if context:
+                    ctx_text, q_text = tk.prompt(context, text)
+                    ctx, q = self._encode(ctx_text), self._encode(q_text)
+                else:
+                    ctx, q = [], self._encode(text)
+                stops: list[int] = []
+                for w in io.strings(r, "stop_words"):
+                    if w:
+                        stops += self._encode(w) + [-1]
+                out.append(pb_utils.InferenceResponse([
+                    io.tensor("input_ids", np.asarray(ctx + q, np.int32)),
+                    io.tensor("context_len", np.array([len(ctx)], np.int32)),
+                    io.tensor("stop_ids", np.asarray(stops, np.int32))]))
+            except io.BadInput as e:
+                out.append(io.error_response(str(e)))
+        return out
+
+
+class Postprocessing:
+    """output_ids (all so far) + prev_len -> the text those tokens add (streaming-safe: decodes the
+    whole output, so a multi-byte character split across tokens comes out whole)."""
+
+    def initialize(self, args):
+        self.tok, _ = _tokenizer(args)
+
+    def execute(self, requests):
+        out = []
+        for r in requests:
+            ids = io.ints(r, "output_ids")
+            prev = io.scalar(r, "prev_len", int, 0)
+            if self.tok is None:
+                text = " ".join(map(str, ids[prev:]))
+            else:
+                text = tk.decode(self.tok, ids)[len(tk.decode(self.tok, ids[:prev])):] if prev else tk.decode(self.tok, ids)
+            out.append(pb_utils.InferenceResponse([io.tensor("text_output", text)]))
+        return out
