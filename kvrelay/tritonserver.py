@@ -19,6 +19,8 @@ from pathlib import Path
 
 from kvrelay.errors import KvRelayError
 
+SHM_POOL_BYTES = 64 << 20  # per Python-backend stub
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -99,7 +101,11 @@ class TritonServer:
         cmd = [str(binary()), f"--model-repository={self.repo}", f"--backend-directory={backend_dir(self.workdir / 'backends')}",
                f"--http-address={self.host}", f"--grpc-address={self.host}", f"--http-port={self.http_port}",
                f"--grpc-port={self.grpc_port}", f"--metrics-port={self.metrics_port}", "--allow-metrics=true",
-               "--exit-timeout-secs=10", f"--log-verbose={self.log_verbose}"]
+               "--exit-timeout-secs=10", f"--log-verbose={self.log_verbose}",
+               # A large Python-backend shm pool from the start: growing the default 1 MiB pool under
+               # concurrent BLS traffic crashes 2.51 (cf. triton-inference-server/server#8882).
+               f"--backend-config=python,shm-default-byte-size={SHM_POOL_BYTES}",
+               f"--backend-config=python,shm-growth-byte-size={SHM_POOL_BYTES}"]
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         self.wait_ready(timeout_s)
@@ -132,6 +138,7 @@ class TritonServer:
         """SIGTERM, wait; SIGKILL the process group if it lingers; then clear stray stubs and shm."""
         if self.proc is None:
             return
+        mine = self.shm_regions()
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -140,8 +147,17 @@ class TritonServer:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=10)
         _kill_group(self.proc.pid)
+        for region in mine:  # left only if a stub died hard; nobody else can be using it now
+            try:
+                os.unlink(region)
+            except FileNotFoundError:
+                pass
         self._log.close()
         self.proc = None
+
+    def shm_regions(self) -> list[str]:
+        """This server's Python-backend shm regions (each stub is started with its region's name)."""
+        return _stub_regions(self.proc.pid) if self.proc else []
 
     def __enter__(self):
         return self.start()
@@ -159,6 +175,17 @@ def _kill_group(pgid: int) -> None:
     deadline = time.time() + 5
     while time.time() < deadline and stub_pids(pgid):
         time.sleep(0.05)
+
+
+def _stub_regions(pgid: int) -> list[str]:
+    out = []
+    for pid in stub_pids(pgid):
+        try:
+            args = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        out += [f"/dev/shm/{a.decode()}" for a in args if a.startswith(b"triton_python_backend_shm_region_")]
+    return sorted(set(out))
 
 
 def stub_pids(pgid: int | None = None) -> list[int]:

@@ -69,7 +69,7 @@ class TritonPythonModel:
             stop_sequences=_split(io.ints(r, "stop_ids")))
         if sp.max_tokens > self.limit:
             raise io.BadInput(f"max_tokens must be at most {self.limit} in this deployment, got {sp.max_tokens}")
-        donor = io.pages_from(r, "donor")
+        donor = io.pages_from(r, "donor", copy=True)  # the engine reads it after execute returns
         plan_s = io.scalar(r, "plan", str, "")
         plan = RecomputePlan.parse(plan_s) if donor is not None else None
         rid = f"{io.scalar(r, 'request_id', str, '') or 'req'}-{uuid.uuid4().hex[:12]}"
@@ -96,7 +96,7 @@ class TritonPythonModel:
                 entry = self.live.get(o.request_id)
                 if entry is None:
                     continue
-                entry[1].send(self._response(o), flags=FINAL if o.finished else 0)
+                io.send(entry[1], self._response(o), FINAL if o.finished else 0)
                 if o.finished:
                     del self.live[o.request_id]
 

@@ -5,6 +5,7 @@ Bad input raises BadInput, which the models turn into an INVALID_ARG response.
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import torch
@@ -102,8 +103,9 @@ def pages_tensors(prefix: str, pages: KVPages | None, dtype: torch.dtype) -> lis
             tensor(f"{prefix}_meta", json.dumps(pages.meta()))]
 
 
-def pages_from(source, prefix: str, get=None) -> KVPages | None:
-    """Pages carried by a request or a BLS response (get = the by-name accessor for it)."""
+def pages_from(source, prefix: str, get=None, copy: bool = False) -> KVPages | None:
+    """Pages carried by a request or a BLS response (get = the by-name accessor for it). copy=True
+    when they must outlive `source`: dlpack views point into its shared memory."""
     get = get or pb_utils.get_input_tensor_by_name
     meta_t = get(source, f"{prefix}_meta")
     if meta_t is None:
@@ -117,14 +119,36 @@ def pages_from(source, prefix: str, get=None) -> KVPages | None:
     except json.JSONDecodeError:
         raise BadInput(f"{prefix}_meta is not JSON") from None
     kv, e = to_torch(get(source, f"{prefix}_kv")), to_torch(get(source, f"{prefix}_e"))
+    if copy:
+        kv, e = kv.clone(), e.clone()
     toks = get(source, f"{prefix}_tokens").as_numpy().reshape(-1).tolist()
     return KVPages.from_parts(meta, toks, kv, e)
 
 
+_SEND = threading.Lock()
+
+
+def send(sender, response, flags: int = 0) -> None:
+    """Every response of this stub goes out one at a time: concurrent sends from worker threads
+    crash tritonserver 2.51's Python backend (seen with 16 concurrent streams)."""
+    with _SEND:
+        sender.send(response, flags=flags)
+
+
+INTERNAL_PREFIXES = ("internal error:", "engine failure:")
+
+
+def error_code(message: str):
+    """Our failures are prefixed (INTERNAL_PREFIXES); every other refusal is the caller's input.
+    Decided from the message because a BLS response's error code arrives as INTERNAL in 2.51."""
+    internal = message.startswith(INTERNAL_PREFIXES)
+    return pb_utils.TritonError.INTERNAL if internal else pb_utils.TritonError.INVALID_ARG
+
+
 def error_response(message: str, code=None) -> "pb_utils.InferenceResponse":
-    code = pb_utils.TritonError.INVALID_ARG if code is None else code
+    code = error_code(message) if code is None else code
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(message, code))
 
 
 def send_error(sender, message: str, code=None) -> None:
-    sender.send(error_response(message, code), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+    send(sender, error_response(message, code), pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)

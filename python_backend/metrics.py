@@ -25,28 +25,31 @@ class Metrics:
         self._lock = threading.Lock()
         self.model = model_name
 
-    def _m(self, fam: str, **labels):
+    def _add(self, fam: str, value, **labels) -> None:
+        # One metric IPC at a time: concurrent Metric calls from worker threads abort tritonserver
+        # 2.51 (Metric::~Metric in the parent's metric-message handler; seen at 32 streams).
         key = (fam, tuple(sorted(labels.items())))
         with self._lock:
-            if key not in self._metrics:
-                self._metrics[key] = self._fams[fam].Metric(labels={"model": self.model, **labels})
-            return self._metrics[key]
+            m = self._metrics.get(key)
+            if m is None:
+                m = self._metrics[key] = self._fams[fam].Metric(labels={"model": self.model, **labels})
+            m.increment(value)
 
     def prefill(self, route, receiver: str, info: dict) -> None:
         donor = route.donor or "-"
-        self._m("requests", receiver=receiver, route=route.kind, donor=donor).increment(1)
+        self._add("requests", 1, receiver=receiver, route=route.kind, donor=donor)
         kind = {"full": "full", "reuse": "reprefill", "restore": "restore"}[route.kind]
-        self._m("prefill_s", kind=kind, receiver=receiver).increment(float(info["seconds"]))
-        self._m("prefill_n", kind=kind, receiver=receiver).increment(1)
+        self._add("prefill_s", float(info["seconds"]), kind=kind, receiver=receiver)
+        self._add("prefill_n", 1, kind=kind, receiver=receiver)
         if route.kind == "full":
-            self._m("full", receiver=receiver, reason=route.reason.split(":")[0].split(" (")[0][:60]).increment(1)
+            self._add("full", 1, receiver=receiver, reason=route.reason.split(":")[0].split(" (")[0][:60])
             return
-        self._m("hits", donor=donor, receiver=receiver).increment(1)
-        self._m("recomputed", donor=donor, receiver=receiver).increment(int(info["recomputed_layers"]))
-        self._m("reused", donor=donor, receiver=receiver).increment(int(info["reused_layers"]))
+        self._add("hits", 1, donor=donor, receiver=receiver)
+        self._add("recomputed", int(info["recomputed_layers"]), donor=donor, receiver=receiver)
+        self._add("reused", int(info["reused_layers"]), donor=donor, receiver=receiver)
 
     def bytes_moved(self, direction: str, n: int) -> None:
-        self._m("bytes", direction=direction).increment(int(n))
+        self._add("bytes", int(n), direction=direction)
 
     def store_error(self) -> None:
-        self._m("store_errors").increment(1)
+        self._add("store_errors", 1)

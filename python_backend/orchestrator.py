@@ -55,28 +55,47 @@ class TritonPythonModel:
         self.lock = threading.Lock()
 
     def execute(self, requests):
+        # Read every input here, on the stub's thread: once execute returns, Triton may release the
+        # requests' shared memory, and a worker thread touching it then crashes the server.
         for r in requests:
-            self.pool.submit(self._serve if self.decoupled else self._proxy, r, r.get_response_sender())
+            sender = r.get_response_sender()
+            try:
+                args = self._read(r)
+            except KvRelayError as e:
+                io.send_error(sender, str(e))
+                continue
+            self.pool.submit(self._serve if self.decoupled else self._proxy, args, sender)
         return None
 
-    def _proxy(self, r, sender):
-        """Forward to orchestrator_stream with stream=false; exactly one response comes back."""
-        try:
+    def _read(self, r) -> dict:
+        if not self.decoupled:
             if io.scalar(r, "stream", bool, False):
                 raise io.BadInput("stream=true needs the streaming entry point 'ensemble_stream' "
                                   "(HTTP generate_stream or gRPC streaming)")
-            inputs = [t for t in r.inputs() if t.name() != "stream"]
+            return {"inputs": [pb_utils.Tensor(t.name(), t.as_numpy().copy()) for t in r.inputs() if t.name() != "stream"]}
+        return {
+            "model": io.scalar(r, "model", str, ""), "tokens": io.ints(r, "input_ids", required=True),
+            "max_tokens": io.scalar(r, "max_tokens", int, required=True), "stream": bool(io.scalar(r, "stream", bool, False)),
+            "tenant": io.scalar(r, "tenant", str, "") or "default",
+            "passthrough": [pb_utils.Tensor(n, t.as_numpy().copy()) for n, t in
+                            ((n, pb_utils.get_input_tensor_by_name(r, n))
+                             for n in ("temperature", "top_p", "random_seed", "stop_ids", "request_id")) if t is not None],
+        }
+
+    def _proxy(self, args, sender):
+        """Forward to orchestrator_stream with stream=false; exactly one response comes back."""
+        try:
             final = None
             for resp in pb_utils.InferenceRequest(model_name="orchestrator_stream", requested_output_names=OUTPUTS,
-                                                  inputs=inputs).exec(decoupled=True):
+                                                  inputs=args["inputs"]).exec(decoupled=True):
                 if resp.has_error():
-                    io.send_error(sender, resp.error().message(), resp.error().code())
+                    io.send_error(sender, resp.error().message())
                     return
                 if pb_utils.get_output_tensor_by_name(resp, "output_ids") is not None:
                     final = resp
             if final is None:
                 raise KvRelayError("no response from orchestrator_stream")
-            sender.send(pb_utils.InferenceResponse(final.output_tensors()), flags=FINAL)
+            io.send(sender, pb_utils.InferenceResponse(final.output_tensors()), FINAL)
         except KvRelayError as e:
             io.send_error(sender, str(e))
         except Exception as e:
@@ -85,13 +104,11 @@ class TritonPythonModel:
 
     # --- one request ------------------------------------------------------------------------------
 
-    def _serve(self, r, sender):
+    def _serve(self, args, sender):
         with self.lock:
             self.in_flight += 1
         try:
-            self._handle(r, sender)
-        except io.BadInput as e:
-            io.send_error(sender, str(e))
+            self._handle(args, sender)
         except KvRelayError as e:
             io.send_error(sender, str(e))
         except Exception as e:  # never leave a client hanging
@@ -101,13 +118,12 @@ class TritonPythonModel:
             with self.lock:
                 self.in_flight -= 1
 
-    def _handle(self, r, sender):
-        receiver = io.scalar(r, "model", str, "") or self.dep.models[0].name
+    def _handle(self, args, sender):
+        receiver = args["model"] or self.dep.models[0].name
         if receiver not in self.ids:
             raise io.BadInput(f"unknown model {receiver!r}; this deployment serves {self.dep.model_names}")
         me = self.ids[receiver]
-        tokens = io.ints(r, "input_ids", required=True)
-        max_tokens = io.scalar(r, "max_tokens", int, required=True)
+        tokens, max_tokens = args["tokens"], args["max_tokens"]
         if not 1 <= max_tokens <= self.dep.max_tokens_limit:
             raise io.BadInput(f"max_tokens must be in 1..{self.dep.max_tokens_limit}, got {max_tokens}")
         if not tokens:
@@ -115,19 +131,15 @@ class TritonPythonModel:
         if len(tokens) + max_tokens > me.max_model_len:
             raise io.BadInput(f"prompt ({len(tokens)} tokens) + max_tokens ({max_tokens}) exceeds the "
                               f"{me.max_model_len}-token context of {receiver!r}")
-        stream = bool(io.scalar(r, "stream", bool, False))
-        tenant = io.scalar(r, "tenant", str, "") or "default"
-        t0 = time.perf_counter()
+        tenant = args["tenant"]
         route = routing.route(self.store, self.selector, self.ids, receiver, tenant, tokens, self.recent,
                               sharing=self.dep.sharing, queued=max(0, self.in_flight - 1), slo_s=self.dep.slo_s)
         donor = self._fetch(route, me, tenant, tokens)
         if route.kind != "full" and donor is None:
             route = routing.Route("full", "donor pages unavailable", export=False)
-        passthrough = [t for t in (pb_utils.get_input_tensor_by_name(r, n)
-                                   for n in ("temperature", "top_p", "random_seed", "stop_ids", "request_id")) if t]
         base_inputs = [io.tensor("input_ids", np.asarray(tokens, np.int32)),
-                       io.tensor("max_tokens", np.array([max_tokens], np.int32))] + passthrough
-        call = _Call(route, me, tenant, tokens, stream, sender)
+                       io.tensor("max_tokens", np.array([max_tokens], np.int32))] + args["passthrough"]
+        call = _Call(route, me, tenant, tokens, args["stream"], sender)
         try:
             self._run(call, base_inputs, donor)
         except _EngineRefusedDonor as e:  # e.g. a stale page: degrade to a correct full prefill
@@ -197,14 +209,14 @@ class TritonPythonModel:
                io.tensor("kv_route", f"{route.kind}: {route.reason}"),
                io.tensor("output_tokens", np.array([len(ids)], np.int32)),
                io.tensor("first_token_time_ns", get(resp, "first_token_time_ns").as_numpy().astype(np.int64))]
-        call.sender.send(pb_utils.InferenceResponse(out), flags=FINAL if finished else 0)
+        io.send(call.sender, pb_utils.InferenceResponse(out), FINAL if finished else 0)
 
     def _prefill_done(self, info, call, resp):
         call.info = info
         self.metrics.prefill(call.route, call.me.name, info)
         B = call.me.page_format.block_size
         if call.route.export:
-            pages = io.pages_from(resp, "pages", pb_utils.get_output_tensor_by_name)
+            pages = io.pages_from(resp, "pages", pb_utils.get_output_tensor_by_name, copy=True)  # outlives resp
             if pages is not None and pages.num_pages:
                 self.recent.add(call.me.name, call.tenant, pages.hashes)
                 self.publisher.submit(self._publish, call.tenant, pages)

@@ -1,0 +1,66 @@
+"""Real tritonserver fixtures (tiny family: base + code), with profiles written by the tests so the
+plan the orchestrator picks is known: base->code recomputes every layer (so its text must equal
+code's own full prefill), code->base recomputes layers 2-4 and reuses the rest."""
+from __future__ import annotations
+
+import pytest
+
+from kvrelay import deployment as dp
+from kvrelay import profile_file
+from kvrelay.plan import RecomputePlan
+from kvrelay.serve import start
+from kvrelay.tritonserver import shm_regions, stub_pids
+
+PLANS = {("base", "code"): RecomputePlan.all(8), ("code", "base"): RecomputePlan(((2, 4),))}
+
+
+def write_profile(root, family, sender, receiver, fingerprint, num_layers, plan):
+    point = {"plan": plan.to_list(), "layers_recomputed": plan.num_recomputed, "quality": 100.0}
+    profile_file.save({
+        "format": profile_file.FORMAT, "family": family, "sender": sender, "receiver": receiver,
+        "sender_fingerprint": fingerprint, "receiver_fingerprint": fingerprint, "num_layers": num_layers,
+        "stride": 2, "max_group_layers": num_layers,
+        "dataset": {"kind": "fixed by test", "split": "profile", "samples": 1, "context_tokens": [0, 0]},
+        "metric": {"name": "fixed", "description": "written by tests/triton/conftest.py"},
+        "configs": [point], "frontier": [point],
+        "baselines": {"full_prefill": {"layers_recomputed": num_layers, "quality": 100.0},
+                      "full_reuse": {"layers_recomputed": 0, "quality": 50.0}},
+        "command": "tests", "kvrelay_version": "test", "created": profile_file.now_utc(),
+    }, profile_file.path_for(root, family, sender, receiver))
+
+
+@pytest.fixture(scope="session")
+def test_profiles(tmp_path_factory, tiny_family):
+    root = tmp_path_factory.mktemp("profiles")
+    for (s, r), plan in PLANS.items():
+        write_profile(root, "tiny", s, r, tiny_family.fingerprint, 8, plan)
+    return root
+
+
+def deployment(profiles, store="memory:256MiB", **kw) -> dp.Deployment:
+    models = [dp.ModelDeployment("base", kv_cache_bytes=64 << 20), dp.ModelDeployment("code", kv_cache_bytes=64 << 20)]
+    return dp.Deployment(family="tiny", models=models, store=store, profiles_dir=str(profiles),
+                         max_tokens_limit=256, **kw)
+
+
+class Running:
+    """A started server; on close it must leave no stub process and no shared-memory region behind."""
+
+    def __init__(self, dep, workdir):
+        self.server = start(dep, workdir)
+        self.pgid = self.server.proc.pid
+        self.regions = self.server.shm_regions()
+        assert self.regions, "expected the stubs' shared-memory regions"
+
+    def close(self):
+        self.server.stop()
+        assert stub_pids(self.pgid) == [], "python backend stubs outlived tritonserver"
+        left = [r for r in self.regions if r in shm_regions()]
+        assert not left, f"tritonserver left /dev/shm regions behind: {left}"
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, test_profiles):
+    r = Running(deployment(test_profiles), tmp_path_factory.mktemp("server"))
+    yield r.server
+    r.close()
