@@ -1,5 +1,11 @@
-"""`kvrelay demo`: a donor model prefills a context; a receiver answers its own question over that
-context twice, by full prefill and by re-prefill from the donor's KV, and the two are compared."""
+"""`kvrelay demo`: the main job on the embedded default.
+
+Starts a real tritonserver for the family (tiny by default, in-memory page store), lets the base model
+answer a question over a shared context, then has every other variant answer its own question over
+the same context — reusing the base's KV through the orchestrator — and prints the answers, where
+each one's KV came from and the server's kvrelay metrics. `--in-process` skips Triton and compares
+one receiver's full prefill with its re-prefill directly in the engine.
+"""
 from __future__ import annotations
 
 import sys
@@ -17,6 +23,7 @@ def add_arguments(p):
     p.add_argument("--question", default=DEFAULT_QUESTION)
     p.add_argument("--plan", help="layer groups to recompute, e.g. 2-4 (default: 25%% of layers, mid-model)")
     p.add_argument("--max-tokens", type=int, default=24)
+    p.add_argument("--in-process", action="store_true", help="no server: compare full prefill and re-prefill in-process")
 
 
 def default_context() -> str:
@@ -26,6 +33,68 @@ def default_context() -> str:
 
 
 def run(args) -> int:
+    from kvrelay.errors import KvRelayError
+    if args.max_tokens < 1 or args.context_tokens < 16:
+        raise KvRelayError("--max-tokens must be >= 1 and --context-tokens >= 16")
+    return run_in_process(args) if args.in_process else run_server(args)
+
+
+def _context(args) -> str:
+    from kvrelay.errors import KvRelayError
+    if not args.context_file:
+        return default_context()
+    try:
+        context = open(args.context_file, encoding="utf-8").read()
+    except OSError as e:
+        raise KvRelayError(f"cannot read --context-file: {e}") from None
+    if not context.strip():
+        raise KvRelayError(f"--context-file {args.context_file} is empty")
+    return context
+
+
+def run_server(args) -> int:
+    import tempfile
+    import urllib.request
+    from pathlib import Path
+
+    from kvrelay import client
+    from kvrelay import deployment as dp
+    from kvrelay import tokenizer as tk
+    from kvrelay.families import ensure_built
+    from kvrelay.serve import start
+
+    fam = ensure_built(args.family)
+    names = list(fam.models)
+    donor = args.sender or names[0]
+    receivers = [args.receiver] if args.receiver else [n for n in names if n != donor]
+    tok = tk.load(fam.model_dir(donor))
+    context = tk.decode(tok, tk.encode(tok, _context(args))[: args.context_tokens])
+    dep = dp.for_family(args.family)
+    print(f"kvrelay demo: starting tritonserver for family {fam.name} ({', '.join(names)}), store {dep.store}",
+          file=sys.stderr)
+    with tempfile.TemporaryDirectory(prefix="kvrelay-demo-") as work:
+        server = start(dep, Path(work))
+        try:
+            print(f"kvrelay demo: ready (HTTP {server.http_url}, gRPC {server.grpc_url})\n", file=sys.stderr)
+            ask = lambda model, q: client.infer(server.http_url, q, args.max_tokens, model=model, context=context,
+                                                tenant="demo")
+            rows = [(donor, "Summarise the text above.", ask(donor, "Summarise the text above."))]
+            time.sleep(0.5)  # the donor's pages are published off the request path
+            rows += [(r, args.question, ask(r, args.question)) for r in receivers]
+            for model, q, res in rows:
+                i = res.info
+                print(f"[{model}] {q}\n  -> {res.text.strip()!r}\n  KV: {i['kv_route']}; donor={i['kv_donor_model'] or '-'} "
+                      f"reused_layers={i['kv_reused_layers']} recomputed_layers={i['kv_recomputed_layers']} "
+                      f"reused_tokens={i['kv_reused_tokens']}; {res.latency_s * 1000:.0f} ms\n")
+            metrics = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+            print("metrics (kvrelay_*):")
+            print("\n".join(l for l in metrics.splitlines() if l.startswith("kvrelay_")))
+        finally:
+            server.stop()
+    return 0
+
+
+def run_in_process(args) -> int:
     from kvrelay.backends.torch_engine.config import EngineConfig
     from kvrelay.bench.prefill import plan_for
     from kvrelay.engine_api import Request, SamplingParams
@@ -38,17 +107,7 @@ def run(args) -> int:
     fam = ensure_built(args.family)
     names = list(fam.models)
     sender, receiver = args.sender or names[0], args.receiver or names[1]
-    if args.max_tokens < 1 or args.context_tokens < 16:
-        raise KvRelayError("--max-tokens must be >= 1 and --context-tokens >= 16")
-    if args.context_file:
-        try:
-            context = open(args.context_file, encoding="utf-8").read()
-        except OSError as e:
-            raise KvRelayError(f"cannot read --context-file: {e}") from None
-        if not context.strip():
-            raise KvRelayError(f"--context-file {args.context_file} is empty")
-    else:
-        context = default_context()
+    context = _context(args)
     tok = tk.load(fam.model_dir(receiver))
     ctx_text, q_text = tk.prompt(context, args.question)
     ctx = tk.encode(tok, ctx_text)[: args.context_tokens]

