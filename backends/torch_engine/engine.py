@@ -6,6 +6,7 @@ token) and then decodes one token for every running sequence together.
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ from .block_manager import BlockManager
 from .config import EngineConfig, ModelConfig
 from .model import LlamaModel, load_weights, random_init
 from .sampler import sample
+
+log = logging.getLogger("kvrelay.engine")
 
 
 @dataclass(slots=True, eq=False)  # identity: a sequence is itself, not its contents
@@ -202,7 +205,15 @@ class TorchEngine:
         seq.admitted_at = self._admissions = self._admissions + 1
         req = seq.req
         if req.donor is not None:
-            info, h_last = self._reprefill(seq, req.donor, req.plan.merged())
+            try:
+                info, h_last = self._reprefill(seq, req.donor, req.plan.merged())
+            except KvRelayError as e:  # the donor failed mid-load (store down, corrupt page): start over
+                log.warning("request %s: donor pages failed (%s); full prefill instead", req.request_id, e)
+                self.blocks.release(seq.table)
+                seq.table, seq.hashes, seq.salt = [], [], b""
+                req.donor = req.plan = None
+                info, h_last = self._full_prefill(seq)
+                info.plan = f"donor failed: {e}"
         else:
             info, h_last = self._full_prefill(seq)
         logits = self.model.logits(h_last)[0]

@@ -4,6 +4,12 @@ For each context length, the sender prefills context + its question and exports 
 then prefills context + another question (a) fully and (b) from the sender's pages recomputing
 10/25/50% of its layers as one contiguous group. Median of repeats; prefix caching off so every
 repeat does the work.
+
+With --store, the sender's pages also go into a page store (kvrelay.store) and the re-prefill at each
+fraction is timed end to end including getting them back (lookup, then only the reused layers' KV and
+the group start's E): (c) `fetch` everything, then re-prefill; (d) `stream` (pipelined, DroidSpeak
+section 4.3): recompute starts as soon as the E arrived while the reused layers' KV streams in.
+`--store redis` starts a temporary redis-server on a free loopback port for the run.
 """
 from __future__ import annotations
 
@@ -25,6 +31,9 @@ def add_arguments(p):
     p.add_argument("--suffix", type=int, default=32, help="question tokens after the shared context")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per point (median reported)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--store", default=None,
+                   help="also time re-prefill from a page store, with and without pipelining: redis (a temporary "
+                        "local redis-server), redis://host:port/db, or memory[:SIZE]")
 
 
 def plan_for(fraction: float, num_layers: int):
@@ -46,7 +55,7 @@ def run(args) -> int:
     if any(n < 16 for n in lengths) or args.repeats < 1 or args.suffix < 1:
         raise KvRelayError("--lengths must be >= 16, --repeats and --suffix >= 1")
     result = bench(args.family, lengths, args.repeats, args.suffix, args.device, args.dtype,
-                   args.sender, args.receiver, progress=not args.json)
+                   args.sender, args.receiver, progress=not args.json, store=args.store)
     if args.json:
         print(json.dumps(result, indent=1))
     else:
@@ -55,7 +64,32 @@ def run(args) -> int:
 
 
 def bench(family, lengths, repeats=3, suffix=32, device="cpu", dtype=None, sender=None, receiver=None,
-          progress=False, **synthetic_overrides) -> dict:
+          progress=False, store=None, **synthetic_overrides) -> dict:
+    if store is None:
+        return _bench(family, lengths, repeats, suffix, device, dtype, sender, receiver, progress, None,
+                      **synthetic_overrides)
+    from kvrelay.store import open_store
+    server = None
+    if store == "redis":
+        from kvrelay.store.redis_server import RedisServer
+        server = RedisServer()
+        store = server.url
+    try:
+        with open_store(store) as st:
+            return _bench(family, lengths, repeats, suffix, device, dtype, sender, receiver, progress, st,
+                          **synthetic_overrides)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+STORE_TENANT = "bench"
+
+
+def _bench(family, lengths, repeats, suffix, device, dtype, sender, receiver, progress, st,
+           **synthetic_overrides) -> dict:
+    import time
+
     from tqdm import tqdm
 
     from kvrelay.backends.torch_engine.config import EngineConfig
@@ -86,7 +120,21 @@ def bench(family, lengths, repeats=3, suffix=32, device="cpu", dtype=None, sende
     def timed(req):
         return R.generate([req])[req.request_id].prefill.seconds
 
-    points = [(n, kind) for n in lengths for kind in ["full", *FRACTIONS]]
+    def timed_store(rid, q, plan, pipelined):
+        """Wall clock: lookup + fetch (or stream) of what the plan needs + the re-prefill (first token)."""
+        t0 = time.perf_counter()
+        blocks = st.lookup(STORE_TENANT, R.fingerprint, q, R.page_format.block_size).get(S.model_id, 0)
+        args = (STORE_TENANT, R.fingerprint, S.model_id, q, R.page_format, blocks)
+        kw = dict(layers=plan.reused_layers(L), e_layers=plan.e_layers_needed())
+        donor = st.stream(*args, **kw) if pipelined else st.fetch(*args, **kw)
+        t1 = time.perf_counter()
+        out = R.generate([Request(rid, q, one, donor=donor, plan=plan)])[rid]
+        if out.prefill.reused_tokens == 0:
+            raise KvRelayError(f"the store returned none of {S.model_id}'s pages for {rid}")
+        return time.perf_counter() - t0, t1 - t0
+
+    store_kinds = [(mode, f) for mode in ("store", "pipelined") for f in FRACTIONS] if st is not None else []
+    points = [(n, kind) for n in lengths for kind in ["full", *FRACTIONS, *store_kinds]]
     bar = tqdm(total=len(points) * repeats + len(lengths), desc=f"bench {family}", disable=not progress, file=sys.stderr)
     per_len: dict[int, dict] = {}
     for n in lengths:
@@ -94,21 +142,50 @@ def bench(family, lengths, repeats=3, suffix=32, device="cpu", dtype=None, sende
         pages = S.generate([Request("donor", ctx + [rng.randrange(vocab) for _ in range(suffix)],
                                     one, export_pages=True)])["donor"].pages
         bar.update(1)
-        times: dict = {"full": [], **{f: [] for f in FRACTIONS}}
+        times: dict = {"full": [], **{f: [] for f in FRACTIONS}, **{k: [] for k in store_kinds}}
+        fetch_times: dict = {f: [] for f in FRACTIONS}
+        if st is not None:
+            t0 = time.perf_counter()
+            st.put(STORE_TENANT, pages)
+            put_s = time.perf_counter() - t0
         timed(Request("warmup", ctx + [1] * suffix, one))
         for r in range(repeats):
             for kind in times:
                 q = ctx + [rng.randrange(vocab) for _ in range(suffix)]
-                req = Request(f"{kind}-{r}", q, one) if kind == "full" else \
-                    Request(f"{kind}-{r}", q, one, donor=pages, plan=plans[kind])
-                times[kind].append(timed(req))
+                if isinstance(kind, tuple):
+                    mode, f = kind
+                    total, fetch_s = timed_store(f"{mode}-{f}-{r}", q, plans[f], mode == "pipelined")
+                    times[kind].append(total)
+                    if mode == "store":
+                        fetch_times[f].append(fetch_s)
+                else:
+                    req = Request(f"{kind}-{r}", q, one) if kind == "full" else \
+                        Request(f"{kind}-{r}", q, one, donor=pages, plan=plans[kind])
+                    times[kind].append(timed(req))
                 bar.update(1)
         full = statistics.median(times["full"])
         per_len[n] = {"full_s": full,
                       "reprefill_s": {str(f): statistics.median(times[f]) for f in FRACTIONS},
                       "speedup": {str(f): full / statistics.median(times[f]) for f in FRACTIONS}}
+        if st is not None:
+            per_len[n]["store"] = {
+                "put_s": put_s,
+                **{f"{mode}_s": {str(f): statistics.median(times[(mode, f)]) for f in FRACTIONS}
+                   for mode in ("store", "pipelined")},
+                "fetch_s": {str(f): statistics.median(fetch_times[f]) for f in FRACTIONS}}
     bar.close()
     ref = 2048 if 2048 in per_len else max(per_len)
+    extra = {}
+    if st is not None:
+        by = lambda key: {str(f): {str(n): v["store"][key][str(f)] for n, v in per_len.items()} for f in FRACTIONS}
+        extra = {
+            "store": getattr(st, "url", type(st).__name__),
+            "reprefill_store_s": by("store_s"),          # lookup + fetch, then re-prefill (end to end)
+            "reprefill_pipelined_s": by("pipelined_s"),  # lookup + stream overlapped with re-prefill
+            "store_fetch_s": by("fetch_s"),              # lookup + fetch alone
+            "store_put_s": {str(n): v["store"]["put_s"] for n, v in per_len.items()},
+            "store_stats": st.stats(),
+        }
     return {
         "family": family, "sender": sender, "receiver": receiver, "device": device, "dtype": dtype,
         "num_layers": L, "suffix_tokens": suffix, "repeats": repeats,
@@ -119,6 +196,7 @@ def bench(family, lengths, repeats=3, suffix=32, device="cpu", dtype=None, sende
         "speedup": {str(f): {str(n): v["speedup"][str(f)] for n, v in per_len.items()} for f in FRACTIONS},
         "speedup_25": per_len[ref]["speedup"]["0.25"],
         "speedup_25_at": ref,
+        **extra,
     }
 
 
@@ -131,3 +209,11 @@ def print_table(r: dict) -> None:
         cells = "  ".join(f"{r['reprefill_s'][f][n]:8.4f}  {r['speedup'][f][n]:5.2f}x".ljust(22) for f in fr)
         print(f"{n:>7}  {full:7.4f}  {cells}")
     print(f"speedup at 25% of layers recomputed, {r['speedup_25_at']} tokens: {r['speedup_25']:.2f}x")
+    if "reprefill_store_s" in r:
+        print(f"re-prefill from the page store ({r['store']}), end to end incl. lookup + load: "
+              "fetch-then-compute / pipelined (fetch alone)")
+        print("context  " + "  ".join(f"re@{float(f):.0%}".ljust(28) for f in fr))
+        for n in r["full_s"]:
+            cells = "  ".join(f"{r['reprefill_store_s'][f][n]:7.4f} / {r['reprefill_pipelined_s'][f][n]:7.4f} "
+                              f"({r['store_fetch_s'][f][n]:.4f})".ljust(28) for f in fr)
+            print(f"{n:>7}  {cells}")

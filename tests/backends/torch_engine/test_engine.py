@@ -208,3 +208,33 @@ def test_bfloat16_engine_runs_and_stays_close(tiny_family, rng):
     b = bf16.generate([Request("b", p, SamplingParams(max_tokens=1, return_logits=1))])["b"].logits[0]
     assert bf16.pool.kv.dtype == torch.bfloat16
     assert torch.corrcoef(torch.stack([a, b]))[0, 1] > 0.99
+
+
+class _FailingDonor:
+    """A streamed donor whose connection dies after the E cache arrived, mid KV load."""
+
+    def __init__(self, pages):
+        self.pages = pages
+        self.format, self.producer, self.fingerprint, self.tokens = pages.format, pages.producer, pages.fingerprint, pages.tokens
+        self.num_tokens = pages.num_tokens
+        self.derived_from = ""
+
+    def e_layer(self, layer):
+        return self.pages.e_layer(layer)
+
+    def kv_layer(self, layer):
+        if layer >= 5:
+            raise KvRelayError("store went away")
+        return self.pages.kv_layer(layer)
+
+
+def test_donor_failing_mid_load_degrades_to_a_correct_full_prefill(base, code, rng):
+    pages = _pages(base, rng)
+    prompt = pages.tokens + [3, 4, 5]
+    want = code.generate([Request("w", prompt, SamplingParams(max_tokens=3, ignore_eos=True, return_logits=1))])["w"]
+    free_before = code.blocks.num_available
+    got = code.generate([Request("f", prompt, SamplingParams(max_tokens=3, ignore_eos=True, return_logits=1),
+                                 donor=_FailingDonor(pages), plan=RecomputePlan(((2, 4),)))])["f"]
+    assert got.output_tokens == want.output_tokens and (got.logits[0] - want.logits[0]).abs().max() < 2e-4
+    assert got.prefill.plan.startswith("donor failed: store went away") and got.prefill.reused_tokens == 0
+    assert code.blocks.num_available == free_before and not code.has_unfinished()
