@@ -12,20 +12,7 @@ from pathlib import Path
 
 from kvrelay.errors import KvRelayError
 from kvrelay.kv_format import PageFormat
-
-UNITS = {"": 1, "B": 1, "KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
-
-
-def parse_bytes(v) -> int:
-    if isinstance(v, int):
-        return v
-    s = str(v).strip()
-    num = s.rstrip("KMGiB")
-    unit = s[len(num):]
-    if unit not in UNITS or not num.replace(".", "", 1).isdigit():
-        raise KvRelayError(f"bad byte size {v!r}: use e.g. 512MiB, 2GiB or a number of bytes")
-    return int(float(num) * UNITS[unit])
-
+from kvrelay.units import parse_bytes
 
 @dataclass(slots=True)
 class ModelDeployment:

@@ -13,6 +13,7 @@ import re
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from kvrelay.errors import KvRelayError
+from kvrelay.units import parse_bytes
 
 from .base import PageStore, StoreUnavailable, StreamedPages
 from .memory import MemoryStore
@@ -22,21 +23,6 @@ __all__ = ["PageStore", "StoreUnavailable", "StreamedPages", "MemoryStore", "Red
            "parse_bytes", "DEFAULT_MEMORY_BYTES"]
 
 DEFAULT_MEMORY_BYTES = 1 << 30
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "t": 10**12, "tb": 10**12, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
-
-
-def parse_bytes(text: str) -> int:
-    """'2GiB', '512MB', '1.5g', '1048576' -> bytes."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise KvRelayError(f"bad size {text!r}: expected a number with an optional unit (B, KB, MB, GB, KiB, MiB, GiB)")
-    n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-    if n < 1:
-        raise KvRelayError(f"size {text!r} must be at least 1 byte")
-    return n
-
-
 def open_store(spec: str) -> PageStore:
     """A store from a spec: "memory", "memory:<size>", "redis://host:port/db[?timeout=S&ttl=S&prefix=P]"
     (or rediss://). KvRelayError on a bad spec. A Redis store connects lazily (first call)."""
