@@ -110,6 +110,16 @@ def block_hashes(tokens: list[int], block_size: int, salt: bytes = b"", parent: 
     return out
 
 
+def shared_blocks(donor_tokens: list[int], prompt: list[int], block_size: int) -> int:
+    """Leading blocks of a donor's pages whose tokens the prompt repeats. At least one prompt token is
+    left out, so a receiver always computes the logits it starts generating from."""
+    n = min(len(donor_tokens) // block_size, (len(prompt) - 1) // block_size)
+    for i in range(n):
+        if donor_tokens[i * block_size:(i + 1) * block_size] != prompt[i * block_size:(i + 1) * block_size]:
+            return i
+    return n
+
+
 @dataclass(slots=True)
 class KVPages:
     """Consecutive pages of one context as produced by one model: the unit a donor hands a receiver.

@@ -17,7 +17,7 @@ import torch
 from kvrelay import fingerprint as fp
 from kvrelay.engine_api import DonorKV, PrefillInfo, Request, RequestOutput
 from kvrelay.errors import KvRelayError, PlanError
-from kvrelay.kv_format import KVPages, PageFormat, block_hashes, dtype_name, DTYPES
+from kvrelay.kv_format import DTYPES, KVPages, PageFormat, block_hashes, dtype_name, shared_blocks
 from kvrelay.plan import RecomputePlan
 
 from .attention import DecodeAttention, DenseAttention, PagedKVPool, PrefillAttention
@@ -245,7 +245,7 @@ class TorchEngine:
         reuse the donor's KV in every other layer, then prefill the rest through all layers."""
         B, L = self.page_format.block_size, self.num_layers
         toks = seq.tokens
-        n_reuse_blocks = self._shared_blocks(donor, toks)
+        n_reuse_blocks = shared_blocks(donor.tokens, toks, B)
         if n_reuse_blocks == 0:
             info, h = self._full_prefill(seq)
             info.donor, info.plan = donor.producer, "none shared"
@@ -277,15 +277,6 @@ class TorchEngine:
                            donor=donor.producer, reused_layers=L - plan.num_recomputed,
                            recomputed_layers=plan.num_recomputed, plan=str(plan))
         return info, h[-1:]
-
-    def _shared_blocks(self, donor: DonorKV, toks: list[int]) -> int:
-        """Leading blocks whose tokens the donor's pages really cover; >= 1 prompt token stays to compute."""
-        B = self.page_format.block_size
-        n = min(donor.num_tokens // B, (len(toks) - 1) // B)
-        for i in range(n):
-            if donor.tokens[i * B:(i + 1) * B] != toks[i * B:(i + 1) * B]:
-                return i
-        return n
 
     def _run(self, seq: Sequence, tokens, start: int, first: int, last: int, h=None, capture_e=False,
              on_enter=None) -> torch.Tensor:
