@@ -1,0 +1,13 @@
+"""Model families: a base model and fine-tuned variants sharing one architecture and tokenizer.
+
+    from kvrelay.families import load_family, ensure_built
+    fam = ensure_built("tiny")          # builds into $KVRELAY_HOME/families/tiny on first use
+    fam.model_dir("code")               # a Hugging Face model dir
+
+Families: "tiny" (random-init Llama for tests) and "smol" (SmolLM2-135M-Instruct + fine-tunes).
+Importing this package does not import torch.
+"""
+from kvrelay.families.registry import (FAMILY_NAMES, Family, build_family, ensure_built, is_built,
+                                       load_family)
+
+__all__ = ["FAMILY_NAMES", "Family", "build_family", "ensure_built", "is_built", "load_family"]

