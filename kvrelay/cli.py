@@ -19,6 +19,7 @@ COMMANDS = [
     (("repo",), "kvrelay.repo_cmd", "write the Triton model repository for a deployment"),
     (("profile",), "kvrelay.profiler.cli", "offline profile of a (sender, receiver) pair; `profile plot`, `profile check`"),
     (("eval",), "kvrelay.evaluate", "quality and prefill time: full prefill vs. full reuse vs. selected plan"),
+    (("loadtest",), "kvrelay.loadtest.cli", "Locust load test: the same workload with sharing off and on; throughput ratio"),
 ]
 
 

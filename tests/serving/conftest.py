@@ -21,7 +21,7 @@ def write_profile(root, family, sender, receiver, fingerprint, num_layers, plan)
         "sender_fingerprint": fingerprint, "receiver_fingerprint": fingerprint, "num_layers": num_layers,
         "stride": 2, "max_group_layers": num_layers,
         "dataset": {"kind": "fixed by test", "split": "profile", "samples": 1, "context_tokens": [0, 0]},
-        "metric": {"name": "fixed", "description": "written by tests/triton/conftest.py"},
+        "metric": {"name": "fixed", "description": "written by tests/serving/conftest.py"},
         "configs": [point], "frontier": [point],
         "baselines": {"full_prefill": {"layers_recomputed": num_layers, "quality": 100.0},
                       "full_reuse": {"layers_recomputed": 0, "quality": 50.0}},
