@@ -94,11 +94,12 @@ def to_torch(t) -> torch.Tensor:
 # --- pages as tensors: <prefix>_kv, <prefix>_e, <prefix>_tokens, <prefix>_meta ------------------
 
 def pages_tensors(prefix: str, pages: KVPages | None, dtype: torch.dtype) -> list:
+    """Pages as the <prefix>_* tensors of a model whose config declares its KV tensors as `dtype`."""
     if pages is None:  # every declared output present, empty: BLS callers read them uniformly
         empty = torch.zeros((0,), dtype=dtype)
         return [tensor(f"{prefix}_kv", empty), tensor(f"{prefix}_e", empty),
                 tensor(f"{prefix}_tokens", np.zeros((0,), np.int32)), tensor(f"{prefix}_meta", "")]
-    return [tensor(f"{prefix}_kv", pages.kv), tensor(f"{prefix}_e", pages.e),
+    return [tensor(f"{prefix}_kv", pages.kv.to(dtype)), tensor(f"{prefix}_e", pages.e.to(dtype)),
             tensor(f"{prefix}_tokens", np.asarray(pages.tokens, np.int32)),
             tensor(f"{prefix}_meta", json.dumps(pages.meta()))]
 

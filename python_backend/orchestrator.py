@@ -151,7 +151,8 @@ class TritonPythonModel:
         inputs = base_inputs + [io.tensor("export_pages", np.array([call.route.export]))]
         if donor is not None:
             plan = RecomputePlan.none() if call.route.kind == "restore" else call.route.plan
-            inputs += io.pages_tensors("donor", donor, donor.kv.dtype) + [io.tensor("plan", str(plan))]
+            # the receiver's engine declares its own KV dtype; a donor may run in another
+            inputs += io.pages_tensors("donor", donor, call.me.page_format.torch_dtype) + [io.tensor("plan", str(plan))]
         req = pb_utils.InferenceRequest(model_name=f"engine_{call.me.name}", requested_output_names=ENGINE_OUTPUTS,
                                         inputs=inputs)
         for resp in req.exec(decoupled=True):
