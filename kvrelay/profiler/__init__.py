@@ -1,0 +1,1 @@
+"""Offline DroidSpeak profiler: score contiguous recompute groups of a (sender, receiver) pair."""

@@ -1,0 +1,86 @@
+"""`kvrelay profile check`: re-score a profile's frontier plans on fresh samples and flag drift.
+
+Fresh samples: the profile's dataset settings with another seed (default: the profile's seed + 1).
+A plan is *selectable* when its profiled quality meets the selector's quality target; the check
+fails (exit 1) when a selectable plan's fresh quality fell more than `threshold` (relative) below its
+profiled quality, or when the models' fingerprints no longer match the profile's.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from kvrelay import evaldata, profile_file
+from kvrelay.errors import KvRelayError
+
+
+def check(profile_path: str | Path, samples: int | None = None, threshold: float = 0.05, seed: int | None = None,
+          quality_target: float = 0.01, batch: int = 16, progress: bool = True) -> dict:
+    from tqdm import tqdm
+
+    from kvrelay import tokenizer as tk
+    from kvrelay.engines import make_engine
+    from kvrelay.families import load_family
+    from kvrelay.profiler import scoring
+
+    if not 0 < threshold < 1:
+        raise KvRelayError(f"--threshold is a relative quality drop in (0, 1), got {threshold}")
+    prof = profile_file.load(profile_path)
+    d = prof.data
+    ds = d["dataset"]
+    n = samples or ds["samples"]
+    if n < 1:
+        raise KvRelayError("--samples must be >= 1")
+    seed = ds.get("seed", 0) + 1 if seed is None else seed
+    fam = load_family(d["family"])
+    tok = tk.load(fam.model_dir(d["receiver"]))
+    report = {"profile": str(profile_path), "family": d["family"], "sender": d["sender"], "receiver": d["receiver"],
+              "samples": n, "seed": seed, "threshold": threshold, "plans": [], "problems": []}
+    s_fp = load_fp(fam, d["sender"])
+    r_fp = load_fp(fam, d["receiver"])
+    if (s_fp, r_fp) != (d["sender_fingerprint"], d["receiver_fingerprint"]):
+        report["problems"].append("the models' fingerprints differ from the profile's: re-profile")
+        report["ok"] = False
+        return report
+    data = evaldata.build(tok, ds["kind"], ds.get("split", "profile"), n,
+                          context_tokens=tuple(ds["context_tokens"]), seed=seed)
+    preps = [scoring.prepare(tok, s) for s in data]
+    longest = max(len(p.prompt) for p in preps)
+    max_tokens = ds.get("max_tokens") or d["metric"].get("tokens") or 8
+    S = make_engine(d["family"], d["sender"], scoring.engine_config(fam.model_dir(d["sender"]), longest, 1, 1))
+    R = make_engine(d["family"], d["receiver"], scoring.engine_config(fam.model_dir(d["receiver"]), longest,
+                                                                      max_tokens, batch))
+    floor = prof.full_prefill_quality * (1 - quality_target)
+    points = prof.frontier
+    plans = [p.plan for p in points]
+    per_plan: list[list[float]] = [[] for _ in plans]
+    bar = tqdm(total=len(preps) * len(plans), file=sys.stderr, disable=not progress, unit="cfg",
+               desc=f"check {d['sender']}->{d['receiver']}")
+    for prep in preps:
+        pages = scoring.sender_pages(S, prep)
+        ref = scoring.run_full(R, tok, prep, max_tokens, max_tokens)
+
+        def done(i, o, prep=prep, ref=ref):
+            per_plan[i].append(scoring.score(prep.sample, ref, o, max_tokens)["quality"])
+            bar.update(1)
+
+        scoring.run_plans(R, tok, prep, pages, plans, max_tokens, max_tokens, batch, on_done=done)
+    bar.close()
+    for p, qs in zip(points, per_plan):
+        fresh = sum(qs) / len(qs)
+        drop = (p.quality - fresh) / p.quality if p.quality > 0 else 0.0
+        selectable = p.quality >= floor
+        flagged = selectable and drop > threshold
+        report["plans"].append({"plan": str(p.plan), "layers_recomputed": p.layers, "profiled": round(p.quality, 2),
+                                "fresh": round(fresh, 2), "drop": round(drop, 4), "selectable": selectable,
+                                "flagged": flagged})
+        if flagged:
+            report["problems"].append(f"plan {p.plan} ({p.layers} layers): quality {p.quality:.1f} -> {fresh:.1f} "
+                                      f"({-100 * drop:+.1f}%), beyond the {threshold:.0%} threshold")
+    report["ok"] = not report["problems"]
+    return report
+
+
+def load_fp(fam, model: str) -> str:
+    from kvrelay import fingerprint as fp
+    return fp.of_model_dir(fam.model_dir(model))

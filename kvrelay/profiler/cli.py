@@ -1,0 +1,121 @@
+"""`kvrelay profile`: offline profile of a (sender, receiver) pair, and its `plot` / `check` actions.
+
+    kvrelay profile --family smol --sender base --receiver code --out profiles/smol/base__code.json
+    kvrelay profile plot profiles/smol/base__code.json [--out base__code.png]
+    kvrelay profile check profiles/smol/base__code.json [--samples N] [--threshold 0.05]
+"""
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+
+ACTIONS = ("plot", "check")
+
+
+def add_arguments(p):
+    p.add_argument("action", nargs="*", metavar="[plot|check] PROFILE.json",
+                   help="no action: run the profiler; `plot PROFILE.json`: draw it; `check PROFILE.json`: drift check")
+    p.add_argument("--family", help="model family (profile)")
+    p.add_argument("--sender", help="donor model (profile)")
+    p.add_argument("--receiver", help="receiving model (profile)")
+    p.add_argument("--stride", type=int, default=2, help="group boundaries on multiples of this (default 2)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="profiling samples (profile: default 8; check: default the profile's count)")
+    p.add_argument("--context-tokens", default="1024-4096",
+                   help="context length in tokens, N or LO-HI drawn per sample (default 1024-4096)")
+    p.add_argument("--max-tokens", type=int, default=8,
+                   help="greedy tokens generated per config, all compared with the receiver's own (default 8)")
+    p.add_argument("--max-group", type=float, default=0.5,
+                   help="longest group scored, as a fraction of layers (default 0.5)")
+    p.add_argument("--kind", default="mixed", help="task kind: mixed | qa | summary | code (default mixed)")
+    p.add_argument("--seed", type=int, default=None, help="sample seed (profile: default 0; check: profile's + 1)")
+    p.add_argument("--batch", type=int, default=16, help="configs decoded together (default 16)")
+    p.add_argument("--fresh", action="store_true", help="ignore partial results of an earlier run")
+    p.add_argument("--threshold", type=float, default=0.05, help="check: relative quality drop that fails (default 0.05)")
+    p.add_argument("--quality-target", type=float, default=0.01,
+                   help="check: relative tolerance that makes a plan selectable (default 0.01)")
+    p.add_argument("--json", action="store_true", help="check: print the report as JSON")
+    p.add_argument("--out", help="profile: the profile JSON to write; plot: the PNG (default: next to the JSON)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def parse_context_tokens(text: str) -> tuple[int, int]:
+    from kvrelay.errors import KvRelayError
+    try:
+        parts = [int(x) for x in str(text).split("-")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or not 32 <= parts[0] <= parts[1]:
+        raise KvRelayError(f"--context-tokens must be N or LO-HI with 32 <= LO <= HI, got {text!r}")
+    return parts[0], parts[1]
+
+
+def _command(args) -> str:
+    parts = ["kvrelay", "profile", "--family", args.family, "--sender", args.sender, "--receiver", args.receiver,
+             "--stride", str(args.stride), "--samples", str(args.samples or 8), "--context-tokens",
+             str(args.context_tokens), "--max-tokens", str(args.max_tokens),
+             "--max-group", str(args.max_group), "--kind", args.kind, "--seed", str(args.seed or 0),
+             "--out", args.out]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def run(args) -> int:
+    from kvrelay.errors import KvRelayError
+
+    action, rest = (args.action[0], args.action[1:]) if args.action else (None, [])
+    if action is not None and action not in ACTIONS:
+        raise KvRelayError(f"unknown profile action {action!r}; use `kvrelay profile --family F --sender S "
+                           f"--receiver R --out FILE`, `kvrelay profile plot FILE` or `kvrelay profile check FILE`")
+    if action is None:
+        return _profile(args)
+    if len(rest) != 1:
+        raise KvRelayError(f"`kvrelay profile {action}` takes exactly one PROFILE.json, got {len(rest)}")
+    if action == "plot":
+        from kvrelay.profiler.plot import plot
+        print(plot(rest[0], args.out))
+        return 0
+    from kvrelay.profiler.check import check
+    rep = check(rest[0], samples=args.samples, threshold=args.threshold, seed=args.seed,
+                quality_target=args.quality_target, batch=args.batch, progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(rep, indent=1))
+    else:
+        print(f"{rep['sender']}->{rep['receiver']}: {rep['samples']} fresh samples (seed {rep['seed']})")
+        for p in rep["plans"]:
+            mark = "DRIFT" if p["flagged"] else ("ok" if p["selectable"] else "-")
+            print(f"  {p['plan']:>8} {p['layers_recomputed']:3d}L  profiled {p['profiled']:6.2f}  fresh {p['fresh']:6.2f}"
+                  f"  {-100 * p['drop']:+6.1f}%  {mark}")
+    if not rep["ok"]:
+        for m in rep["problems"]:
+            print(f"kvrelay: profile drift: {m}", file=sys.stderr)
+        return 1
+    print("profile ok: no selectable plan fell beyond the threshold", file=sys.stderr)
+    return 0
+
+
+def _profile(args) -> int:
+    from kvrelay.errors import KvRelayError
+    from kvrelay.profiler.run import Settings, profile
+
+    missing = [f"--{k}" for k in ("family", "sender", "receiver", "out") if not getattr(args, k)]
+    if missing:
+        raise KvRelayError(f"kvrelay profile needs {', '.join(missing)} "
+                           "(e.g. --family smol --sender base --receiver code --out profiles/smol/base__code.json)")
+    if not args.out.endswith(".json"):
+        raise KvRelayError(f"--out must be a .json file, got {args.out!r}")
+    from kvrelay.evaldata import DATASET_KINDS
+    if args.kind not in DATASET_KINDS:
+        raise KvRelayError(f"--kind must be one of {', '.join(DATASET_KINDS)}, got {args.kind!r}")
+    st = Settings(family=args.family, sender=args.sender, receiver=args.receiver, stride=args.stride,
+                  samples=args.samples or 8, context_tokens=parse_context_tokens(args.context_tokens),
+                  max_tokens=args.max_tokens, max_group_frac=args.max_group,
+                  kind=args.kind, seed=args.seed or 0, batch=args.batch)
+    st.validate()
+    data = profile(st, args.out, progress=not args.no_progress, fresh=args.fresh, command=_command(args))
+    fr = ", ".join(f"{f['layers_recomputed']}L:{f['quality']:.1f}" for f in data["frontier"])
+    print(f"wrote {args.out}: {len(data['configs'])} configs, {data['seconds']:.0f}s; "
+          f"full reuse {data['baselines']['full_reuse']['quality']:.1f}; frontier {fr}")
+    return 0

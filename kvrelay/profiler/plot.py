@@ -1,0 +1,59 @@
+"""`kvrelay profile plot`: quality vs. layers recomputed for every scored config, frontier and baselines."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from kvrelay import profile_file
+from kvrelay.errors import KvRelayError
+from kvrelay.plan import RecomputePlan
+
+
+def default_png(profile_path: str | Path) -> Path:
+    p = Path(profile_path)
+    return p.with_suffix(".png")
+
+
+def plot(profile_path: str | Path, out: str | Path | None = None) -> Path:
+    try:
+        import matplotlib
+    except ImportError:
+        raise KvRelayError("plotting needs matplotlib: pip install 'kvrelay[loadtest]' (or matplotlib)") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    prof = profile_file.load(profile_path)
+    d = prof.data
+    out = Path(out) if out else default_png(profile_path)
+    L = d["num_layers"]
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
+    xs = [c["layers_recomputed"] for c in d["configs"]]
+    ys = [c["quality"] for c in d["configs"]]
+    ax.scatter(xs, ys, s=14, color="0.6", label=f"scored configs ({len(xs)})", zorder=2)
+    fx = [f["layers_recomputed"] for f in d["frontier"]]
+    fy = [f["quality"] for f in d["frontier"]]
+    ax.plot(fx, fy, "-o", color="tab:red", ms=5, lw=1.6, label="Pareto frontier", zorder=3)
+    for f in d["frontier"]:
+        ax.annotate(str(RecomputePlan.from_list(f["plan"])), (f["layers_recomputed"], f["quality"]),
+                    textcoords="offset points", xytext=(4, -10), fontsize=7, color="tab:red")
+    b = d["baselines"]
+    ax.axhline(b["full_prefill"]["quality"], color="tab:green", ls="-", lw=1.2,
+               label=f"full prefill ({L} layers): {b['full_prefill']['quality']:.1f}")
+    ax.axhline(b["full_reuse"]["quality"], color="tab:blue", ls="--", lw=1.2,
+               label=f"full reuse (0 layers): {b['full_reuse']['quality']:.1f}")
+    ax.axhline(b["full_prefill"]["quality"] * 0.99, color="tab:green", ls=":", lw=1.0, label="1% quality target")
+    ax.set_xlabel(f"layers recomputed (of {L})")
+    ax.set_ylabel(f"quality: {d['metric']['name']} with {d['receiver']}'s full prefill (0-100)")
+    ds = d["dataset"]
+    ax.set_title(f"{d['family']}: {d['sender']} -> {d['receiver']}  ({ds['samples']} {ds['kind']} samples, "
+                 f"{ds.get('context_tokens_seen', ds['context_tokens'])} ctx tokens, stride {d['stride']})", fontsize=9)
+    ax.plot([L], [b["full_prefill"]["quality"]], "*", color="tab:green", ms=10, zorder=4)
+    ax.set_xlim(-0.5, L + 0.5)
+    lo = min(ys + [b["full_reuse"]["quality"]])
+    ax.set_ylim(max(0, lo - 5), 101.5)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
