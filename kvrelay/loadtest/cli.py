@@ -1,0 +1,192 @@
+"""`kvrelay loadtest`: the same seeded workload against sharing off, then sharing on; one report.
+
+    kvrelay loadtest --family tiny --requests 120 --users 4 --json
+    kvrelay loadtest --deployment deploy/llama8b-gpu.toml --users 32 --requests 2000
+    kvrelay loadtest --family smol --url 127.0.0.1:8001 --mode on      # a server already running
+
+Writes into --out (default ./loadtest-results/<timestamp>/): summary.json, Locust CSV stats and HTML
+report per mode, requests_<mode>.jsonl (one record per request), loadtest.png; the servers'
+repositories and logs under servers/<mode>/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
+
+
+def _range(text: str) -> tuple[int, int]:
+    try:
+        parts = [int(x) for x in str(text).split("-")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or parts[0] > parts[1]:
+        raise argparse.ArgumentTypeError(f"expected N or LO-HI, got {text!r}")
+    return parts[0], parts[1]
+
+
+def add_arguments(p):
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--family", help="family served with defaults (default: tiny)")
+    g.add_argument("--deployment", help="deployment TOML (deploy/*.toml), e.g. deploy/llama8b-gpu.toml")
+    p.add_argument("--store", help="page store override (default: the deployment's; always a fresh in-memory one)")
+    p.add_argument("--profiles", help="profiles directory (default: the deployment's, i.e. the checkout's profiles/)")
+    p.add_argument("--users", type=int, default=4, help="concurrent Locust users (default 4)")
+    p.add_argument("--duration", type=float, default=300.0, help="time bound per mode, seconds (default 300)")
+    p.add_argument("--requests", type=int, default=120, help="measured requests per mode (default 120)")
+    p.add_argument("--contexts", type=int, default=24, help="shared contexts in the pool (default 24)")
+    p.add_argument("--context-tokens", type=_range, default=(1024, 4000), help="context length LO-HI tokens (default 1024-4000)")
+    p.add_argument("--max-tokens", type=_range, default=(8, 32), help="output length LO-HI tokens (default 8-32)")
+    p.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of context popularity (0 = uniform; default 1.0)")
+    p.add_argument("--rate", type=float, help="Poisson arrivals per second (default: closed loop, each user back-to-back)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--warmup", type=int, default=2, help="warm-up rounds per mode, every model once each (default 2)")
+    p.add_argument("--protocol", choices=["grpc-stream", "grpc", "http", "http-stream"], default="grpc-stream",
+                   help="Locust user: gRPC streaming (TTFT; default), gRPC unary, HTTP generate, HTTP SSE (TTFT)")
+    p.add_argument("--timeout", type=float, default=120.0, help="per-request timeout, seconds (default 120)")
+    p.add_argument("--quality-samples", type=int, default=64,
+                   help="reuse-served requests compared with sharing off for the quality check (default 64)")
+    p.add_argument("--url", help="target a running server at HOST:PORT (loopback only) instead of starting two; "
+                                 "the port of --protocol (gRPC or HTTP)")
+    p.add_argument("--mode", choices=["on", "off"], help="with --url: which mode that server runs (label only)")
+    p.add_argument("--out", help="results directory (default ./loadtest-results/<timestamp>)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+
+
+def _log(msg: str) -> None:
+    print(f"kvrelay: {msg}", file=sys.stderr, flush=True)
+
+
+def _check_url(url: str) -> str:
+    from kvrelay.errors import KvRelayError
+    url = url.split("://", 1)[-1].rstrip("/")
+    host, _, port = url.rpartition(":")
+    if not host or not port.isdigit():
+        raise KvRelayError(f"--url must be HOST:PORT, got {url!r}")
+    if host not in LOOPBACK:
+        raise KvRelayError(f"--url {url}: load tests only target this machine (127.0.0.1, localhost, ::1)")
+    return url
+
+
+def _profiles_present(dep) -> list[str]:
+    from kvrelay.paths import repo_root
+    root = Path(dep.profiles_dir or repo_root() / "profiles") / dep.family
+    names = set(dep.model_names)
+    out = []
+    for f in sorted(root.glob("*__*.json")) if root.is_dir() else []:
+        if f.name.endswith(".partial.json"):
+            continue
+        s, _, r = f.stem.partition("__")
+        if s in names and r in names:
+            out.append(f.stem)
+    return out
+
+
+def run(args) -> int:
+    # Locust first: it monkey-patches the process with gevent on import.
+    from kvrelay.loadtest import runner as lr  # noqa: I001
+    from kvrelay.errors import KvRelayError
+    from kvrelay.loadtest import report, workload as wl
+    from kvrelay.serve import resolve
+
+    if args.mode and not args.url:
+        raise KvRelayError("--mode only goes with --url (without --url both modes run on fresh servers)")
+    if args.url and not args.mode:
+        raise KvRelayError("--url needs --mode on|off: say whether that server shares KV across models")
+    if args.users < 1:
+        raise KvRelayError("--users must be >= 1")
+    if args.duration <= 0:
+        raise KvRelayError("--duration must be > 0")
+    url = _check_url(args.url) if args.url else None
+
+    dep, _ = resolve(argparse.Namespace(family=args.family, deployment=args.deployment, store=args.store,
+                                        no_sharing=False, workdir=None))
+    warnings: list[str] = []
+    if args.profiles:
+        if not Path(args.profiles).is_dir():
+            raise KvRelayError(f"--profiles {args.profiles}: not a directory")
+        dep.profiles_dir = str(Path(args.profiles).resolve())
+    if not url and not dep.store.startswith("memory"):
+        warnings.append(f"store {dep.store} replaced by a fresh in-memory store so both modes start cold")
+        dep.store = "memory:4GiB"
+    pairs = _profiles_present(dep)
+    if not pairs and (not url or args.mode == "on"):
+        warnings.append(f"no profiles for family {dep.family} under {dep.profiles_dir or 'profiles/'}: with sharing on "
+                        "every cross-model hit falls back to full prefill (see `kvrelay profile`)")
+
+    out_dir = Path(args.out or Path("loadtest-results") / time.strftime("%Y%m%d-%H%M%S")).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec = wl.WorkloadSpec(family=dep.family, models=tuple(dep.model_names), requests=args.requests,
+                           contexts=args.contexts, context_tokens=tuple(args.context_tokens),
+                           max_tokens=tuple(args.max_tokens), zipf_s=args.zipf, rate=args.rate, seed=args.seed,
+                           warmup=args.warmup).validate()
+    if spec.max_tokens[1] > dep.max_tokens_limit:
+        raise KvRelayError(f"--max-tokens {spec.max_tokens[1]} exceeds the deployment's max_tokens_limit "
+                           f"{dep.max_tokens_limit}")
+    t0 = time.monotonic()
+    workload = wl.build(spec, log=_log)
+    _log(f"workload: {len(workload.requests)} requests over {len(workload.contexts)} contexts "
+         f"({workload.context_source}, {min(c.tokens for c in workload.contexts)}-"
+         f"{max(c.tokens for c in workload.contexts)} tokens), {len(spec.models)} models, built in "
+         f"{time.monotonic() - t0:.1f}s; results in {out_dir}")
+    for w in warnings:
+        _log(f"warning: {w}")
+
+    opts = lr.RunOptions(protocol=args.protocol, users=args.users, duration_s=args.duration, timeout_s=args.timeout,
+                         progress=not args.no_progress)
+    load0 = os.getloadavg()
+    if url:
+        grpc = url if args.protocol.startswith("grpc") else ""
+        http = url if args.protocol.startswith("http") else ""
+        runs = {args.mode: lr.run_mode(f"sharing {args.mode}", lr.make_state(workload, opts, http, grpc), opts,
+                                       out_dir, _log)}
+    else:
+        runs = lr.run_both(dep, workload, opts, out_dir, log=_log)
+
+    modes = {m: report.summarize(r.records, r.window_s) for m, r in runs.items()}
+    comparison = report.compare(modes)
+    quality = report.quality(runs["off"].records, runs["on"].records, args.quality_samples, args.seed) \
+        if {"off", "on"} <= set(runs) else None
+    if "on" in modes and modes["on"]["ok"] and not any(modes["on"]["routes"].get(k) for k in ("reuse", "restore")):
+        warnings.append("sharing on served no request from the store: check profiles and the routes above")
+    for m, r in runs.items():
+        with open(out_dir / f"requests_{m}.jsonl", "w", encoding="utf-8") as f:
+            for rec in sorted(r.records, key=lambda x: x["index"]):
+                f.write(json.dumps(rec) + "\n")
+    summary = {
+        "family": dep.family,
+        "throughput_ratio": comparison.get("throughput_ratio"),
+        "errors": sum(s["errors"] for s in modes.values()),
+        "modes": modes,
+        "comparison": comparison,
+        "quality": quality,
+        "workload": workload.describe(),
+        "deployment": {"family": dep.family, "models": dep.model_names, "store": dep.store,
+                       "profiles_dir": dep.profiles_dir or "profiles/", "profiles": pairs,
+                       "devices": sorted({m.device for m in dep.models}), "dtypes": sorted({m.dtype for m in dep.models})},
+        "run": {"protocol": args.protocol, "users": args.users, "duration_s": args.duration,
+                "arrivals": f"poisson {args.rate}/s" if args.rate else "closed loop", "url": url,
+                "warmup_requests": {m: len(r.warmup) for m, r in runs.items()},
+                "cpus": os.cpu_count(), "loadavg_at_start": [round(x, 2) for x in load0],
+                "wall_s": round(time.monotonic() - t0, 1)},
+        "warnings": warnings,
+        "out_dir": str(out_dir),
+        "files": {m: r.files for m, r in runs.items()},
+        "command": "kvrelay loadtest " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 and sys.argv[1] == "loadtest" else "",
+    }
+    png = report.plot(summary, {m: r.records for m, r in runs.items()}, out_dir / "loadtest.png")
+    summary["files"]["plot"] = png
+    report.write_json(summary, out_dir / "summary.json")
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        print(report.text_report(summary))
+    return 1 if summary["errors"] else 0
