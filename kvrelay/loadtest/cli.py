@@ -38,6 +38,9 @@ def add_arguments(p):
     g.add_argument("--deployment", help="deployment TOML (deploy/*.toml), e.g. deploy/llama8b-gpu.toml")
     p.add_argument("--store", help="page store override (default: the deployment's; always a fresh in-memory one)")
     p.add_argument("--profiles", help="profiles directory (default: the deployment's, i.e. the checkout's profiles/)")
+    p.add_argument("--plan", help="recompute plan for every pair, e.g. 8-16 (layers [8,16)): written as fixed profiles "
+                                  "under --out and used instead of measured ones; for throughput runs of families "
+                                  "without profiles (llama8b-random). Quality figures are then not a profile's")
     p.add_argument("--users", type=int, default=4, help="concurrent Locust users (default 4)")
     p.add_argument("--duration", type=float, default=300.0, help="time bound per mode, seconds (default 300)")
     p.add_argument("--requests", type=int, default=120, help="measured requests per mode (default 120)")
@@ -76,6 +79,38 @@ def _check_url(url: str) -> str:
     return url
 
 
+def write_fixed_profiles(dep, plan_text: str, root: Path) -> list[str]:
+    """A profile per ordered pair of the deployment's models whose only frontier point is `plan`
+    (quality 100 by fiat): the selector then always picks that plan. Returns the pair names."""
+    from kvrelay import deployment as dp
+    from kvrelay import profile_file
+    from kvrelay.plan import RecomputePlan
+    ids = dp.identities(dep)
+    out = []
+    for s in dep.model_names:
+        for r in dep.model_names:
+            if s == r:
+                continue
+            L = ids[r].num_layers
+            plan = RecomputePlan.parse(plan_text).validate(L)
+            point = {"plan": plan.to_list(), "layers_recomputed": plan.num_recomputed, "quality": 100.0}
+            profile_file.save({
+                "format": profile_file.FORMAT, "family": dep.family, "sender": s, "receiver": r,
+                "sender_fingerprint": ids[s].fingerprint, "receiver_fingerprint": ids[r].fingerprint, "num_layers": L,
+                "stride": 1, "max_group_layers": L,
+                "dataset": {"kind": "none: fixed by `kvrelay loadtest --plan`", "split": "profile", "samples": 0,
+                            "context_tokens": [0, 0]},
+                "metric": {"name": "fixed", "description": "not measured: a plan imposed for a throughput run"},
+                "configs": [point], "frontier": [point],
+                "baselines": {"full_prefill": {"layers_recomputed": L, "quality": 100.0},
+                              "full_reuse": {"layers_recomputed": 0, "quality": 0.0}},
+                "command": f"kvrelay loadtest --plan {plan_text}", "kvrelay_version": "loadtest",
+                "created": profile_file.now_utc(),
+            }, profile_file.path_for(root, dep.family, s, r))
+            out.append(f"{s}__{r}")
+    return out
+
+
 def _profiles_present(dep) -> list[str]:
     from kvrelay.paths import repo_root
     root = Path(dep.profiles_dir or repo_root() / "profiles") / dep.family
@@ -88,6 +123,18 @@ def _profiles_present(dep) -> list[str]:
         if s in names and r in names:
             out.append(f.stem)
     return out
+
+
+def _interrupts_stop_cleanly() -> None:
+    """Ctrl-C and SIGTERM end a run cleanly (servers stopped, even when the shell started us with
+    SIGINT ignored). Under gevent the handler runs in the hub, so the interrupt is thrown into the
+    main greenlet, where the run's cleanup waits, never into a user's greenlet."""
+    import signal
+
+    import gevent
+    main = gevent.getcurrent()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        gevent.signal_handler(sig, lambda: gevent.get_hub().loop.run_callback(main.throw, KeyboardInterrupt))
 
 
 def run(args) -> int:
@@ -106,10 +153,20 @@ def run(args) -> int:
     if args.duration <= 0:
         raise KvRelayError("--duration must be > 0")
     url = _check_url(args.url) if args.url else None
+    if args.plan and url:
+        raise KvRelayError("--plan only applies to servers kvrelay loadtest starts itself, not to --url")
+    if args.plan and args.profiles:
+        raise KvRelayError("--plan writes its own profiles: give --plan or --profiles, not both")
 
     dep, _ = resolve(argparse.Namespace(family=args.family, deployment=args.deployment, store=args.store,
                                         no_sharing=False, workdir=None))
     warnings: list[str] = []
+    out_dir = Path(args.out or Path("loadtest-results") / time.strftime("%Y%m%d-%H%M%S")).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.plan:
+        write_fixed_profiles(dep, args.plan, out_dir / "profiles")
+        dep.profiles_dir = str(out_dir / "profiles")
+        warnings.append(f"recompute plan fixed by --plan {args.plan} for every pair (not a measured profile)")
     if args.profiles:
         if not Path(args.profiles).is_dir():
             raise KvRelayError(f"--profiles {args.profiles}: not a directory")
@@ -122,12 +179,13 @@ def run(args) -> int:
         warnings.append(f"no profiles for family {dep.family} under {dep.profiles_dir or 'profiles/'}: with sharing on "
                         "every cross-model hit falls back to full prefill (see `kvrelay profile`)")
 
-    out_dir = Path(args.out or Path("loadtest-results") / time.strftime("%Y%m%d-%H%M%S")).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
     spec = wl.WorkloadSpec(family=dep.family, models=tuple(dep.model_names), requests=args.requests,
                            contexts=args.contexts, context_tokens=tuple(args.context_tokens),
                            max_tokens=tuple(args.max_tokens), zipf_s=args.zipf, rate=args.rate, seed=args.seed,
-                           warmup=args.warmup).validate()
+                           warmup=args.warmup,
+                           # a running server may hold an earlier run's pages: a tenant of its own keeps this run cold
+                           tenant=f"loadtest-{time.strftime('%Y%m%d%H%M%S')}-{os.getpid()}" if url else "loadtest",
+                           ).validate()
     if spec.max_tokens[1] > dep.max_tokens_limit:
         raise KvRelayError(f"--max-tokens {spec.max_tokens[1]} exceeds the deployment's max_tokens_limit "
                            f"{dep.max_tokens_limit}")
@@ -140,6 +198,7 @@ def run(args) -> int:
     for w in warnings:
         _log(f"warning: {w}")
 
+    _interrupts_stop_cleanly()
     opts = lr.RunOptions(protocol=args.protocol, users=args.users, duration_s=args.duration, timeout_s=args.timeout,
                          progress=not args.no_progress)
     load0 = os.getloadavg()
@@ -153,8 +212,9 @@ def run(args) -> int:
 
     modes = {m: report.summarize(r.records, r.window_s) for m, r in runs.items()}
     comparison = report.compare(modes)
-    quality = report.quality(runs["off"].records, runs["on"].records, args.quality_samples, args.seed) \
-        if {"off", "on"} <= set(runs) else None
+    both = {"off", "on"} <= set(runs)
+    quality = report.quality(runs["off"].records, runs["on"].records, args.quality_samples, args.seed) if both else None
+    cross = report.cross_model(runs["off"].records, runs["on"].records) if both else None
     if "on" in modes and modes["on"]["ok"] and not any(modes["on"]["routes"].get(k) for k in ("reuse", "restore")):
         warnings.append("sharing on served no request from the store: check profiles and the routes above")
     for m, r in runs.items():
@@ -168,6 +228,7 @@ def run(args) -> int:
         "modes": modes,
         "comparison": comparison,
         "quality": quality,
+        "cross_model": cross,
         "workload": workload.describe(),
         "deployment": {"family": dep.family, "models": dep.model_names, "store": dep.store,
                        "profiles_dir": dep.profiles_dir or "profiles/", "profiles": pairs,

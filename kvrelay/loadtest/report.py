@@ -114,6 +114,23 @@ def quality(off: list[dict], on: list[dict], sample: int | None = 64, seed: int 
     return out
 
 
+def cross_model(off: list[dict], on: list[dict]) -> dict:
+    """The requests sharing can speed up: those that sharing off served by a full prefill although
+    another variant's KV for their context was in the store (route reason "sharing off"), paired
+    with the same requests under sharing on. Median TTFT and latency in both modes."""
+    a = {r["index"]: r for r in on if r.get("ok")}
+    pairs = [(x, a[x["index"]]) for x in off if x.get("ok") and x.get("route_reason") == "sharing off" and x["index"] in a]
+
+    def med(rs, k):
+        v = percentile([r.get(k) for r in rs], 50)
+        return _ms(v)
+
+    xs, ys = [p[0] for p in pairs], [p[1] for p in pairs]
+    return {"requests": len(pairs), "served_by_reuse_with_sharing_on": sum(1 for y in ys if y.get("route") == "reuse"),
+            "ttft_p50_ms": {"off": med(xs, "ttft_s"), "on": med(ys, "ttft_s")},
+            "latency_p50_ms": {"off": med(xs, "latency_s"), "on": med(ys, "latency_s")}}
+
+
 def compare(modes: dict[str, dict]) -> dict:
     """Cross-mode figures from per-mode summaries (keys "off", "on")."""
     off, on = modes.get("off"), modes.get("on")
@@ -164,6 +181,11 @@ def text_report(summary: dict) -> str:
         out.append(f"quality vs. full prefill on {q.get('compared', 0)} reuse-served requests: exact match "
                    f"{_f(q.get('exact_match'))}%, token F1 {_f(q.get('token_f1'))}   "
                    f"(all {q['all_requests']['compared']} requests: exact match {_f(q['all_requests']['exact_match'])}%)")
+    x = summary.get("cross_model")
+    if x and x["requests"]:
+        out.append(f"cross-model requests ({x['requests']} that sharing off prefilled although another variant's KV was "
+                   f"stored): TTFT p50 {_f(x['ttft_p50_ms']['off'], 0)} -> {_f(x['ttft_p50_ms']['on'], 0)} ms, latency p50 "
+                   f"{_f(x['latency_p50_ms']['off'], 0)} -> {_f(x['latency_p50_ms']['on'], 0)} ms")
     for m in MODES:
         s = summary["modes"].get(m)
         if s:

@@ -10,6 +10,7 @@ every figure. Servers are stopped at the end, on error and on Ctrl-C.
 """
 from __future__ import annotations
 
+import csv
 import dataclasses
 import sys
 import time
@@ -111,8 +112,8 @@ def run_mode(label: str, state: lu.LoadState, opts: RunOptions, out_dir: Path, l
     env.kvrelay = state
     runner = env.create_local_runner()
     base = str(out_dir / f"locust_{label.replace(' ', '_')}")
-    csv = StatsCSVFileWriter(env, PERCENTILES_TO_REPORT, base, full_history=True)
-    greenlets = [gevent.spawn(csv), gevent.spawn(stats_history, runner)]
+    writer = StatsCSVFileWriter(env, PERCENTILES_TO_REPORT, base, full_history=True)
+    greenlets = [gevent.spawn(writer), gevent.spawn(stats_history, runner)]
     progress = Progress(label, state, opts.progress).start()
     try:
         state.schedule.start()
@@ -133,7 +134,7 @@ def run_mode(label: str, state: lu.LoadState, opts: RunOptions, out_dir: Path, l
         progress.stop()
         for g in greenlets:
             g.kill()
-        _final_csv(csv)
+        _final_csv(writer)
     html = Path(base + ".html")
     html.write_text(get_html_report(env, show_download_link=False), encoding="utf-8")
     files = {"stats_csv": base + "_stats.csv", "history_csv": base + "_stats_history.csv",
@@ -147,8 +148,7 @@ def _final_csv(w: StatsCSVFileWriter) -> None:
                    (w.exceptions_csv_filehandle, w.exceptions_csv)):
         fh.seek(0)
         fh.truncate()
-        import csv as _csv
-        fn(_csv.writer(fh))
+        fn(csv.writer(fh))
     w.close_files()
 
 

@@ -167,32 +167,20 @@ def test_quality_compares_reuse_served_requests_with_sharing_off():
     assert report.quality(off, on, sample=1)["compared"] == 1
 
 
+def test_cross_model_pairs_requests_sharing_could_serve():
+    off = [rec(0), {**rec(1, ttft=0.5), "route_reason": "sharing off"}, {**rec(2, ttft=0.7), "route_reason": "sharing off"}]
+    on = [rec(0), rec(1, route="reuse", ttft=0.1), rec(2, route="reuse", ttft=0.3)]
+    x = report.cross_model(off, on)
+    assert x["requests"] == 2 and x["served_by_reuse_with_sharing_on"] == 2
+    assert x["ttft_p50_ms"] == {"off": 600.0, "on": 200.0}
+
+
 # --- one real run --------------------------------------------------------------------------------
 
-def write_profiles(root: Path, fingerprint: str) -> None:
-    """Fixed profiles for every tiny pair: recompute layers 2-4 (2 of 8), so the run's figures are known."""
-    from kvrelay import profile_file
-    for s in MODELS:
-        for r in MODELS:
-            if s == r:
-                continue
-            point = {"plan": [[2, 4]], "layers_recomputed": 2, "quality": 100.0}
-            profile_file.save({
-                "format": profile_file.FORMAT, "family": "tiny", "sender": s, "receiver": r,
-                "sender_fingerprint": fingerprint, "receiver_fingerprint": fingerprint, "num_layers": 8,
-                "stride": 2, "max_group_layers": 8,
-                "dataset": {"kind": "fixed by test", "split": "profile", "samples": 1, "context_tokens": [0, 0]},
-                "metric": {"name": "fixed", "description": "tests/loadtest"}, "configs": [point], "frontier": [point],
-                "baselines": {"full_prefill": {"layers_recomputed": 8, "quality": 100.0},
-                              "full_reuse": {"layers_recomputed": 0, "quality": 50.0}},
-                "command": "tests", "kvrelay_version": "test", "created": profile_file.now_utc(),
-            }, profile_file.path_for(root, "tiny", s, r))
-
-
 def test_loadtest_both_modes_on_real_servers(tmp_path, tiny_family):
-    write_profiles(tmp_path / "profiles", tiny_family.fingerprint)
+    """--plan 2-4: every pair recomputes layers 2-4 (2 of 8), so the run's reuse figures are known."""
     out = tmp_path / "results"
-    cmd = [sys.executable, "-m", "kvrelay.cli", "loadtest", "--family", "tiny", "--profiles", str(tmp_path / "profiles"),
+    cmd = [sys.executable, "-m", "kvrelay.cli", "loadtest", "--family", "tiny", "--plan", "2-4",
            "--requests", "10", "--contexts", "3", "--users", "3", "--warmup", "1", "--duration", "90",
            "--context-tokens", "1024-1536", "--max-tokens", "4-8", "--seed", "3", "--out", str(out), "--json",
            "--no-progress"]
@@ -207,6 +195,7 @@ def test_loadtest_both_modes_on_real_servers(tmp_path, tiny_family):
     assert "reuse" not in s["modes"]["off"]["routes"] and s["modes"]["off"]["reuse_rate"] == 0
     assert s["modes"]["on"]["routes"].get("reuse", 0) >= 1 and s["modes"]["on"]["mean_layers_recomputed"] == 2.0
     assert s["quality"]["all_requests"]["compared"] == 10 and s["quality"]["compared"] >= 1
+    assert s["cross_model"]["requests"] >= 1 and len(s["deployment"]["profiles"]) == 6
     for f in ("summary.json", "loadtest.png", "requests_off.jsonl", "requests_on.jsonl", "locust_sharing_on_stats.csv",
               "locust_sharing_off_stats.csv", "locust_sharing_on.html"):
         assert (out / f).stat().st_size > 0, f
