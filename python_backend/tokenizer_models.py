@@ -45,7 +45,9 @@ class Preprocessing:
                 if len(text) + len(context) > self.dep.max_input_chars:
                     raise io.BadInput(f"input is {len(text) + len(context)} characters; the limit is "
                                       f"{self.dep.max_input_chars}")
-                if context:
+                if context and self.tok is None:  # token ids as text: no words to wrap them in
+                    ctx, q = self._encode(context), self._encode(text)
+                elif context:
                     ctx_text, q_text = tk.prompt(context, text)
                     ctx, q = self._encode(ctx_text), self._encode(q_text)
                 else:
