@@ -56,7 +56,8 @@ def test_recompute_all_layers_equals_receiver_full_prefill(pair, rng):
     assert hybrid.derived_from and not full_pages.derived_from
     assert (hybrid.kv - full_pages.kv).abs().max() < ATOL
     # and the donor really differs, so the test can tell recompute from reuse
-    assert (pages.kv[:, -1] - full_pages.kv[: pages.num_pages, -1]).abs().max() > 1e-3
+    n = min(pages.num_pages, full_pages.num_pages)   # the prompts' tails may fill different block counts
+    assert (pages.kv[:n, -1] - full_pages.kv[:n, -1]).abs().max() > 1e-3
 
 
 def test_recompute_no_layer_equals_sender_kv_exactly(pair, rng):
