@@ -29,7 +29,7 @@ def add_arguments(p):
     p.add_argument("--sender", required=True, help="donor model")
     p.add_argument("--receiver", required=True, help="receiving model")
     p.add_argument("--split", default="heldout", help="profile | heldout (default heldout)")
-    p.add_argument("--samples", type=int, default=24, help="samples (default 24)")
+    p.add_argument("--samples", type=int, default=16, help="samples (default 16)")
     p.add_argument("--kind", default="mixed", help="mixed | qa | summary | code (default mixed)")
     p.add_argument("--context-tokens", default=None,
                    help="N or LO-HI tokens (default: the profile's context lengths, else 1024-4096)")
@@ -86,7 +86,7 @@ def run(args) -> int:
     return 0
 
 
-def evaluate(family, sender, receiver, *, split="heldout", samples=24, kind="mixed", context_tokens=None, seed=0,
+def evaluate(family, sender, receiver, *, split="heldout", samples=16, kind="mixed", context_tokens=None, seed=0,
              profiles_dir=None, quality_target=0.01, queued=1, slo_s=None, latency=None, agree_tokens=8,
              cacheblend=True, repeats=2, progress=False) -> dict:
     from tqdm import tqdm

@@ -42,7 +42,7 @@ def test_eval_without_profile_falls_back_to_full_prefill(tiny_family, tmp_path, 
 
 @pytest.mark.parametrize("extra, message", [
     (["--split", "train"], "--split must be one of"),
-    (["--samples", "0"], "--samples and --repeats must be >= 1"),
+    (["--samples", "0"], "--samples, --agree-tokens and --repeats must be >= 1"),
     (["--context-tokens", "5"], "--context-tokens must be"),
 ])
 def test_eval_bad_arguments_exit_2(extra, message, capsys):

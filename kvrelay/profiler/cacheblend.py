@@ -48,6 +48,8 @@ def blend(R, pages: KVPages, prompt: list[int], k: int, full_layers: int = FULL_
     fmt = pages.format
     B, L, H, D = fmt.block_size, fmt.num_layers, fmt.num_kv_heads, fmt.head_dim
     n = nb * B
+    if n == 0:  # nothing shared: the engine will prefill everything itself
+        return pages.prefix(0), time.perf_counter() - t0, 0
     model, dev = R.model, R.device
     dtype = R.pool.kv.dtype
     kv = pages.kv[:nb].to(dev, dtype).clone()                   # [nb, L, 2, H, B, D]

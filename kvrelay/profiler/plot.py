@@ -25,7 +25,10 @@ def plot(profile_path: str | Path, out: str | Path | None = None) -> Path:
     d = prof.data
     out = Path(out) if out else default_png(profile_path)
     L = d["num_layers"]
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=110)
+    has_kl = all("kl" in c for c in d["configs"])
+    fig, axes = plt.subplots(1, 2 if has_kl else 1, figsize=(12.5 if has_kl else 7.5, 4.8), dpi=110,
+                             gridspec_kw={"width_ratios": [3, 2]} if has_kl else None)
+    ax = axes[0] if has_kl else axes
     xs = [c["layers_recomputed"] for c in d["configs"]]
     ys = [c["quality"] for c in d["configs"]]
     ax.scatter(xs, ys, s=14, color="0.6", label=f"scored configs ({len(xs)})", zorder=2)
@@ -52,6 +55,20 @@ def plot(profile_path: str | Path, out: str | Path | None = None) -> Path:
     ax.set_ylim(max(0, lo - 5), 101.5)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
+    if has_kl:  # the smooth view: how far each config's next-token distributions are from the full prefill
+        kx = axes[1]
+        kx.scatter(xs, [c["kl"] for c in d["configs"]], s=14, color="0.6", label="scored configs")
+        on = {str(f["plan"]) for f in d["frontier"]}
+        fr = [c for c in d["configs"] if str(c["plan"]) in on]
+        kx.plot([c["layers_recomputed"] for c in fr], [c["kl"] for c in fr], "o", color="tab:red", ms=5,
+                label="frontier configs")
+        kx.axhline(0.0, color="tab:green", lw=1.2, label="full prefill")
+        kx.set_xlabel(f"layers recomputed (of {L})")
+        kx.set_ylabel("mean KL(full || plan), nats")
+        kx.set_title("next-token KL at positions with identical prefixes", fontsize=9)
+        kx.set_xlim(-0.5, max(xs) + 1)
+        kx.grid(alpha=0.3)
+        kx.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
