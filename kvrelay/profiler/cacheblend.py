@@ -19,6 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from kvrelay import kv_format
 from kvrelay.kv_format import KVPages, PageFormat
 
 FULL_LAYERS = 2
@@ -32,12 +33,7 @@ def tokens_for_budget(n: int, num_layers: int, layers_budget: int, full_layers: 
 
 def shared_blocks(pages: KVPages, prompt: list[int]) -> int:
     """Leading blocks of the pages whose tokens the prompt repeats (as the engine counts them)."""
-    B = pages.format.block_size
-    n = min(pages.num_tokens // B, (len(prompt) - 1) // B)
-    for i in range(n):
-        if pages.tokens[i * B:(i + 1) * B] != prompt[i * B:(i + 1) * B]:
-            return i
-    return n
+    return kv_format.shared_blocks(pages.tokens, prompt, pages.format.block_size)
 
 
 @torch.inference_mode()
