@@ -18,3 +18,16 @@ def parse_bytes(text) -> int:
     if n < 1:
         raise KvRelayError(f"size {text!r} must be at least 1 byte")
     return n
+
+
+def parse_range(text, minimum: int = 0) -> tuple[int, int]:
+    """'N' or 'LO-HI' (integers, minimum <= LO <= HI) -> (LO, HI)."""
+    try:
+        parts = [int(x) for x in str(text).split("-")]
+    except ValueError:
+        parts = []
+    if len(parts) == 1:
+        parts *= 2
+    if len(parts) != 2 or not minimum <= parts[0] <= parts[1]:
+        raise KvRelayError(f"expected N or LO-HI with {minimum} <= LO <= HI, got {text!r}")
+    return parts[0], parts[1]

@@ -21,15 +21,12 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
 def _range(text: str) -> tuple[int, int]:
+    from kvrelay.errors import KvRelayError
+    from kvrelay.units import parse_range
     try:
-        parts = [int(x) for x in str(text).split("-")]
-    except ValueError:
-        parts = []
-    if len(parts) == 1:
-        parts *= 2
-    if len(parts) != 2 or parts[0] > parts[1]:
-        raise argparse.ArgumentTypeError(f"expected N or LO-HI, got {text!r}")
-    return parts[0], parts[1]
+        return parse_range(text, minimum=1)
+    except KvRelayError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_arguments(p):

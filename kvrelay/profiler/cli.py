@@ -42,15 +42,11 @@ def add_arguments(p):
 
 def parse_context_tokens(text: str) -> tuple[int, int]:
     from kvrelay.errors import KvRelayError
+    from kvrelay.units import parse_range
     try:
-        parts = [int(x) for x in str(text).split("-")]
-    except ValueError:
-        parts = []
-    if len(parts) == 1:
-        parts *= 2
-    if len(parts) != 2 or not 32 <= parts[0] <= parts[1]:
-        raise KvRelayError(f"--context-tokens must be N or LO-HI with 32 <= LO <= HI, got {text!r}")
-    return parts[0], parts[1]
+        return parse_range(text, minimum=32)
+    except KvRelayError:
+        raise KvRelayError(f"--context-tokens must be N or LO-HI with 32 <= LO <= HI, got {text!r}") from None
 
 
 def _command(args) -> str:
