@@ -16,6 +16,7 @@ receiver assembled from a donor (never served as a plain prefix hit).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import zlib
@@ -197,6 +198,25 @@ class KVPages:
                        derived_from=meta.get("derived_from", ""), layers=None if layers is None else tuple(layers))
         except (KeyError, TypeError) as err:
             raise KvRelayError(f"malformed page metadata: {err}") from None
+
+    def reference(self) -> "KVPages":
+        """The same pages with no KV and no E: what a repeat reuse sends when the receiver should
+        still hold the hybrid KV it built from these pages (an engine then reuses its cached blocks,
+        or, if they were evicted, falls back to a full prefill)."""
+        return KVPages.reference_to(self.format, self.producer, self.fingerprint, self.tokens)
+
+    @staticmethod
+    def reference_to(fmt: PageFormat, producer: str, fingerprint: str, tokens: list[int]) -> "KVPages":
+        """A reference to `producer`'s pages of `tokens` (whole blocks), made without them."""
+        fmt = dataclasses.replace(fmt, e_layers=())
+        n = len(tokens) // fmt.block_size
+        return KVPages(fmt, producer, fingerprint, list(tokens[: n * fmt.block_size]),
+                       torch.empty((n, 0, *fmt.kv_shape[1:]), dtype=fmt.torch_dtype),
+                       torch.empty((n, *fmt.e_shape), dtype=fmt.torch_dtype), layers=())
+
+    @property
+    def is_reference(self) -> bool:
+        return self.layers == () and not self.format.e_layers
 
     def prefix(self, num_pages: int) -> "KVPages":
         n = num_pages * self.format.block_size

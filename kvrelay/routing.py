@@ -9,6 +9,7 @@ A cross-model entry is only ever used through "reuse" with a plan: never as a pl
 from __future__ import annotations
 
 import logging
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -29,27 +30,46 @@ class Route:
     blocks: int = 0                     # leading context blocks the donor's pages cover
     plan: RecomputePlan | None = None
     export: bool = False                # publish this prompt's pages after a full prefill
+    cached: bool = False                # reuse whose hybrid KV the receiver's engine should still hold
 
 
 class RecentlyComputed:
     """Prompts this server's engines computed themselves (their prefix caches likely still hold them):
-    restoring those from the store would only move bytes the engine already has."""
+    restoring those from the store would only move bytes the engine already has. Also the reuses
+    they ran (receiver, donor, plan, context): a repeat sends a page reference, not the pages."""
 
     def __init__(self, capacity: int = 65536):
         self._seen: OrderedDict[tuple, None] = OrderedDict()
         self.capacity = capacity
+        self._lock = threading.Lock()   # the orchestrator serves requests on many threads
 
     def add(self, receiver: str, tenant: str, hashes: list[bytes]) -> None:
         """Every block of a computed chain: any prefix of it is then known (a shared context)."""
         for h in hashes:
-            key = (receiver, tenant, h)
+            self._put((receiver, tenant, h))
+
+    def add_hybrid(self, receiver: str, tenant: str, r: Route, tokens: list[int], block_size: int) -> None:
+        self._put(_hybrid_key(receiver, tenant, r, tokens, block_size))
+
+    def forget_hybrid(self, receiver: str, tenant: str, r: Route, tokens: list[int], block_size: int) -> None:
+        with self._lock:
+            self._seen.pop(_hybrid_key(receiver, tenant, r, tokens, block_size), None)
+
+    def _put(self, key: tuple) -> None:
+        with self._lock:
             self._seen[key] = None
             self._seen.move_to_end(key)
-        while len(self._seen) > self.capacity:
-            self._seen.popitem(last=False)
+            while len(self._seen) > self.capacity:
+                self._seen.popitem(last=False)
 
     def __contains__(self, key: tuple) -> bool:
-        return key in self._seen
+        with self._lock:
+            return key in self._seen
+
+
+def _hybrid_key(receiver: str, tenant: str, r: Route, tokens: list[int], block_size: int) -> tuple:
+    return ("hybrid", receiver, tenant, r.producer, str(r.plan),
+            block_hashes(tokens[: r.blocks * block_size], block_size)[-1])
 
 
 def route(store, selector, ids: dict[str, ModelIdentity], receiver: str, tenant: str, tokens: list[int],
@@ -81,4 +101,7 @@ def route(store, selector, ids: dict[str, ModelIdentity], receiver: str, tenant:
                              context_tokens=n * B, queued=queued, slo_s=slo_s)
     if choice.plan is None:
         return Route("full", choice.reason, export=export)
-    return Route("reuse", choice.reason, donor, producer, n, choice.plan)
+    r = Route("reuse", choice.reason, donor, producer, n, choice.plan)
+    if _hybrid_key(receiver, tenant, r, tokens, B) in recent:
+        r.cached, r.reason = True, f"{r.reason}; hybrid KV cached in the engine"
+    return r

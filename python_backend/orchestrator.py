@@ -20,7 +20,7 @@ import triton_python_backend_utils as pb_utils
 from kvrelay import deployment as dp
 from kvrelay import routing
 from kvrelay.errors import KvRelayError
-from kvrelay.kv_format import block_hashes
+from kvrelay.kv_format import KVPages, block_hashes
 from kvrelay.plan import RecomputePlan
 from kvrelay.triton import io
 from kvrelay.triton.metrics import Metrics
@@ -162,6 +162,9 @@ class TritonPythonModel:
         if route.kind == "full":
             return None
         fmt = self.ids[route.donor].page_format
+        if route.cached:  # the engine should hold the hybrid KV already: send a reference, not pages
+            return KVPages.reference_to(fmt, route.producer, self.ids[route.donor].fingerprint,
+                                        tokens[: route.blocks * fmt.block_size])
         layers = e_layers = None
         if route.kind == "restore":
             e_layers = []
@@ -223,6 +226,11 @@ class TritonPythonModel:
                 self.publisher.submit(self._publish, call.tenant, pages)
         elif call.route.kind == "full":
             self.recent.add(call.me.name, call.tenant, block_hashes(call.tokens, B))
+        if call.route.kind == "reuse":
+            if info.get("reused_tokens", 0) and not str(info.get("plan", "")).startswith("donor failed"):
+                self.recent.add_hybrid(call.me.name, call.tenant, call.route, call.tokens, B)
+            else:  # evicted, or the engine fell back: the next repeat sends pages again
+                self.recent.forget_hybrid(call.me.name, call.tenant, call.route, call.tokens, B)
 
     def _publish(self, tenant, pages):
         try:

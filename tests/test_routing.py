@@ -102,3 +102,18 @@ def test_store_failure_is_a_full_prefill_not_an_error():
 def test_context_shorter_than_a_block():
     r = route(MemoryStore(1 << 20), FixedSelector(None), IDS, "code", "t", [1, 2], RecentlyComputed())
     assert (r.kind, r.reason) == ("full", "context shorter than one block")
+
+
+def test_a_reuse_this_server_ran_is_remembered_per_donor_plan_and_context(store):
+    store.put("t", pages("base", CTX))
+    recent, plan = RecentlyComputed(), RecomputePlan(((2, 4),))
+    first = route(store, FixedSelector(plan), IDS, "code", "t", CTX + [7, 8], recent)
+    assert first.kind == "reuse" and not first.cached
+    recent.add_hybrid("code", "t", first, CTX + [7, 8], FMT.block_size)
+    again = route(store, FixedSelector(plan), IDS, "code", "t", CTX + [9], recent)      # another question
+    assert again.cached and again.reason.endswith("hybrid KV cached in the engine")
+    other_plan = route(store, FixedSelector(RecomputePlan(((0, 2),))), IDS, "code", "t", CTX + [9], recent)
+    other_receiver = route(store, FixedSelector(plan), IDS, "legal", "t", CTX + [9], recent)
+    assert not other_plan.cached and not other_receiver.cached
+    recent.forget_hybrid("code", "t", first, CTX, FMT.block_size)
+    assert not route(store, FixedSelector(plan), IDS, "code", "t", CTX + [9], recent).cached

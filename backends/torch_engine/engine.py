@@ -146,6 +146,11 @@ class TorchEngine:
         if plan is None:
             raise PlanError("a donor needs a recompute plan (RecomputePlan.none() to reuse every layer)")
         plan.validate(self.num_layers)
+        if not _carries_payload(donor):
+            return  # a reference: the hybrid blocks are expected in this engine's cache (checked at prefill)
+        self._check_payload(donor, plan)
+
+    def _check_payload(self, donor: DonorKV, plan: RecomputePlan) -> None:
         reused = plan.reused_layers(self.num_layers)
         if hasattr(donor, "has_layers") and not donor.has_layers(reused):
             raise PlanError(f"plan {plan} reuses layers {reused}, but pages from {donor.producer!r} carry KV "
@@ -259,7 +264,12 @@ class TorchEngine:
         hit = self.blocks.match_prefix(hashes[:n_reuse_blocks]) if self.config.prefix_caching else []
         seq.table = hit + self.blocks.allocate(-(-len(toks) // B) - len(hit))
         lo, n_reuse = len(hit) * B, n_reuse_blocks * B
+        needs_payload = bool(plan.reused_layers(L)) or bool(plan.e_layers_needed())
+        if lo < n_reuse and needs_payload and not _carries_payload(donor):  # -> full prefill in _prefill
+            raise KvRelayError(f"the hybrid KV of {donor.producer} + plan {plan} is no longer cached here "
+                               f"({len(hit)} of {n_reuse_blocks} blocks) and no donor pages came with the request")
         if lo < n_reuse:
+            self._check_payload(donor, plan)
             for a, b in plan.groups:  # recompute groups first: they need only E, not the donor's KV
                 h = self.model.embed(self._tensor(toks[lo:n_reuse])) if a == 0 else \
                     donor.e_layer(a)[lo:n_reuse].to(self.device, self.pool.kv.dtype)
@@ -415,3 +425,10 @@ class TorchEngine:
     @property
     def dtype_name(self) -> str:
         return dtype_name(self.pool.kv.dtype)
+
+
+def _carries_payload(donor: DonorKV) -> bool:
+    """False for a reference (KVPages.reference: no KV, no E): "the hybrid KV of this donor and plan
+    should still be in your prefix cache" (the orchestrator remembers the reuses it ran), so a
+    repeat does not move the donor's pages again."""
+    return not getattr(donor, "is_reference", False)

@@ -138,3 +138,21 @@ def test_metrics_show_reuse(server):
     assert hits and float(hits[0].split()[-1]) >= 1
     assert "kvrelay_layers_recomputed_total" in text and "kvrelay_kv_bytes_moved_total" in text
     assert 'kvrelay_prefill_seconds_total{kind="reprefill"' in text
+
+
+def _fetched_bytes(server) -> float:
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    return sum(float(l.split()[-1]) for l in text.splitlines()
+               if l.startswith("kvrelay_kv_bytes_moved_total") and 'direction="fetch"' in l)
+
+
+def test_a_repeat_reuse_does_not_move_the_donor_pages_again(server):
+    t = tenant()
+    ask(server, "code", "Summarise.", t)
+    first = ask(server, "base", "Who produces pages?", t)
+    moved = _fetched_bytes(server)
+    again = ask(server, "base", "Who produces pages?", t)
+    assert first.info["kv_route"].startswith("reuse") and "cached in the engine" not in first.info["kv_route"]
+    assert again.info["kv_route"].startswith("reuse") and again.info["kv_route"].endswith("hybrid KV cached in the engine")
+    assert again.text == first.text and again.info["kv_recomputed_layers"] == first.info["kv_recomputed_layers"] == 2
+    assert _fetched_bytes(server) == moved

@@ -238,3 +238,22 @@ def test_donor_failing_mid_load_degrades_to_a_correct_full_prefill(base, code, r
     assert got.output_tokens == want.output_tokens and (got.logits[0] - want.logits[0]).abs().max() < 2e-4
     assert got.prefill.plan.startswith("donor failed: store went away") and got.prefill.reused_tokens == 0
     assert code.blocks.num_available == free_before and not code.has_unfinished()
+
+
+def test_a_repeat_reuse_sends_a_reference_while_the_hybrid_kv_is_cached(base, code, rng):
+    pages = _pages(base, rng)
+    prompt = pages.tokens + [3, 4]
+    plan = RecomputePlan(((2, 4),))
+    sp = SamplingParams(max_tokens=3, ignore_eos=True, return_logits=1)
+    first = code.generate([Request("h", prompt, sp, donor=pages, plan=plan)])["h"]
+    ref = pages.reference()
+    assert ref.is_reference and ref.kv.numel() == 0 and ref.e.numel() == 0 and not pages.is_reference
+    again = code.generate([Request("h2", prompt, sp, donor=ref, plan=plan)])["h2"]
+    assert again.output_tokens == first.output_tokens and (again.logits[0] - first.logits[0]).abs().max() < 1e-5
+    assert again.prefill.cached_tokens == 64 and again.prefill.reused_tokens == 64
+    assert again.prefill.recomputed_layers == 2 and again.prefill.donor == base.model_id
+    # A plan whose hybrid KV was never built here: no pages to build it from, so a correct full prefill.
+    own = code.generate([Request("o", prompt, sp)])["o"]
+    miss = code.generate([Request("m", prompt, sp, donor=ref, plan=RecomputePlan(((4, 6),)))])["m"]
+    assert miss.prefill.plan.startswith("donor failed: the hybrid KV") and miss.prefill.reused_tokens == 0
+    assert miss.output_tokens == own.output_tokens and not code.has_unfinished()
