@@ -302,9 +302,11 @@ def _continuation(tk, docs, domain, kind, target, rng) -> Sample | None:
 
 
 def build(tok, kind: str = "mixed", split: str = "profile", n: int = 8, *,
-          context_tokens: tuple[int, int] | int = DEFAULT_CONTEXT_TOKENS, seed: int = 0) -> list[Sample]:
+          context_tokens: tuple[int, int] | int = DEFAULT_CONTEXT_TOKENS, seed: int = 0,
+          domains: tuple[str, ...] | None = None) -> list[Sample]:
     """`n` samples of `kind` ("mixed" cycles qa/code/summary over the domains) from corpus part
-    `split`, contexts of context_tokens (lo, hi) tokens by `tok` (an HF tokenizer)."""
+    `split`, contexts of context_tokens (lo, hi) tokens by `tok` (an HF tokenizer); `domains`
+    keeps only tasks over those corpus domains (a variant judged on what it was tuned for)."""
     if kind not in DATASET_KINDS:
         raise KvRelayError(f"unknown task kind {kind!r}; known: {', '.join(DATASET_KINDS)}")
     if split not in SPLITS:
@@ -316,6 +318,13 @@ def build(tok, kind: str = "mixed", split: str = "profile", n: int = 8, *,
     if n < 1:
         raise KvRelayError(f"need at least 1 sample, got {n}")
     order = list(MIXED_ORDER) if kind == "mixed" else [(kind, d) for d in DOMAINS_OF[kind]]
+    if domains:
+        unknown = sorted(set(domains) - {d for ds in DOMAINS_OF.values() for d in ds})
+        if unknown:
+            raise KvRelayError(f"unknown task domain(s) {', '.join(unknown)}; known: legal, docs, code")
+        order = [(k, d) for k, d in order if d in domains]
+        if not order:
+            raise KvRelayError(f"no {kind} task over domain(s) {', '.join(domains)}")
     tk = _Tok(tok)
     out: list[Sample] = []
     used: set[str] = set()
