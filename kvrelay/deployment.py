@@ -6,6 +6,7 @@ repository is generated from it, and every Triton model reads the resolved JSON 
 from __future__ import annotations
 
 import json
+import os
 import tomllib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ class ModelDeployment:
     dtype: str = "float32"
     instances: int = 1
     kv_cache_bytes: int = 512 << 20
+    threads: int = 0                     # CPU intra-op threads per instance; 0 = share the cores (cpu_threads)
 
 
 @dataclass(slots=True)
@@ -47,6 +49,17 @@ class Deployment:
     @property
     def model_names(self) -> list[str]:
         return [m.name for m in self.models]
+
+    def cpu_threads(self, name: str, cpus: int | None = None) -> int:
+        """Intra-op threads for one CPU instance of `name`: its own setting, else the machine's cores
+        split over every CPU engine instance. Each engine is its own process; if each took every core,
+        concurrent prefills would oversubscribe them (measured: 4 engines x 2 threads on 2 cores ran
+        8 concurrent 3k-token prefills in 80 s, 1 thread each in 55 s)."""
+        m = self.model(name)
+        if m.threads:
+            return m.threads
+        engines = sum(x.instances for x in self.models if x.device == "cpu")
+        return max(1, (cpus or os.cpu_count() or 1) // max(1, engines))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -104,6 +117,8 @@ def validate(dep: Deployment) -> Deployment:
     for m in dep.models:
         if m.instances < 1:
             raise KvRelayError(f"model {m.name}: instances must be >= 1")
+        if m.threads < 0:
+            raise KvRelayError(f"model {m.name}: threads must be >= 0 (0 = split the cores between engines)")
         if m.dtype not in ("float32", "bfloat16", "float16"):
             raise KvRelayError(f"model {m.name}: dtype must be float32, bfloat16 or float16")
     if dep.block_size < 1 or dep.block_size & (dep.block_size - 1):

@@ -31,6 +31,10 @@ def add_arguments(p):
     p.add_argument("--split", default="heldout", help="profile | heldout (default heldout)")
     p.add_argument("--samples", type=int, default=16, help="samples (default 16)")
     p.add_argument("--kind", default="mixed", help="mixed | qa | summary | code (default mixed)")
+    p.add_argument("--domains", default=None,
+                   help="task domains, comma-separated (legal, docs, code; `all`). Default: the receiver's "
+                        "fine-tuning domain when the family records one (a variant is judged on what it was "
+                        "tuned for), else all")
     p.add_argument("--context-tokens", default=None,
                    help="N or LO-HI tokens (default: the profile's context lengths, else 1024-4096)")
     p.add_argument("--seed", type=int, default=0)
@@ -78,6 +82,7 @@ def run(args) -> int:
                    context_tokens=ctx, seed=args.seed, profiles_dir=args.profiles, quality_target=args.quality_target,
                    queued=args.queued, slo_s=args.slo, latency=latency, agree_tokens=args.agree_tokens,
                    cacheblend=not args.no_cacheblend, repeats=args.repeats,
+                   domains=None if args.domains is None else tuple(d.strip() for d in args.domains.split(",") if d.strip()),
                    progress=not (args.no_progress or args.json))
     if args.json:
         print(json.dumps(res, indent=1))
@@ -88,7 +93,7 @@ def run(args) -> int:
 
 def evaluate(family, sender, receiver, *, split="heldout", samples=16, kind="mixed", context_tokens=None, seed=0,
              profiles_dir=None, quality_target=0.01, queued=1, slo_s=None, latency=None, agree_tokens=8,
-             cacheblend=True, repeats=2, progress=False) -> dict:
+             cacheblend=True, repeats=2, progress=False, domains=None) -> dict:
     from tqdm import tqdm
 
     from kvrelay import evaldata, profile_file
@@ -114,8 +119,14 @@ def evaluate(family, sender, receiver, *, split="heldout", samples=16, kind="mix
             notes.append(f"context lengths {list(context_tokens)} taken from the profile")
         except KvRelayError:
             context_tokens = evaldata.DEFAULT_CONTEXT_TOKENS
+    if domains is None:
+        tuned = (fam.manifest().get("build", {}).get(receiver) or {}).get("corpus")
+        domains = tuple(tuned.split("+")) if tuned else ("all",)   # a mixed corpus reads "code+docs+legal"
+        notes.append(f"tasks over the receiver's fine-tuning domain, {tuned}" if tuned else "tasks over every domain")
+    if "all" in domains:
+        domains = ()
     tok = tk.load(fam.model_dir(receiver))
-    data = evaldata.build(tok, kind, split, samples, context_tokens=context_tokens, seed=seed)
+    data = evaldata.build(tok, kind, split, samples, context_tokens=context_tokens, seed=seed, domains=domains or None)
     preps = [scoring.prepare(tok, s) for s in data]
     longest = max(len(p.prompt) for p in preps)
     max_tokens = max(s.max_tokens for s in data)
@@ -200,7 +211,7 @@ def evaluate(family, sender, receiver, *, split="heldout", samples=16, kind="mix
     notes.append("prefill_s on a shared 2-core CPU (fp32): indicative; speedups are what to compare")
     return {
         "family": family, "sender": sender, "receiver": receiver, "split": split, "kind": kind,
-        "samples": len(preps), "seed": seed, "num_layers": L,
+        "samples": len(preps), "seed": seed, "num_layers": L, "domains": sorted({p.sample.domain for p in preps}),
         "context_tokens": list(context_tokens), "context_tokens_seen": [min(seen), max(seen)],
         "samples_by_kind": {k: sum(p.sample.kind == k for p in preps) for k in sorted({p.sample.kind for p in preps})},
         "selector": {"plan": None if plan is None else str(plan), "layers_recomputed": None if plan is None else budget,

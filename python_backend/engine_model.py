@@ -35,6 +35,9 @@ class TritonPythonModel:
         device = m.device
         if device.startswith("cuda") and args.get("model_instance_kind") == "GPU":
             device = f"cuda:{args['model_instance_device_id']}"
+        if device == "cpu":
+            import torch
+            torch.set_num_threads(self.dep.cpu_threads(m.name))
         self.engine = make_engine(self.dep.family, m.name, EngineConfig(
             device=device, dtype=m.dtype, block_size=self.dep.block_size, kv_cache_bytes=m.kv_cache_bytes))
         self.limit = self.dep.max_tokens_limit

@@ -78,3 +78,14 @@ def test_single_kinds_and_bad_arguments(tok):
         evaldata.build(tok, "poetry", "profile", 1)
     with pytest.raises(KvRelayError, match="context_tokens"):
         evaldata.build(tok, "qa", "profile", 1, context_tokens=(200, 100))
+
+
+def test_domains_keep_only_tasks_over_those_corpora(tok):
+    legal = evaldata.build(tok, "mixed", "heldout", 4, context_tokens=CTX, domains=("legal",))
+    assert {s.domain for s in legal} == {"legal"} and {s.kind for s in legal} == {"qa", "summary"}
+    code = evaldata.build(tok, "mixed", "heldout", 4, context_tokens=CTX, domains=("code",))
+    assert {s.domain for s in code} == {"code"} and {s.kind for s in code} == {"qa", "code"}
+    with pytest.raises(KvRelayError, match="unknown task domain"):
+        evaldata.build(tok, "mixed", "heldout", 2, context_tokens=CTX, domains=("medical",))
+    with pytest.raises(KvRelayError, match="no summary task over domain"):
+        evaldata.build(tok, "summary", "heldout", 2, context_tokens=CTX, domains=("code",))

@@ -20,6 +20,7 @@ def test_eval_json_with_a_profile(tiny_family, tmp_path, capsys):
     assert {"family", "sender", "receiver", "split", "samples", "num_layers", "context_tokens_seen", "selector",
             "methods", "task_delta_vs_full", "notes"} <= set(r)
     assert r["split"] == "heldout" and r["samples"] == 2 and r["num_layers"] == 8
+    assert r["domains"] == ["code"]               # the receiver is judged on the domain it was tuned for
     assert r["selector"]["plan"] == "2-4" and r["selector"]["layers_recomputed"] == 2
     assert set(r["methods"]) == {"full_prefill", "full_reuse", "selected", "cacheblend"}
     for m, d in r["methods"].items():
