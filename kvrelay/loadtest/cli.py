@@ -38,19 +38,21 @@ def add_arguments(p):
     p.add_argument("--plan", help="recompute plan for every pair, e.g. 8-16 (layers [8,16)): written as fixed profiles "
                                   "under --out and used instead of measured ones; for throughput runs of families "
                                   "without profiles (llama8b-random). Quality figures are then not a profile's")
+    p.add_argument("--quality-target", type=float,
+                   help="selector's relative quality tolerance (default: the deployment's, 0.01 = within 1%%)")
     p.add_argument("--users", type=int, default=4, help="concurrent Locust users (default 4)")
-    p.add_argument("--duration", type=float, default=300.0, help="time bound per mode, seconds (default 300)")
-    p.add_argument("--requests", type=int, default=120, help="measured requests per mode (default 120)")
-    p.add_argument("--contexts", type=int, default=24, help="shared contexts in the pool (default 24)")
-    p.add_argument("--context-tokens", type=_range, default=(1024, 4000), help="context length LO-HI tokens (default 1024-4000)")
-    p.add_argument("--max-tokens", type=_range, default=(8, 32), help="output length LO-HI tokens (default 8-32)")
-    p.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of context popularity (0 = uniform; default 1.0)")
+    p.add_argument("--duration", type=float, default=900.0, help="time bound per mode, seconds (default 900)")
+    p.add_argument("--requests", type=int, default=96, help="measured requests per mode (default 96)")
+    p.add_argument("--contexts", type=int, default=12, help="shared contexts in the pool (default 12)")
+    p.add_argument("--context-tokens", type=_range, default=(2048, 4000), help="context length LO-HI tokens (default 2048-4000)")
+    p.add_argument("--max-tokens", type=_range, default=(8, 16), help="output length LO-HI tokens (default 8-16)")
+    p.add_argument("--zipf", type=float, default=0.5, help="Zipf exponent of context popularity (0 = uniform; default 0.5)")
     p.add_argument("--rate", type=float, help="Poisson arrivals per second (default: closed loop, each user back-to-back)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--warmup", type=int, default=2, help="warm-up rounds per mode, every model once each (default 2)")
     p.add_argument("--protocol", choices=["grpc-stream", "grpc", "http", "http-stream"], default="grpc-stream",
                    help="Locust user: gRPC streaming (TTFT; default), gRPC unary, HTTP generate, HTTP SSE (TTFT)")
-    p.add_argument("--timeout", type=float, default=120.0, help="per-request timeout, seconds (default 120)")
+    p.add_argument("--timeout", type=float, default=600.0, help="per-request timeout, seconds (default 600)")
     p.add_argument("--quality-samples", type=int, default=64,
                    help="reuse-served requests compared with sharing off for the quality check (default 64)")
     p.add_argument("--url", help="target a running server at HOST:PORT (loopback only) instead of starting two; "
@@ -168,6 +170,12 @@ def run(args) -> int:
         if not Path(args.profiles).is_dir():
             raise KvRelayError(f"--profiles {args.profiles}: not a directory")
         dep.profiles_dir = str(Path(args.profiles).resolve())
+    if args.quality_target is not None:
+        if url:
+            raise KvRelayError("--quality-target applies to servers kvrelay loadtest starts itself, not to --url")
+        if not 0 <= args.quality_target < 1:
+            raise KvRelayError(f"--quality-target is a relative tolerance in [0, 1), got {args.quality_target}")
+        dep.quality_target = args.quality_target
     if not url and not dep.store.startswith("memory"):
         warnings.append(f"store {dep.store} replaced by a fresh in-memory store so both modes start cold")
         dep.store = "memory:4GiB"
@@ -221,6 +229,7 @@ def run(args) -> int:
     summary = {
         "family": dep.family,
         "throughput_ratio": comparison.get("throughput_ratio"),
+        "full_prefill_ceiling": workload.describe()["full_prefill_ceiling"],
         "errors": sum(s["errors"] for s in modes.values()),
         "modes": modes,
         "comparison": comparison,
@@ -228,6 +237,7 @@ def run(args) -> int:
         "cross_model": cross,
         "workload": workload.describe(),
         "deployment": {"family": dep.family, "models": dep.model_names, "store": dep.store,
+                       "quality_target": dep.quality_target,
                        "profiles_dir": dep.profiles_dir or "profiles/", "profiles": pairs,
                        "devices": sorted({m.device for m in dep.models}), "dtypes": sorted({m.dtype for m in dep.models})},
         "run": {"protocol": args.protocol, "users": args.users, "duration_s": args.duration,

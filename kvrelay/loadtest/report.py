@@ -177,6 +177,11 @@ def text_report(summary: dict) -> str:
     out = [table(summary), ""]
     out.append(f"throughput ratio (on/off requests/s): {_f(c.get('throughput_ratio'), 3)}   "
                f"TTFT p50 speed-up: {_f(c.get('ttft_p50_speedup'), 2)}x")
+    w = summary.get("workload", {})
+    if w.get("full_prefill_ceiling"):
+        out.append(f"workload ceiling: {w['distinct_context_model_pairs']} context-model pairs over "
+                   f"{w['distinct_contexts_requested']} contexts, {w['repeat_requests']} repeats: sharing can cut full "
+                   f"prefills at most {_f(w['full_prefill_ceiling'], 2)}x (decode and re-prefill not counted)")
     if q:
         out.append(f"quality vs. full prefill on {q.get('compared', 0)} reuse-served requests: exact match "
                    f"{_f(q.get('exact_match'))}%, token F1 {_f(q.get('token_f1'))}   "

@@ -35,11 +35,11 @@ OUTPUT_HEADROOM = 64          # tokens kept free for the question and output bey
 class WorkloadSpec:
     family: str
     models: tuple[str, ...]
-    requests: int = 120                   # measured requests (count bound)
-    contexts: int = 24                    # size of the shared-context pool
-    context_tokens: tuple[int, int] = (1024, 4000)
-    max_tokens: tuple[int, int] = (8, 32)
-    zipf_s: float = 1.0
+    requests: int = 96                    # measured requests (count bound)
+    contexts: int = 12                    # size of the shared-context pool
+    context_tokens: tuple[int, int] = (2048, 4000)
+    max_tokens: tuple[int, int] = (8, 16)
+    zipf_s: float = 0.5
     rate: float | None = None             # Poisson arrivals per second; None = closed loop
     seed: int = 0
     tenant: str = "loadtest"
@@ -124,8 +124,19 @@ class Workload:
         toks = [c.tokens for c in self.contexts]
         return {**self.spec.to_dict(), "context_source": self.context_source,
                 "context_tokens_seen": [min(toks), max(toks)] if toks else [],
-                "distinct_contexts_requested": len({r.context_id for r in self.requests}),
-                "distinct_context_model_pairs": len({(r.context_id, r.model) for r in self.requests})}
+                **sharing_ceiling(self.requests)}
+
+
+def sharing_ceiling(requests: list[Request]) -> dict:
+    """How much this request sequence lets sharing save, whatever the engine: with sharing off every
+    distinct (context, model) pair prefills once (repeats hit the model's own prefix cache); with
+    sharing on, at best only the first model to see each context does. So pairs / contexts bounds
+    the number of full prefills sharing can divide by, before decode and re-prefill costs."""
+    contexts = len({r.context_id for r in requests})
+    pairs = len({(r.context_id, r.model) for r in requests})
+    return {"distinct_contexts_requested": contexts, "distinct_context_model_pairs": pairs,
+            "repeat_requests": len(requests) - pairs,
+            "full_prefill_ceiling": round(pairs / contexts, 3) if contexts else None}
 
 
 # --- drawing ------------------------------------------------------------------------------------

@@ -175,6 +175,14 @@ def test_cross_model_pairs_requests_sharing_could_serve():
     assert x["ttft_p50_ms"] == {"off": 600.0, "on": 200.0}
 
 
+def test_sharing_ceiling_counts_pairs_over_contexts():
+    R = wl.Request
+    reqs = [R(0, 1, "base", "q", 8), R(1, 1, "code", "q", 8), R(2, 1, "code", "q", 8),   # a repeat
+            R(3, 2, "legal", "q", 8), R(4, 1, "legal", "q", 8)]
+    assert wl.sharing_ceiling(reqs) == {"distinct_contexts_requested": 2, "distinct_context_model_pairs": 4,
+                                        "repeat_requests": 1, "full_prefill_ceiling": 2.0}
+
+
 # --- one real run --------------------------------------------------------------------------------
 
 def test_loadtest_both_modes_on_real_servers(tmp_path, tiny_family):
@@ -196,6 +204,10 @@ def test_loadtest_both_modes_on_real_servers(tmp_path, tiny_family):
     assert s["modes"]["on"]["routes"].get("reuse", 0) >= 1 and s["modes"]["on"]["mean_layers_recomputed"] == 2.0
     assert s["quality"]["all_requests"]["compared"] == 10 and s["quality"]["compared"] >= 1
     assert s["cross_model"]["requests"] >= 1 and len(s["deployment"]["profiles"]) == 6
+    w = s["workload"]
+    assert s["full_prefill_ceiling"] == w["full_prefill_ceiling"] == round(
+        w["distinct_context_model_pairs"] / w["distinct_contexts_requested"], 3)
+    assert w["repeat_requests"] == 10 - w["distinct_context_model_pairs"]
     for f in ("summary.json", "loadtest.png", "requests_off.jsonl", "requests_on.jsonl", "locust_sharing_on_stats.csv",
               "locust_sharing_off_stats.csv", "locust_sharing_on.html"):
         assert (out / f).stat().st_size > 0, f
