@@ -38,6 +38,7 @@ class Deployment:
     max_input_chars: int = 200_000       # refuse absurd text before tokenizing it
     orchestrator_instances: int = 1
     sharing: bool = True                 # False: every variant prefills itself (the no-sharing baseline)
+    coalesce: bool = True                # wait for an in-flight prefill of the same context (routing.InFlightPrefills)
     extra: dict = field(default_factory=dict)
 
     def model(self, name: str) -> ModelDeployment:

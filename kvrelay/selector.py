@@ -154,6 +154,17 @@ class Selector:
         log.log(logging.WARNING if first else logging.DEBUG, "full prefill for %s->%s: %s", *pair, reason)
         return Choice(None, reason, None, None)
 
+    def has_plan(self, sender: str, receiver: str, sender_fp: str, receiver_fp: str) -> bool:
+        """Whether some profiled plan of this pair meets the quality target (no logging, no counting)."""
+        prof = self.profile(sender, receiver)
+        if isinstance(prof, str):
+            return False
+        d = prof.data
+        if (d["sender_fingerprint"], d["receiver_fingerprint"]) != (sender_fp, receiver_fp):
+            return False
+        floor = prof.full_prefill_quality * (1 - self.quality_target)
+        return any(p.quality >= floor for p in prof.frontier)
+
     def choose(self, sender: str, receiver: str, sender_fp: str, receiver_fp: str, *, context_tokens: int,
                queued: int = 0, slo_s: float | None = None) -> Choice:
         pair = (sender, receiver)

@@ -31,6 +31,8 @@ ENGINE_OUTPUTS = ["output_ids", "finished", "finish_reason", "prefill_info", "fi
 OUTPUTS = ["output_ids", "prev_len", "kv_reused_layers", "kv_recomputed_layers", "kv_reused_tokens",
            "kv_donor_model", "kv_route", "output_tokens", "first_token_time_ns"]
 log = logging.getLogger("kvrelay.orchestrator")
+COALESCE_ROUNDS = 3        # in-flight prefills a request waits for, one after another, before prefilling itself
+COALESCE_WAIT_S = 300.0    # longest wait for one of them
 
 
 class TritonPythonModel:
@@ -49,6 +51,8 @@ class TritonPythonModel:
         self.selector = Selector(Path(self.dep.profiles_dir or repo_root() / "profiles"), self.dep.family,
                                  quality_target=self.dep.quality_target)
         self.recent = routing.RecentlyComputed()
+        self.inflight = routing.InFlightPrefills()
+        self.route_lock = threading.Lock()   # see-then-register of in-flight prefills is one step
         self.metrics = Metrics(args["model_name"])
         self.publisher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="publish")
         self.in_flight = 0
@@ -132,20 +136,53 @@ class TritonPythonModel:
             raise io.BadInput(f"prompt ({len(tokens)} tokens) + max_tokens ({max_tokens}) exceeds the "
                               f"{me.max_model_len}-token context of {receiver!r}")
         tenant = args["tenant"]
-        route = routing.route(self.store, self.selector, self.ids, receiver, tenant, tokens, self.recent,
-                              sharing=self.dep.sharing, queued=max(0, self.in_flight - 1), slo_s=self.dep.slo_s)
-        donor = self._fetch(route, me, tenant, tokens)
-        if route.kind != "full" and donor is None:
-            route = routing.Route("full", "donor pages unavailable", export=False)
-        base_inputs = [io.tensor("input_ids", np.asarray(tokens, np.int32)),
-                       io.tensor("max_tokens", np.array([max_tokens], np.int32))] + args["passthrough"]
+        route, prefill = self._route(receiver, me, tenant, tokens)
         call = _Call(route, me, tenant, tokens, args["stream"], sender)
+        call.prefill = prefill
         try:
-            self._run(call, base_inputs, donor)
-        except _EngineRefusedDonor as e:  # e.g. a stale page: degrade to a correct full prefill
-            log.warning("engine refused donor pages, full prefill: %s", e)
-            call.route = routing.Route("full", "engine refused donor pages", export=False)
-            self._run(call, base_inputs, None)
+            donor = self._fetch(route, me, tenant, tokens)
+            if route.kind != "full" and donor is None:
+                call.route = routing.Route("full", "donor pages unavailable", export=False)
+            base_inputs = [io.tensor("input_ids", np.asarray(tokens, np.int32)),
+                           io.tensor("max_tokens", np.array([max_tokens], np.int32))] + args["passthrough"]
+            try:
+                self._run(call, base_inputs, donor)
+            except _EngineRefusedDonor as e:  # e.g. a stale page: degrade to a correct full prefill
+                log.warning("engine refused donor pages, full prefill: %s", e)
+                call.route = routing.Route("full", "engine refused donor pages", export=False)
+                self._run(call, base_inputs, None)
+        finally:
+            if not call.publishing:  # else the publisher ends it once the pages are stored
+                self.inflight.end(prefill)
+
+    def _route(self, receiver, me, tenant, tokens):
+        """routing.route, after waiting for in-flight prefills whose pages would serve this context
+        (COALESCE_ROUNDS at most). Returns the route and, for a full prefill that will publish, its
+        in-flight registration."""
+        hashes = block_hashes(tokens, me.page_format.block_size) if self.dep.coalesce else []
+        waited = False
+        for attempt in range(COALESCE_ROUNDS + 1):
+            with self.route_lock:
+                other = self.inflight.covering(tenant, me.fingerprint, hashes, lambda m: self._worth_waiting(m, receiver)) \
+                    if hashes and attempt < COALESCE_ROUNDS else None
+                if other is None:
+                    route = routing.route(self.store, self.selector, self.ids, receiver, tenant, tokens, self.recent,
+                                          sharing=self.dep.sharing, queued=max(0, self.in_flight - 1),
+                                          slo_s=self.dep.slo_s)
+                    prefill = self.inflight.begin(receiver, tenant, me.fingerprint, hashes) \
+                        if hashes and route.kind == "full" and route.export else None
+                    if waited:
+                        route.reason += " (after an in-flight prefill)"
+                    return route, prefill
+            other.done.wait(COALESCE_WAIT_S)
+            waited = True
+
+    def _worth_waiting(self, model: str, receiver: str) -> bool:
+        """Its own pages always serve a model; another's only with sharing on and a usable plan."""
+        if model == receiver:
+            return True
+        return self.dep.sharing and model in self.ids and self.selector.has_plan(
+            model, receiver, self.ids[model].fingerprint, self.ids[receiver].fingerprint)
 
     def _run(self, call, base_inputs, donor):
         inputs = base_inputs + [io.tensor("export_pages", np.array([call.route.export]))]
@@ -223,7 +260,8 @@ class TritonPythonModel:
             pages = io.pages_from(resp, "pages", pb_utils.get_output_tensor_by_name, copy=True)  # outlives resp
             if pages is not None and pages.num_pages:
                 self.recent.add(call.me.name, call.tenant, pages.hashes)
-                self.publisher.submit(self._publish, call.tenant, pages)
+                call.publishing = True
+                self.publisher.submit(self._publish, call.tenant, pages, call.prefill)
         elif call.route.kind == "full":
             self.recent.add(call.me.name, call.tenant, block_hashes(call.tokens, B))
         if call.route.kind == "reuse":
@@ -232,13 +270,15 @@ class TritonPythonModel:
             else:  # evicted, or the engine fell back: the next repeat sends pages again
                 self.recent.forget_hybrid(call.me.name, call.tenant, call.route, call.tokens, B)
 
-    def _publish(self, tenant, pages):
+    def _publish(self, tenant, pages, prefill=None):
         try:
             n = self.store.put(tenant, pages)
             self.metrics.bytes_moved("publish", (pages.kv.nbytes + pages.e.nbytes) * n // max(pages.num_pages, 1))
         except KvRelayError as e:
             log.warning("publishing pages failed (requests unaffected): %s", e)
             self.metrics.store_error()
+        finally:
+            self.inflight.end(prefill)   # waiters route now: the pages are in the store (or never will be)
 
     def finalize(self):
         self.pool.shutdown(wait=True, cancel_futures=False)
@@ -253,8 +293,10 @@ class _EngineRefusedDonor(Exception):
 
 class _Call:
     """One request's state across its engine responses (requests run concurrently on threads)."""
-    __slots__ = ("route", "me", "tenant", "tokens", "stream", "sender", "info")
+    __slots__ = ("route", "me", "tenant", "tokens", "stream", "sender", "info", "prefill", "publishing")
 
     def __init__(self, route, me, tenant, tokens, stream, sender):
         self.route, self.me, self.tenant, self.tokens, self.stream, self.sender = route, me, tenant, tokens, stream, sender
         self.info = None
+        self.prefill = None        # this request's registration in InFlightPrefills, if any
+        self.publishing = False    # its pages went to the publisher, which ends the registration

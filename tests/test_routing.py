@@ -117,3 +117,20 @@ def test_a_reuse_this_server_ran_is_remembered_per_donor_plan_and_context(store)
     assert not other_plan.cached and not other_receiver.cached
     recent.forget_hybrid("code", "t", first, CTX, FMT.block_size)
     assert not route(store, FixedSelector(plan), IDS, "code", "t", CTX + [9], recent).cached
+
+
+def test_in_flight_prefills_cover_a_context_until_they_end():
+    from kvrelay.kv_format import block_hashes
+    from kvrelay.routing import InFlightPrefills
+    fl = InFlightPrefills()
+    ctx = block_hashes(CTX + [1, 2, 3, 4], 4)                    # 7 blocks
+    p = fl.begin("base", "t", "fp", ctx)
+    mine = block_hashes(CTX + [1, 2, 3, 4] + [9] * 8, 4)        # 9 blocks, the first 7 shared
+    assert fl.covering("t", "fp", mine, lambda m: True) is p
+    assert fl.covering("t", "fp", mine, lambda m: m != "base") is None          # not a model worth waiting for
+    assert fl.covering("t2", "fp", mine, lambda m: True) is None                # other tenant
+    assert fl.covering("t", "fp", block_hashes(CTX[:8] + [5] * 40, 4), lambda m: True) is None  # 2 of 12 blocks
+    assert not p.done.is_set()
+    fl.end(p)
+    fl.end(p)                                                   # idempotent
+    assert p.done.is_set() and fl.covering("t", "fp", mine, lambda m: True) is None

@@ -156,3 +156,12 @@ def test_a_repeat_reuse_does_not_move_the_donor_pages_again(server):
     assert again.info["kv_route"].startswith("reuse") and again.info["kv_route"].endswith("hybrid KV cached in the engine")
     assert again.text == first.text and again.info["kv_recomputed_layers"] == first.info["kv_recomputed_layers"] == 2
     assert _fetched_bytes(server) == moved
+
+
+def test_a_request_waits_for_an_in_flight_prefill_of_its_context(server):
+    t = tenant()
+    with ThreadPoolExecutor(2) as pool:
+        a, b = pool.map(lambda m: ask(server, m, "Who produces pages?", t), ["code", "base"])
+    routes = sorted([a.info["kv_route"], b.info["kv_route"]])
+    assert routes[0] == "full: miss", routes
+    assert routes[1].startswith("reuse") and routes[1].endswith("(after an in-flight prefill)"), routes
