@@ -33,7 +33,8 @@ def add_arguments(p):
     g = p.add_mutually_exclusive_group()
     g.add_argument("--family", help="family served with defaults (default: tiny)")
     g.add_argument("--deployment", help="deployment TOML (deploy/*.toml), e.g. deploy/llama8b-gpu.toml")
-    p.add_argument("--store", help="page store override (default: the deployment's; always a fresh in-memory one)")
+    p.add_argument("--store", help="page store override (default: the deployment's, grown to what the workload "
+                                  "publishes, up to a third of this machine's memory; always a fresh in-memory one)")
     p.add_argument("--profiles", help="profiles directory (default: the deployment's, i.e. the checkout's profiles/)")
     p.add_argument("--plan", help="recompute plan for every pair, e.g. 8-16 (layers [8,16)): written as fixed profiles "
                                   "under --out and used instead of measured ones; for throughput runs of families "
@@ -108,6 +109,45 @@ def write_fixed_profiles(dep, plan_text: str, root: Path) -> list[str]:
             }, profile_file.path_for(root, dep.family, s, r))
             out.append(f"{s}__{r}")
     return out
+
+
+def _pages_needed(dep, workload) -> int:
+    from kvrelay import deployment as dp
+    ids = dp.identities(dep)
+    tokens = {c.id: c.tokens for c in workload.contexts}
+    return sum(tokens[cid] * ids[m].page_format.page_bytes // ids[m].page_format.block_size
+               for cid, m in {(r.context_id, r.model) for r in workload.requests})
+
+
+def size_store(dep, workload) -> str:
+    """Grow the run's fresh in-memory store to what the workload publishes (+10%), up to a third of
+    this machine's memory (the engines and page copies in flight need the rest); says what it did
+    ("" if nothing)."""
+    from kvrelay.units import parse_bytes
+    kind, _, size = dep.store.partition(":")
+    if kind != "memory":
+        return ""
+    have = parse_bytes(size) if size else 0
+    want = min(int(_pages_needed(dep, workload) * 1.1), os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 3)
+    if want >> 20 <= have >> 20:
+        return ""
+    dep.store = f"memory:{want >> 20}MiB"
+    return f"page store sized to the workload: {dep.store} (was {size or 'default'}; --store overrides)"
+
+
+def store_shortfall(dep, workload) -> str:
+    """A warning when an in-memory store cannot hold the pages this workload publishes (every
+    context once per model that requests it, KV and E): evicted pages turn later hits into misses,
+    in both modes, and the run then measures the store's size rather than sharing."""
+    from kvrelay.units import parse_bytes
+    kind, _, size = dep.store.partition(":")
+    if kind != "memory" or not size:
+        return ""
+    need, have = _pages_needed(dep, workload), parse_bytes(size)
+    if need <= have:
+        return ""
+    return (f"the page store holds {have / 2**30:.1f} GiB but this workload publishes up to {need / 2**30:.1f} GiB of "
+            f"pages: evictions will turn hits into misses in both modes (--store memory:SIZE)")
 
 
 def _profiles_present(dep) -> list[str]:
@@ -200,6 +240,13 @@ def run(args) -> int:
          f"({workload.context_source}, {min(c.tokens for c in workload.contexts)}-"
          f"{max(c.tokens for c in workload.contexts)} tokens), {len(spec.models)} models, built in "
          f"{time.monotonic() - t0:.1f}s; results in {out_dir}")
+    if not url and not args.store:
+        sized = size_store(dep, workload)
+        if sized:
+            _log(sized)
+    short = "" if url else store_shortfall(dep, workload)
+    if short:
+        warnings.append(short)
     for w in warnings:
         _log(f"warning: {w}")
 

@@ -229,3 +229,21 @@ def test_url_must_be_loopback():
     p = subprocess.run([sys.executable, "-m", "kvrelay.cli", "loadtest", "--url", "10.0.0.1:8001", "--mode", "on"],
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert p.returncode == 2 and "only target this machine" in p.stderr
+
+
+def test_store_is_sized_to_the_pages_the_workload_publishes(tiny_family):
+    from types import SimpleNamespace as NS
+
+    from kvrelay import deployment as dp
+    from kvrelay.loadtest import cli
+    dep = dp.for_family("tiny", store="memory:1MiB")
+    fmt = dp.identities(dep)["base"].page_format
+    work = NS(contexts=[NS(id=0, tokens=1024), NS(id=1, tokens=2048)],
+              requests=[NS(context_id=0, model="base"), NS(context_id=0, model="code"),
+                        NS(context_id=0, model="code"), NS(context_id=1, model="legal")])
+    need = (1024 * 2 + 2048) * fmt.page_bytes // fmt.block_size          # 3 distinct (context, model) pairs
+    assert "publishes up to" in cli.store_shortfall(dep, work)
+    assert cli.size_store(dep, work).startswith("page store sized to the workload")
+    assert dep.store == f"memory:{int(need * 1.1) >> 20}MiB" and cli.store_shortfall(dep, work) == ""
+    assert cli.size_store(dep, work) == ""                                 # big enough: left alone
+    assert cli.store_shortfall(dp.for_family("tiny", store="redis://127.0.0.1:1"), work) == ""
