@@ -269,7 +269,6 @@ class TorchEngine:
             raise KvRelayError(f"the hybrid KV of {donor.producer} + plan {plan} is no longer cached here "
                                f"({len(hit)} of {n_reuse_blocks} blocks) and no donor pages came with the request")
         if lo < n_reuse:
-            self._check_payload(donor, plan)
             for a, b in plan.groups:  # recompute groups first: they need only E, not the donor's KV
                 h = self.model.embed(self._tensor(toks[lo:n_reuse])) if a == 0 else \
                     donor.e_layer(a)[lo:n_reuse].to(self.device, self.pool.kv.dtype)

@@ -119,7 +119,7 @@ def _pages_needed(dep, workload) -> int:
                for cid, m in {(r.context_id, r.model) for r in workload.requests})
 
 
-def size_store(dep, workload) -> str:
+def size_store(dep, need: int) -> str:
     """Grow the run's fresh in-memory store to what the workload publishes (+10%), up to a third of
     this machine's memory (the engines and page copies in flight need the rest); says what it did
     ("" if nothing)."""
@@ -128,14 +128,14 @@ def size_store(dep, workload) -> str:
     if kind != "memory":
         return ""
     have = parse_bytes(size) if size else 0
-    want = min(int(_pages_needed(dep, workload) * 1.1), os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 3)
+    want = min(int(need * 1.1), os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 3)
     if want >> 20 <= have >> 20:
         return ""
     dep.store = f"memory:{want >> 20}MiB"
     return f"page store sized to the workload: {dep.store} (was {size or 'default'}; --store overrides)"
 
 
-def store_shortfall(dep, workload) -> str:
+def store_shortfall(dep, need: int) -> str:
     """A warning when an in-memory store cannot hold the pages this workload publishes (every
     context once per model that requests it, KV and E): evicted pages turn later hits into misses,
     in both modes, and the run then measures the store's size rather than sharing."""
@@ -143,7 +143,7 @@ def store_shortfall(dep, workload) -> str:
     kind, _, size = dep.store.partition(":")
     if kind != "memory" or not size:
         return ""
-    need, have = _pages_needed(dep, workload), parse_bytes(size)
+    have = parse_bytes(size)
     if need <= have:
         return ""
     return (f"the page store holds {have / 2**30:.1f} GiB but this workload publishes up to {need / 2**30:.1f} GiB of "
@@ -240,13 +240,14 @@ def run(args) -> int:
          f"({workload.context_source}, {min(c.tokens for c in workload.contexts)}-"
          f"{max(c.tokens for c in workload.contexts)} tokens), {len(spec.models)} models, built in "
          f"{time.monotonic() - t0:.1f}s; results in {out_dir}")
-    if not url and not args.store:
-        sized = size_store(dep, workload)
+    if not url:
+        need = _pages_needed(dep, workload)
+        sized = "" if args.store else size_store(dep, need)
         if sized:
             _log(sized)
-    short = "" if url else store_shortfall(dep, workload)
-    if short:
-        warnings.append(short)
+        short = store_shortfall(dep, need)
+        if short:
+            warnings.append(short)
     for w in warnings:
         _log(f"warning: {w}")
 
@@ -273,16 +274,17 @@ def run(args) -> int:
         with open(out_dir / f"requests_{m}.jsonl", "w", encoding="utf-8") as f:
             for rec in sorted(r.records, key=lambda x: x["index"]):
                 f.write(json.dumps(rec) + "\n")
+    described = workload.describe()
     summary = {
         "family": dep.family,
         "throughput_ratio": comparison.get("throughput_ratio"),
-        "full_prefill_ceiling": workload.describe()["full_prefill_ceiling"],
+        "full_prefill_ceiling": described["full_prefill_ceiling"],
         "errors": sum(s["errors"] for s in modes.values()),
         "modes": modes,
         "comparison": comparison,
         "quality": quality,
         "cross_model": cross,
-        "workload": workload.describe(),
+        "workload": described,
         "deployment": {"family": dep.family, "models": dep.model_names, "store": dep.store,
                        "quality_target": dep.quality_target,
                        "profiles_dir": dep.profiles_dir or "profiles/", "profiles": pairs,

@@ -242,8 +242,9 @@ def test_store_is_sized_to_the_pages_the_workload_publishes(tiny_family):
               requests=[NS(context_id=0, model="base"), NS(context_id=0, model="code"),
                         NS(context_id=0, model="code"), NS(context_id=1, model="legal")])
     need = (1024 * 2 + 2048) * fmt.page_bytes // fmt.block_size          # 3 distinct (context, model) pairs
-    assert "publishes up to" in cli.store_shortfall(dep, work)
-    assert cli.size_store(dep, work).startswith("page store sized to the workload")
-    assert dep.store == f"memory:{int(need * 1.1) >> 20}MiB" and cli.store_shortfall(dep, work) == ""
-    assert cli.size_store(dep, work) == ""                                 # big enough: left alone
-    assert cli.store_shortfall(dp.for_family("tiny", store="redis://127.0.0.1:1"), work) == ""
+    assert cli._pages_needed(dep, work) == need
+    assert "publishes up to" in cli.store_shortfall(dep, need)
+    assert cli.size_store(dep, need).startswith("page store sized to the workload")
+    assert dep.store == f"memory:{int(need * 1.1) >> 20}MiB" and cli.store_shortfall(dep, need) == ""
+    assert cli.size_store(dep, need) == ""                                 # big enough: left alone
+    assert cli.store_shortfall(dp.for_family("tiny", store="redis://127.0.0.1:1"), need) == ""
