@@ -147,6 +147,43 @@ def test_half_written_family_is_not_accepted(empty_home):
         load_family("tiny")
 
 
+def test_family_of_an_older_recipe_is_rebuilt(empty_home, monkeypatch):
+    """A family built by an older recipe is not accepted (its profiles would describe other weights)."""
+    root = empty_home / "families" / "tiny"
+    (root / "base").mkdir(parents=True)
+    for f in registry.MODEL_FILES:
+        (root / "base" / f).write_text("{}")
+    manifest = {"name": "tiny", "base": "base", "models": ["base"], "fingerprint": "x"}
+    (root / "family.json").write_text(json.dumps(manifest))
+    assert load_family("tiny").name == "tiny"          # no recipe recorded = recipe 1 = tiny's
+    monkeypatch.setattr(tiny_builder, "RECIPE", 2, raising=False)
+    with pytest.raises(FamilyNotBuilt, match="built with recipe 1, this kvrelay builds recipe 2"):
+        load_family("tiny")
+    (root / "family.json").write_text(json.dumps({**manifest, "recipe": 2}))
+    assert load_family("tiny").name == "tiny"
+
+
+def test_partial_fine_tune_leaves_lower_layers_and_embeddings_alone():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kvrelay.families import finetune
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                                         num_key_value_heads=1, intermediate_size=64, tie_word_embeddings=True))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert finetune.train_top_layers(model, 1) == (3, 4)
+    blocks = torch.randint(0, 64, (8, 16))
+    finetune.train(model, blocks, max_steps=3, batch_size=4, lr=1e-2, seed=0, warmup=1, weight_decay=0.1,
+                   progress=False)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith(("model.layers.3.", "model.norm.")) for k in changed), changed
+    assert "model.layers.3.self_attn.k_proj.weight" in changed
+    with pytest.raises(ValueError, match="n_layers must be in 1..4"):
+        finetune.train_top_layers(model, 5)
+
+
 def test_interrupted_build_leaves_nothing(empty_home, monkeypatch):
     def failing_build(workdir, progress=True):
         (workdir / "base").mkdir()

@@ -8,7 +8,7 @@ from kvrelay.families.registry import FAMILY_NAMES
 
 def add_arguments(parser) -> None:
     parser.add_argument("--family", required=True, choices=FAMILY_NAMES,
-                        help="family to build: tiny (test models, ~1 min) or smol (SmolLM2-135M + fine-tunes, ~35 min)")
+                        help="family to build: tiny (test models, ~1 min) or smol (SmolLM2-135M + fine-tunes, ~15-30 min)")
     parser.add_argument("--force", action="store_true", help="rebuild even if the family is already built")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
 
@@ -27,7 +27,8 @@ def summary_lines(family) -> list[str]:
         elif m == family.base:
             parts.append(f"(pretrained, converted in {b.get('seconds', '?')} s)")
         else:
-            parts.append(f"({b.get('steps', '?')} steps on {b.get('corpus', '?')}, {b.get('seconds', '?')} s)")
+            layers = f", layers {b['trained_layers'][0]}-{b['trained_layers'][1] - 1} trained" if b.get("trained_layers") else ""
+            parts.append(f"({b.get('steps', '?')} steps on {b.get('corpus', '?')}{layers}, {b.get('seconds', '?')} s)")
         lines.append(" ".join(parts))
         loss = b.get("heldout_loss")
         if loss and m != family.base:

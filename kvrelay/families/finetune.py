@@ -164,6 +164,24 @@ def train(model, blocks: torch.Tensor, *, max_steps: int, batch_size: int, lr: f
                        last_loss=round(sum(tail) / len(tail), 4), tokens=step * batch_size * blocks.shape[1])
 
 
+def train_top_layers(model, n_layers: int) -> tuple[int, int]:
+    """Freeze all but the top `n_layers` decoder layers (and the final norm): a partial fine-tune.
+
+    The embeddings (tied to the LM head in SmolLM2) and every lower layer keep the base's weights,
+    so the variant's hidden states and KV below the trained layers are exactly the base's.
+    Returns the trained layer range [first, last)."""
+    layers = model.model.layers
+    if not 1 <= n_layers <= len(layers):
+        raise ValueError(f"n_layers must be in 1..{len(layers)}, got {n_layers}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    first = len(layers) - n_layers
+    for mod in list(layers[first:]) + [model.model.norm]:
+        for p in mod.parameters():
+            p.requires_grad_(True)
+    return first, len(layers)
+
+
 def save_model(model, tokenizer, out_dir) -> None:
     """A standard HF model dir: fp32 config.json + model.safetensors, tokenizer files incl. tokenizer.json."""
     import json

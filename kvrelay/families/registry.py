@@ -65,6 +65,11 @@ def _builder(name: str):
     return importlib.import_module(_BUILDERS[name])
 
 
+def recipe(name: str) -> int:
+    """The builder's recipe version: bumped when a change makes earlier builds of the family stale."""
+    return getattr(_builder(name), "RECIPE", 1)
+
+
 def _not_built(name: str, why: str) -> FamilyNotBuilt:
     return FamilyNotBuilt(f"model family {name!r} is not built ({why}); run: kvrelay models build --family {name}")
 
@@ -84,6 +89,9 @@ def load_family(name: str) -> Family:
     if manifest.get("name") != name or not names or names[0] != base:
         raise KvRelayError(f"{manifest_path} does not describe family {name!r} with its base first; "
                            f"rebuild: kvrelay models build --family {name} --force")
+    built, current = manifest.get("recipe", 1), recipe(name)
+    if built != current:
+        raise _not_built(name, f"{root} was built with recipe {built}, this kvrelay builds recipe {current}")
     models = {m: root / m for m in names}
     for m, d in models.items():
         missing = [f for f in MODEL_FILES if not (d / f).is_file()]
@@ -179,6 +187,7 @@ def _manifest(name: str, builder, tmp: Path, info: dict, seconds: float) -> dict
         "format": FORMAT,
         "name": name,
         "base": builder.BASE,
+        "recipe": getattr(builder, "RECIPE", 1),
         "models": models,
         "fingerprint": fps[models[0]],
         "build": {m: info.get(m, {}) for m in models},
