@@ -74,12 +74,14 @@ def test_mid_plan_reuses_outside_and_recomputes_inside(pair, rng):
     family, S, R = pair
     ctx, p_s, p_r = _case(rng, family, S)
     pages = _donor_pages(S, p_s)
-    plan = RecomputePlan(((2, 4),))
+    L = R.num_layers
+    # the top two layers: every pair differs there (smol variants fine-tune only their top layers)
+    plan = RecomputePlan(((L - 2, L),))
     _, hybrid, info = _run(R, p_r, plan, pages)
     n = info.reused_tokens // 16
-    for layer in range(R.num_layers):
+    for layer in range(L):
         same = torch.equal(hybrid.kv[:n, layer], pages.kv[:n, layer])
-        assert same == (layer not in (2, 3)), f"layer {layer}"
+        assert same == (layer < L - 2), f"layer {layer}"
 
 
 def test_sender_equals_receiver_is_lossless(pair, rng):
