@@ -147,7 +147,7 @@ def test_half_written_family_is_not_accepted(empty_home):
         load_family("tiny")
 
 
-def test_family_of_an_older_recipe_is_rebuilt(empty_home, monkeypatch):
+def test_family_of_an_older_recipe_is_rebuilt(empty_home, monkeypatch, families_cli, capsys):
     """A family built by an older recipe is not accepted (its profiles would describe other weights)."""
     root = empty_home / "families" / "tiny"
     (root / "base").mkdir(parents=True)
@@ -159,6 +159,8 @@ def test_family_of_an_older_recipe_is_rebuilt(empty_home, monkeypatch):
     monkeypatch.setattr(tiny_builder, "RECIPE", 2, raising=False)
     with pytest.raises(FamilyNotBuilt, match="built with recipe 1, this kvrelay builds recipe 2"):
         load_family("tiny")
+    assert families_cli(["models", "list"]) == 0
+    assert "stale" in capsys.readouterr().out.splitlines()[0]
     (root / "family.json").write_text(json.dumps({**manifest, "recipe": 2}))
     assert load_family("tiny").name == "tiny"
 

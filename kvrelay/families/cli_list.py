@@ -16,8 +16,10 @@ def run(args) -> int:
         try:
             family = load_family(name)
         except KvRelayError as e:
-            state = "not built" if "not built" in str(e) else f"broken: {e}"
-            print(f"{name:<6} {state:<10} {family_dir(name)}")
+            state = ("stale" if "built with recipe" in str(e) else "not built") if "not built" in str(e) \
+                else f"broken: {e}"
+            print(f"{name:<6} {state:<10} {family_dir(name)}" + ("  (an older recipe: the next use rebuilds it)"
+                                                                 if state == "stale" else ""))
             continue
         print(f"{name:<6} {'built':<10} {family.root}  (models: {', '.join(family.models)}; "
               f"fingerprint {family.fingerprint})")
