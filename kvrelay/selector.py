@@ -154,33 +154,33 @@ class Selector:
         log.log(logging.WARNING if first else logging.DEBUG, "full prefill for %s->%s: %s", *pair, reason)
         return Choice(None, reason, None, None)
 
-    def has_plan(self, sender: str, receiver: str, sender_fp: str, receiver_fp: str) -> bool:
-        """Whether some profiled plan of this pair meets the quality target (no logging, no counting)."""
+    def _candidates(self, sender: str, receiver: str, sender_fp: str, receiver_fp: str):
+        """(plans of this pair's frontier that meet the quality target, None, None), or (None, the
+        fallback key, the reason) when there are none to choose from."""
         prof = self.profile(sender, receiver)
         if isinstance(prof, str):
-            return False
-        d = prof.data
-        if (d["sender_fingerprint"], d["receiver_fingerprint"]) != (sender_fp, receiver_fp):
-            return False
-        floor = prof.full_prefill_quality * (1 - self.quality_target)
-        return any(p.quality >= floor for p in prof.frontier)
-
-    def choose(self, sender: str, receiver: str, sender_fp: str, receiver_fp: str, *, context_tokens: int,
-               queued: int = 0, slo_s: float | None = None) -> Choice:
-        pair = (sender, receiver)
-        prof = self.profile(sender, receiver)
-        if isinstance(prof, str):
-            return self._fallback(NO_PROFILE if prof.startswith(NO_PROFILE) else MALFORMED, prof, pair)
+            return None, NO_PROFILE if prof.startswith(NO_PROFILE) else MALFORMED, prof
         d = prof.data
         if d["sender_fingerprint"] != sender_fp or d["receiver_fingerprint"] != receiver_fp:
             which = [w for w, a, b in (("sender", d["sender_fingerprint"], sender_fp),
                                        ("receiver", d["receiver_fingerprint"], receiver_fp)) if a != b]
-            return self._fallback(FP_MISMATCH, f"{FP_MISMATCH}: the {' and '.join(which)} model(s) differ from "
-                                               f"those profiled for {sender}->{receiver}; re-profile", pair)
+            return None, FP_MISMATCH, (f"{FP_MISMATCH}: the {' and '.join(which)} model(s) differ from those "
+                                       f"profiled for {sender}->{receiver}; re-profile")
         floor = prof.full_prefill_quality * (1 - self.quality_target)
         cands = [p for p in prof.frontier if p.quality >= floor]
         if not cands:
-            return self._fallback(NO_PLAN, f"{NO_PLAN} ({floor:.2f}) for {sender}->{receiver}", pair)
+            return None, NO_PLAN, f"{NO_PLAN} ({floor:.2f}) for {sender}->{receiver}"
+        return cands, None, None
+
+    def has_plan(self, sender: str, receiver: str, sender_fp: str, receiver_fp: str) -> bool:
+        """Whether some profiled plan of this pair meets the quality target (no logging, no counting)."""
+        return self._candidates(sender, receiver, sender_fp, receiver_fp)[0] is not None
+
+    def choose(self, sender: str, receiver: str, sender_fp: str, receiver_fp: str, *, context_tokens: int,
+               queued: int = 0, slo_s: float | None = None) -> Choice:
+        cands, key, reason = self._candidates(sender, receiver, sender_fp, receiver_fp)
+        if cands is None:
+            return self._fallback(key, reason, (sender, receiver))
         predict = (lambda p: self.latency.predict(context_tokens, p.layers)) if self.latency else (lambda p: None)
         fewest = min(cands, key=lambda p: (p.layers, -p.quality))
         if queued > 0:
