@@ -119,32 +119,34 @@ def _pages_needed(dep, workload) -> int:
                for cid, m in {(r.context_id, r.model) for r in workload.requests})
 
 
+def _memory_store_bytes(dep) -> int | None:
+    """The size of the deployment's in-memory store (0: the default size), None for another store."""
+    from kvrelay.units import parse_bytes
+    kind, _, size = dep.store.partition(":")
+    return None if kind != "memory" else parse_bytes(size) if size else 0
+
+
 def size_store(dep, need: int) -> str:
     """Grow the run's fresh in-memory store to what the workload publishes (+10%), up to a third of
     this machine's memory (the engines and page copies in flight need the rest); says what it did
     ("" if nothing)."""
-    from kvrelay.units import parse_bytes
-    kind, _, size = dep.store.partition(":")
-    if kind != "memory":
+    have = _memory_store_bytes(dep)
+    if have is None:
         return ""
-    have = parse_bytes(size) if size else 0
+    was = dep.store.partition(":")[2] or "default"
     want = min(int(need * 1.1), os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 3)
     if want >> 20 <= have >> 20:
         return ""
     dep.store = f"memory:{want >> 20}MiB"
-    return f"page store sized to the workload: {dep.store} (was {size or 'default'}; --store overrides)"
+    return f"page store sized to the workload: {dep.store} (was {was}; --store overrides)"
 
 
 def store_shortfall(dep, need: int) -> str:
     """A warning when an in-memory store cannot hold the pages this workload publishes (every
     context once per model that requests it, KV and E): evicted pages turn later hits into misses,
     in both modes, and the run then measures the store's size rather than sharing."""
-    from kvrelay.units import parse_bytes
-    kind, _, size = dep.store.partition(":")
-    if kind != "memory" or not size:
-        return ""
-    have = parse_bytes(size)
-    if need <= have:
+    have = _memory_store_bytes(dep)
+    if not have or need <= have:
         return ""
     return (f"the page store holds {have / 2**30:.1f} GiB but this workload publishes up to {need / 2**30:.1f} GiB of "
             f"pages: evictions will turn hits into misses in both modes (--store memory:SIZE)")
