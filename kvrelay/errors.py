@@ -17,5 +17,9 @@ class FamilyNotBuilt(KvRelayError):
     """A model family whose weights are not on disk yet."""
 
 
+class StaleFamily(FamilyNotBuilt):
+    """A model family on disk that an older recipe built: it counts as not built (rebuilt on use)."""
+
+
 class SourceMissing(KvRelayError):
     """A package that a family build reads (weights, corpus) is not installed."""

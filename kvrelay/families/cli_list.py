@@ -7,7 +7,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from kvrelay.errors import KvRelayError
+    from kvrelay.errors import KvRelayError, StaleFamily
     from kvrelay.families.cli import summary_lines
     from kvrelay.families.registry import FAMILY_NAMES, load_family
     from kvrelay.paths import family_dir
@@ -15,11 +15,12 @@ def run(args) -> int:
     for name in FAMILY_NAMES:
         try:
             family = load_family(name)
+        except StaleFamily:
+            print(f"{name:<6} {'stale':<10} {family_dir(name)}  (an older recipe: the next use rebuilds it)")
+            continue
         except KvRelayError as e:
-            state = ("stale" if "built with recipe" in str(e) else "not built") if "not built" in str(e) \
-                else f"broken: {e}"
-            print(f"{name:<6} {state:<10} {family_dir(name)}" + ("  (an older recipe: the next use rebuilds it)"
-                                                                 if state == "stale" else ""))
+            state = "not built" if "not built" in str(e) else f"broken: {e}"
+            print(f"{name:<6} {state:<10} {family_dir(name)}")
             continue
         print(f"{name:<6} {'built':<10} {family.root}  (models: {', '.join(family.models)}; "
               f"fingerprint {family.fingerprint})")

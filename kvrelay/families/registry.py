@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvrelay.errors import FamilyNotBuilt, KvRelayError
+from kvrelay.errors import FamilyNotBuilt, KvRelayError, StaleFamily
 from kvrelay.paths import family_dir
 
 FAMILY_NAMES: tuple[str, ...] = ("tiny", "smol")
@@ -70,8 +70,8 @@ def recipe(name: str) -> int:
     return getattr(_builder(name), "RECIPE", 1)
 
 
-def _not_built(name: str, why: str) -> FamilyNotBuilt:
-    return FamilyNotBuilt(f"model family {name!r} is not built ({why}); run: kvrelay models build --family {name}")
+def _not_built(name: str, why: str, cls: type[FamilyNotBuilt] = FamilyNotBuilt) -> FamilyNotBuilt:
+    return cls(f"model family {name!r} is not built ({why}); run: kvrelay models build --family {name}")
 
 
 def load_family(name: str) -> Family:
@@ -91,7 +91,8 @@ def load_family(name: str) -> Family:
                            f"rebuild: kvrelay models build --family {name} --force")
     built, current = manifest.get("recipe", 1), recipe(name)
     if built != current:
-        raise _not_built(name, f"{root} was built with recipe {built}, this kvrelay builds recipe {current}")
+        raise _not_built(name, f"{root} was built with recipe {built}, this kvrelay builds recipe {current}",
+                         StaleFamily)
     models = {m: root / m for m in names}
     for m, d in models.items():
         missing = [f for f in MODEL_FILES if not (d / f).is_file()]
@@ -187,7 +188,7 @@ def _manifest(name: str, builder, tmp: Path, info: dict, seconds: float) -> dict
         "format": FORMAT,
         "name": name,
         "base": builder.BASE,
-        "recipe": getattr(builder, "RECIPE", 1),
+        "recipe": recipe(name),
         "models": models,
         "fingerprint": fps[models[0]],
         "build": {m: info.get(m, {}) for m in models},
