@@ -20,6 +20,7 @@ COMMANDS = [
     (("profile",), "kvrelay.profiler.cli", "offline profile of a (sender, receiver) pair; `profile plot`, `profile check`"),
     (("eval",), "kvrelay.evaluate", "quality and prefill time: full prefill vs. full reuse vs. selected plan"),
     (("loadtest",), "kvrelay.loadtest.cli", "Locust load test: the same workload with sharing off and on; throughput ratio"),
+    (("stress",), "kvrelay.loadtest.stress_cli", "many concurrent mixed clients (HTTP, gRPC, streaming, hang-ups); errors, server RSS"),
 ]
 
 

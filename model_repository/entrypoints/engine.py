@@ -1,1 +1,0 @@
-from kvrelay.triton.engine_model import TritonPythonModel  # noqa: F401
