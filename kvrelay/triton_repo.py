@@ -8,9 +8,7 @@ from string import Template
 from kvrelay.deployment import Deployment, validate
 from kvrelay.errors import KvRelayError
 from kvrelay.paths import repo_root
-
-KV_TYPES = {"float32": "TYPE_FP32", "bfloat16": "TYPE_BF16", "float16": "TYPE_FP16"}
-
+from kvrelay.serving.unary_channel import make_endpoint
 
 def _render(template: str, **values) -> str:
     path = repo_root() / "model_repository" / "templates" / f"{template}.pbtxt"
@@ -38,16 +36,15 @@ def generate(dep: Deployment, out: Path) -> Path:
     deployment = out / "deployment.json"
     deployment.write_text(dep.to_json())
     common = {"deployment": str(deployment)}
+    address, key = make_endpoint(out)
     for stream in (False, True):
         suffix = "_stream" if stream else ""
+        # one core process (it owns the engines and the in-memory store); unary forwarders may be more
         _model(out, f"orchestrator{suffix}", _render("orchestrator", name=f"orchestrator{suffix}",
-               decoupled=str(stream).lower(), instances=dep.orchestrator_instances, **common), "orchestrator")
+               decoupled=str(stream).lower(), instances=1 if stream else dep.orchestrator_instances,
+               core_address=address, core_key=str(key), **common), "orchestrator")
         _model(out, f"ensemble{suffix}", _render("ensemble", name=f"ensemble{suffix}",
                orchestrator=f"orchestrator{suffix}"), None)
     for pp in ("preprocessing", "postprocessing"):
         _model(out, pp, _render(pp, instances=1, **common), pp)
-    for m in dep.models:
-        kind = "KIND_GPU" if m.device.startswith("cuda") else "KIND_CPU"
-        _model(out, f"engine_{m.name}", _render("engine", model=m.name, family=dep.family, kind=kind,
-               instances=m.instances, kv_type=KV_TYPES[m.dtype], **common), "engine")
     return deployment
