@@ -49,25 +49,30 @@ def _ensure_family(family: str) -> None:
 def start(dep, workdir, **ports):
     from kvrelay.triton_repo import generate
     from kvrelay.tritonserver import TritonServer
+    server = TritonServer(workdir / "repository", workdir, **ports)
+    server.check_ports()   # before generate(), which replaces the repository another server may be using
     generate(dep, workdir / "repository")
-    return TritonServer(workdir / "repository", workdir, **ports).start()
+    return server.start()
 
 
 def run(args) -> int:
+    from kvrelay.supervisor import Supervised
     dep, workdir = resolve(args)
     print(f"kvrelay: starting tritonserver for family {dep.family} ({', '.join(dep.model_names)}), "
           f"store {dep.store}, sharing {'on' if dep.sharing else 'off'}", file=sys.stderr)
-    server = start(dep, workdir, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
-                   metrics_port=args.metrics_port)
+    sup = Supervised(dep, workdir, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,
+                     metrics_port=args.metrics_port).start()
+    server = sup.server
     print(f"kvrelay: ready. HTTP {server.http_url}  gRPC {server.grpc_url}  metrics {server.metrics_url}\n"
           f"kvrelay: log {server.log_path}; Ctrl-C to stop", file=sys.stderr)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    while not stop.wait(1.0):
-        if server.proc.poll() is not None:
-            print(f"kvrelay: tritonserver exited ({server.proc.returncode}); log {server.log_path}", file=sys.stderr)
-            return 1
-    print("kvrelay: stopping", file=sys.stderr)
-    server.stop()
+    try:
+        while not stop.wait(1.0):
+            if not sup.check():   # restarts tritonserver when it or a stub died; False = crash loop
+                return 1
+    finally:
+        print("kvrelay: stopping", file=sys.stderr)
+        sup.stop()
     return 0

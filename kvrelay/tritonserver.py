@@ -20,6 +20,8 @@ from pathlib import Path
 from kvrelay.errors import KvRelayError
 
 SHM_POOL_BYTES = 64 << 20  # per Python-backend stub
+# What tritonserver logs on every start on a machine without a GPU: never the reason it failed.
+CPU_NOISE = ("CUDA", "NVML", "DCGM", "pinned", "CudaDriverHelper")
 
 
 def free_port() -> int:
@@ -92,6 +94,11 @@ class TritonServer:
         return f"http://{self.host}:{self.metrics_port}/metrics"
 
     def start(self, timeout_s: float = 180) -> "TritonServer":
+        """Start and wait until ready. The ports are checked first (a taken port fails in one line,
+        before any model loads); tritonserver dies with the thread that started it (PDEATHSIG), so a
+        `kill -9` of its parent leaves nothing serving; an interrupt while loading stops it cleanly."""
+        self.check_ports()
+        remove_stale_regions()
         self.workdir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
         env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
@@ -107,17 +114,32 @@ class TritonServer:
                f"--backend-config=python,shm-default-byte-size={SHM_POOL_BYTES}",
                f"--backend-config=python,shm-growth-byte-size={SHM_POOL_BYTES}"]
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.wait_ready(timeout_s)
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=_die_with_parent)
+        try:
+            self.wait_ready(timeout_s)
+        except BaseException:  # not ready, or Ctrl-C while models load: leave nothing behind
+            self.stop()
+            raise
         return self
+
+    def check_ports(self) -> None:
+        for what, port in (("HTTP", self.http_port), ("gRPC", self.grpc_port), ("metrics", self.metrics_port)):
+            with socket.socket() as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind((self.host, port))
+                except OSError as e:
+                    raise KvRelayError(f"{what} port {self.host}:{port} is not free ({e.strerror}): stop what uses it "
+                                       f"or choose another port") from None
 
     def wait_ready(self, timeout_s: float) -> None:
         import urllib.request
         t0 = time.time()
         while time.time() - t0 < timeout_s:
             if self.proc.poll() is not None:
-                raise KvRelayError(f"tritonserver exited with code {self.proc.returncode}; log: {self.log_path}\n"
-                                   + self.log_tail())
+                raise KvRelayError(f"tritonserver exited with code {self.proc.returncode} while loading: "
+                                   f"{self.failure_line()} (log: {self.log_path})")
             try:
                 with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=1) as r:
                     if r.status == 200:
@@ -125,8 +147,16 @@ class TritonServer:
             except OSError:
                 pass
             time.sleep(0.2)
-        self.stop()
-        raise KvRelayError(f"tritonserver not ready after {timeout_s:.0f}s; log: {self.log_path}\n" + self.log_tail())
+        raise KvRelayError(f"tritonserver not ready after {timeout_s:.0f}s: {self.failure_line()} (log: {self.log_path})")
+
+    def failure_line(self) -> str:
+        """The log line that says why, not the 40 lines of tables around it."""
+        lines = [l for l in self.log_tail(400).splitlines()
+                 if l.strip() and not l.startswith(("+", "|")) and not any(n in l for n in CPU_NOISE)]
+        for l in reversed(lines):
+            if l.startswith("E") or "error" in l.lower() or "failed" in l.lower():
+                return l.strip()[:500]
+        return lines[-1].strip()[:500] if lines else "no log output"
 
     def log_tail(self, n: int = 30) -> str:
         try:
@@ -152,6 +182,7 @@ class TritonServer:
                 os.unlink(region)
             except FileNotFoundError:
                 pass
+        remove_stale_regions()  # a stub that died earlier is no longer among `mine`
         self._log.close()
         self.proc = None
 
@@ -164,6 +195,36 @@ class TritonServer:
 
     def __exit__(self, *exc):
         self.stop()
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGKILL when the thread that started it exits (prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
+
+
+def remove_stale_regions() -> list[str]:
+    """Python-backend shm regions that no live process maps any more: left by a server or stub that
+    was killed (SIGKILL never runs their cleanup). A region in use is always mapped by its stub."""
+    regions = shm_regions()
+    if not regions:
+        return []
+    mapped: set[str] = set()
+    for d in glob.glob("/proc/[0-9]*"):
+        try:
+            with open(f"{d}/maps", "rb") as f:
+                for line in f:
+                    if b"triton_python_backend_shm_region_" in line:
+                        mapped.add(line.rsplit(b"/", 1)[-1].strip().decode())
+        except OSError:
+            continue
+    stale = [r for r in regions if r.rsplit("/", 1)[-1] not in mapped]
+    for r in stale:
+        try:
+            os.unlink(r)
+        except FileNotFoundError:
+            pass
+    return stale
 
 
 def _kill_group(pgid: int) -> None:
