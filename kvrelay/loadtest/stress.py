@@ -143,7 +143,7 @@ class _Client:
     def _grpc_stream(self, question, n, kw, hang_up, t0) -> tuple[dict, float | None]:
         from kvrelay.client import _info, _inputs, _message, _text
         q: queue.Queue = queue.Queue()
-        ttft, info, text = None, {}, ""
+        ttft, info, text, complete = None, {}, "", False
         self.grpc.start_stream(callback=lambda result, error: q.put((result, error)))
         try:
             self.grpc.async_stream_infer("ensemble_stream", _inputs(self.grpcmod, question, n, stream=True, **kw),
@@ -163,9 +163,10 @@ class _Client:
                         return {**info, "text": text}, ttft
                 p = res.get_response().parameters.get("triton_final_response")
                 if p is not None and p.bool_param:
+                    complete = True
                     return {**info, "text": text}, ttft
-        finally:
-            self.grpc.stop_stream(cancel_requests=hang_up)
+        finally:  # an unfinished stream is cancelled, else stop_stream waits for the server forever
+            self.grpc.stop_stream(cancel_requests=not complete)
 
     def _sse(self, question, n, kw, hang_up, t0) -> tuple[dict, float | None]:
         host, port = self.spec.http_url.rsplit(":", 1)
@@ -227,8 +228,9 @@ def run(spec: StressSpec, progress=None) -> StressResult:
     threads = [threading.Thread(target=worker, args=(i,), name=f"stress-{i}", daemon=True) for i in range(spec.clients)]
     for t in threads:
         t.start()
+    give_up = deadline + spec.timeout_s + 30   # a client stuck past its own timeout is itself a finding
     try:
-        while any(t.is_alive() for t in threads):
+        while any(t.is_alive() for t in threads) and time.monotonic() < give_up:
             time.sleep(min(spec.sample_every_s, 1.0))
             if time.monotonic() - t_start >= len(res.samples) * spec.sample_every_s:
                 sample()
@@ -239,8 +241,9 @@ def run(spec: StressSpec, progress=None) -> StressResult:
         raise
     finally:
         stop.set()
-        for t in threads:
-            t.join(spec.timeout_s + 10)
+    stuck = [t for t in threads if t.is_alive()]
+    for _ in stuck:
+        res.outcomes.append(Outcome("?", "?", False, time.monotonic() - t_start, error="no answer: client stuck past its timeout"))
     res.wall_s = time.monotonic() - t_start
     sample()
     return res

@@ -35,7 +35,7 @@ def busy(tmp_path_factory, test_profiles):
 def test_32_mixed_clients_zero_errors_and_every_stub_alive(busy):
     before = {p.name: p.pid for p in procstats.server_tree(busy.proc.pid)}
     spec = stress.StressSpec(busy.http_url, busy.grpc_url, ("base", "code"), stress.source_contexts(6),
-                             clients=STRESS_CLIENTS, duration_s=STRESS_S, max_tokens=(2, 8), timeout_s=120,
+                             clients=STRESS_CLIENTS, duration_s=STRESS_S, max_tokens=(2, 8), timeout_s=60,
                              tenants=("a", "b"), server_pid=busy.proc.pid)
     s = stress.summary(stress.run(spec))
     print(stress.render(s))
