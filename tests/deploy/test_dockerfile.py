@@ -23,7 +23,8 @@ def test_pinned_ngc_base_non_root_healthcheck_and_generated_repo():
     assert re.search(r"^FROM nvcr\.io/nvidia/tritonserver:\d\d\.\d\d-py3$", TEXT, re.M)
     assert re.search(r"^USER 1000", TEXT, re.M)
     assert "HEALTHCHECK" in TEXT and "/v2/health/ready" in TEXT
-    assert "kvrelay repo --deployment" in TEXT and "--model-repository=/models" in TEXT
+    assert "kvrelay repo --deployment" in TEXT            # a bad deployment fails the build
+    assert re.search(r'^CMD .*exec kvrelay serve --deployment \\"\$DEPLOYMENT\\" --host 0\.0\.0\.0', TEXT, re.M)
 
 
 def test_every_copied_path_exists():
