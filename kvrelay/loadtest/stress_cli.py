@@ -91,6 +91,9 @@ def run(args) -> int:
     if args.contexts < 1 or args.tenants < 1:
         raise KvRelayError("--contexts and --tenants must be >= 1")
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    # every argument checked before a server starts (placeholders for what the server supplies)
+    stress.StressSpec("-", "-", ("-",), ("-",), clients=args.clients, duration_s=args.duration,
+                      disconnect=args.disconnect, kinds=kinds).validate()
     redis = server = None
     try:
         if args.url:
