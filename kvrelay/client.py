@@ -69,7 +69,7 @@ def infer(url: str, text: str, max_tokens: int, protocol: str = "http", timeout_
         res = c.infer("ensemble", _inputs(mod, text, max_tokens, **kw), client_timeout=timeout_s) if protocol == "grpc" \
             else c.infer("ensemble", _inputs(mod, text, max_tokens, **kw))
     except Exception as e:
-        raise KvRelayError(_message(e)) from None
+        raise KvRelayError(_explain(url, protocol, _message(e))) from None
     finally:
         c.close()
     return Result(_text(res), _info(res), time.perf_counter() - t0)
@@ -84,15 +84,18 @@ def stream(url: str, text: str, max_tokens: int, on_text=None, timeout_s: float 
     ttft, parts, info, chunks = None, [], {}, 0
     try:
         c.start_stream(callback=lambda result, error: q.put((result, error)))
-        c.async_stream_infer("ensemble_stream", _inputs(grpcclient, text, max_tokens, stream=True, **kw),
-                             enable_empty_final_response=True)
+        try:
+            c.async_stream_infer("ensemble_stream", _inputs(grpcclient, text, max_tokens, stream=True, **kw),
+                                 enable_empty_final_response=True)
+        except Exception:  # the stream already failed: its cause comes through the callback
+            pass
         while True:
             try:
                 res, err = q.get(timeout=timeout_s)
             except queue.Empty:
                 raise KvRelayError(f"no response within {timeout_s}s") from None
             if err is not None:
-                raise KvRelayError(_message(err))
+                raise KvRelayError(_explain(url, "grpc", _message(err)))
             resp = res.get_response()
             if res.as_numpy("text_output") is not None:
                 piece = _text(res)
@@ -119,6 +122,17 @@ def _module(protocol: str):
     else:
         raise KvRelayError(f"protocol must be http or grpc, got {protocol!r}")
     return m
+
+
+UNREACHABLE = ("Connection refused", "failed to connect", "Name or service not known", "Failed to connect")
+
+
+def _explain(url: str, protocol: str, message: str) -> str:
+    """A refused connection says where we looked and what to do, not just errno 111."""
+    if any(u in message for u in UNREACHABLE):
+        return (f"no kvrelay server answers at {url} ({protocol.upper()}); start one with `kvrelay serve` "
+                f"or give its address with --url")
+    return message
 
 
 def _message(e) -> str:
