@@ -16,7 +16,8 @@ def add_arguments(p):
     p.add_argument("--http-port", type=int, default=8000)
     p.add_argument("--grpc-port", type=int, default=8001)
     p.add_argument("--metrics-port", type=int, default=8002)
-    p.add_argument("--workdir", help="where the generated repository and logs go (default: under $KVRELAY_HOME)")
+    p.add_argument("--workdir", help="where the generated repository and logs go (default: $KVRELAY_HOME/serve/"
+                                     "<family>-<http port>, so two servers on one machine never share one)")
 
 
 def resolve(args):
@@ -35,7 +36,9 @@ def resolve(args):
         dep.sharing = False
     _ensure_family(dep.family)
     from pathlib import Path
-    workdir = Path(args.workdir) if getattr(args, "workdir", None) else home() / "serve" / dep.family
+    port = getattr(args, "http_port", None)
+    workdir = Path(args.workdir) if getattr(args, "workdir", None) else \
+        home() / "serve" / (f"{dep.family}-{port}" if port else dep.family)
     return dp.validate(dep), workdir
 
 

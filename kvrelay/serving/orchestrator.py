@@ -33,6 +33,7 @@ log = logging.getLogger("kvrelay.orchestrator")
 COALESCE_ROUNDS = 3        # in-flight prefills a request waits for, one after another, before prefilling itself
 COALESCE_WAIT_S = 300.0    # longest wait for one of them
 CANCEL_POLL_S = 0.5        # how often a request waiting on its engine asks whether the client left
+MAX_LABEL_CHARS = 128      # tenant and request_id: store keys and log lines, not documents
 
 
 class ClientGone(Exception):
@@ -129,6 +130,10 @@ class Orchestrator:
         if len(tokens) + max_tokens > me.max_model_len:
             raise KvRelayError(f"prompt ({len(tokens)} tokens) + max_tokens ({max_tokens}) exceeds the "
                                f"{me.max_model_len}-token context of {receiver!r}")
+        for name, value in (("tenant", req.tenant), ("request_id", req.request_id)):
+            if len(value) > MAX_LABEL_CHARS or not value.isprintable():
+                raise KvRelayError(f"{name} must be at most {MAX_LABEL_CHARS} printable characters, got "
+                                   f"{len(value)} characters")
         route, prefill = self._route(receiver, me, req.tenant, tokens)
         call = _Call(route, me, req, sink)
         call.prefill = prefill

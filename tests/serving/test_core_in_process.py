@@ -83,6 +83,9 @@ def test_a_client_that_leaves_frees_its_engine_slot(core):
     (ServeRequest(tokens=[], max_tokens=4), "the prompt is empty"),
     (ServeRequest(tokens=[1] * 4095, max_tokens=4), "exceeds the 4096-token context"),
     (ServeRequest(tokens=[10**9], max_tokens=4), "token ids must be in"),
+    (ServeRequest(tokens=[1, 2], max_tokens=4, tenant="t" * 10_000), "tenant must be at most 128 printable"),
+    (ServeRequest(tokens=[1, 2], max_tokens=4, tenant="a\nb"), "tenant must be at most 128 printable"),
+    (ServeRequest(tokens=[1, 2], max_tokens=4, request_id="r" * 129), "request_id must be at most 128"),
 ])
 def test_bad_input_is_a_clear_error(core, req, msg):
     with pytest.raises(KvRelayError, match=msg):
