@@ -1,5 +1,8 @@
-"""`kvrelay` command line. Each subcommand lives in its own module and is imported only when used,
-so `kvrelay --help` stays fast (torch takes seconds to import)."""
+"""kvrelay: serve a family of fine-tuned LLM variants from one Triton server, reusing each other's KV
+cache across models (DroidSpeak layer-selective re-prefill).
+
+Each subcommand lives in its own module and is imported only when used, so `kvrelay --help` stays
+fast (torch takes seconds to import)."""
 from __future__ import annotations
 
 import argparse
@@ -9,11 +12,12 @@ import sys
 from kvrelay.errors import KvRelayError
 
 # (command path, module, help). Each module has `add_arguments(parser)` and `run(args) -> int`.
+GROUPS = {("models",): "build and list model families", ("bench",): "benchmarks that print figures"}
 COMMANDS = [
     (("models", "build"), "kvrelay.families.cli", "build a model family's weights (cached outside git)"),
     (("models", "list"), "kvrelay.families.cli_list", "list model families and whether they are built"),
     (("bench", "prefill"), "kvrelay.bench.prefill", "full prefill vs. layer-selective re-prefill timings"),
-    (("demo",), "kvrelay.demo", "one donor prefill, one cross-model re-prefill, generated text side by side"),
+    (("demo",), "kvrelay.demo", "the main job: a real server, a donor answers, other variants reuse its KV (--in-process: no server)"),
     (("serve",), "kvrelay.serve", "run tritonserver with the family's models, orchestrator and page store"),
     (("query",), "kvrelay.query", "send one request to a running server; print text and KV reuse"),
     (("repo",), "kvrelay.repo_cmd", "write the Triton model repository for a deployment"),
@@ -31,20 +35,30 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    root = _Parser(prog="kvrelay", description=__doc__.split("\n")[0])
-    groups: dict[tuple, argparse._SubParsersAction] = {(): root.add_subparsers(dest="cmd", required=True, parser_class=_Parser)}
+    root = _Parser(prog="kvrelay", description=__doc__.split("\n\n")[0].replace("\n", " "))
+    root.add_argument("--version", action="version", version=f"kvrelay {_version()}")
+    groups: dict[tuple, argparse._SubParsersAction] = {(): root.add_subparsers(dest="cmd", required=True, parser_class=_Parser,
+                                                                               metavar="COMMAND")}
     parents: dict[tuple, argparse.ArgumentParser] = {}
     for path, module, help_ in COMMANDS:
         for i in range(1, len(path)):
             prefix = path[:i]
             if prefix not in groups:
-                p = groups[prefix[:-1]].add_parser(prefix[-1], help=f"{prefix[-1]} commands")
+                p = groups[prefix[:-1]].add_parser(prefix[-1], help=GROUPS[prefix], description=GROUPS[prefix])
                 parents[prefix] = p
                 groups[prefix] = p.add_subparsers(dest=f"cmd_{i}", required=True, parser_class=_Parser)
         p = groups[path[:-1]].add_parser(path[-1], help=help_, description=help_)
         p.set_defaults(_module=module)
         _lazy_arguments(p, module)
     return root
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("kvrelay")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _lazy_arguments(parser: argparse.ArgumentParser, module: str) -> None:
@@ -54,7 +68,11 @@ def _lazy_arguments(parser: argparse.ArgumentParser, module: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    if not (sys.argv[1:] if argv is None else argv):
+        parser.print_help(sys.stderr)
+        parser.exit(2, "\nkvrelay: error: a command is required (see above)\n")
+    args = parser.parse_args(argv)
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except KvRelayError as e:

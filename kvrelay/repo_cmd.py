@@ -4,9 +4,9 @@ from __future__ import annotations
 
 def add_arguments(p):
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--family")
-    g.add_argument("--deployment")
-    p.add_argument("--store")
+    g.add_argument("--family", help="every model of this family with defaults")
+    g.add_argument("--deployment", help="deployment TOML file (see deploy/)")
+    p.add_argument("--store", help="page store override: memory[:SIZE] or redis://HOST:PORT/DB")
     p.add_argument("--out", required=True, help="directory to write (replaced)")
 
 

@@ -12,10 +12,10 @@ def add_arguments(p):
     g.add_argument("--deployment", help="deployment TOML file (see deploy/)")
     p.add_argument("--store", help="page store override: memory[:SIZE] or redis://HOST:PORT/DB")
     p.add_argument("--no-sharing", action="store_true", help="no cross-model reuse: every variant prefills itself")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--http-port", type=int, default=8000)
-    p.add_argument("--grpc-port", type=int, default=8001)
-    p.add_argument("--metrics-port", type=int, default=8002)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--http-port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (default 8001)")
+    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default 8002)")
     p.add_argument("--workdir", help="where the generated repository and logs go (default: $KVRELAY_HOME/serve/"
                                      "<family>-<http port>, so two servers on one machine never share one)")
 
