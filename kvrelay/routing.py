@@ -3,7 +3,9 @@
 - "restore": the receiver's own pages, published by another server: exact KV, no recompute;
 - "reuse":   another variant's pages + the selector's recompute plan (DroidSpeak re-prefill);
 - "full":    prefill from scratch (miss, no profile, sharing off, store down, ...), publishing the
-             prompt's pages afterwards when they are new to the store.
+             prompt's pages afterwards when they are new to the store;
+- "prefix":  the receiver's own prefix cache in its engine holds the context (this server computed
+             it recently): a plain prefix hit, nothing fetched.
 A cross-model entry is only ever used through "reuse" with a plan: never as a plain prefix hit.
 """
 from __future__ import annotations
@@ -92,7 +94,7 @@ def route(store, selector, ids: dict[str, ModelIdentity], receiver: str, tenant:
     key = (receiver, tenant, block_hashes(tokens[: own * B], B)[-1] if own else b"")
     if own and (not cross or own >= cross[0][0]):
         if key in recent:
-            return Route("full", "own prefix: engine cache", export=False)
+            return Route("prefix", "own prefix: engine cache", export=False)
         return Route("restore", "own pages from the store", receiver, me.model_id, own)
     if not sharing or not cross:
         return Route("full", "miss" if not cross else "sharing off", export=export)

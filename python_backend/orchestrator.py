@@ -40,7 +40,7 @@ class TritonPythonModel:
             from kvrelay.serving.orchestrator import Orchestrator
             from kvrelay.serving.unary_channel import UnaryServer
             from kvrelay.triton.metrics import Metrics
-            self.core = Orchestrator(self.dep, metrics=Metrics(args["model_name"]))
+            self.core = Orchestrator(self.dep, metrics=Metrics())
             self.unary = UnaryServer(self.core, p["core_address"], Path(p["core_key"]))
         else:
             from kvrelay.serving.unary_channel import UnaryClient
@@ -135,7 +135,7 @@ def _read(r, decoupled: bool) -> ServeRequest:
         model=io.scalar(r, "model", str, ""), stream=stream, tenant=io.scalar(r, "tenant", str, "") or "default",
         temperature=io.scalar(r, "temperature", float, 0.0), top_p=io.scalar(r, "top_p", float, 1.0),
         seed=io.scalar(r, "random_seed", int, None), stop_ids=io.ints(r, "stop_ids"),
-        request_id=io.scalar(r, "request_id", str, ""))
+        request_id=io.scalar(r, "request_id", str, ""), entry="ensemble_stream" if decoupled else "ensemble")
 
 
 def _tensors(reply: Reply) -> list:

@@ -66,7 +66,7 @@ def test_own_pages_restore_unless_this_server_computed_them(store):
     assert (r.kind, r.producer, r.blocks) == ("restore", "code@wcode", 6)
     recent.add("code", "t", pages("code", CTX).hashes)
     r = route(store, FixedSelector(None), IDS, "code", "t", CTX + [5], recent)
-    assert (r.kind, r.reason) == ("full", "own prefix: engine cache")
+    assert (r.kind, r.reason) == ("prefix", "own prefix: engine cache")
 
 
 def test_longest_donor_wins_and_a_longer_cross_hit_beats_own_pages(store):

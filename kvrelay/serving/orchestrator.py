@@ -52,6 +52,7 @@ class ServeRequest:
     seed: int | None = None
     stop_ids: list[int] = field(default_factory=list)   # tokenized stop words, -1 between them
     request_id: str = ""
+    entry: str = "ensemble"              # the Triton entry point the client used (metrics label)
 
 
 @dataclass(slots=True)
@@ -77,9 +78,9 @@ class Sink(Protocol):
 
 
 class NoMetrics:
-    def prefill(self, route, receiver: str, info: dict) -> None: ...
-    def bytes_moved(self, direction: str, n: int) -> None: ...
-    def store_error(self) -> None: ...
+    def prefill(self, entry: str, route, receiver: str, info: dict) -> None: ...
+    def bytes_moved(self, entry: str, direction: str, n: int) -> None: ...
+    def store_error(self, entry: str) -> None: ...
 
 
 class Orchestrator:
@@ -138,8 +139,8 @@ class Orchestrator:
         call = _Call(route, me, req, sink)
         call.prefill = prefill
         try:
-            donor = self._fetch(route, me, req.tenant, tokens)
-            if route.kind != "full" and donor is None:
+            donor = self._fetch(route, me, req, tokens)
+            if route.kind in ("reuse", "restore") and donor is None:
                 call.route = routing.Route("full", "donor pages unavailable", export=False)
             try:
                 self._run(call, donor)
@@ -180,8 +181,8 @@ class Orchestrator:
         return self.dep.sharing and model in self.ids and self.selector.has_plan(
             model, receiver, self.ids[model].fingerprint, self.ids[receiver].fingerprint)
 
-    def _fetch(self, route, me, tenant, tokens) -> KVPages | None:
-        if route.kind == "full":
+    def _fetch(self, route, me, req: ServeRequest, tokens) -> KVPages | None:
+        if route.kind not in ("reuse", "restore"):
             return None
         fmt = self.ids[route.donor].page_format
         if route.cached:  # the engine should hold the hybrid KV already: send a reference, not pages
@@ -193,15 +194,15 @@ class Orchestrator:
         else:
             layers, e_layers = route.plan.reused_layers(me.num_layers), route.plan.e_layers_needed()
         try:
-            pages = self.store.fetch(tenant, me.fingerprint, route.producer, tokens, fmt, route.blocks,
+            pages = self.store.fetch(req.tenant, me.fingerprint, route.producer, tokens, fmt, route.blocks,
                                      layers=layers, e_layers=e_layers)
         except KvRelayError as e:
             log.warning("fetching pages from %s failed, full prefill: %s", route.producer, e)
-            self.metrics.store_error()
+            self.metrics.store_error(req.entry)
             return None
         if pages is None or pages.num_pages == 0:
             return None
-        self.metrics.bytes_moved("fetch", pages.kv.nbytes + pages.e.nbytes)
+        self.metrics.bytes_moved(req.entry, "fetch", pages.kv.nbytes + pages.e.nbytes)
         return pages
 
     def _run(self, call: "_Call", donor: KVPages | None) -> None:
@@ -246,20 +247,21 @@ class Orchestrator:
         if not (call.req.stream or out.finished):
             return
         route, info = call.route, call.info
-        reusing = route.kind != "full" and info is not None
+        reusing = route.kind in ("reuse", "restore") and info is not None
         ids = list(out.output_tokens)
+        reused_tokens = info.reused_tokens if reusing else info.cached_tokens if info and route.kind == "prefix" else 0
         call.sink.send(Reply(
             output_ids=ids, prev_len=max(len(ids) - 1, 0) if call.req.stream else 0, finished=out.finished,
             route=f"{route.kind}: {route.reason}", donor=route.donor if reusing else "",
             reused_layers=info.reused_layers if reusing else 0,
             recomputed_layers=info.recomputed_layers if reusing else 0,
-            reused_tokens=info.reused_tokens if reusing else 0,
+            reused_tokens=reused_tokens,
             first_token_time_ns=out.first_token_time_ns or call.first_token_time_ns))
         call.first_token_time_ns = call.first_token_time_ns or out.first_token_time_ns
 
     def _prefill_done(self, info: PrefillInfo, call: "_Call", out: RequestOutput) -> None:
         call.info = info
-        self.metrics.prefill(call.route, call.me.name, asdict(info))
+        self.metrics.prefill(call.req.entry, call.route, call.me.name, asdict(info))
         B = call.me.page_format.block_size
         tenant, tokens = call.req.tenant, call.req.tokens
         if call.route.export:
@@ -267,8 +269,8 @@ class Orchestrator:
             if pages is not None and pages.num_pages:
                 self.recent.add(call.me.name, tenant, pages.hashes)
                 call.publishing = True
-                self.publisher.submit(self._publish, tenant, pages, call.prefill)
-        elif call.route.kind == "full":
+                self.publisher.submit(self._publish, call.req, pages, call.prefill)
+        elif call.route.kind in ("full", "prefix"):
             self.recent.add(call.me.name, tenant, block_hashes(tokens, B))
         if call.route.kind == "reuse":
             if info.reused_tokens and not str(info.plan).startswith("donor failed"):
@@ -276,13 +278,14 @@ class Orchestrator:
             else:  # evicted, or the engine fell back: the next repeat sends pages again
                 self.recent.forget_hybrid(call.me.name, tenant, call.route, tokens, B)
 
-    def _publish(self, tenant, pages, prefill=None):
+    def _publish(self, req: ServeRequest, pages, prefill=None):
         try:
-            n = self.store.put(tenant, pages)
-            self.metrics.bytes_moved("publish", (pages.kv.nbytes + pages.e.nbytes) * n // max(pages.num_pages, 1))
+            n = self.store.put(req.tenant, pages)
+            self.metrics.bytes_moved(req.entry, "publish",
+                                     (pages.kv.nbytes + pages.e.nbytes) * n // max(pages.num_pages, 1))
         except KvRelayError as e:
             log.warning("publishing pages failed (requests unaffected): %s", e)
-            self.metrics.store_error()
+            self.metrics.store_error(req.entry)
         except Exception:
             log.exception("publishing pages failed (requests unaffected)")
         finally:

@@ -53,6 +53,14 @@ def test_miss_then_reuse_then_a_repeat_sends_a_page_reference(core):
     assert again.route.endswith("hybrid KV cached in the engine") and again.output_ids == reuse.output_ids
 
 
+def test_a_repeat_on_the_same_model_is_a_prefix_hit_with_its_tokens_counted(core):
+    first = ask(core, "code", CTX + [21], "t7")[-1]
+    again = ask(core, "code", CTX + [22, 23], "t7")[-1]
+    assert first.route == "full: miss"
+    assert again.route == "prefix: own prefix: engine cache" and again.reused_tokens == len(CTX)
+    assert again.donor == "" and again.recomputed_layers == 0
+
+
 def test_recompute_all_equals_the_receivers_own_prefill(core):
     ask(core, "base", CTX + [5], "t2")
     published(core)

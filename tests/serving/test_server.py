@@ -134,10 +134,25 @@ def test_metrics_show_reuse(server):
     ask(server, "code", "Summarise.", t)
     text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
     hits = [l for l in text.splitlines() if l.startswith("kvrelay_store_hits_total") and 'donor="base"' in l
-            and 'receiver="code"' in l]
+            and 'receiver="code"' in l and 'model="ensemble"' in l]       # model = the entry point used
     assert hits and float(hits[0].split()[-1]) >= 1
+    assert not [l for l in text.splitlines() if l.startswith("kvrelay_") and 'model="orchestrator_stream"' in l]
     assert "kvrelay_layers_recomputed_total" in text and "kvrelay_kv_bytes_moved_total" in text
     assert 'kvrelay_prefill_seconds_total{kind="reprefill"' in text
+
+
+def test_a_prefix_cache_hit_is_its_own_route_not_a_full_prefill(server):
+    t = tenant()
+    ask(server, "code", "Summarise.", t)
+    before = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    again = ask(server, "code", "Another question?", t, "grpc")
+    assert again.info["kv_route"] == "prefix: own prefix: engine cache" and again.info["kv_reused_tokens"] >= 512
+    after = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    count = lambda text, pred: sum(float(l.split()[-1]) for l in text.splitlines() if pred(l))
+    is_prefix = lambda l: l.startswith("kvrelay_requests_total") and 'route="prefix"' in l and 'receiver="code"' in l
+    is_full = lambda l: l.startswith("kvrelay_full_prefill_total") and 'receiver="code"' in l
+    assert count(after, is_prefix) == count(before, is_prefix) + 1
+    assert count(after, is_full) == count(before, is_full)
 
 
 def _fetched_bytes(server) -> float:
