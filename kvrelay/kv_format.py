@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import hmac
 import math
-import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -31,7 +31,13 @@ HASH_BYTES = 16
 
 
 class PageCorrupt(KvRelayError):
-    """Bytes that do not decode to the page they claim to be (checksum, size or header)."""
+    """Bytes that do not decode to the page they claim to be. `kind` names why, for counting:
+    "malformed" (header, size), "auth" (the MAC over key + payload fails: corrupt, moved to another key
+    or forged), "non_finite" (NaN or infinity in the values)."""
+
+    def __init__(self, message: str, kind: str = "malformed"):
+        super().__init__(message)
+        self.kind = kind
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -226,28 +232,49 @@ class KVPages:
 
 # --- bytes on the wire / in a store ------------------------------------------------------------
 
-def pack_tensor(t: torch.Tensor) -> bytes:
-    """Raw tensor bytes with a small header (dtype, shape) and a CRC32 of the payload: a store can
-    tell a corrupt or truncated page from a good one without trusting the transport."""
+MAC_VERSION = "m1"           # header tag of the authenticated format (older CRC-only blobs are rejected)
+UNKEYED = b"kvrelay-page"    # the MAC key when a store has no secret: binds key + payload, forgeable
+
+
+def _mac(secret: bytes, bind: bytes, head: str, payload: bytes) -> str:
+    h = hmac.new(secret or UNKEYED, digestmod=hashlib.sha256)
+    for part in (bind, head.encode(), payload):
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    return h.hexdigest()[:32]
+
+
+def pack_tensor(t: torch.Tensor, bind: bytes = b"", secret: bytes = b"") -> bytes:
+    """Raw tensor bytes behind a small header (dtype, shape) and a MAC: HMAC-SHA256 over `bind` (the
+    store key the blob is written under: tenant, fingerprint, producer, block hash, layer), the header
+    and the payload. A corrupt, truncated or moved blob fails it; with a secret, so does one forged
+    by a writer who can reach the store but does not hold the secret."""
     t = t.detach().contiguous().cpu()
     payload = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
-    header = f"{dtype_name(t.dtype)}:{','.join(map(str, t.shape))}:{zlib.crc32(payload):08x}".encode()
+    head = f"{MAC_VERSION}:{dtype_name(t.dtype)}:{','.join(map(str, t.shape))}"
+    header = f"{head}:{_mac(secret, bind, head, payload)}".encode()
     return len(header).to_bytes(2, "little") + header + payload
 
 
-def unpack_tensor(blob: bytes) -> torch.Tensor:
-    """Inverse of pack_tensor; PageCorrupt if the header, size or checksum do not match."""
+def unpack_tensor(blob: bytes, bind: bytes = b"", secret: bytes = b"") -> torch.Tensor:
+    """Inverse of pack_tensor; PageCorrupt (with its kind) if the header, size or MAC do not match or
+    the values are not all finite."""
     try:
         hlen = int.from_bytes(blob[:2], "little")
-        dt, shape, crc = blob[2:2 + hlen].decode().split(":")
-        shape = tuple(int(x) for x in shape.split(",")) if shape else ()
+        version, dt, shape_s, mac = blob[2:2 + hlen].decode().split(":")
+        shape = tuple(int(x) for x in shape_s.split(",")) if shape_s else ()
         payload = blob[2 + hlen:]
         dtype = DTYPES[dt]
+        if version != MAC_VERSION:
+            raise ValueError(f"page format {version!r}, expected {MAC_VERSION!r}")
     except Exception as e:  # any malformed header
         raise PageCorrupt(f"unreadable page header: {e}") from None
     if len(payload) != dtype.itemsize * math.prod(shape):
         raise PageCorrupt(f"page payload is {len(payload)} bytes, header says {shape} {dt}")
-    if f"{zlib.crc32(payload):08x}" != crc:
-        raise PageCorrupt("page checksum mismatch")
-    return torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(dtype).reshape(shape) if payload \
+    if not hmac.compare_digest(_mac(secret, bind, f"{version}:{dt}:{shape_s}", payload), mac):
+        raise PageCorrupt("page authentication failed: corrupt, moved from another key or forged", "auth")
+    t = torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(dtype).reshape(shape) if payload \
         else torch.empty(shape, dtype=dtype)
+    if not bool(torch.isfinite(t).all()):
+        raise PageCorrupt("page holds non-finite values (NaN or infinity)", "non_finite")
+    return t

@@ -22,6 +22,8 @@ class Metrics:
                                                             "and receiver"),
             "prefill_n": f("kvrelay_prefill_count_total", "Prefills, by kind and receiver (divide seconds by this)"),
             "store_errors": f("kvrelay_store_errors_total", "Page-store failures that fell back to full prefill"),
+            "rejected": f("kvrelay_pages_rejected_total", "Stored pages dropped and recomputed, by reason (auth: "
+                                                          "corrupt, moved or forged; non_finite; malformed; incomplete)"),
         }
         self._metrics: dict = {}
         self._lock = threading.Lock()
@@ -56,3 +58,6 @@ class Metrics:
 
     def store_error(self, entry: str) -> None:
         self._add("store_errors", 1, model=entry)
+
+    def page_rejected(self, reason: str) -> None:
+        self._add("rejected", 1, reason=reason)

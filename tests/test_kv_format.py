@@ -107,9 +107,43 @@ def test_pack_round_trip_and_corruption_detected(dtype):
     assert torch.equal(unpack_tensor(blob), t)
     flipped = bytearray(blob)
     flipped[-3] ^= 0x40
-    with pytest.raises(PageCorrupt, match="checksum"):
+    with pytest.raises(PageCorrupt, match="authentication failed") as e:
         unpack_tensor(bytes(flipped))
+    assert e.value.kind == "auth"
     with pytest.raises(PageCorrupt, match="payload is"):
         unpack_tensor(blob[:-4])
     with pytest.raises(PageCorrupt, match="header"):
         unpack_tensor(b"\x05\x00garbage")
+
+
+def test_a_blob_proves_the_key_it_was_written_under_and_who_wrote_it():
+    from kvrelay.kv_format import PageCorrupt, pack_tensor, unpack_tensor
+    t, secret = torch.randn(2, 4), b"s" * 32
+    blob = pack_tensor(t, b"tenant:fp:p:base:16:abc:g1:k3", secret)
+    assert torch.equal(unpack_tensor(blob, b"tenant:fp:p:base:16:abc:g1:k3", secret), t)
+    for bind, key in ((b"tenant:fp:p:base:16:abc:g1:k4", secret),      # moved to another layer's key
+                      (b"other:fp:p:base:16:abc:g1:k3", secret),       # ... to another tenant's
+                      (b"tenant:fp:p:base:16:abc:g1:k3", b"x" * 32)):  # written without the secret
+        with pytest.raises(PageCorrupt, match="authentication failed"):
+            unpack_tensor(blob, bind, key)
+
+
+def test_non_finite_values_are_refused_even_with_a_valid_mac():
+    from kvrelay.kv_format import PageCorrupt, pack_tensor, unpack_tensor
+    for bad in (float("nan"), float("inf")):
+        t = torch.zeros(2, 4)
+        t[1, 2] = bad
+        with pytest.raises(PageCorrupt, match="non-finite") as e:
+            unpack_tensor(pack_tensor(t, b"k", b"s" * 32), b"k", b"s" * 32)
+        assert e.value.kind == "non_finite"
+
+
+def test_an_old_crc_only_blob_is_refused_as_malformed():
+    import zlib
+
+    from kvrelay.kv_format import PageCorrupt, unpack_tensor
+    payload = bytes(32)
+    header = f"float32:2,4:{zlib.crc32(payload):08x}".encode()
+    with pytest.raises(PageCorrupt, match="unreadable page header") as e:
+        unpack_tensor(len(header).to_bytes(2, "little") + header + payload)
+    assert e.value.kind == "malformed"

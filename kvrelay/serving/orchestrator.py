@@ -81,6 +81,7 @@ class NoMetrics:
     def prefill(self, entry: str, route, receiver: str, info: dict) -> None: ...
     def bytes_moved(self, entry: str, direction: str, n: int) -> None: ...
     def store_error(self, entry: str) -> None: ...
+    def page_rejected(self, reason: str) -> None: ...
 
 
 class Orchestrator:
@@ -95,6 +96,7 @@ class Orchestrator:
         self.selector = selector or Selector(Path(dep.profiles_dir or repo_root() / "profiles"), dep.family,
                                              quality_target=dep.quality_target)
         self.metrics = metrics or NoMetrics()
+        self.store.on_reject = self.metrics.page_rejected   # each dropped page: logged by the store, counted here
         self.recent = routing.RecentlyComputed()
         self.inflight = routing.InFlightPrefills()
         self.route_lock = threading.Lock()     # see-then-register of in-flight prefills is one step

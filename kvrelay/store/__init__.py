@@ -3,7 +3,7 @@
     open_store("memory")                 in-process, LRU under a byte cap (default 1 GiB)
     open_store("memory:2GiB")
     open_store("redis://host:6379/0")    shared by every server that can reach it
-    open_store("redis://host:6379/0?timeout=0.5&ttl=3600&prefix=kvrelay")
+    open_store("redis://host:6379/0?timeout=0.5&ttl=3600&prefix=kvrelay&key_file=/etc/kvrelay/page-key")
 
 See kvrelay.store.base for the interface and its guarantees, redis_store for the Redis layout.
 """
@@ -23,6 +23,32 @@ __all__ = ["PageStore", "StoreUnavailable", "StreamedPages", "MemoryStore", "Red
            "parse_bytes", "DEFAULT_MEMORY_BYTES"]
 
 DEFAULT_MEMORY_BYTES = 1 << 30
+def page_secret(key_file: str | None) -> bytes:
+    """The secret every page's MAC is keyed with: the given file, else $KVRELAY_HOME/page-key, made
+    (32 random bytes, mode 0600) on first use. Servers sharing one Redis need the same file."""
+    import os
+    import secrets
+    from pathlib import Path
+
+    from kvrelay.paths import home
+    path = Path(key_file) if key_file else home() / "page-key"
+    if not key_file and not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(32))
+        except FileExistsError:   # another server made it first
+            pass
+    try:
+        secret = path.read_bytes()
+    except OSError as e:
+        raise KvRelayError(f"page store key_file {str(path)!r}: {e.strerror}") from None
+    if len(secret) < 16:
+        raise KvRelayError(f"page store key_file {str(path)!r} holds {len(secret)} bytes; at least 16 are needed")
+    return secret
+
+
 def open_store(spec: str) -> PageStore:
     """A store from a spec: "memory", "memory:<size>", "redis://host:port/db[?timeout=S&ttl=S&prefix=P]"
     (or rediss://). KvRelayError on a bad spec. A Redis store connects lazily (first call)."""
@@ -51,7 +77,9 @@ def open_store(spec: str) -> PageStore:
                 kwargs["key_prefix"] = opts.pop("prefix")
         except ValueError as e:
             raise KvRelayError(f"page store spec {spec!r}: {e}") from None
+        kwargs["secret"] = page_secret(opts.pop("key_file", None))
         if opts:
-            raise KvRelayError(f"page store spec {spec!r}: unknown options {sorted(opts)} (timeout, ttl, prefix)")
+            raise KvRelayError(f"page store spec {spec!r}: unknown options {sorted(opts)} "
+                               "(timeout, ttl, prefix, key_file)")
         return RedisStore(urlunsplit(parts._replace(query="")), **kwargs)
     raise KvRelayError(f"unknown page store {spec!r}: use memory, memory:<size> or redis://host:port/db")

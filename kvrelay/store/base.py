@@ -13,10 +13,12 @@ A tier implements five primitives over opaque per-page handles:
     _lookup(tenant, fingerprint, hashes, block_size) -> {producer: leading blocks}
     _locate(tenant, fingerprint, producer, hashes, fmt, e_layers) -> handles of the leading complete pages
     _read(handles, wants) -> {(kind, layer): [tensor | None per page]}   kind "k" (KV) or "e" (E)
-    _drop(handle, reason, corrupt)   a page found corrupt or incomplete: delete it (recomputed, re-put)
+    _drop(handle, reason, corrupt, kind)   a page found corrupt or incomplete: delete it (recomputed,
+                                     re-put), and report it once through _rejected
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -26,6 +28,8 @@ import torch
 
 from kvrelay.errors import KvRelayError
 from kvrelay.kv_format import KVPages, PageFormat, block_hashes
+
+log = logging.getLogger("kvrelay.store")
 
 
 class StoreUnavailable(KvRelayError):
@@ -47,6 +51,8 @@ class PageStore(ABC):
     def __init__(self):
         self._stats_lock = threading.Lock()
         self._stats = dict.fromkeys(STAT_KEYS, 0)
+        self.rejected: dict[str, int] = {}     # pages dropped, by kind (see PageCorrupt.kind, "incomplete")
+        self.on_reject = None                  # callback(kind) for metrics, set by the server
 
     # --- the interface ----------------------------------------------------------------------------
 
@@ -158,8 +164,19 @@ class PageStore(ABC):
     def _read(self, handles: list, wants: list[tuple[str, int]]) -> dict[tuple[str, int], list]: ...
 
     @abstractmethod
-    def _drop(self, handle, reason: str, corrupt: bool = False) -> None:
-        """Delete a page found corrupt (corrupt=True) or incomplete; counts it in the stats."""
+    def _drop(self, handle, reason: str, corrupt: bool = False, kind: str = "") -> None:
+        """Delete a page found corrupt (corrupt=True) or incomplete; counts it in the stats and, the
+        first time for this page, reports it through _rejected."""
+
+    def _rejected(self, kind: str, page: str, reason: str) -> None:
+        log.warning("page store: dropped page %s (%s): %s; the request recomputes it", page, kind, reason)
+        with self._stats_lock:
+            self.rejected[kind] = self.rejected.get(kind, 0) + 1
+        if self.on_reject is not None:
+            try:
+                self.on_reject(kind)
+            except Exception:  # metrics must never fail a fetch
+                log.exception("on_reject callback failed")
 
     def _count(self, **deltas) -> None:
         with self._stats_lock:

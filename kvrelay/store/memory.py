@@ -121,7 +121,7 @@ class MemoryStore(PageStore):
     def _read(self, handles: list, wants: list[tuple[str, int]]) -> dict[tuple[str, int], list]:
         return {(kind, l): [p.kv[l] if kind == "k" else p.e.get(l) for p in handles] for kind, l in wants}
 
-    def _drop(self, handle, reason: str, corrupt: bool = False) -> None:
+    def _drop(self, handle, reason: str, corrupt: bool = False, kind: str = "") -> None:
         self._count(**{"corrupt_dropped" if corrupt else "partial_dropped": 1})
         with self._lock:
             if self._pages.get(handle.key) is not handle:
@@ -133,3 +133,4 @@ class MemoryStore(PageStore):
             producers.discard(producer)
             if not producers:
                 self._index.pop((tenant, fp, B, h), None)
+        self._rejected(kind or ("malformed" if corrupt else "incomplete"), h.hex(), reason)

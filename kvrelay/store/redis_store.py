@@ -5,7 +5,8 @@ Layout (every name component percent-escaped, so tenant "a:b" cannot pose as ten
     {prefix}:{tenant}:{fp}:i:{B}:{hash}                  SET of producers holding this block (for lookup)
     {prefix}:{tenant}:{fp}:p:{producer}:{B}:{hash}       the page's marker: JSON {g: write id, geometry, e layers}
     {marker}:{g}:k{l}   /   {marker}:{g}:e{l}            one value per (page, KV layer) and per (page, E layer):
-                                                         kv_format.pack_tensor bytes (header + CRC32)
+                                                         kv_format.pack_tensor bytes (header + MAC over
+                                                         this value key and the payload)
 
 A writer stores the values under a fresh write id first, then sets the marker with SET NX (first
 complete writer wins; a loser deletes its values), then adds itself to the block's index. So a page
@@ -72,13 +73,16 @@ class _Handle:
 
 class RedisStore(PageStore):
     def __init__(self, url: str, timeout_s: float = 0.5, ttl_s: int | None = None, key_prefix: str = "kvrelay",
-                 backoff_s: float = 1.0, stream_wait_s: float | None = None):
+                 backoff_s: float = 1.0, stream_wait_s: float | None = None, secret: bytes = b""):
         """url: redis://[:password@]host:port/db (or rediss://). timeout_s bounds every connect and
         every socket read/write; ttl_s (None = keep until deleted or evicted) applies to every key
         written; backoff_s: after a connection failure or timeout, calls fail at once for this long.
         stream_wait_s: how long a streamed donor waits for one layer (default max(5, 20 x timeout_s)).
-        Nothing is contacted until the first call: a store that is down does not stop a server from starting."""
+        Nothing is contacted until the first call: a store that is down does not stop a server from starting.
+        secret: the key of every page's MAC (b"": unkeyed, which still binds each value to its key); every
+        server sharing the store needs the same one (README, "Page integrity")."""
         super().__init__()
+        self.secret = bytes(secret)
         try:
             import redis
             from redis.backoff import NoBackoff
@@ -171,12 +175,14 @@ class RedisStore(PageStore):
                 pipe = self._r.pipeline(transaction=False)
                 for i in todo[c:c + PUT_CHUNK_PAGES]:
                     for l in range(fmt.num_layers):
-                        blob = pack_tensor(kv[i, l])
-                        pipe.set(f"{markers[i]}:{gens[i]}:k{l}", blob, ex=ex)
+                        key = f"{markers[i]}:{gens[i]}:k{l}"
+                        blob = pack_tensor(kv[i, l], key.encode(), self.secret)
+                        pipe.set(key, blob, ex=ex)
                         written += len(blob)
                     for j, l in enumerate(fmt.e_layers):
-                        blob = pack_tensor(e[i, j])
-                        pipe.set(f"{markers[i]}:{gens[i]}:e{l}", blob, ex=ex)
+                        key = f"{markers[i]}:{gens[i]}:e{l}"
+                        blob = pack_tensor(e[i, j], key.encode(), self.secret)
+                        pipe.set(key, blob, ex=ex)
                         written += len(blob)
                 pipe.execute()
             meta = {i: json.dumps({"g": gens[i], "L": fmt.num_layers, "H": fmt.num_kv_heads, "D": fmt.head_dim,
@@ -264,32 +270,34 @@ class RedisStore(PageStore):
         return out
 
     def _read(self, handles: list, wants: list[tuple[str, int]]) -> dict[tuple[str, int], list]:
+        keys = {(kind, l): [f"{h.marker}:{h.meta['g']}:{kind}{l}" for h in handles] for kind, l in wants}
         with self._guard("fetch"):
             pipe = self._r.pipeline(transaction=False)
-            for kind, l in wants:
-                pipe.mget([f"{h.marker}:{h.meta['g']}:{kind}{l}" for h in handles])
+            for want in wants:
+                pipe.mget(keys[want])
             blobs = pipe.execute()
         out = {}
         for want, vals in zip(wants, blobs):
             row = []
-            for h, blob in zip(handles, vals):
+            for h, key, blob in zip(handles, keys[want], vals):
                 t = None
                 if blob is None:
                     self._drop(h, "incomplete page")
                 else:
                     try:
-                        t = unpack_tensor(blob)
+                        t = unpack_tensor(blob, key.encode(), self.secret)
                     except PageCorrupt as e:
-                        self._drop(h, str(e), corrupt=True)
+                        self._drop(h, f"{key}: {e}", corrupt=True, kind=e.kind)
                 row.append(t)
             out[want] = row
         return out
 
-    def _drop(self, handle: _Handle, reason: str, corrupt: bool = False) -> None:
+    def _drop(self, handle: _Handle, reason: str, corrupt: bool = False, kind: str = "") -> None:
         if handle.dropped:
             return
         handle.dropped = True
         self._count(**{"corrupt_dropped" if corrupt else "partial_dropped": 1})
+        self._rejected(kind or ("malformed" if corrupt else "incomplete"), handle.marker, reason)
         with self._guard("drop"):
             self._drop_script(keys=[handle.marker, handle.index, *handle.value_keys()],
                               args=[handle.raw, handle.producer])

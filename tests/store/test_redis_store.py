@@ -158,3 +158,48 @@ def test_server_dying_mid_stream(redis_server, monkeypatch):
     with pytest.raises(StoreUnavailable):
         s.kv_layer(0)
     assert time.monotonic() - t0 < 1.5
+
+
+# --- attacks by a writer who can reach Redis (issue: pages that prove what they are) ---------------
+
+def _attacked(redis_server, raw_redis, attack):
+    """Put 4 pages, let `attack(key_of_page2_layer3, raw)` rewrite one value, fetch: the valid prefix
+    comes back, the attacked page is dropped, counted by kind and reported to the callback."""
+    store = RedisStore(redis_server.url, secret=b"deployment-secret-32-bytes-long!")
+    seen = []
+    store.on_reject = seen.append
+    p = make_pages(ctx(4 * B))
+    store.put("t1", p)
+    (key,) = _value_keys(raw_redis, p.hashes[2], "k3")
+    attack(key, raw_redis, p)
+    got = store.fetch("t1", p.fingerprint, p.producer, p.tokens, FMT, 4)
+    assert got.num_pages == 2 and torch.equal(got.kv, p.kv[:2])
+    return store, seen
+
+
+def test_a_valid_blob_moved_from_another_layers_key_is_refused(redis_server, raw_redis):
+    def move(key, raw, p):
+        (other,) = _value_keys(raw, p.hashes[2], "k4")    # a genuine page value, right shape and dtype
+        raw.set(key, raw.get(other))
+    store, seen = _attacked(redis_server, raw_redis, move)
+    assert seen == ["auth"] and store.rejected == {"auth": 1}
+
+
+def test_a_blob_forged_without_the_secret_is_refused_zeros_or_nans(redis_server, raw_redis):
+    from kvrelay.kv_format import pack_tensor
+    for fill in (0.0, float("nan")):
+        def forge(key, raw, p):   # what an attacker can compute: the format, the key, but not the secret
+            raw.set(key, pack_tensor(torch.full(tuple(p.kv.shape[2:]), fill), key, b""))
+        store, seen = _attacked(redis_server, raw_redis, forge)
+        assert seen == ["auth"]
+        raw_redis.flushdb()
+
+
+def test_nan_values_under_a_valid_mac_are_refused(redis_server, raw_redis):
+    from kvrelay.kv_format import pack_tensor
+    secret = b"deployment-secret-32-bytes-long!"
+
+    def poison(key, raw, p):   # e.g. a buggy engine that published NaNs with the right secret
+        raw.set(key, pack_tensor(torch.full(tuple(p.kv.shape[2:]), float("nan")), key, secret))
+    store, seen = _attacked(redis_server, raw_redis, poison)
+    assert seen == ["non_finite"] and store.rejected == {"non_finite": 1}
