@@ -32,7 +32,8 @@ from kvrelay.serving.engine_runner import EngineFailure, EngineRunner
 log = logging.getLogger("kvrelay.orchestrator")
 COALESCE_ROUNDS = 3        # in-flight prefills a request waits for, one after another, before prefilling itself
 COALESCE_WAIT_S = 300.0    # longest wait for one of them
-CANCEL_POLL_S = 0.5        # how often a request waiting on its engine asks whether the client left
+CANCEL_POLL_S = 0.5        # how often a request waiting on its engine asks whether the client left ...
+CANCEL_EVERY = 8           # ... and every this many outputs (a client that hung up mid-stream)
 MAX_LABEL_CHARS = 128      # tenant and request_id: store keys and log lines, not documents
 
 
@@ -227,6 +228,7 @@ class Orchestrator:
                 raise _DonorRefused(str(e)) from None
             raise
         try:
+            n = 0
             while True:
                 try:
                     out, err = outputs.get(timeout=CANCEL_POLL_S)
@@ -239,6 +241,9 @@ class Orchestrator:
                 self._forward(out, call)
                 if out.finished:
                     return
+                n += 1
+                if n % CANCEL_EVERY == 0 and call.sink.cancelled():
+                    raise ClientGone()
         except BaseException:
             runner.abort(rid)   # client gone, or our own failure: free the engine's slot
             raise

@@ -85,6 +85,17 @@ def test_a_client_that_leaves_frees_its_engine_slot(core):
     assert all(r.in_flight == 0 for r in core.runners.values())
 
 
+def test_a_cancelled_stream_stops_within_a_few_tokens(core):
+    class Cancelled(Collect):
+        def cancelled(self):
+            return len(self.replies) >= 2    # Triton says the client cancelled after two tokens
+    sink = Cancelled()
+    with pytest.raises(ClientGone):
+        core.serve(ServeRequest(tokens=CTX + [12], max_tokens=200, model="base", tenant="t4", stream=True), sink)
+    assert 2 <= len(sink.replies) <= 8
+    assert all(r.in_flight == 0 for r in core.runners.values())
+
+
 @pytest.mark.parametrize("req,msg", [
     (ServeRequest(tokens=[1, 2], max_tokens=4, model="nope"), "unknown model 'nope'"),
     (ServeRequest(tokens=[1, 2], max_tokens=0), "max_tokens must be in 1..256"),
