@@ -58,8 +58,16 @@ def start(dep, workdir, **ports):
     return server.start()
 
 
+def _interrupt(*_):
+    raise KeyboardInterrupt
+
+
 def run(args) -> int:
     from kvrelay.supervisor import Supervised
+    # Ctrl-C / SIGTERM while models load stop cleanly (TritonServer.start cleans up on the interrupt),
+    # also when the shell started us with SIGINT ignored (a background job of a script).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
     dep, workdir = resolve(args)
     print(f"kvrelay: starting tritonserver for family {dep.family} ({', '.join(dep.model_names)}), "
           f"store {dep.store}, sharing {'on' if dep.sharing else 'off'}", file=sys.stderr)

@@ -164,8 +164,10 @@ class TritonServer:
         except OSError:
             return ""
 
-    def stop(self, timeout_s: float = 60) -> None:
-        """SIGTERM, wait; SIGKILL the process group if it lingers; then clear stray stubs and shm."""
+    def stop(self, timeout_s: float = 15) -> None:
+        """SIGTERM, wait; SIGKILL the process group if it lingers; then clear stray stubs and shm.
+        tritonserver gives requests in flight --exit-timeout-secs (10) and then says it exits
+        immediately, but under load its exit itself then hung for 50 s: 15 s is the whole budget."""
         if self.proc is None:
             return
         mine = self.shm_regions()
