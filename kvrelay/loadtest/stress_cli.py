@@ -8,23 +8,14 @@ Exit code 1 when any request failed or any stub died, so a script can gate on it
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
 from pathlib import Path
 
 
-def _range(text: str) -> tuple[int, int]:
-    from kvrelay.errors import KvRelayError
-    from kvrelay.units import parse_range
-    try:
-        return parse_range(text, minimum=1)
-    except KvRelayError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def add_arguments(p):
+    from kvrelay.loadtest.cli import _range
     g = p.add_mutually_exclusive_group()
     g.add_argument("--family", help="start a server for this family with defaults (default: tiny)")
     g.add_argument("--deployment", help="start a server for this deployment TOML (deploy/*.toml)")
