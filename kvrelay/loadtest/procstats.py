@@ -48,18 +48,15 @@ def stub_model(cmdline: list[bytes]) -> str:
 
 def server_tree(server_pid: int) -> list[Proc]:
     """The server and every live stub of its process group (stubs run in the server's session)."""
+    from kvrelay.tritonserver import stub_pids
     out = []
     st = _stat(server_pid)
     if st and st[0] != "Z":
         out.append(Proc(server_pid, "tritonserver", _rss_mib(server_pid), st[1]))
-    for d in glob.glob("/proc/[0-9]*"):
-        pid = int(d.rsplit("/", 1)[1])
+    for pid in stub_pids(server_pid):
         try:
-            cmd = open(f"{d}/cmdline", "rb").read().split(b"\0")
-            pgid = int(open(f"{d}/stat").read().rsplit(")", 1)[1].split()[2])
-        except (OSError, IndexError, ValueError):
-            continue
-        if pgid != server_pid or not cmd or not cmd[0].endswith(b"triton_python_backend_stub"):
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+        except OSError:
             continue
         st = _stat(pid)
         if st and st[0] != "Z":
