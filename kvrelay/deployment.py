@@ -39,6 +39,10 @@ class Deployment:
     orchestrator_instances: int = 1
     sharing: bool = True                 # False: every variant prefills itself (the no-sharing baseline)
     coalesce: bool = True                # wait for an in-flight prefill of the same context (routing.InFlightPrefills)
+    publish: bool = True                 # False: read the page store, never write to it (a read-only replica)
+    prefix_caching: bool = True          # False: engines keep no prefix cache (vLLM --no-enable-prefix-caching)
+    shared_prefix_cache: bool = False    # True: a tenant's prefix-cache hits may come from another tenant's blocks
+                                         # (faster repeats across tenants, but B can time what A sent)
     extra: dict = field(default_factory=dict)
 
     def model(self, name: str) -> ModelDeployment:

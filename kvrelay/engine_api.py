@@ -62,6 +62,8 @@ class Request:
     donor: DonorKV | None = None      # re-prefill from these pages ...
     plan: RecomputePlan | None = None  # ... recomputing these layer groups (required with donor)
     export_pages: bool = False        # return this prompt's full-block pages (KV + E) after prefill
+    cache_salt: bytes = b""           # prefix-cache scope: blocks are shared only between equal salts
+                                      # (vLLM's cache_salt; the orchestrator puts the tenant in it)
 
 
 @dataclass(slots=True)

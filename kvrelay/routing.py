@@ -75,8 +75,12 @@ def _hybrid_key(receiver: str, tenant: str, r: Route, tokens: list[int], block_s
 
 
 def route(store, selector, ids: dict[str, ModelIdentity], receiver: str, tenant: str, tokens: list[int],
-          recent: RecentlyComputed, *, sharing: bool = True, queued: int = 0, slo_s: float | None = None) -> Route:
+          recent: RecentlyComputed, *, sharing: bool = True, queued: int = 0, slo_s: float | None = None,
+          scope: str | None = None) -> Route:
+    """`scope`: the request's prefix-cache scope in its engine (Orchestrator.cache_scope; default the
+    tenant): what this server computed is only known to requests of the same scope."""
     me = ids[receiver]
+    scope = tenant if scope is None else scope
     B = me.page_format.block_size
     full_blocks = len(tokens) // B
     if full_blocks == 0:
@@ -91,7 +95,7 @@ def route(store, selector, ids: dict[str, ModelIdentity], receiver: str, tenant:
     cross = sorted(((n, by_id[p].name, p) for p, n in found.items() if p in by_id and p != me.model_id),
                    key=lambda x: (-x[0], x[1]))
     export = own < full_blocks
-    key = (receiver, tenant, block_hashes(tokens[: own * B], B)[-1] if own else b"")
+    key = (receiver, scope, block_hashes(tokens[: own * B], B)[-1] if own else b"")
     if own and (not cross or own >= cross[0][0]):
         if key in recent:
             return Route("prefix", "own prefix: engine cache", export=False)
@@ -104,7 +108,7 @@ def route(store, selector, ids: dict[str, ModelIdentity], receiver: str, tenant:
     if choice.plan is None:
         return Route("full", choice.reason, export=export)
     r = Route("reuse", choice.reason, donor, producer, n, choice.plan)
-    if _hybrid_key(receiver, tenant, r, tokens, B) in recent:
+    if _hybrid_key(receiver, scope, r, tokens, B) in recent:
         r.cached, r.reason = True, f"{r.reason}; hybrid KV cached in the engine"
     return r
 

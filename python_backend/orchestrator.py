@@ -135,7 +135,8 @@ def _read(r, decoupled: bool) -> ServeRequest:
         model=io.scalar(r, "model", str, ""), stream=stream, tenant=io.scalar(r, "tenant", str, "") or "default",
         temperature=io.scalar(r, "temperature", float, 0.0), top_p=io.scalar(r, "top_p", float, 1.0),
         seed=io.scalar(r, "random_seed", int, None), stop_ids=io.ints(r, "stop_ids"),
-        request_id=io.scalar(r, "request_id", str, ""), entry="ensemble_stream" if decoupled else "ensemble")
+        request_id=io.scalar(r, "request_id", str, ""),
+        entry="ensemble_stream" if decoupled else "ensemble")
 
 
 def _tensors(reply: Reply) -> list:

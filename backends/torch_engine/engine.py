@@ -35,7 +35,8 @@ class Sequence:
     tokens: list[int]                   # prompt + generated so far
     table: list[int] = field(default_factory=list)
     hashes: list[bytes] = field(default_factory=list)   # chain hashes of registered full blocks
-    salt: bytes = b""                   # b"" = exact own KV; else the donor+plan it was derived from
+    salt: bytes = b""                   # prefix-cache scope of its blocks: the request's cache_salt, + donor and
+    derived: str = ""                   # plan when the KV is hybrid ("" = exact own KV)
     output: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     prefill_sent: bool = False
@@ -215,7 +216,7 @@ class TorchEngine:
             except KvRelayError as e:  # the donor failed mid-load (store down, corrupt page): start over
                 log.warning("request %s: donor pages failed (%s); full prefill instead", req.request_id, e)
                 self.blocks.release(seq.table)
-                seq.table, seq.hashes, seq.salt = [], [], b""
+                seq.table, seq.hashes, seq.salt, seq.derived = [], [], req.cache_salt, ""
                 req.donor = req.plan = None
                 info, h_last = self._full_prefill(seq)
                 info.plan = f"donor failed: {e}"
@@ -235,7 +236,8 @@ class TorchEngine:
     def _full_prefill(self, seq: Sequence) -> tuple[PrefillInfo, torch.Tensor]:
         B = self.page_format.block_size
         toks = seq.tokens
-        hashes = block_hashes(toks, B)
+        seq.salt = seq.req.cache_salt
+        hashes = block_hashes(toks, B, salt=seq.salt)
         cached = []
         if self.config.prefix_caching:  # keep >= 1 token to compute: its logits start generation
             cached = self.blocks.match_prefix(hashes[: (len(toks) - 1) // B])
@@ -256,9 +258,10 @@ class TorchEngine:
             info.donor, info.plan = donor.producer, "none shared"
             return info, h
         own = donor.producer == self.model_id and plan.num_recomputed == 0
-        # Our own KV coming back (evicted here, kept by a store): exact, so plain hashes; anything else
-        # is hybrid and salted with donor and plan.
-        seq.salt = b"" if own else f"{donor.producer}|{donor.fingerprint}|{plan}".encode()
+        # Our own KV coming back (evicted here, kept by a store): exact, so the request's own scope;
+        # anything else is hybrid and salted with donor and plan too.
+        seq.derived = "" if own else f"{donor.producer}|{donor.fingerprint}|{plan}"
+        seq.salt = seq.req.cache_salt + (b"\x00" + seq.derived.encode() if seq.derived else b"")
         hashes = block_hashes(toks, B, salt=seq.salt)
         # Same donor and plan seen before: the hybrid blocks may still be cached here.
         hit = self.blocks.match_prefix(hashes[:n_reuse_blocks]) if self.config.prefix_caching else []
@@ -399,11 +402,11 @@ class TorchEngine:
         n = seq.prompt_len // B
         idx = torch.tensor(seq.table[:n], dtype=torch.long, device=self.device)
         fmt, e = self.page_format, self.pool.e[idx].clone()
-        if seq.salt:
+        if seq.derived:
             fmt = PageFormat(**{**fmt.to_dict(), "e_layers": ()})
             e = e[:, :0]
         return KVPages(fmt, self.model_id, self.fingerprint, seq.req.prompt_tokens[: n * B], self.pool.kv[idx].clone(),
-                       e, block_hashes(seq.req.prompt_tokens[: n * B], B), seq.salt.decode())
+                       e, block_hashes(seq.req.prompt_tokens[: n * B], B), seq.derived)
 
     # --- helpers --------------------------------------------------------------------------------
 

@@ -98,7 +98,8 @@ class Orchestrator:
                                              quality_target=dep.quality_target)
         self.metrics = metrics or NoMetrics()
         self.store.on_reject = self.metrics.page_rejected   # each dropped page: logged by the store, counted here
-        self.recent = routing.RecentlyComputed()
+        # with prefix caching off the engines keep nothing: nothing is "recently computed" either
+        self.recent = routing.RecentlyComputed(capacity=65536 if dep.prefix_caching else 0)
         self.inflight = routing.InFlightPrefills()
         self.route_lock = threading.Lock()     # see-then-register of in-flight prefills is one step
         self.publisher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="publish")
@@ -138,8 +139,8 @@ class Orchestrator:
             if len(value) > MAX_LABEL_CHARS or not value.isprintable():
                 raise KvRelayError(f"{name} must be at most {MAX_LABEL_CHARS} printable characters, got "
                                    f"{len(value)} characters")
-        route, prefill = self._route(receiver, me, req.tenant, tokens)
-        call = _Call(route, me, req, sink)
+        route, prefill = self._route(receiver, me, req.tenant, self.cache_scope(req), tokens)
+        call = _Call(route, me, req, sink, self.cache_scope(req))
         call.prefill = prefill
         try:
             donor = self._fetch(route, me, req, tokens)
@@ -155,7 +156,13 @@ class Orchestrator:
             if not call.publishing:  # else the publisher ends it once the pages are stored
                 self.inflight.end(prefill)
 
-    def _route(self, receiver, me, tenant, tokens):
+    def cache_scope(self, req: ServeRequest) -> str:
+        """Which engine prefix-cache blocks a request may hit: its tenant's, unless the deployment
+        shares them. Without this, tenant B's first request on a context tenant A just sent is a
+        prefix hit, and its latency tells B what A sent (the store is keyed by tenant already)."""
+        return "" if self.dep.shared_prefix_cache else req.tenant
+
+    def _route(self, receiver, me, tenant, scope, tokens):
         """routing.route, after waiting for in-flight prefills whose pages would serve this context
         (COALESCE_ROUNDS at most). Returns the route and, for a full prefill that will publish, its
         in-flight registration."""
@@ -168,7 +175,8 @@ class Orchestrator:
                 if other is None:
                     route = routing.route(self.store, self.selector, self.ids, receiver, tenant, tokens, self.recent,
                                           sharing=self.dep.sharing, queued=max(0, self.in_flight - 1),
-                                          slo_s=self.dep.slo_s)
+                                          slo_s=self.dep.slo_s, scope=scope)
+                    route.export = route.export and self.dep.publish
                     prefill = self.inflight.begin(receiver, tenant, me.fingerprint, hashes) \
                         if hashes and route.kind == "full" and route.export else None
                     if waited:
@@ -220,7 +228,8 @@ class Orchestrator:
         runner = self.runners[call.me.name]
         try:
             runner.submit(Request(rid, list(req.tokens), sampling, donor=donor, plan=plan,
-                                  export_pages=call.route.export), lambda o, e: outputs.put((o, e)))
+                                  export_pages=call.route.export, cache_salt=call.scope.encode()),
+                          lambda o, e: outputs.put((o, e)))
         except EngineFailure:
             raise
         except KvRelayError as e:
@@ -256,7 +265,8 @@ class Orchestrator:
         route, info = call.route, call.info
         reusing = route.kind in ("reuse", "restore") and info is not None
         ids = list(out.output_tokens)
-        reused_tokens = info.reused_tokens if reusing else info.cached_tokens if info and route.kind == "prefix" else 0
+        # the tokens whose KV was not computed for this request: the donor's, or this engine's prefix cache
+        reused_tokens = info.reused_tokens if reusing else info.cached_tokens if info else 0
         call.sink.send(Reply(
             output_ids=ids, prev_len=max(len(ids) - 1, 0) if call.req.stream else 0, finished=out.finished,
             route=f"{route.kind}: {route.reason}", donor=route.donor if reusing else "",
@@ -270,20 +280,20 @@ class Orchestrator:
         call.info = info
         self.metrics.prefill(call.req.entry, call.route, call.me.name, asdict(info))
         B = call.me.page_format.block_size
-        tenant, tokens = call.req.tenant, call.req.tokens
+        scope, tokens = call.scope, call.req.tokens
         if call.route.export:
             pages = out.pages
             if pages is not None and pages.num_pages:
-                self.recent.add(call.me.name, tenant, pages.hashes)
+                self.recent.add(call.me.name, scope, pages.hashes)
                 call.publishing = True
                 self.publisher.submit(self._publish, call.req, pages, call.prefill)
         elif call.route.kind in ("full", "prefix"):
-            self.recent.add(call.me.name, tenant, block_hashes(tokens, B))
+            self.recent.add(call.me.name, scope, block_hashes(tokens, B))
         if call.route.kind == "reuse":
             if info.reused_tokens and not str(info.plan).startswith("donor failed"):
-                self.recent.add_hybrid(call.me.name, tenant, call.route, tokens, B)
+                self.recent.add_hybrid(call.me.name, scope, call.route, tokens, B)
             else:  # evicted, or the engine fell back: the next repeat sends pages again
-                self.recent.forget_hybrid(call.me.name, tenant, call.route, tokens, B)
+                self.recent.forget_hybrid(call.me.name, scope, call.route, tokens, B)
 
     def _publish(self, req: ServeRequest, pages, prefill=None):
         try:
@@ -311,10 +321,10 @@ class _DonorRefused(Exception):
 
 class _Call:
     """One request's state across its engine outputs."""
-    __slots__ = ("route", "me", "req", "sink", "info", "prefill", "publishing", "first_token_time_ns")
+    __slots__ = ("route", "me", "req", "sink", "scope", "info", "prefill", "publishing", "first_token_time_ns")
 
-    def __init__(self, route, me, req: ServeRequest, sink: Sink):
-        self.route, self.me, self.req, self.sink = route, me, req, sink
+    def __init__(self, route, me, req: ServeRequest, sink: Sink, scope: str = ""):
+        self.route, self.me, self.req, self.sink, self.scope = route, me, req, sink, scope
         self.info: PrefillInfo | None = None
         self.prefill = None        # this request's registration in InFlightPrefills, if any
         self.publishing = False    # its pages went to the publisher, which ends the registration
@@ -345,7 +355,8 @@ def build_engines(dep: dp.Deployment) -> dict:
             raise KvRelayError(f"model {m.name}: instances = {m.instances}; the in-process engines serve one "
                                "instance per model (run more servers behind a shared Redis store to scale out)")
         out[m.name] = make_engine(dep.family, m.name, EngineConfig(
-            device=m.device, dtype=m.dtype, block_size=dep.block_size, kv_cache_bytes=m.kv_cache_bytes))
+            device=m.device, dtype=m.dtype, block_size=dep.block_size, kv_cache_bytes=m.kv_cache_bytes,
+            prefix_caching=dep.prefix_caching))
     return out
 
 
