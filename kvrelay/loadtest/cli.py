@@ -30,6 +30,10 @@ def _range(text: str) -> tuple[int, int]:
 
 
 def add_arguments(p):
+    p.add_argument("--scenario", choices=["mixed", "goodput"], default="mixed",
+                   help="mixed (default): a closed-loop mix of senders and receivers, sharing off vs on; goodput: "
+                        "DroidSpeak's measurement, Poisson receiver requests over stored sender KV, SLO at the knee "
+                        "of full prefill (see the README's Goodput section)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--family", help="family served with defaults (default: tiny)")
     g.add_argument("--deployment", help="deployment TOML (deploy/*.toml), e.g. deploy/llama8b-gpu.toml")
@@ -44,9 +48,10 @@ def add_arguments(p):
     p.add_argument("--users", type=int, default=4, help="concurrent Locust users (default 4)")
     p.add_argument("--duration", type=float, default=900.0, help="time bound per mode, seconds (default 900)")
     p.add_argument("--requests", type=int, default=96, help="measured requests per mode (default 96)")
-    p.add_argument("--contexts", type=int, default=12, help="shared contexts in the pool (default 12)")
-    p.add_argument("--context-tokens", type=_range, default=(2048, 4000), help="context length LO-HI tokens (default 2048-4000)")
-    p.add_argument("--max-tokens", type=_range, default=(8, 16), help="output length LO-HI tokens (default 8-16)")
+    p.add_argument("--contexts", type=int, help="shared contexts in the pool (default 12; goodput 6, --quick 2)")
+    p.add_argument("--context-tokens", type=_range,
+                   help="context length LO-HI tokens (default 2048-4000; goodput 4096-8000, --quick 2048-3072)")
+    p.add_argument("--max-tokens", type=_range, help="output length LO-HI tokens (default 8-16; goodput: HI, default 12)")
     p.add_argument("--zipf", type=float, default=0.5, help="Zipf exponent of context popularity (0 = uniform; default 0.5)")
     p.add_argument("--rate", type=float, help="Poisson arrivals per second (default: closed loop, each user back-to-back)")
     p.add_argument("--seed", type=int, default=0)
@@ -61,6 +66,13 @@ def add_arguments(p):
     p.add_argument("--mode", choices=["on", "off"], help="with --url: which mode that server runs (label only)")
     p.add_argument("--out", help="results directory (default ./loadtest-results/<timestamp>)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
+    g = p.add_argument_group("goodput scenario")
+    g.add_argument("--pairs", help="SENDER:RECEIVER,... (default: every ordered pair the selector would reuse)")
+    g.add_argument("--modes", help="full,plan,reuse (default all three; full is required: it sets the SLO)")
+    g.add_argument("--slo-ttft", type=float, help="p90 TTFT SLO in seconds (default: the knee of full prefill's curve)")
+    g.add_argument("--point-requests", type=int, help="requests per rate point (default 10; --quick 4)")
+    g.add_argument("--point-seconds", type=float, help="arrival window per rate point, s (default 300; --quick 90)")
+    g.add_argument("--quick", action="store_true", help="a short run: 2 shorter contexts, 3-4 rates, 4 requests each")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
 
 
@@ -185,6 +197,16 @@ def run(args) -> int:
     from kvrelay.loadtest import report, workload as wl
     from kvrelay.serve import resolve
 
+    if args.scenario == "goodput":
+        from kvrelay.loadtest import goodput
+        if args.url or args.mode or args.plan:
+            raise KvRelayError("the goodput scenario starts its own servers and uses the profiles' plans: "
+                               "no --url, --mode or --plan")
+        _interrupts_stop_cleanly()
+        return goodput.run(args)
+    args.contexts = args.contexts or 12
+    args.context_tokens = args.context_tokens or (2048, 4000)
+    args.max_tokens = args.max_tokens or (8, 16)
     if args.mode and not args.url:
         raise KvRelayError("--mode only goes with --url (without --url both modes run on fresh servers)")
     if args.url and not args.mode:

@@ -1,0 +1,133 @@
+"""Goodput figures from per-request records: one sweep point, the SLO knee, goodput, agreement.
+
+Definitions (the goodput scenario, DroidSpeak section 5.1 / Fig 15):
+  point        one Poisson rate, offered to one mode for a bounded number of requests and time
+  TTFT         client-side time to the first streamed token; TBT the mean gap between later tokens of
+               a request ((E2E - TTFT) / (output tokens - 1)); E2E the whole request
+  knee         of full prefill's p90 TTFT against offered rate, by Kneedle (Satopaa et al. 2011): both
+               axes scaled to [0, 1] over the sweep (the idle point at rate 0 included), the knee is
+               the point furthest below the chord from the first point to the last (max of x - y)
+  SLO          p90 TTFT at that knee (or given); goodput = the highest offered rate whose p90 TTFT
+               meets it, interpolated linearly towards the next point (which misses it); a sweep
+               whose highest rate still meets it gives that rate, marked lower_bound
+No Locust, torch or matplotlib at import.
+"""
+from __future__ import annotations
+
+from collections import Counter
+
+from kvrelay.loadtest.report import percentile
+
+PERCENTILES = (50, 90, 99)
+
+
+def _pcts(values) -> dict:
+    return {f"p{p}": (None if (v := percentile(values, p)) is None else round(v, 4)) for p in PERCENTILES}
+
+
+def tbt_s(rec: dict) -> float | None:
+    n = rec.get("output_tokens") or 0
+    if rec.get("ttft_s") is None or n < 2:
+        return None
+    return (rec["latency_s"] - rec["ttft_s"]) / (n - 1)
+
+
+def point_stats(records: list[dict], offered_rps: float, window_s: float, reference: dict | None = None) -> dict:
+    """One sweep point. reference: context_id -> full prefill's text (greedy) for the agreement."""
+    ok = [r for r in records if r.get("ok")]
+    routes = Counter(f"{r.get('route')}: {r.get('route_reason')}".rstrip(": ") for r in ok)
+    errors = Counter((r.get("error") or "?")[:200] for r in records if not r.get("ok"))
+    out = {
+        "offered_rps": round(offered_rps, 5),
+        "achieved_rps": round(len(ok) / window_s, 5) if window_s > 0 else 0.0,
+        "requests": len(records), "ok": len(ok), "errors": len(records) - len(ok),
+        "error_messages": dict(errors.most_common(3)),
+        "window_s": round(window_s, 2),
+        "ttft_s": _pcts([r["ttft_s"] for r in ok]),
+        "tbt_s": _pcts([tbt_s(r) for r in ok]),
+        "e2e_s": _pcts([r["latency_s"] for r in ok]),
+        "routes": dict(sorted(routes.items())),
+        "mean_layers_recomputed": round(sum(r.get("recomputed_layers") or 0 for r in ok) / len(ok), 3) if ok else None,
+    }
+    if reference is not None:
+        out["agreement"] = agreement(ok, reference)
+    return out
+
+
+def agreement(records: list[dict], reference: dict) -> dict:
+    """Of the requests served from another model's KV, how many gave exactly full prefill's text."""
+    served = [r for r in records if r.get("route") == "reuse" and r["context_id"] in reference]
+    same = sum(1 for r in served if r["text"] == reference[r["context_id"]])
+    return {"compared": len(served), "exact": same, "rate": round(same / len(served), 4) if served else None}
+
+
+def knee(points: list[tuple[float, float]]) -> int:
+    """Index of the Kneedle knee of an increasing convex curve given as (x, y) points sorted by x;
+    the last index when the curve never bends (no point lies below the chord)."""
+    if len(points) < 3:
+        return len(points) - 1
+    (x0, y0), (x1, y1) = points[0], points[-1]
+    if x1 <= x0 or y1 <= y0:
+        return len(points) - 1
+    diffs = [(x - x0) / (x1 - x0) - (y - y0) / (y1 - y0) for x, y in points]
+    best = max(range(len(points)), key=lambda i: diffs[i])
+    return best if diffs[best] > 0 else len(points) - 1
+
+
+def goodput(points: list[tuple[float, float | None]], slo_s: float) -> dict:
+    """points: (offered rate, p90 TTFT) sorted by rate, the idle point (0, idle TTFT) first. The
+    highest point meeting the SLO, interpolated towards the next one (which misses it); latency is
+    noisy, so a miss below a point that meets it does not end the search."""
+    met = [i for i, (_, y) in enumerate(points) if y is not None and y <= slo_s]
+    if not met:
+        return {"rps": 0.0, "lower_bound": False}
+    i = met[-1]
+    xa, ya = points[i]
+    if i == len(points) - 1:
+        return {"rps": round(xa, 5), "lower_bound": True}
+    x, y = points[i + 1]
+    rps = xa if y is None or y <= ya else xa + (x - xa) * (slo_s - ya) / (y - ya)
+    return {"rps": round(rps, 5), "lower_bound": False}
+
+
+def curve(mode: dict, key: str = "ttft_s", pct: str = "p90") -> list[tuple[float, float | None]]:
+    """A mode's (rate, latency) curve: the idle point, then its sweep points by rate."""
+    pts = [(0.0, mode["idle"][key][pct])] if mode.get("idle") else []
+    return pts + sorted((p["offered_rps"], p[key][pct]) for p in mode["points"])
+
+
+def slo_from_full(full: dict) -> dict:
+    pts = [(x, y) for x, y in curve(full) if y is not None]
+    if not pts:
+        return {"ttft_s": None, "how": "full prefill answered nothing"}
+    i = knee(pts)
+    return {"ttft_s": round(pts[i][1], 4), "knee_rps": pts[i][0],
+            "how": "Kneedle knee of full prefill's p90 TTFT vs offered rate (idle point included)"}
+
+
+def plot_pair(title: str, modes: dict, slo_s: float | None, path) -> str:
+    """Fig 15 of the paper: p90 TTFT, TBT and E2E against request rate, one line per mode."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    style = {"full": ("full prefill (no sharing)", "tab:red"), "plan": ("DroidSpeak plan", "tab:blue"),
+             "reuse": ("full reuse (reference)", "tab:gray")}
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for ax, key, label in zip(axes, ("ttft_s", "tbt_s", "e2e_s"), ("TTFT p90 (s)", "TBT p90 (s)", "E2E p90 (s)")):
+        for m, data in modes.items():
+            pts = [(x, y) for x, y in curve(data, key) if y is not None]
+            if pts:
+                name, color = style.get(m, (m, None))
+                ax.plot(*zip(*pts), marker="o", label=name, color=color,
+                        linestyle="--" if m == "reuse" else "-")
+        if key == "ttft_s" and slo_s:
+            ax.axhline(slo_s, color="black", linestyle=":", label=f"SLO {slo_s:.1f}s")
+        ax.set_xlabel("request rate (req/s)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return str(path)

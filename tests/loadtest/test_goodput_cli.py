@@ -1,0 +1,64 @@
+"""`kvrelay loadtest --scenario goodput` end to end on tiny: real tritonservers, Locust users streaming
+over gRPC, a stored sender, the three modes. Asserts the machinery (a parsed summary, every mode
+measured, zero errors, the files), never a speed."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers.profiles import write_profile
+from kvrelay.plan import RecomputePlan
+
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory, tiny_family):
+    root = tmp_path_factory.mktemp("goodput")
+    write_profile(root / "profiles", "tiny", "code", "base", tiny_family.fingerprint, 8, RecomputePlan(((2, 4),)))
+    out = root / "out"
+    r = subprocess.run([sys.executable, "-m", "kvrelay.cli", "loadtest", "--scenario", "goodput", "--family", "tiny",
+                        "--quick", "--pairs", "code:base", "--context-tokens", "256-320", "--profiles",
+                        str(root / "profiles"), "--out", str(out), "--json", "--no-progress"],
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout), out, r.stderr
+
+
+def test_the_summary_carries_goodput_per_mode_and_the_ratios(result):
+    s, _, _ = result
+    pair = s["pairs"]["code->base"]
+    assert s["errors"] == 0 and pair["errors"] == 0
+    assert pair["plan"] == "2-4" and pair["layers_recomputed"] == 2
+    assert set(pair["goodput_rps"]) == {"full", "plan", "reuse"}
+    assert all(v is not None for v in pair["goodput_rps"].values())
+    for key in ("goodput_ratio", "bound_fraction"):
+        assert key in pair and "best_goodput_ratio" in s
+    assert pair["bound"]["bound"] > 0 and pair["slo"]["ttft_s"] > 0
+
+
+def test_plan_requests_reuse_the_stored_sender_and_match_full_prefill(result):
+    s, _, _ = result
+    pair = s["pairs"]["code->base"]
+    for p in pair["modes"]["plan"]["points"]:
+        assert set(p["routes"]) and all(k.startswith("reuse") for k in p["routes"]), p["routes"]
+        assert p["mean_layers_recomputed"] == 2
+    assert all(k.startswith("full") for p in pair["modes"]["full"]["points"] for k in p["routes"])
+    assert pair["agreement"]["compared"] > 0 and pair["agreement"]["rate"] is not None
+
+
+def test_files_per_request_plot_and_locust_reports(result):
+    s, out, _ = result
+    lines = Path(s["files"]["requests"]).read_text().splitlines()
+    recs = [json.loads(x) for x in lines]
+    assert {r["mode"] for r in recs} == {"full", "plan", "reuse"} and all(r["ok"] for r in recs)
+    assert Path(s["pairs"]["code->base"]["plot"]).stat().st_size > 10_000
+    assert s["files"]["locust_html"] and all(Path(f).exists() for f in s["files"]["locust_html"])
+    assert (out / "summary.json").exists()
+
+
+def test_bad_pairs_are_refused_before_anything_starts(tiny_family):
+    r = subprocess.run([sys.executable, "-m", "kvrelay.cli", "loadtest", "--scenario", "goodput", "--family", "tiny",
+                        "--pairs", "code:code", "--context-tokens", "256-320"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "SENDER:RECEIVER of two different models" in r.stderr, r.stderr
