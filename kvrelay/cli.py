@@ -12,7 +12,8 @@ import sys
 from kvrelay.errors import KvRelayError
 
 # (command path, module, help). Each module has `add_arguments(parser)` and `run(args) -> int`.
-GROUPS = {("models",): "build and list model families", ("bench",): "benchmarks that print figures"}
+GROUPS = {("models",): "build and list model families", ("bench",): "benchmarks that print figures",
+          ("store",): "inspect a page store"}
 COMMANDS = [
     (("models", "build"), "kvrelay.families.cli", "build a model family's weights (cached outside git)"),
     (("models", "list"), "kvrelay.families.cli_list", "list model families and whether they are built"),
@@ -24,6 +25,7 @@ COMMANDS = [
     (("profile",), "kvrelay.profiler.cli", "offline profile of a (sender, receiver) pair; `profile plot`, `profile check`"),
     (("eval",), "kvrelay.evaluate", "quality and prefill time: full prefill vs. full reuse vs. selected plan"),
     (("loadtest",), "kvrelay.loadtest.cli", "Locust load test: the same workload with sharing off and on; throughput ratio"),
+    (("store", "stats"), "kvrelay.store.stats_cli", "keys, bytes, tenants and orphans of a Redis page store"),
     (("stress",), "kvrelay.loadtest.stress_cli", "many concurrent mixed clients (HTTP, gRPC, streaming, hang-ups); errors, server RSS"),
 ]
 

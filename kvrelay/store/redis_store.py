@@ -8,10 +8,13 @@ Layout (every name component percent-escaped, so tenant "a:b" cannot pose as ten
                                                          kv_format.pack_tensor bytes (header + MAC over
                                                          this value key and the payload)
 
-A writer stores the values under a fresh write id first, then sets the marker with SET NX (first
-complete writer wins; a loser deletes its values), then adds itself to the block's index. So a page
-is visible only once every layer is written; a writer that dies half way leaves unreferenced values
-(they expire with ttl_s). A value that is missing (evicted by a maxmemory policy, expired) or fails its
+A writer stores the values under a fresh write id first, each expiring after PENDING_TTL_S, then sets
+the marker with SET NX (first complete writer wins; a loser deletes its values), then gives its
+values the marker's lifetime (ttl_s, or none) and adds itself to the block's index. So a page is
+visible only once every layer is written, and a writer that dies or is refused half way (maxmemory
+with noeviction) leaves nothing behind for longer than PENDING_TTL_S: it deletes what it wrote at
+once when it can. Every key has a TTL or a marker that owns it (`kvrelay store stats` counts
+orphans). A value that is missing (evicted by a maxmemory policy, expired) or fails its
 checksum makes the page count as missing: it is deleted and the caller recomputes.
 
 One value per layer lets fetch move only the layers a recompute plan needs, and stream load them
@@ -43,6 +46,7 @@ return 1
 """
 
 PUT_CHUNK_PAGES = 16   # pages per pipeline round trip when writing
+PENDING_TTL_S = 300    # a value not yet committed by its page's marker expires after this
 
 
 def _esc(s: str) -> str:
@@ -169,40 +173,63 @@ class RedisStore(PageStore):
             for m in markers:
                 pipe.exists(m)
             todo = [i for i, there in enumerate(pipe.execute()) if not there]
-            gens = {i: uuid.uuid4().hex[:16] for i in todo}
-            written = 0
-            for c in range(0, len(todo), PUT_CHUNK_PAGES):
+        meta = {i: {"g": uuid.uuid4().hex[:16], "L": fmt.num_layers, "H": fmt.num_kv_heads, "D": fmt.head_dim,
+                    "hid": fmt.hidden_size, "dt": fmt.dtype, "e": list(fmt.e_layers)} for i in todo}
+        values = {i: _Handle(markers[i], None, meta[i], "", "").value_keys() for i in todo}
+        try:
+            # Values first, each expiring after PENDING_TTL_S: a writer that dies or is refused half way
+            # (maxmemory) leaves nothing that outlives that, and the except below deletes it at once.
+            written = self._put_values(values, kv, e, fmt)
+            with self._guard("put"):
                 pipe = self._r.pipeline(transaction=False)
-                for i in todo[c:c + PUT_CHUNK_PAGES]:
-                    for l in range(fmt.num_layers):
-                        key = f"{markers[i]}:{gens[i]}:k{l}"
-                        blob = pack_tensor(kv[i, l], key.encode(), self.secret)
-                        pipe.set(key, blob, ex=ex)
-                        written += len(blob)
-                    for j, l in enumerate(fmt.e_layers):
-                        key = f"{markers[i]}:{gens[i]}:e{l}"
-                        blob = pack_tensor(e[i, j], key.encode(), self.secret)
-                        pipe.set(key, blob, ex=ex)
-                        written += len(blob)
+                for i in todo:
+                    pipe.set(markers[i], json.dumps(meta[i]), nx=True, ex=ex)
+                won = pipe.execute() if todo else []
+                pipe = self._r.pipeline(transaction=False)
+                for i, ok in zip(todo, won):
+                    for k in values[i]:
+                        if not ok:      # a concurrent writer committed first: ours are orphans
+                            pipe.delete(k)
+                        elif ex:        # committed: the values live as long as their marker
+                            pipe.expire(k, ex)
+                        else:
+                            pipe.persist(k)
+                for h in hashes:  # every page, not only new ones: heals an index entry dropped by a race
+                    idx = self._index(base, B, h)
+                    pipe.sadd(idx, pages.producer)
+                    if ex:
+                        pipe.expire(idx, ex)
                 pipe.execute()
-            meta = {i: json.dumps({"g": gens[i], "L": fmt.num_layers, "H": fmt.num_kv_heads, "D": fmt.head_dim,
-                                   "hid": fmt.hidden_size, "dt": fmt.dtype, "e": list(fmt.e_layers)}) for i in todo}
-            pipe = self._r.pipeline(transaction=False)
-            for i in todo:
-                pipe.set(markers[i], meta[i], nx=True, ex=ex)
-            won = pipe.execute() if todo else []
-            pipe = self._r.pipeline(transaction=False)
-            for i, ok in zip(todo, won):
-                if not ok:  # a concurrent writer committed first: ours are orphans
-                    pipe.delete(*_Handle(markers[i], None, json.loads(meta[i]), "", "").value_keys())
-            for h in hashes:  # every page, not only new ones: heals an index entry dropped by a race
-                idx = self._index(base, B, h)
-                pipe.sadd(idx, pages.producer)
-                if ex:
-                    pipe.expire(idx, ex)
-            pipe.execute()
+        except StoreUnavailable:
+            self._forget(base, B, hashes, pages.producer, markers, values, meta)
+            raise
         self._count(bytes_in=written)
         return sum(1 for ok in won if ok)
+
+    def _put_values(self, values: dict[int, list[str]], kv, e, fmt: PageFormat) -> int:
+        written, todo = 0, list(values)
+        for c in range(0, len(todo), PUT_CHUNK_PAGES):
+            with self._guard("put"):
+                pipe = self._r.pipeline(transaction=False)
+                for i in todo[c:c + PUT_CHUNK_PAGES]:
+                    tensors = [kv[i, l] for l in range(fmt.num_layers)] + [e[i, j] for j in range(len(fmt.e_layers))]
+                    for key, t in zip(values[i], tensors):
+                        blob = pack_tensor(t, key.encode(), self.secret)
+                        pipe.set(key, blob, ex=PENDING_TTL_S)
+                        written += len(blob)
+                pipe.execute()
+        return written
+
+    def _forget(self, base: str, B: int, hashes: list[bytes], producer: str, markers: list[str],
+                values: dict[int, list[str]], meta: dict[int, dict]) -> None:
+        """Best effort after a failed put: delete this write's values, and its marker if it was set, so
+        that a store at maxmemory is not left holding pages nobody can use."""
+        try:
+            for i, keys in values.items():
+                self._drop_script(keys=[markers[i], self._index(base, B, hashes[i]), *keys],
+                                  args=[json.dumps(meta[i]), producer])
+        except Exception:  # noqa: BLE001 - the store is refusing us: the values expire by themselves
+            pass
 
     def _lookup(self, tenant: str, fingerprint: str, hashes: list[bytes], block_size: int) -> dict[str, int]:
         base = self._base(tenant, fingerprint)

@@ -1,0 +1,112 @@
+"""`kvrelay store stats`: what a Redis page store holds: keys, bytes, tenants, and orphans.
+
+    kvrelay store stats --store redis://127.0.0.1:6379/0 [--prefix kvrelay] [--json] [--delete-orphans]
+
+Key kinds (kvrelay.store.redis_store): index sets ({p}:{tenant}:{fp}:i:{B}:{hash}), page markers
+({p}:{tenant}:{fp}:p:{producer}:{B}:{hash}) and values ({marker}:{write id}:k{l} / :e{l}).
+An orphan is a value whose marker is gone or names another write id; a dangling index entry names a
+producer whose marker is gone. Both are harmless to requests (a lookup trusts only markers, a fetch
+checks every value), but they hold memory: orphans normally expire on their own (values wait for
+their marker under a short TTL); `--delete-orphans` removes those found now. An in-memory store
+lives inside its server: see its /metrics (kvrelay_store_*) instead.
+"""
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+
+def add_arguments(p):
+    p.add_argument("--store", required=True, help="redis://host:port/db (the deployment's page store)")
+    p.add_argument("--prefix", default="kvrelay", help="key prefix of the store (default kvrelay)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--delete-orphans", action="store_true", help="delete the orphaned values found")
+
+
+def scan(r, prefix: str) -> dict:
+    """Classify every key under `prefix`. Reads keys, TTLs and value sizes; writes nothing."""
+    from kvrelay.store.redis_store import _esc
+    kinds, no_ttl, nbytes = Counter(), Counter(), Counter()
+    markers: dict[str, str] = {}
+    values: list[tuple[str, str, str]] = []          # (key, marker, write id)
+    index: list[str] = []
+    tenants = set()
+    keys = [k.decode() for k in r.scan_iter(match=f"{prefix}:*", count=1000)]
+    for chunk in range(0, len(keys), 500):
+        part = keys[chunk:chunk + 500]
+        pipe = r.pipeline(transaction=False)
+        for k in part:
+            pipe.ttl(k)
+            pipe.memory_usage(k)
+        res = pipe.execute()
+        for i, k in enumerate(part):
+            ttl, size = res[2 * i], res[2 * i + 1] or 0
+            rest = k[len(prefix) + 1:].split(":")
+            kind = "index" if len(rest) == 5 and rest[2] == "i" else "marker" if len(rest) == 6 and rest[2] == "p" \
+                else "value" if len(rest) == 8 and rest[2] == "p" else "other"
+            kinds[kind] += 1
+            nbytes[kind] += size
+            if ttl == -1:
+                no_ttl[kind] += 1
+            if kind != "other":
+                tenants.add(rest[0])
+            if kind == "marker":
+                markers[k] = ""
+            elif kind == "value":
+                values.append((k, k.rsplit(":", 2)[0], rest[6]))
+            elif kind == "index":
+                index.append(k)
+    pipe = r.pipeline(transaction=False)
+    names = list(markers)
+    for m in names:
+        pipe.get(m)
+    for m, raw in zip(names, pipe.execute()):
+        try:
+            markers[m] = json.loads(raw)["g"] if raw else ""
+        except (ValueError, KeyError, TypeError):
+            markers[m] = ""
+    orphans = [k for k, m, g in values if markers.get(m) != g]
+    dangling = 0
+    for idx in index:
+        base, _, rest = idx.partition(":i:")
+        B, _, h = rest.partition(":")
+        dangling += sum(1 for p in r.smembers(idx) if f"{base}:p:{_esc(p.decode())}:{B}:{h}" not in markers)
+    return {"keys": dict(kinds), "bytes": dict(nbytes), "without_ttl": dict(no_ttl), "tenants": len(tenants),
+            "pages": len(markers), "orphan_values": len(orphans),
+            "orphan_values_without_ttl": sum(1 for k in orphans if r.ttl(k) == -1),
+            "dangling_index_entries": dangling, "_orphans": orphans}
+
+
+def run(args) -> int:
+    from kvrelay.errors import KvRelayError
+    try:
+        import redis
+    except ImportError:
+        raise KvRelayError("`kvrelay store stats` needs the redis client: pip install 'kvrelay[serve]'") from None
+    if not args.store.startswith(("redis://", "rediss://")):
+        raise KvRelayError(f"--store {args.store}: only a Redis store can be inspected from outside its server "
+                           "(an in-memory store: see the server's /metrics, kvrelay_store_*)")
+    from kvrelay.store.redis_store import redact
+    try:
+        r = redis.Redis.from_url(args.store.split("?", 1)[0], socket_timeout=5, socket_connect_timeout=5)
+        s = scan(r, args.prefix)
+        orphans = s.pop("_orphans")
+        if args.delete_orphans and orphans:
+            for i in range(0, len(orphans), 500):
+                r.delete(*orphans[i:i + 500])
+            s["orphans_deleted"] = len(orphans)
+    except redis.exceptions.RedisError as e:
+        raise KvRelayError(f"page store {redact(args.store)}: {e}") from None
+    s["store"] = redact(args.store)
+    if args.json:
+        print(json.dumps(s, indent=1))
+        return 0
+    print(f"{s['store']}: {s['pages']} pages, {s['tenants']} tenants")
+    for kind in ("index", "marker", "value", "other"):
+        if s["keys"].get(kind):
+            print(f"  {kind:<7} {s['keys'][kind]:>8} keys {s['bytes'].get(kind, 0) / 2**20:>9.1f} MiB "
+                  f"{s['without_ttl'].get(kind, 0):>8} without TTL")
+    print(f"  orphaned values {s['orphan_values']} ({s['orphan_values_without_ttl']} without TTL), "
+          f"dangling index entries {s['dangling_index_entries']}"
+          + (f"; deleted {s['orphans_deleted']}" if "orphans_deleted" in s else ""))
+    return 0
