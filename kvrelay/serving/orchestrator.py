@@ -129,7 +129,9 @@ class Orchestrator:
         me = self.ids[receiver]
         tokens, max_tokens = req.tokens, req.max_tokens
         if not 1 <= max_tokens <= self.dep.max_tokens_limit:
-            raise KvRelayError(f"max_tokens must be in 1..{self.dep.max_tokens_limit}, got {max_tokens}")
+            raise KvRelayError(f"max_tokens must be in 1..{self.dep.max_tokens_limit}, got {max_tokens}" + (
+                " (max_tokens is INT32: Triton's HTTP front end wraps a JSON number of 2^31 or more modulo 2^32 "
+                "before kvrelay sees it)" if max_tokens <= 0 else ""))
         if not tokens:
             raise KvRelayError("the prompt is empty")
         if len(tokens) + max_tokens > me.max_model_len:
