@@ -10,7 +10,7 @@ import numpy as np
 from kvrelay.errors import KvRelayError
 
 INT_OUTPUTS = ("kv_reused_layers", "kv_recomputed_layers", "kv_reused_tokens", "output_tokens", "first_token_time_ns")
-STR_OUTPUTS = ("kv_donor_model", "kv_route")
+STR_OUTPUTS = ("kv_donor_model", "kv_route", "variant")
 
 
 @dataclass

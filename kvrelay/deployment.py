@@ -41,6 +41,7 @@ class Deployment:
     coalesce: bool = True                # wait for an in-flight prefill of the same context (routing.InFlightPrefills)
     publish: bool = True                 # False: read the page store, never write to it (a read-only replica)
     prefix_caching: bool = True          # False: engines keep no prefix cache (vLLM --no-enable-prefix-caching)
+    variant_entry_points: bool = True    # each variant also served under its own Triton model name
     shared_prefix_cache: bool = False    # True: a tenant's prefix-cache hits may come from another tenant's blocks
                                          # (faster repeats across tenants, but B can time what A sent)
     extra: dict = field(default_factory=dict)

@@ -26,6 +26,8 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     stop_sequences: tuple[tuple[int, ...], ...] = ()   # multi-token stops (tokenized stop words)
     ignore_eos: bool = False
+    min_tokens: int = 0               # no stop (EOS, stop ids, stop sequences) before this many tokens
+    bad_sequences: tuple[tuple[int, ...], ...] = ()   # never generated (tokenized bad words)
     return_logits: int = 0            # full next-token logits for the first N generated tokens
 
     def validate(self, max_tokens_limit: int) -> "SamplingParams":
@@ -37,6 +39,8 @@ class SamplingParams:
             raise KvRelayError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.top_k < 0:
             raise KvRelayError(f"top_k must be >= 0, got {self.top_k!r}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise KvRelayError(f"min_tokens must be in 0..max_tokens ({self.max_tokens}), got {self.min_tokens!r}")
         return self
 
 

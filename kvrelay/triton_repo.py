@@ -43,8 +43,24 @@ def generate(dep: Deployment, out: Path) -> Path:
         _model(out, f"orchestrator{suffix}", _render("orchestrator", name=f"orchestrator{suffix}",
                decoupled=str(stream).lower(), instances=1 if stream else dep.orchestrator_instances,
                core_address=address, core_key=str(key), **common), "orchestrator")
-        _model(out, f"ensemble{suffix}", _render("ensemble", name=f"ensemble{suffix}",
+        _model(out, f"ensemble{suffix}", _render("ensemble", name=f"ensemble{suffix}", preprocessing="preprocessing",
                orchestrator=f"orchestrator{suffix}"), None)
-    for pp in ("preprocessing", "postprocessing"):
-        _model(out, pp, _render(pp, instances=1, **common), pp)
+    _model(out, "preprocessing", _render("preprocessing", name="preprocessing", variant="", instances=1, **common),
+           "preprocessing")
+    _model(out, "postprocessing", _render("postprocessing", instances=1, **common), "postprocessing")
+    if dep.variant_entry_points:
+        # each variant under its own Triton name (genai-perf -m code, /v2/models/code/generate): the
+        # streaming path with a preprocessing of its own that fixes the variant
+        for m in dep.model_names:
+            if m in INTERNAL_NAMES or m.startswith("preprocessing_"):
+                raise KvRelayError(f"model {m!r}: the name is taken by one of kvrelay's Triton models "
+                                   f"{sorted(INTERNAL_NAMES)}; rename it or set variant_entry_points = false")
+            _model(out, f"preprocessing_{m}", _render("preprocessing", name=f"preprocessing_{m}", variant=m,
+                                                      instances=1, **common), "preprocessing")
+            _model(out, m, _render("ensemble", name=m, preprocessing=f"preprocessing_{m}",
+                                   orchestrator="orchestrator_stream"), None)
     return deployment
+
+
+INTERNAL_NAMES = {"ensemble", "ensemble_stream", "orchestrator", "orchestrator_stream", "preprocessing",
+                  "postprocessing"}

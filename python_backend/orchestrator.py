@@ -126,17 +126,30 @@ def _fail(sender, e: Exception) -> None:
 
 
 def _read(r, decoupled: bool) -> ServeRequest:
-    stream = bool(io.scalar(r, "stream", bool, False))
-    if stream and not decoupled:
-        raise io.BadInput("stream=true needs the streaming entry point 'ensemble_stream' "
-                          "(HTTP generate_stream or gRPC streaming)")
+    # The unary entry point answers stream=true with one final response (genai-perf --streaming -m
+    # ensemble sends it); token by token needs 'ensemble_stream' or a variant's own name.
+    stream = decoupled and bool(io.scalar(r, "stream", bool, False))
+    _refuse_unsupported(r)
     return ServeRequest(
         tokens=io.ints(r, "input_ids", required=True), max_tokens=io.scalar(r, "max_tokens", int, required=True),
         model=io.scalar(r, "model", str, ""), stream=stream, tenant=io.scalar(r, "tenant", str, "") or "default",
         temperature=io.scalar(r, "temperature", float, 0.0), top_p=io.scalar(r, "top_p", float, 1.0),
-        seed=io.scalar(r, "random_seed", int, None), stop_ids=io.ints(r, "stop_ids"),
+        top_k=io.scalar(r, "top_k", int, 0), seed=io.scalar(r, "random_seed", int, None),
+        stop_ids=io.ints(r, "stop_ids"), bad_ids=io.ints(r, "bad_ids"),
+        min_tokens=io.scalar(r, "min_length", int, 0), end_id=io.scalar(r, "end_id", int, None),
         request_id=io.scalar(r, "request_id", str, ""),
-        entry="ensemble_stream" if decoupled else "ensemble")
+        entry=io.scalar(r, "entry", str, "") or ("ensemble_stream" if decoupled else "ensemble"))
+
+
+def _refuse_unsupported(r) -> None:
+    """tensorrtllm_backend's inputs that kvrelay cannot honour: a clear refusal, not a silent change
+    (pad_id is accepted and has nothing to do: outputs are never padded)."""
+    if io.scalar(r, "beam_width", int, 1) != 1:
+        raise io.BadInput("beam_width must be 1: kvrelay decodes one sequence per request (no beam search)")
+    if io.scalar(r, "return_log_probs", bool, False):
+        raise io.BadInput("return_log_probs is not supported")
+    if not io.scalar(r, "exclude_input_in_output", bool, True):
+        raise io.BadInput("exclude_input_in_output must be true: kvrelay returns the generated text only")
 
 
 def _tensors(reply: Reply) -> list:
@@ -149,4 +162,5 @@ def _tensors(reply: Reply) -> list:
             io.tensor("kv_donor_model", reply.donor),
             io.tensor("kv_route", reply.route),
             io.tensor("output_tokens", i32(reply.output_tokens)),
-            io.tensor("first_token_time_ns", np.array([reply.first_token_time_ns], np.int64))]
+            io.tensor("first_token_time_ns", np.array([reply.first_token_time_ns], np.int64)),
+            io.tensor("variant", reply.model)]

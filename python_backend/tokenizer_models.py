@@ -25,6 +25,8 @@ class Preprocessing:
 
     def initialize(self, args):
         self.tok, self.dep = _tokenizer(args)
+        # a variant's own entry point (e.g. model "code") has a preprocessing of its own that names it
+        self.variant = io.params(args).get("variant", "")
 
     def _encode(self, text: str) -> list[int]:
         if self.tok is None:
@@ -52,17 +54,39 @@ class Preprocessing:
                     ctx, q = self._encode(ctx_text), self._encode(q_text)
                 else:
                     ctx, q = [], self._encode(text)
-                stops: list[int] = []
-                for w in io.strings(r, "stop_words"):
-                    if w:
-                        stops += self._encode(w) + [-1]
                 out.append(pb_utils.InferenceResponse([
                     io.tensor("input_ids", np.asarray(ctx + q, np.int32)),
                     io.tensor("context_len", np.array([len(ctx)], np.int32)),
-                    io.tensor("stop_ids", np.asarray(stops, np.int32))]))
+                    io.tensor("stop_ids", np.asarray(self._words(r, "stop_words"), np.int32)),
+                    io.tensor("bad_ids", np.asarray(self._words(r, "bad_words"), np.int32)),
+                    io.tensor("model", self._model(io.scalar(r, "model", str, ""))),
+                    io.tensor("entry", self.variant)]))
             except io.BadInput as e:
                 out.append(io.error_response(str(e)))
         return out
+
+
+    def _words(self, r, name: str) -> list[int]:
+        """Each word tokenized, -1 between them (tensorrtllm_backend sends a [1, n] tensor too)."""
+        ids: list[int] = []
+        for w in io.strings(r, name):
+            if w:
+                ids += self._encode(w) + [-1]
+        return ids
+
+    def _model(self, asked: str) -> str:
+        """The variant: the entry point's own, or the `model` input ("" = the deployment's first).
+        An entry point's own name is no variant: genai-perf and perf_analyzer put the Triton model
+        name (-m ensemble) into every request's `model` field."""
+        if asked in ENTRY_NAMES:
+            asked = ""
+        if self.variant and asked not in ("", self.variant):
+            raise io.BadInput(f"this entry point serves {self.variant!r} only; send to model {asked!r} instead "
+                              f"(or to 'ensemble' with model={asked!r})")
+        return self.variant or asked
+
+
+ENTRY_NAMES = ("ensemble", "ensemble_stream")
 
 
 class Postprocessing:

@@ -348,7 +348,11 @@ class TorchEngine:
 
     def _emit(self, seq: Sequence, logits: torch.Tensor) -> RequestOutput:
         sp = seq.req.sampling
-        tok = sample(logits, sp.temperature, sp.top_p, sp.top_k, seq.generator)
+        stops = set(sp.stop_token_ids) | (set() if sp.ignore_eos else set(self.cfg.eos_token_ids))
+        early = len(seq.output) < sp.min_tokens
+        banned = self._banned(seq, stops if early else ())
+        tok = sample(logits.index_fill(0, torch.tensor(banned, device=logits.device), float("-inf")) if banned
+                     else logits, sp.temperature, sp.top_p, sp.top_k, seq.generator)
         if not seq.output:
             seq.first_token_time_ns = time.time_ns()
         seq.tokens.append(tok)
@@ -357,12 +361,22 @@ class TorchEngine:
                             first_token_time_ns=seq.first_token_time_ns)
         if len(seq.output) <= sp.return_logits:
             out.logits = [logits.float().cpu().clone()]
-        stops = set(sp.stop_token_ids) | (set() if sp.ignore_eos else set(self.cfg.eos_token_ids))
-        stopped = tok in stops or any(s and tuple(seq.output[-len(s):]) == s for s in sp.stop_sequences)
+        stopped = not early and (tok in stops or any(s and tuple(seq.output[-len(s):]) == s for s in sp.stop_sequences))
         if stopped or len(seq.output) >= sp.max_tokens:
             out.finished, out.finish_reason = True, "stop" if stopped else "length"
             self._finish(seq)
         return out
+
+    @staticmethod
+    def _banned(seq: Sequence, stops) -> list[int]:
+        """Tokens the next step may not pick: stop tokens before min_tokens, and the last token of a
+        bad-words sequence whose other tokens the output just produced."""
+        out = seq.output
+        banned = set(stops)
+        for b in seq.req.sampling.bad_sequences:
+            if b and (len(b) == 1 or tuple(out[-(len(b) - 1):]) == tuple(b[:-1])):
+                banned.add(b[-1])
+        return sorted(banned)
 
     def _finish(self, seq: Sequence) -> None:
         self._active.discard(seq.req.request_id)

@@ -52,6 +52,10 @@ class ServeRequest:
     top_p: float = 1.0
     seed: int | None = None
     stop_ids: list[int] = field(default_factory=list)   # tokenized stop words, -1 between them
+    bad_ids: list[int] = field(default_factory=list)    # tokenized bad words, -1 between them
+    min_tokens: int = 0                  # tensorrtllm_backend's min_length
+    end_id: int | None = None            # an extra end-of-sequence token
+    top_k: int = 0
     request_id: str = ""
     entry: str = "ensemble"              # the Triton entry point the client used (metrics label)
 
@@ -67,6 +71,7 @@ class Reply:
     recomputed_layers: int = 0
     reused_tokens: int = 0
     first_token_time_ns: int = 0         # wall clock (epoch ns) when the engine produced the first token
+    model: str = ""                      # the variant that answered
 
     @property
     def output_tokens(self) -> int:
@@ -134,6 +139,12 @@ class Orchestrator:
                 "before kvrelay sees it)" if max_tokens <= 0 else ""))
         if not tokens:
             raise KvRelayError("the prompt is empty")
+        if not 0 <= req.min_tokens <= max_tokens:
+            raise KvRelayError(f"min_length must be in 0..max_tokens ({max_tokens}), got {req.min_tokens}")
+        if req.top_k < 0:
+            raise KvRelayError(f"top_k must be >= 0, got {req.top_k}")
+        if req.end_id is not None and req.end_id < 0:
+            raise KvRelayError(f"end_id must be a token id (>= 0), got {req.end_id}")
         if len(tokens) + max_tokens > me.max_model_len:
             raise KvRelayError(f"prompt ({len(tokens)} tokens) + max_tokens ({max_tokens}) exceeds the "
                                f"{me.max_model_len}-token context of {receiver!r}")
@@ -224,7 +235,9 @@ class Orchestrator:
         if donor is not None:
             plan = RecomputePlan.none() if call.route.kind == "restore" else call.route.plan
         sampling = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                  seed=req.seed, stop_sequences=split_stops(req.stop_ids))
+                                  top_k=req.top_k, seed=req.seed, stop_sequences=split_stops(req.stop_ids),
+                                  stop_token_ids=() if req.end_id is None else (req.end_id,),
+                                  min_tokens=req.min_tokens, bad_sequences=split_stops(req.bad_ids))
         rid = f"{req.request_id or 'req'}-{uuid.uuid4().hex[:12]}"
         outputs: queue.Queue = queue.Queue()
         runner = self.runners[call.me.name]
@@ -275,7 +288,7 @@ class Orchestrator:
             reused_layers=info.reused_layers if reusing else 0,
             recomputed_layers=info.recomputed_layers if reusing else 0,
             reused_tokens=reused_tokens,
-            first_token_time_ns=out.first_token_time_ns or call.first_token_time_ns))
+            first_token_time_ns=out.first_token_time_ns or call.first_token_time_ns, model=call.me.name))
         call.first_token_time_ns = call.first_token_time_ns or out.first_token_time_ns
 
     def _prefill_done(self, info: PrefillInfo, call: "_Call", out: RequestOutput) -> None:

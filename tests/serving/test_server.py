@@ -104,8 +104,6 @@ TEXT = {"name": "text_input", "shape": [1], "datatype": "BYTES", "data": ["hello
     ([TEXT, {"name": "max_tokens", "shape": [2], "datatype": "INT32", "data": [4, 4]}], "max_tokens"),
     ([{**TEXT, "data": ["word " * 5000]}, {"name": "max_tokens", "shape": [1], "datatype": "INT32", "data": [4]}],
      "exceeds the 4096-token context"),
-    ([TEXT, {"name": "max_tokens", "shape": [1], "datatype": "INT32", "data": [4]},
-      {"name": "stream", "shape": [1], "datatype": "BOOL", "data": [True]}], "ensemble_stream"),
 ])
 def test_bad_inputs_are_invalid_arg_and_the_server_keeps_serving(server, inputs, msg):
     status, body = _raw_infer(server, inputs)

@@ -257,3 +257,23 @@ def test_a_repeat_reuse_sends_a_reference_while_the_hybrid_kv_is_cached(base, co
     miss = code.generate([Request("m", prompt, sp, donor=ref, plan=RecomputePlan(((4, 6),)))])["m"]
     assert miss.prefill.plan.startswith("donor failed: the hybrid KV") and miss.prefill.reused_tokens == 0
     assert miss.output_tokens == own.output_tokens and not code.has_unfinished()
+
+
+def test_min_tokens_holds_back_stops_and_bad_words_are_never_generated(base, rng):
+    p = toks(rng, 40)
+    free = base.generate([Request("free", p, greedy(6))])["free"].output_tokens
+    first = free[0]
+    stopped = base.generate([Request("stop", p, SamplingParams(max_tokens=6, stop_token_ids=(first,)))])["stop"]
+    assert stopped.output_tokens == [first] and stopped.finish_reason == "stop"
+    held = base.generate([Request("min", p, SamplingParams(max_tokens=6, stop_token_ids=(first,), min_tokens=4))])["min"]
+    assert len(held.output_tokens) >= 4 and held.output_tokens[0] != first   # the stop token is masked until then
+    banned = base.generate([Request("bad", p, SamplingParams(max_tokens=6, ignore_eos=True,
+                                                             bad_sequences=((first,), tuple(free[1:3]))))])["bad"]
+    assert first not in banned.output_tokens
+    two = [tuple(banned.output_tokens[i:i + 2]) for i in range(5)]
+    assert tuple(free[1:3]) not in two
+
+
+def test_min_tokens_above_max_tokens_is_refused(base):
+    with pytest.raises(KvRelayError, match="min_tokens must be in 0..max_tokens"):
+        base.add_request(Request("x", [1, 2, 3], SamplingParams(max_tokens=2, min_tokens=3)))
