@@ -78,8 +78,10 @@ class PrefillInfo:
     donor: str = ""
     reused_layers: int = 0
     recomputed_layers: int = 0
-    plan: str = ""
+    plan: str = ""                    # the recompute plan run ("" for a plain prefill)
     seconds: float = 0.0
+    donor_failed: str = ""            # why donor pages given with the request were not used ("": they were,
+                                      # or none were given); the prefill was then a full one
 
 
 @dataclass(slots=True)

@@ -36,6 +36,13 @@ NO_PLAN = "no plan meets the quality target"
 
 
 @dataclass(frozen=True)
+class Unusable:
+    """Why a pair has no profile to choose from."""
+    kind: str                      # NO_PROFILE | MALFORMED
+    reason: str
+
+
+@dataclass(frozen=True)
 class Choice:
     plan: RecomputePlan | None     # None => full prefill (no reuse)
     reason: str
@@ -104,6 +111,46 @@ class LatencyModel:
                 "num_layers": self.num_layers}
 
 
+class OnlineLatency:
+    """Prefill seconds ~ tokens x (a + b x layers), fitted by least squares to this server's own
+    prefills (a full prefill computes every layer over the prompt; a re-prefill its recomputed layers
+    over the reused context), over the last `window` of them. While every observation has the same
+    layer count (full prefills only) it assumes cost in proportion to layers (a = 0), DroidSpeak's
+    first-order model. predict() is None until `min_samples` prefills were seen."""
+
+    def __init__(self, window: int = 256, min_samples: int = 3):
+        from collections import deque
+        self.samples: deque = deque(maxlen=window)
+        self.min_samples = min_samples
+        self._lock = threading.Lock()
+        self._coef: tuple[float, float] | None = None
+
+    def observe(self, tokens: int, layers: int, seconds: float) -> None:
+        if tokens <= 0 or layers <= 0 or not seconds > 0:
+            return
+        with self._lock:
+            self.samples.append((float(tokens), float(layers), float(seconds)))
+            self._coef = self._fit() if len(self.samples) >= self.min_samples else None
+
+    def _fit(self) -> tuple[float, float]:
+        # normal equations of s = a*t + b*t*l
+        s11 = s12 = s22 = y1 = y2 = 0.0
+        for t, l, s in self.samples:
+            x1, x2 = t, t * l
+            s11, s12, s22, y1, y2 = s11 + x1 * x1, s12 + x1 * x2, s22 + x2 * x2, y1 + x1 * s, y2 + x2 * s
+        det = s11 * s22 - s12 * s12
+        if det > 1e-9 * s11 * s22:
+            a, b = (y1 * s22 - y2 * s12) / det, (s11 * y2 - s12 * y1) / det
+            if a >= 0 and b > 0:
+                return a, b
+        return 0.0, y2 / s22 if s22 else 0.0
+
+    def predict(self, tokens: int, layers: int) -> float | None:
+        with self._lock:
+            coef = self._coef
+        return None if coef is None else tokens * (coef[0] + coef[1] * layers)
+
+
 class Selector:
     def __init__(self, profiles_dir: Path, family: str, latency: LatencyModel | None = None,
                  quality_target: float = 0.01):
@@ -114,7 +161,7 @@ class Selector:
         self.latency = latency
         self.quality_target = quality_target
         self.fallbacks: Counter = Counter()
-        self._cache: dict[tuple[str, str], profile_file.Profile | str] = {}
+        self._cache: dict[tuple[str, str], profile_file.Profile | Unusable] = {}
         self._logged: set[tuple[str, str, str]] = set()
         self._lock = threading.Lock()
 
@@ -124,8 +171,8 @@ class Selector:
             self._cache.clear()
             self._logged.clear()
 
-    def profile(self, sender: str, receiver: str) -> profile_file.Profile | str:
-        """The pair's profile, or a reason string why there is none usable (cached either way)."""
+    def profile(self, sender: str, receiver: str) -> profile_file.Profile | Unusable:
+        """The pair's profile, or why there is none usable (cached either way)."""
         key = (sender, receiver)
         with self._lock:
             got = self._cache.get(key)
@@ -133,15 +180,15 @@ class Selector:
             return got
         path = profile_file.path_for(self.profiles_dir, self.family, sender, receiver)
         if not path.exists():
-            got = f"{NO_PROFILE} for {sender}->{receiver} ({path})"
+            got = Unusable(NO_PROFILE, f"{NO_PROFILE} for {sender}->{receiver} ({path})")
         else:
             try:
                 got = profile_file.load(path)
                 if (got.family, got.sender, got.receiver) != (self.family, sender, receiver):
-                    got = (f"{MALFORMED} for {sender}->{receiver}: {path} describes "
-                           f"{got.family}:{got.sender}->{got.receiver}")
+                    got = Unusable(MALFORMED, f"{MALFORMED} for {sender}->{receiver}: {path} describes "
+                                              f"{got.family}:{got.sender}->{got.receiver}")
             except KvRelayError as e:
-                got = f"{MALFORMED} for {sender}->{receiver}: {e}"
+                got = Unusable(MALFORMED, f"{MALFORMED} for {sender}->{receiver}: {e}")
         with self._lock:
             self._cache[key] = got
         return got
@@ -158,8 +205,8 @@ class Selector:
         """(plans of this pair's frontier that meet the quality target, None, None), or (None, the
         fallback key, the reason) when there are none to choose from."""
         prof = self.profile(sender, receiver)
-        if isinstance(prof, str):
-            return None, NO_PROFILE if prof.startswith(NO_PROFILE) else MALFORMED, prof
+        if isinstance(prof, Unusable):
+            return None, prof.kind, prof.reason
         d = prof.data
         if d["sender_fingerprint"] != sender_fp or d["receiver_fingerprint"] != receiver_fp:
             which = [w for w, a, b in (("sender", d["sender_fingerprint"], sender_fp),
@@ -185,7 +232,7 @@ class Selector:
         fewest = min(cands, key=lambda p: (p.layers, -p.quality))
         if queued > 0:
             pick, why = fewest, f"queueing ({queued} queued): fewest layers meeting quality"
-        elif self.latency is None or slo_s is None:
+        elif self.latency is None or slo_s is None or predict(fewest) is None:
             pick, why = fewest, "idle, no SLO or latency model: fewest layers meeting quality"
         else:
             fast = [p for p in cands if predict(p) <= slo_s]

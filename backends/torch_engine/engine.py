@@ -219,7 +219,7 @@ class TorchEngine:
                 seq.table, seq.hashes, seq.salt, seq.derived = [], [], req.cache_salt, ""
                 req.donor = req.plan = None
                 info, h_last = self._full_prefill(seq)
-                info.plan = f"donor failed: {e}"
+                info.donor_failed = str(e)
         else:
             info, h_last = self._full_prefill(seq)
         logits = self.model.logits(h_last)[0]
@@ -255,7 +255,7 @@ class TorchEngine:
         n_reuse_blocks = shared_blocks(donor.tokens, toks, B)
         if n_reuse_blocks == 0:
             info, h = self._full_prefill(seq)
-            info.donor, info.plan = donor.producer, "none shared"
+            info.donor, info.donor_failed = donor.producer, "the donor's pages share no block with the prompt"
             return info, h
         own = donor.producer == self.model_id and plan.num_recomputed == 0
         # Our own KV coming back (evicted here, kept by a store): exact, so the request's own scope;

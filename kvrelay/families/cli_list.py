@@ -7,7 +7,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from kvrelay.errors import KvRelayError, StaleFamily
+    from kvrelay.errors import FamilyNotBuilt, KvRelayError, StaleFamily
     from kvrelay.families.cli import summary_lines
     from kvrelay.families.registry import FAMILY_NAMES, load_family
     from kvrelay.paths import family_dir
@@ -18,9 +18,11 @@ def run(args) -> int:
         except StaleFamily:
             print(f"{name:<6} {'stale':<10} {family_dir(name)}  (an older recipe: the next use rebuilds it)")
             continue
+        except FamilyNotBuilt:
+            print(f"{name:<6} {'not built':<10} {family_dir(name)}")
+            continue
         except KvRelayError as e:
-            state = "not built" if "not built" in str(e) else f"broken: {e}"
-            print(f"{name:<6} {state:<10} {family_dir(name)}")
+            print(f"{name:<6} {'broken: ' + str(e):<10} {family_dir(name)}")
             continue
         print(f"{name:<6} {'built':<10} {family.root}  (models: {', '.join(family.models)}; "
               f"fingerprint {family.fingerprint})")

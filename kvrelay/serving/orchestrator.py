@@ -94,13 +94,16 @@ class Orchestrator:
     def __init__(self, dep: dp.Deployment, engines: dict | None = None, metrics=None, store=None, selector=None):
         """engines: name -> Engine (default: built from the deployment); store/selector likewise."""
         from kvrelay.paths import repo_root
-        from kvrelay.selector import Selector
+        from kvrelay.selector import OnlineLatency, Selector
         from kvrelay.store import open_store
         self.dep = dep
         self.ids = dp.identities(dep)
         self.store = store if store is not None else open_store(dep.store)
+        # with an SLO, the selector's idle rule (the most recompute whose predicted prefill meets it)
+        # runs on a latency model fitted to this server's own prefills
+        self.latency = OnlineLatency() if dep.slo_s else None
         self.selector = selector or Selector(Path(dep.profiles_dir or repo_root() / "profiles"), dep.family,
-                                             quality_target=dep.quality_target)
+                                             quality_target=dep.quality_target, latency=self.latency)
         self.metrics = metrics or NoMetrics()
         self.store.on_reject = self.metrics.page_rejected   # each dropped page: logged by the store, counted here
         # with prefix caching off the engines keep nothing: nothing is "recently computed" either
@@ -294,6 +297,11 @@ class Orchestrator:
     def _prefill_done(self, info: PrefillInfo, call: "_Call", out: RequestOutput) -> None:
         call.info = info
         self.metrics.prefill(call.req.entry, call.route, call.me.name, asdict(info))
+        if self.latency is not None:
+            if info.reused_tokens and not info.donor_failed:
+                self.latency.observe(info.reused_tokens, info.recomputed_layers, info.seconds)
+            elif not info.cached_tokens:
+                self.latency.observe(info.prompt_tokens, call.me.num_layers, info.seconds)
         B = call.me.page_format.block_size
         scope, tokens = call.scope, call.req.tokens
         if call.route.export:
@@ -305,7 +313,7 @@ class Orchestrator:
         elif call.route.kind in ("full", "prefix"):
             self.recent.add(call.me.name, scope, block_hashes(tokens, B))
         if call.route.kind == "reuse":
-            if info.reused_tokens and not str(info.plan).startswith("donor failed"):
+            if info.reused_tokens and not info.donor_failed:
                 self.recent.add_hybrid(call.me.name, scope, call.route, tokens, B)
             else:  # evicted, or the engine fell back: the next repeat sends pages again
                 self.recent.forget_hybrid(call.me.name, scope, call.route, tokens, B)

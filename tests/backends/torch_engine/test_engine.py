@@ -236,7 +236,7 @@ def test_donor_failing_mid_load_degrades_to_a_correct_full_prefill(base, code, r
     got = code.generate([Request("f", prompt, SamplingParams(max_tokens=3, ignore_eos=True, return_logits=1),
                                  donor=_FailingDonor(pages), plan=RecomputePlan(((2, 4),)))])["f"]
     assert got.output_tokens == want.output_tokens and (got.logits[0] - want.logits[0]).abs().max() < 2e-4
-    assert got.prefill.plan.startswith("donor failed: store went away") and got.prefill.reused_tokens == 0
+    assert got.prefill.donor_failed.startswith("store went away") and got.prefill.reused_tokens == 0
     assert code.blocks.num_available == free_before and not code.has_unfinished()
 
 
@@ -255,7 +255,7 @@ def test_a_repeat_reuse_sends_a_reference_while_the_hybrid_kv_is_cached(base, co
     # A plan whose hybrid KV was never built here: no pages to build it from, so a correct full prefill.
     own = code.generate([Request("o", prompt, sp)])["o"]
     miss = code.generate([Request("m", prompt, sp, donor=ref, plan=RecomputePlan(((4, 6),)))])["m"]
-    assert miss.prefill.plan.startswith("donor failed: the hybrid KV") and miss.prefill.reused_tokens == 0
+    assert miss.prefill.donor_failed.startswith("the hybrid KV") and miss.prefill.reused_tokens == 0
     assert miss.output_tokens == own.output_tokens and not code.has_unfinished()
 
 
