@@ -145,6 +145,11 @@ class ModelIdentity:
     def num_layers(self) -> int:
         return self.page_format.num_layers
 
+    @property
+    def weights(self) -> str:
+        """The weights digest (model_id is name@digest)."""
+        return self.model_id.partition("@")[2]
+
 
 def _identity(dep: Deployment, m: ModelDeployment, model_id: str, fingerprint: str, cfg: dict) -> ModelIdentity:
     heads = cfg["num_attention_heads"]

@@ -104,7 +104,8 @@ def route(store, selector, ids: dict[str, ModelIdentity], receiver: str, tenant:
         return Route("full", "miss" if not cross else "sharing off", export=export)
     n, donor, producer = cross[0]
     choice = selector.choose(donor, receiver, ids[donor].fingerprint, me.fingerprint,
-                             context_tokens=n * B, queued=queued, slo_s=slo_s)
+                             context_tokens=n * B, queued=queued, slo_s=slo_s,
+                             weights=(ids[donor].weights, me.weights))
     if choice.plan is None:
         return Route("full", choice.reason, export=export)
     r = Route("reuse", choice.reason, donor, producer, n, choice.plan)

@@ -33,6 +33,9 @@ NO_PROFILE = "no profile"
 MALFORMED = "malformed profile"
 FP_MISMATCH = "fingerprint mismatch"
 NO_PLAN = "no plan meets the quality target"
+# Not fallbacks (the plan is still used), counted beside them:
+WEIGHTS_MISMATCH = "profile scored on other weights"
+WEIGHTS_UNKNOWN = "profile without weights digests"
 
 
 @dataclass(frozen=True)
@@ -219,15 +222,36 @@ class Selector:
             return None, NO_PLAN, f"{NO_PLAN} ({floor:.2f}) for {sender}->{receiver}"
         return cands, None, None
 
+    def _check_weights(self, sender: str, receiver: str, weights: tuple[str, str]) -> None:
+        """A profile scored on other weights of the same models still applies (same architecture and
+        tokenizer), but its quality figures were measured elsewhere: counted in `weights_mismatch`,
+        logged once per pair. Profiles from before digests were recorded count as `weights_unknown`."""
+        d = self.profile(sender, receiver).data
+        scored = (d.get("sender_weights", ""), d.get("receiver_weights", ""))
+        if scored == tuple(weights):
+            return
+        key = WEIGHTS_UNKNOWN if not all(scored) else WEIGHTS_MISMATCH
+        with self._lock:
+            self.fallbacks[key] += 1
+            first = (sender, receiver, key) not in self._logged
+            self._logged.add((sender, receiver, key))
+        if first:
+            log.warning("%s->%s: the profile was scored on %s weights (%s) than those served (%s); "
+                        "`kvrelay profile check` re-scores it on these", sender, receiver,
+                        "unrecorded" if key == WEIGHTS_UNKNOWN else "other", "/".join(scored), "/".join(weights))
+
     def has_plan(self, sender: str, receiver: str, sender_fp: str, receiver_fp: str) -> bool:
         """Whether some profiled plan of this pair meets the quality target (no logging, no counting)."""
         return self._candidates(sender, receiver, sender_fp, receiver_fp)[0] is not None
 
     def choose(self, sender: str, receiver: str, sender_fp: str, receiver_fp: str, *, context_tokens: int,
-               queued: int = 0, slo_s: float | None = None) -> Choice:
+               queued: int = 0, slo_s: float | None = None, weights: tuple[str, str] | None = None) -> Choice:
+        """weights: the (sender, receiver) weights digests being served, checked against the profile's."""
         cands, key, reason = self._candidates(sender, receiver, sender_fp, receiver_fp)
         if cands is None:
             return self._fallback(key, reason, (sender, receiver))
+        if weights is not None:
+            self._check_weights(sender, receiver, weights)
         predict = (lambda p: self.latency.predict(context_tokens, p.layers)) if self.latency else (lambda p: None)
         fewest = min(cands, key=lambda p: (p.layers, -p.quality))
         if queued > 0:

@@ -69,7 +69,11 @@ class Preprocessing:
     def _words(self, r, name: str) -> list[int]:
         """Each word tokenized, -1 between them (tensorrtllm_backend sends a [1, n] tensor too)."""
         ids: list[int] = []
-        for w in io.strings(r, name):
+        words = io.strings(r, name)
+        if len(words) > MAX_WORDS or sum(map(len, words)) > MAX_WORDS_CHARS:
+            raise io.BadInput(f"{name}: at most {MAX_WORDS} words of {MAX_WORDS_CHARS} characters in all, got "
+                              f"{len(words)} words of {sum(map(len, words))} characters")
+        for w in words:
             if w:
                 ids += self._encode(w) + [-1]
         return ids
@@ -87,6 +91,7 @@ class Preprocessing:
 
 
 ENTRY_NAMES = ("ensemble", "ensemble_stream")
+MAX_WORDS, MAX_WORDS_CHARS = 64, 4096      # stop_words / bad_words: a list, not a document
 
 
 class Postprocessing:

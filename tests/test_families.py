@@ -186,6 +186,32 @@ def test_partial_fine_tune_leaves_lower_layers_and_embeddings_alone():
         finetune.train_top_layers(model, 5)
 
 
+def test_a_build_is_defined_by_steps_and_seed_and_a_time_limit_is_an_error():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from kvrelay.families import finetune
+
+    def trained(**kw):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                             num_key_value_heads=1, intermediate_size=64))
+        res = finetune.train(model, torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(1)),
+                             max_steps=4, batch_size=2, lr=1e-2, seed=3, warmup=1, progress=False, **kw)
+        return res, model.state_dict()
+
+    (r1, a), (r2, b) = trained(), trained(max_seconds=3600)
+    assert r1.steps == r2.steps == 4 and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(finetune.BuildBudgetExceeded, match="0 of 4 steps after 0 minutes"):
+        trained(max_seconds=0)
+
+
+def test_models_list_says_which_profiles_were_scored_on_the_weights_built(tiny_family, families_cli, capsys):
+    assert families_cli(["models", "list"]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if l.strip().startswith("profiles:"))
+    assert "pairs:" in line and "scored on these weights" in line
+
+
 def test_interrupted_build_leaves_nothing(empty_home, monkeypatch):
     def failing_build(workdir, progress=True):
         (workdir / "base").mkdir()

@@ -20,7 +20,7 @@ class FixedSelector:
     def __init__(self, plan):
         self.plan, self.calls = plan, []
 
-    def choose(self, sender, receiver, sender_fp, receiver_fp, *, context_tokens, queued=0, slo_s=None):
+    def choose(self, sender, receiver, sender_fp, receiver_fp, *, context_tokens, queued=0, slo_s=None, weights=None):
         self.calls.append((sender, receiver, context_tokens, queued))
         reason = "fixed plan" if self.plan is not None else f"no profile for {sender}->{receiver}"
         return Choice(self.plan, reason, None, None)

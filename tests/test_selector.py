@@ -114,3 +114,20 @@ def test_latency_model_from_bench():
         LatencyModel.from_bench({"full_s": {}})
     with pytest.raises(KvRelayError):
         Selector("x", "tiny", quality_target=1.5)
+
+
+def test_a_profile_scored_on_other_weights_is_used_but_counted_and_logged_once(tmp_path, caplog):
+    write(tmp_path, {**make_profile(), "sender_weights": "aaa", "receiver_weights": "bbb"})
+    sel = Selector(tmp_path, "tiny")
+    with caplog.at_level(logging.WARNING, logger="kvrelay.selector"):
+        same = sel.choose("base", "code", FP, FP, context_tokens=1024, weights=("aaa", "bbb"))
+        other = [sel.choose("base", "code", FP, FP, context_tokens=1024, weights=("aaa", "ccc")) for _ in range(3)]
+    assert same.plan is not None and all(c.plan == same.plan for c in other)
+    assert sel.fallbacks["profile scored on other weights"] == 3
+    assert sum("scored on other weights" in r.message for r in caplog.records) == 1
+
+
+def test_a_profile_without_digests_counts_as_unknown_weights(profiles):
+    sel = Selector(profiles, "tiny")
+    assert sel.choose("base", "code", FP, FP, context_tokens=1024, weights=("a", "b")).plan is not None
+    assert sel.fallbacks["profile without weights digests"] == 1

@@ -26,7 +26,32 @@ def run(args) -> int:
             continue
         print(f"{name:<6} {'built':<10} {family.root}  (models: {', '.join(family.models)}; "
               f"fingerprint {family.fingerprint})")
+        print(f"       profiles: {profiles_match(family)}")
         if args.verbose:
             for line in summary_lines(family):
                 print(line)
     return 0
+
+
+def profiles_match(family) -> str:
+    """How many of the checkout's profiles for this family were scored on the weights built here."""
+    import json
+
+    from kvrelay import fingerprint as fp
+    from kvrelay.paths import repo_root
+    files = sorted((repo_root() / "profiles" / family.name).glob("*__*.json"))
+    files = [f for f in files if not f.name.endswith(".partial.json")]
+    if not files:
+        return "none (kvrelay profile)"
+    digests = {m: fp.weights_digest(family.model_dir(m)) for m in family.models}
+    same = unknown = 0
+    for f in files:
+        d = json.loads(f.read_text(encoding="utf-8"))
+        scored = (d.get("sender_weights"), d.get("receiver_weights"))
+        if not all(scored):
+            unknown += 1
+        elif scored == (digests.get(d["sender"]), digests.get(d["receiver"])):
+            same += 1
+    other = len(files) - same - unknown
+    return (f"{len(files)} pairs: {same} scored on these weights, {other} on other weights, {unknown} without "
+            f"weights digests" + (" (`kvrelay profile check PROFILE` re-scores one here)" if same < len(files) else ""))

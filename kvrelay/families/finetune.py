@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from kvrelay import corpora
 from kvrelay.corpora import Document
+from kvrelay.errors import KvRelayError
 
 
 def token_blocks(tokenizer, docs: list[Document], n_blocks: int, block_len: int, seed: int) -> torch.Tensor:
@@ -91,15 +92,19 @@ class TrainResult:
     tokens: int
 
 
+class BuildBudgetExceeded(KvRelayError):
+    """A build ran past its safety time limit (it is never cut short silently)."""
+
+
 def train(model, blocks: torch.Tensor, *, max_steps: int, batch_size: int, lr: float, seed: int,
           max_seconds: float | None = None, warmup: int = 5, weight_decay: float = 0.0,
           min_lr_ratio: float = 0.1, progress: bool = True, desc: str = "train") -> TrainResult:
     """Full-weight AdamW training with linear warmup and cosine decay.
 
-    Batches are rows of `blocks` in seeded order (cycled when exhausted). With `max_seconds`, the
-    step count is re-planned after the first steps from their measured speed so the cosine schedule
-    still ends near the budget (re-planned every 10 steps); training also stops outright when the
-    budget is spent."""
+    Batches are rows of `blocks` in seeded order (cycled when exhausted). A build is defined by its
+    step count, seed and data, never by the clock: the same command on another machine gives the
+    same weights up to floating-point noise. `max_seconds` is a safety net only: past it the build
+    stops with BuildBudgetExceeded, saving nothing."""
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     model.train()
@@ -113,24 +118,15 @@ def train(model, blocks: torch.Tensor, *, max_steps: int, batch_size: int, lr: f
     cursor = 0
     losses: list[float] = []
     t0 = time.monotonic()
-    stamps: list[float] = []   # step start times, from step 2 (the first steps are slower)
     bar = tqdm(total=total, desc=desc, disable=not progress, file=sys.stderr, unit="step")
     step = 0
     try:
         while step < total:
-            if max_seconds is not None and step > 0 and time.monotonic() - t0 >= max_seconds:
-                break
-            now = time.monotonic()
-            if max_seconds is not None and step >= 2:
-                stamps.append(now)
-            if max_seconds is not None and step >= 5 and (step - 5) % 10 == 0:
-                # re-plan from the recent step time (the machine may be shared: speed varies)
-                recent = stamps[-11:]
-                per_step = (recent[-1] - recent[0]) / (len(recent) - 1)
-                left = max_seconds - (now - t0)
-                total = max(step + 1, min(max_steps, step + int(left / per_step)))
-                bar.total = total
-                bar.refresh()
+            if max_seconds is not None and time.monotonic() - t0 >= max_seconds:
+                raise BuildBudgetExceeded(
+                    f"{desc}: {step} of {total} steps after {max_seconds / 60:.0f} minutes, the build's time limit. "
+                    "A build is defined by its step count, so it stops here rather than save other weights; "
+                    "run it on a quieter machine or raise the limit (see the family's module docstring)")
             idx = []
             while len(idx) < batch_size:
                 if cursor >= len(perm):

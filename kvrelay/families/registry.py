@@ -178,10 +178,12 @@ def build_family(name: str, force: bool = False, progress: bool = True) -> Famil
 
 
 def _manifest(name: str, builder, tmp: Path, info: dict, seconds: float) -> dict:
-    from kvrelay.fingerprint import of_model_dir
+    from kvrelay.fingerprint import of_model_dir, weights_digest
 
     models = list(builder.MODELS)
     fps = {m: of_model_dir(tmp / m) for m in models}
+    # content digests of the weights as built: compare two builds, and what profiles were scored on
+    weights = {m: weights_digest(tmp / m) for m in models}
     if len(set(fps.values())) != 1:
         raise KvRelayError(f"family {name!r}: models do not share one fingerprint: {fps}")
     return {
@@ -192,6 +194,7 @@ def _manifest(name: str, builder, tmp: Path, info: dict, seconds: float) -> dict
         "models": models,
         "fingerprint": fps[models[0]],
         "build": {m: info.get(m, {}) for m in models},
+        "weights": weights,
         "build_seconds": seconds,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "kvrelay_version": _version(),

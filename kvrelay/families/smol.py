@@ -6,8 +6,9 @@ docs   + its top 6 layers fine-tuned on the Python documentation sources (python
 legal  + its top 8 layers fine-tuned on Debian copyright files
 
 Each variant starts from the base weights and trains its top layers (and the final norm) with
-AdamW on its domain's "train" part, for a step cap and a wall-clock budget (whichever comes
-first); the lower layers and the tied embeddings stay the base's. Why partial: a full fine-tune
+AdamW on its domain's "train" part for exactly MAX_STEPS steps (seeded data order): the build is
+defined by steps, seed and data, never by the clock; a variant that runs past MAX_MINUTES stops
+the build with an error. The lower layers and the tied embeddings stay the base's. Why partial: a full fine-tune
 that fits a CPU budget (20-40 AdamW steps) moves every weight by about the same relative amount,
 so the KV deviates evenly over all 30 layers and no small group of layers restores the receiver's
 output (recipe 1, measured: the next-token KL fell only linearly with layers recomputed). Freezing
@@ -16,8 +17,8 @@ layer structure for the profiler to find (which it does on its own: it is not to
 Held-out loss per domain for the base and for the variant goes to <variant>/eval.json, and the
 build fails if a variant does not beat the base on its own domain.
 
-KVRELAY_SMOL_MAX_MINUTES / KVRELAY_SMOL_MAX_STEPS override the per-variant budget (recorded in
-family.json).
+KVRELAY_SMOL_MAX_MINUTES (the per-variant time limit) and KVRELAY_SMOL_MAX_STEPS override the
+defaults (recorded in family.json; other steps give other weights).
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ BATCH = 4
 LR = 1e-4
 WARMUP = 5
 WEIGHT_DECAY = 0.01
-MAX_MINUTES = 10.0
+MAX_MINUTES = 60.0        # a safety net: about 5 minutes per variant on 2 quiet cores
 MAX_STEPS = 100
 EVAL_BLOCKS = 20
 SEED = 2024

@@ -73,6 +73,8 @@ def add_arguments(p):
     g.add_argument("--point-requests", type=int, help="requests per rate point (default 10; --quick 4)")
     g.add_argument("--point-seconds", type=float, help="arrival window per rate point, s (default 300; --quick 90)")
     g.add_argument("--quick", action="store_true", help="a short run: 2 shorter contexts, 3-4 rates, 4 requests each")
+    g.add_argument("--resummarize", metavar="DIR", help="recompute an earlier goodput run's summary, SLO and plots "
+                                                         "from its measured points (with --slo-ttft: at that SLO)")
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
 
 
@@ -199,9 +201,10 @@ def run(args) -> int:
 
     if args.scenario == "goodput":
         from kvrelay.loadtest import goodput
-        if args.url or args.mode or args.plan:
-            raise KvRelayError("the goodput scenario starts its own servers and uses the profiles' plans: "
-                               "no --url, --mode or --plan")
+        if args.url or args.mode:
+            raise KvRelayError("the goodput scenario starts its own servers: no --url or --mode")
+        if args.plan and args.profiles:
+            raise KvRelayError("--plan writes its own profiles: give --plan or --profiles, not both")
         _interrupts_stop_cleanly()
         return goodput.run(args)
     args.contexts = args.contexts or 12

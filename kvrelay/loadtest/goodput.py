@@ -286,6 +286,10 @@ def run(args) -> int:
     from kvrelay.loadtest import report
     from kvrelay.serve import resolve, start
     log = lambda m: print(f"kvrelay: {m}", file=sys.stderr, flush=True)
+    if args.resummarize:
+        summary = resummarize(Path(args.resummarize), args.slo_ttft)
+        print(json.dumps(summary, indent=1) if args.json else text_report(summary))
+        return 1 if summary["errors"] else 0
     t_start = time.monotonic()
     dep, _ = resolve(argparse_ns(args))
     from kvrelay import deployment as dp
@@ -295,6 +299,11 @@ def run(args) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.profiles:
         dep.profiles_dir = str(Path(args.profiles).resolve())
+    if args.plan:  # families without measured profiles (llama8b-random on a GPU host): one imposed plan
+        from kvrelay.loadtest.cli import write_fixed_profiles
+        write_fixed_profiles(dep, args.plan, out_dir / "profiles-fixed")
+        dep.profiles_dir = str(out_dir / "profiles-fixed")
+        log(f"recompute plan fixed by --plan {args.plan} for every pair (not a measured profile)")
     sc = Scenario(dep, st, out_dir, log, progress=not args.no_progress)
     sc.build_pool()
     pairs = choose_pairs(dep, st.pairs, sum(st.context_tokens) // 2, log)
@@ -369,6 +378,27 @@ def run(args) -> int:
     return 1 if summary["errors"] else 0
 
 
+def resummarize(out_dir: Path, slo_ttft: float | None = None) -> dict:
+    """The summary of an earlier run recomputed from its measured points (the SLO, goodputs, ratios
+    and plots), e.g. with --slo-ttft, without measuring again."""
+    from kvrelay.loadtest import report
+    path = Path(out_dir) / "summary.json"
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+        results, full_modes = old["pairs"], {}
+        for r in results.values():
+            full_modes[r["receiver"]] = r["modes"].pop("full")
+        names = {f.name for f in dataclasses.fields(Settings)}
+        st = Settings(**{k: v for k, v in old["settings"].items() if k in names})
+        st.slo_ttft = slo_ttft
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise KvRelayError(f"{path}: not a goodput summary ({e})") from None
+    new = summarize(results, full_modes, st, Path(out_dir))
+    old.update(new)
+    report.write_json(old, path)
+    return old
+
+
 def argparse_ns(args):
     import argparse
     return argparse.Namespace(family=args.family, deployment=args.deployment, store=None, no_sharing=False,
@@ -382,7 +412,8 @@ def summarize(results: dict, full_modes: dict, st: Settings, out_dir: Path) -> d
         res["modes"] = {"full": full, **res["modes"]}
         slo = {"ttft_s": st.slo_ttft, "how": "given (--slo-ttft)"} if st.slo_ttft else gs.slo_from_full(full)
         res["slo"] = slo
-        res["goodput"] = {m: gs.goodput(gs.curve(d), slo["ttft_s"]) if slo["ttft_s"] else {"rps": None}
+        res["goodput"] = {m: gs.goodput(gs.envelope(gs.curve(d)), slo["ttft_s"], gs.kept_up(d)) if slo["ttft_s"]
+                          else {"rps": None}
                           for m, d in res["modes"].items()}
         res["goodput_rps"] = {m: g["rps"] for m, g in res["goodput"].items()}
         f = res["goodput_rps"]["full"]

@@ -4,12 +4,17 @@ Definitions (the goodput scenario, DroidSpeak section 5.1 / Fig 15):
   point        one Poisson rate, offered to one mode for a bounded number of requests and time
   TTFT         client-side time to the first streamed token; TBT the mean gap between later tokens of
                a request ((E2E - TTFT) / (output tokens - 1)); E2E the whole request
-  knee         of full prefill's p90 TTFT against offered rate, by Kneedle (Satopaa et al. 2011): both
-               axes scaled to [0, 1] over the sweep (the idle point at rate 0 included), the knee is
-               the point furthest below the chord from the first point to the last (max of x - y)
-  SLO          p90 TTFT at that knee (or given); goodput = the highest offered rate whose p90 TTFT
-               meets it, interpolated linearly towards the next point (which misses it); a sweep
-               whose highest rate still meets it gives that rate, marked lower_bound
+  envelope     p90 latency against offered rate, made non-decreasing (each point at the max of itself
+               and every lower rate): a lower p90 at a higher rate is the noise of a short point
+  knee         of full prefill's p90 TTFT envelope against offered rate, by Kneedle (Satopaa et al.
+               2011): both axes scaled to [0, 1] over the sweep (the idle point at rate 0 included),
+               the knee is the point furthest below the diagonal (max of x - y)
+  SLO          p90 TTFT at that knee (or given). A point meets it when its p90 TTFT (envelope) does
+               and the server kept up (achieved >= 0.85 x offered rate: a short point offered more
+               than the server takes ends before its queue shows in the latency); goodput = the
+               highest offered rate that meets it, interpolated linearly towards the next point when
+               that one misses on latency; a sweep whose highest rate still meets it gives that
+               rate, marked lower_bound
 No Locust, torch or matplotlib at import.
 """
 from __future__ import annotations
@@ -66,7 +71,8 @@ def knee(points: list[tuple[float, float]]) -> int:
     the last index when the curve never bends (no point lies below the chord)."""
     if len(points) < 3:
         return len(points) - 1
-    (x0, y0), (x1, y1) = points[0], points[-1]
+    (x0, _), (x1, _) = points[0], points[-1]
+    y0, y1 = min(y for _, y in points), max(y for _, y in points)
     if x1 <= x0 or y1 <= y0:
         return len(points) - 1
     diffs = [(x - x0) / (x1 - x0) - (y - y0) / (y1 - y0) for x, y in points]
@@ -74,11 +80,14 @@ def knee(points: list[tuple[float, float]]) -> int:
     return best if diffs[best] > 0 else len(points) - 1
 
 
-def goodput(points: list[tuple[float, float | None]], slo_s: float) -> dict:
-    """points: (offered rate, p90 TTFT) sorted by rate, the idle point (0, idle TTFT) first. The
-    highest point meeting the SLO, interpolated towards the next one (which misses it); latency is
-    noisy, so a miss below a point that meets it does not end the search."""
-    met = [i for i, (_, y) in enumerate(points) if y is not None and y <= slo_s]
+def goodput(points: list[tuple[float, float | None]], slo_s: float, kept_up: list[bool] | None = None) -> dict:
+    """points: (offered rate, p90 TTFT) sorted by rate, the idle point (0, idle TTFT) first; kept_up:
+    per point, whether the server kept up with it (KEPT_UP). A point meets the SLO when its p90 TTFT
+    does and the server kept up: a short point offered more than the server can take ends before its
+    queue shows in the latency. Goodput is the highest rate that meets it; when the next point misses
+    on latency, interpolated linearly towards it."""
+    kept_up = kept_up or [True] * len(points)
+    met = [i for i, ((_, y), k) in enumerate(zip(points, kept_up)) if y is not None and y <= slo_s and k]
     if not met:
         return {"rps": 0.0, "lower_bound": False}
     i = met[-1]
@@ -86,23 +95,49 @@ def goodput(points: list[tuple[float, float | None]], slo_s: float) -> dict:
     if i == len(points) - 1:
         return {"rps": round(xa, 5), "lower_bound": True}
     x, y = points[i + 1]
-    rps = xa if y is None or y <= ya else xa + (x - xa) * (slo_s - ya) / (y - ya)
-    return {"rps": round(rps, 5), "lower_bound": False}
+    if y is None or y <= slo_s or y <= ya:  # the next point misses by not keeping up: no interpolation
+        return {"rps": round(xa, 5), "lower_bound": False}
+    return {"rps": round(xa + (x - xa) * (slo_s - ya) / (y - ya), 5), "lower_bound": False}
+
+
+KEPT_UP = 0.85   # achieved / offered rate at which a point counts as served, not cut short
+
+
+def kept_up(mode: dict) -> list[bool]:
+    """Aligned with curve(mode): the idle point, then the sweep points by rate."""
+    pts = sorted(mode["points"], key=lambda p: p["offered_rps"])
+    return ([True] if mode.get("idle") else []) + [p["achieved_rps"] >= KEPT_UP * p["offered_rps"] for p in pts]
 
 
 def curve(mode: dict, key: str = "ttft_s", pct: str = "p90") -> list[tuple[float, float | None]]:
-    """A mode's (rate, latency) curve: the idle point, then its sweep points by rate."""
+    """A mode's (rate, latency) curve as measured: the idle point, then its sweep points by rate."""
     pts = [(0.0, mode["idle"][key][pct])] if mode.get("idle") else []
     return pts + sorted((p["offered_rps"], p[key][pct]) for p in mode["points"])
 
 
+def envelope(points: list[tuple[float, float | None]]) -> list[tuple[float, float | None]]:
+    """Latency does not fall as load rises: a point's p90 below that of a lower rate is the noise of
+    a short Poisson point (a calmer draw). Each point is taken at the max of itself and every lower
+    rate, which can only lower a goodput, and does so alike for every mode. A point with no answer
+    stays None (it misses any SLO)."""
+    out, top = [], None
+    for x, y in points:
+        if y is None:
+            out.append((x, None))
+            continue
+        top = y if top is None else max(top, y)
+        out.append((x, top))
+    return out
+
+
 def slo_from_full(full: dict) -> dict:
-    pts = [(x, y) for x, y in curve(full) if y is not None]
+    pts = [(x, y) for x, y in envelope(curve(full)) if y is not None]
     if not pts:
         return {"ttft_s": None, "how": "full prefill answered nothing"}
     i = knee(pts)
     return {"ttft_s": round(pts[i][1], 4), "knee_rps": pts[i][0],
-            "how": "Kneedle knee of full prefill's p90 TTFT vs offered rate (idle point included)"}
+            "how": "Kneedle knee of full prefill's p90 TTFT vs offered rate (idle point included, "
+                   "non-decreasing envelope)"}
 
 
 def plot_pair(title: str, modes: dict, slo_s: float | None, path) -> str:

@@ -99,6 +99,7 @@ def profile(st: Settings, out: str | Path, *, progress: bool = True, fresh: bool
     """Run (or continue) the profile of st.sender -> st.receiver and write it to `out`."""
     from tqdm import tqdm
 
+    from kvrelay import fingerprint as fp
     from kvrelay import tokenizer as tk
     from kvrelay.engines import make_engine
     from kvrelay.families import load_family
@@ -125,6 +126,7 @@ def profile(st: Settings, out: str | Path, *, progress: bool = True, fresh: bool
         raise KvRelayError(f"--stride {st.stride} starts groups at layers {no_e}, where the sender keeps no E "
                            f"(it keeps E at {list(S.page_format.e_layers)}); use an even stride")
     meta = _meta(st, S.fingerprint, R.fingerprint, L, cap, plans, samples)
+    meta["sender_weights"], meta["receiver_weights"] = (fp.weights_digest(fam.model_dir(m)) for m in (st.sender, st.receiver))
     ppath = profile_file.partial_path(out)
     if fresh and ppath.exists():
         ppath.unlink()
@@ -185,6 +187,9 @@ def assemble(part: dict, plans: list[RecomputePlan], st: Settings, seconds: floa
         "format": profile_file.FORMAT,
         "family": st.family, "sender": st.sender, "receiver": st.receiver,
         "sender_fingerprint": meta["sender_fingerprint"], "receiver_fingerprint": meta["receiver_fingerprint"],
+        # the weights it was scored on: a profile applies to any weights of the same architecture and
+        # tokenizer, but its figures hold for these (the selector counts a mismatch)
+        "sender_weights": meta.get("sender_weights", ""), "receiver_weights": meta.get("receiver_weights", ""),
         "num_layers": L, "stride": st.stride, "max_group_layers": meta["max_group_layers"],
         "dataset": {"kind": st.kind, "split": "profile", "samples": len(recs), "seed": st.seed,
                     "context_tokens": list(st.context_tokens), "context_tokens_seen": [min(seen), max(seen)],

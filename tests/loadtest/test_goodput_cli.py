@@ -62,3 +62,14 @@ def test_bad_pairs_are_refused_before_anything_starts(tiny_family):
     r = subprocess.run([sys.executable, "-m", "kvrelay.cli", "loadtest", "--scenario", "goodput", "--family", "tiny",
                         "--pairs", "code:code", "--context-tokens", "256-320"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "SENDER:RECEIVER of two different models" in r.stderr, r.stderr
+
+
+def test_an_earlier_run_is_resummarized_at_another_slo_without_measuring(result):
+    s, out, _ = result
+    r = subprocess.run([sys.executable, "-m", "kvrelay.cli", "loadtest", "--scenario", "goodput", "--resummarize",
+                        str(out), "--slo-ttft", "1e-6", "--json"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    again = json.loads(r.stdout)["pairs"]["code->base"]
+    assert again["slo"] == {"ttft_s": 1e-6, "how": "given (--slo-ttft)"}
+    assert again["goodput_rps"] == {"full": 0.0, "plan": 0.0, "reuse": 0.0}
+    assert again["modes"]["full"]["points"] == s["pairs"]["code->base"]["modes"]["full"]["points"]

@@ -47,3 +47,22 @@ def test_the_slo_comes_from_full_prefills_knee():
         {"offered_rps": 0.3, "ttft_s": {"p90": 6.0}}]}
     slo = gs.slo_from_full(full)
     assert slo["ttft_s"] == 1.4 and slo["knee_rps"] == 0.2
+
+
+def test_the_envelope_makes_latency_non_decreasing_in_load_and_the_knee_reads_it():
+    measured = [(0.0, 14.2), (0.024, 22.8), (0.045, 21.1), (0.065, 66.0), (0.086, 24.7)]   # a smol run's full curve
+    env = gs.envelope(measured)
+    assert [y for _, y in env] == [14.2, 22.8, 22.8, 66.0, 66.0]
+    assert gs.knee(env) == 2 and gs.goodput(env, 22.8) == {"rps": 0.045, "lower_bound": False}
+    assert gs.envelope([(0.0, 1.0), (0.1, None), (0.2, 0.5)]) == [(0.0, 1.0), (0.1, None), (0.2, 1.0)]
+
+
+def test_a_point_the_server_did_not_keep_up_with_does_not_meet_the_slo():
+    mode = {"idle": {"ttft_s": {"p90": 1.0}}, "points": [
+        {"offered_rps": 0.2, "achieved_rps": 0.2, "ttft_s": {"p90": 2.0}},
+        {"offered_rps": 0.3, "achieved_rps": 0.3, "ttft_s": {"p90": 2.5}},
+        {"offered_rps": 0.5, "achieved_rps": 0.29, "ttft_s": {"p90": 8.0}}]}   # saturated: 10 requests end early
+    assert gs.kept_up(mode) == [True, True, True, False]
+    pts = gs.envelope(gs.curve(mode))
+    assert gs.goodput(pts, 20.0, gs.kept_up(mode)) == {"rps": 0.3, "lower_bound": False}
+    assert gs.goodput(pts, 20.0) == {"rps": 0.5, "lower_bound": True}     # what the latency alone would claim

@@ -100,6 +100,7 @@ def test_a_variant_is_its_own_http_model_and_says_who_answered(server):
     ({"min_length": 9}, "min_length must be in 0..max_tokens (4)"),
     ({"top_k": -1}, "top_k must be >= 0"),
     ({"model": "base"}, "this entry point serves 'code' only"),
+    ({"bad_words": "x" * 5000}, "bad_words: at most 64 words of 4096 characters"),
 ])
 def test_what_cannot_be_honoured_is_refused_the_same_on_http_and_grpc(server, extra, msg):
     body = {"text_input": "hi", "max_tokens": 4, **extra}
