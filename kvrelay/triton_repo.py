@@ -44,7 +44,7 @@ def generate(dep: Deployment, out: Path) -> Path:
                decoupled=str(stream).lower(), instances=1 if stream else dep.orchestrator_instances,
                core_address=address, core_key=str(key), **common), "orchestrator")
         _model(out, f"ensemble{suffix}", _render("ensemble", name=f"ensemble{suffix}", preprocessing="preprocessing",
-               orchestrator=f"orchestrator{suffix}"), None)
+               orchestrator=f"orchestrator{suffix}", **MODEL_INPUT), None)
     _model(out, "preprocessing", _render("preprocessing", name="preprocessing", variant="", instances=1, **common),
            "preprocessing")
     _model(out, "postprocessing", _render("postprocessing", instances=1, **common), "postprocessing")
@@ -57,10 +57,14 @@ def generate(dep: Deployment, out: Path) -> Path:
                                    f"{sorted(INTERNAL_NAMES)}; rename it or set variant_entry_points = false")
             _model(out, f"preprocessing_{m}", _render("preprocessing", name=f"preprocessing_{m}", variant=m,
                                                       instances=1, **common), "preprocessing")
+            # no `model` input: genai-perf writes the Triton model name into every request's "model"
+            # field as a bare string, which perf_analyzer would send as that input (and refuse)
             _model(out, m, _render("ensemble", name=m, preprocessing=f"preprocessing_{m}",
-                                   orchestrator="orchestrator_stream"), None)
+                                   orchestrator="orchestrator_stream", model_input="", model_map=""), None)
     return deployment
 
 
+MODEL_INPUT = {"model_input": '  { name: "model" data_type: TYPE_STRING dims: [ 1 ] optional: true },\n',
+               "model_map": '      input_map { key: "model" value: "model" }\n'}
 INTERNAL_NAMES = {"ensemble", "ensemble_stream", "orchestrator", "orchestrator_stream", "preprocessing",
                   "postprocessing"}

@@ -3,7 +3,7 @@
 # tools a Triton user already has (README, "Triton's own tools"). Not part of the two README commands.
 #
 # Into .venv-perf, apart from .venv: genai-perf pins packages of its own. PyPI's `perf-analyzer` (which
-# genai-perf requires) is a placeholder; the real binary ships inside the tritonclient 2.45 wheel. It
+# genai-perf requires) is a placeholder; the real binary ships inside the tritonclient 2.51 wheel (the version of the tritonserver kvrelay runs). It
 # needs Debian's libb64-0d and libcudart.so.12 (PyPI nvidia-cuda-runtime-cu12, a library only: it runs
 # on a CPU machine), so bin/perf_analyzer becomes a wrapper that puts those on LD_LIBRARY_PATH.
 set -euo pipefail
@@ -23,11 +23,12 @@ PY=${PYTHON:-$(command -v python3.11 || command -v python3)}
 [ -x .venv-perf/bin/python ] || "$PY" -m venv .venv-perf
 pip=(.venv-perf/bin/python -m pip install -q --disable-pip-version-check)
 if [ ! -e .venv-perf/.ready ]; then
-  echo "setup-perf-tools: installing genai-perf 0.0.16 and perf_analyzer (tritonclient 2.45) into .venv-perf" >&2
+  echo "setup-perf-tools: installing genai-perf 0.0.16 and perf_analyzer (tritonclient 2.51) into .venv-perf" >&2
   "${pip[@]}" torch==2.13.0                       # the CPU wheel on disk; genai-perf's transformers wants a torch
-  "${pip[@]}" genai-perf==0.0.16 nvidia-cuda-runtime-cu12
-  "${pip[@]}" --force-reinstall --no-deps "tritonclient[all]==2.45.0"   # its data/bin holds perf_analyzer
-  "${pip[@]}" "tritonclient[all]==2.45.0"
+  # tritonclient 2.51 needs numpy < 2, and pandas 3 needs numpy >= 2
+  "${pip[@]}" genai-perf==0.0.16 nvidia-cuda-runtime-cu12 "numpy<2" "pandas<3"
+  "${pip[@]}" --force-reinstall --no-deps "tritonclient[all]==2.51.0"   # its data/bin holds perf_analyzer
+  "${pip[@]}" "tritonclient[all]==2.51.0"
   mv .venv-perf/bin/perf_analyzer .venv-perf/bin/perf_analyzer.bin
   cudart=$(.venv-perf/bin/python -c 'import nvidia.cuda_runtime, os; print(os.path.join(nvidia.cuda_runtime.__path__[0], "lib"))')
   cat > .venv-perf/bin/perf_analyzer <<EOF
