@@ -28,7 +28,7 @@ def scan(r, prefix: str) -> dict:
     from kvrelay.store.redis_store import _esc
     kinds, no_ttl, nbytes = Counter(), Counter(), Counter()
     markers: dict[str, str] = {}
-    values: list[tuple[str, str, str]] = []          # (key, marker, write id)
+    values: list[tuple[str, str, str, int]] = []     # (key, marker, write id, ttl)
     index: list[str] = []
     tenants = set()
     keys = [k.decode() for k in r.scan_iter(match=f"{prefix}:*", count=1000)]
@@ -53,7 +53,7 @@ def scan(r, prefix: str) -> dict:
             if kind == "marker":
                 markers[k] = ""
             elif kind == "value":
-                values.append((k, k.rsplit(":", 2)[0], rest[6]))
+                values.append((k, k.rsplit(":", 2)[0], rest[6], ttl))
             elif kind == "index":
                 index.append(k)
     pipe = r.pipeline(transaction=False)
@@ -65,16 +65,19 @@ def scan(r, prefix: str) -> dict:
             markers[m] = json.loads(raw)["g"] if raw else ""
         except (ValueError, KeyError, TypeError):
             markers[m] = ""
-    orphans = [k for k, m, g in values if markers.get(m) != g]
-    dangling = 0
+    orphans = [(k, ttl) for k, m, g, ttl in values if markers.get(m) != g]
+    pipe = r.pipeline(transaction=False)
     for idx in index:
+        pipe.smembers(idx)
+    dangling = 0
+    for idx, producers in zip(index, pipe.execute() if index else []):
         base, _, rest = idx.partition(":i:")
         B, _, h = rest.partition(":")
-        dangling += sum(1 for p in r.smembers(idx) if f"{base}:p:{_esc(p.decode())}:{B}:{h}" not in markers)
+        dangling += sum(1 for p in producers if f"{base}:p:{_esc(p.decode())}:{B}:{h}" not in markers)
     return {"keys": dict(kinds), "bytes": dict(nbytes), "without_ttl": dict(no_ttl), "tenants": len(tenants),
             "pages": len(markers), "orphan_values": len(orphans),
-            "orphan_values_without_ttl": sum(1 for k in orphans if r.ttl(k) == -1),
-            "dangling_index_entries": dangling, "_orphans": orphans}
+            "orphan_values_without_ttl": sum(1 for _, ttl in orphans if ttl == -1),
+            "dangling_index_entries": dangling, "_orphans": [k for k, _ in orphans]}
 
 
 def run(args) -> int:
