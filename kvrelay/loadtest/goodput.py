@@ -68,13 +68,11 @@ def parse_pairs(text: str, models: list[str]) -> list[tuple[str, str]]:
     return out
 
 
-def choose_pairs(dep, requested: str | None, context_tokens: int, log) -> list[Pair]:
+def choose_pairs(dep, ids: dict, requested: str | None, context_tokens: int, log) -> list[Pair]:
     """The pairs to measure, each with the plan the serving selector picks for it. Default: every
     ordered pair whose profile the selector would reuse."""
-    from kvrelay import deployment as dp
     from kvrelay.paths import repo_root
     from kvrelay.selector import Selector
-    ids = dp.identities(dep)
     sel = Selector(Path(dep.profiles_dir or repo_root() / "profiles"), dep.family, quality_target=dep.quality_target)
     wanted = parse_pairs(requested, dep.model_names) if requested else \
         [(s, r) for s in dep.model_names for r in dep.model_names if s != r]
@@ -94,20 +92,19 @@ def choose_pairs(dep, requested: str | None, context_tokens: int, log) -> list[P
 
 # --- servers -------------------------------------------------------------------------------------
 
-def _per_token_bytes(dep, name: str) -> int:
-    from kvrelay import deployment as dp
-    fmt = dp.identities(dep)[name].page_format
+def _per_token_bytes(identity) -> int:
+    fmt = identity.page_format
     return fmt.page_bytes // fmt.block_size
 
 
-def serving_deployment(dep, models: list[str], sharing: bool, longest: int, store_bytes: int = 0,
+def serving_deployment(dep, ids: dict, models: list[str], sharing: bool, longest: int, store_bytes: int = 0,
                        profiles_dir: str | None = None):
     """The pair servers: only the models measured, each engine on every core (one request computes
     at a time in this scenario), room for a few longest prompts, no prefix cache."""
     from kvrelay import deployment as dp
     cpus = os.cpu_count() or 1
     ms = [dp.ModelDeployment(m, device=dep.model(m).device, dtype=dep.model(m).dtype, threads=cpus,
-                             kv_cache_bytes=_per_token_bytes(dep, m) * (longest + 64) * CONCURRENT_SEQUENCES)
+                             kv_cache_bytes=_per_token_bytes(ids[m]) * (longest + 64) * CONCURRENT_SEQUENCES)
           for m in models]
     return dataclasses.replace(dep, models=ms, sharing=sharing, publish=sharing, prefix_caching=False,
                                coalesce=False, store=f"memory:{max(store_bytes, 64 << 20) >> 20}MiB",
@@ -241,15 +238,16 @@ class Scenario:
         for r in recs:
             self.records.append({**tags, **r})
 
-    def idle(self, server, pair: Pair, mode: str, tenant: str) -> tuple[dict, dict]:
-        """Each context once, one at a time: the idle point (rate 0) and the texts per context."""
+    def idle(self, server, pair: Pair, mode: str, tenant: str, reference: dict | None = None) -> tuple[dict, dict]:
+        """Each context once, one at a time: the idle point (rate 0, with its agreement when given
+        full prefill's texts) and the texts per context."""
         from kvrelay.loadtest.workload import Request
         reqs = [Request(-1 - i, c.id, pair.receiver, c.questions[0], self.st.max_tokens, None, tenant)
                 for i, c in enumerate(self.pool)]
         recs = sequential(self._state(server, pair.receiver, reqs), reqs, self.log, f"{mode} {pair.receiver} idle pass")
         self._keep(recs, mode=mode, pair=pair.name, point="idle")
         window = sum(r["latency_s"] for r in recs)
-        return gs.point_stats(recs, 0.0, window), {r["context_id"]: r["text"] for r in recs}
+        return gs.point_stats(recs, 0.0, window, reference), {r["context_id"]: r["text"] for r in recs}
 
     def store_phase(self, server, senders: list[str]):
         from kvrelay.loadtest.workload import GENERIC_QUESTIONS, Request
@@ -306,7 +304,7 @@ def run(args) -> int:
         log(f"recompute plan fixed by --plan {args.plan} for every pair (not a measured profile)")
     sc = Scenario(dep, st, out_dir, log, progress=not args.no_progress)
     sc.build_pool()
-    pairs = choose_pairs(dep, st.pairs, sum(st.context_tokens) // 2, log)
+    pairs = choose_pairs(dep, ids, st.pairs, sum(st.context_tokens) // 2, log)
     bounds = {p.name: sc.bound(p) for p in pairs}
     receivers = list(dict.fromkeys(p.receiver for p in pairs))
     senders = list(dict.fromkeys(p.sender for p in pairs))
@@ -323,7 +321,7 @@ def run(args) -> int:
 
     # full prefill, per receiver (the same curve serves every pair with that receiver)
     full_modes, references = {}, {}
-    server = serve(serving_deployment(dep, receivers, False, sc.longest), "full")
+    server = serve(serving_deployment(dep, ids, receivers, False, sc.longest), "full")
     try:
         for r in receivers:
             pair = next(p for p in pairs if p.receiver == r)
@@ -335,7 +333,7 @@ def run(args) -> int:
     finally:
         server.stop()
 
-    pages = sum(_per_token_bytes(dep, s) * sum(c.tokens + 64 for c in sc.pool) for s in senders)
+    pages = sum(_per_token_bytes(ids[s]) * sum(c.tokens + 64 for c in sc.pool) for s in senders)
     for mode in [m for m in st.modes if m != "full"]:
         profiles = None
         if mode == "reuse":
@@ -343,15 +341,13 @@ def run(args) -> int:
             sub = dataclasses.replace(dep, models=[dep.model(m) for m in involved])
             write_fixed_profiles(sub, "none", out_dir / "profiles-full-reuse")
             profiles = str(out_dir / "profiles-full-reuse")
-        server = serve(serving_deployment(dep, involved, True, sc.longest, int(pages * 1.2), profiles), mode)
+        server = serve(serving_deployment(dep, ids, involved, True, sc.longest, int(pages * 1.2), profiles), mode)
         try:
             sc.store_phase(server, senders)
             for p in pairs:
                 b = bounds[p.name]
-                idle, _ = sc.idle(server, p, mode, p.tenant)
+                idle, _ = sc.idle(server, p, mode, p.tenant, references[p.receiver])
                 cap = 1.0 / ((b["reprefill_s"] if mode == "plan" else b["full_reuse_s"]) + b["decode_s"])
-                idle["agreement"] = gs.agreement([x for x in sc.records if x["pair"] == p.name and x["mode"] == mode
-                                                  and x["point"] == "idle"], references[p.receiver])
                 results[p.name]["modes"][mode] = {"idle": idle, "capacity_rps": round(cap, 5), "points": sc.sweep(
                     server, p, mode, cap, st.share_fractions, references[p.receiver])}
         finally:

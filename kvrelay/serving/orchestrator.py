@@ -155,8 +155,9 @@ class Orchestrator:
             if len(value) > MAX_LABEL_CHARS or not value.isprintable():
                 raise KvRelayError(f"{name} must be at most {MAX_LABEL_CHARS} printable characters, got "
                                    f"{len(value)} characters")
-        route, prefill = self._route(receiver, me, req.tenant, self.cache_scope(req), tokens)
-        call = _Call(route, me, req, sink, self.cache_scope(req))
+        scope = self.cache_scope(req)
+        route, prefill = self._route(receiver, me, req.tenant, scope, tokens)
+        call = _Call(route, me, req, sink, scope)
         call.prefill = prefill
         try:
             donor = self._fetch(route, me, req, tokens)
