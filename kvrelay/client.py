@@ -31,7 +31,7 @@ def _inputs(mod, text, max_tokens, model=None, context=None, stream=None, temper
         i.set_data_from_numpy(arr)
         return i
     out = [inp("text_input", text.encode(), np.object_), inp("max_tokens", max_tokens, np.int32)]
-    for name, v, dt in (("model", model, np.object_), ("context", context, np.object_), ("stream", stream, np.bool_),
+    for name, v, dt in (("variant_name", model, np.object_), ("context", context, np.object_), ("stream", stream, np.bool_),
                         ("temperature", temperature, np.float32), ("top_p", top_p, np.float32),
                         ("random_seed", seed, np.int64), ("request_id", request_id, np.object_), ("tenant", tenant, np.object_)):
         if v is not None:

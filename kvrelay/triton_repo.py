@@ -57,14 +57,16 @@ def generate(dep: Deployment, out: Path) -> Path:
                                    f"{sorted(INTERNAL_NAMES)}; rename it or set variant_entry_points = false")
             _model(out, f"preprocessing_{m}", _render("preprocessing", name=f"preprocessing_{m}", variant=m,
                                                       instances=1, **common), "preprocessing")
-            # no `model` input: genai-perf writes the Triton model name into every request's "model"
-            # field as a bare string, which perf_analyzer would send as that input (and refuse)
+            # no `variant_name` input: the name is the variant
             _model(out, m, _render("ensemble", name=m, preprocessing=f"preprocessing_{m}",
                                    orchestrator="orchestrator_stream", model_input="", model_map=""), None)
     return deployment
 
 
-MODEL_INPUT = {"model_input": '  { name: "model" data_type: TYPE_STRING dims: [ 1 ] optional: true },\n',
-               "model_map": '      input_map { key: "model" value: "model" }\n'}
+# `ensemble` picks the variant with an input named `variant_name`, not `model`: genai-perf writes the Triton
+# model name into every request's "model" field as a bare string, which perf_analyzer would send as
+# an input of that name (and refuses as malformed when the model has one)
+MODEL_INPUT = {"model_input": '  { name: "variant_name" data_type: TYPE_STRING dims: [ 1 ] optional: true },\n',
+               "model_map": '      input_map { key: "variant_name" value: "variant_name" }\n'}
 INTERNAL_NAMES = {"ensemble", "ensemble_stream", "orchestrator", "orchestrator_stream", "preprocessing",
                   "postprocessing"}

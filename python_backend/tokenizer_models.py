@@ -59,7 +59,7 @@ class Preprocessing:
                     io.tensor("context_len", np.array([len(ctx)], np.int32)),
                     io.tensor("stop_ids", np.asarray(self._words(r, "stop_words"), np.int32)),
                     io.tensor("bad_ids", np.asarray(self._words(r, "bad_words"), np.int32)),
-                    io.tensor("model", self._model(io.scalar(r, "model", str, ""))),
+                    io.tensor("model", self._variant(io.scalar(r, "variant_name", str, ""))),
                     io.tensor("entry", self.variant)]))
             except io.BadInput as e:
                 out.append(io.error_response(str(e)))
@@ -78,19 +78,14 @@ class Preprocessing:
                 ids += self._encode(w) + [-1]
         return ids
 
-    def _model(self, asked: str) -> str:
-        """The variant: the entry point's own, or the `model` input ("" = the deployment's first).
-        An entry point's own name is no variant: genai-perf and perf_analyzer put the Triton model
-        name (-m ensemble) into every request's `model` field."""
-        if asked in ENTRY_NAMES:
-            asked = ""
+    def _variant(self, asked: str) -> str:
+        """The variant: the entry point's own, or the `variant_name` input ("" = the deployment's first)."""
         if self.variant and asked not in ("", self.variant):
             raise io.BadInput(f"this entry point serves {self.variant!r} only; send to model {asked!r} instead "
-                              f"(or to 'ensemble' with model={asked!r})")
+                              f"(or to 'ensemble' with variant_name={asked!r})")
         return self.variant or asked
 
 
-ENTRY_NAMES = ("ensemble", "ensemble_stream")
 MAX_WORDS, MAX_WORDS_CHARS = 64, 4096      # stop_words / bad_words: a list, not a document
 
 

@@ -114,7 +114,7 @@ def send_direct(state: LoadState, r: Request, protocol: str) -> dict:
 
 def generate_body(state: LoadState, r: Request, stream: bool = False) -> dict:
     text, ctx = state.workload.payload(r)
-    body = {"text_input": text, "max_tokens": r.max_tokens, "model": r.model, "tenant": r.tenant}
+    body = {"text_input": text, "max_tokens": r.max_tokens, "variant_name": r.model, "tenant": r.tenant}
     if ctx is not None:
         body["context"] = ctx
     if stream:

@@ -66,7 +66,7 @@ def test_streaming_grpc_and_http(server):
     s = client.stream(server.grpc_url, "Explain block hashes.", 10, on_text=chunks.append, model="base",
                       context=CONTEXT, tenant=t)
     assert s.chunks == 10 and "".join(chunks) == s.text == whole.text and s.ttft_s < s.latency_s
-    body = json.dumps({"text_input": "Explain block hashes.", "context": CONTEXT, "max_tokens": 4, "model": "base",
+    body = json.dumps({"text_input": "Explain block hashes.", "context": CONTEXT, "max_tokens": 4, "variant_name": "base",
                        "stream": True, "tenant": t}).encode()
     with urllib.request.urlopen(urllib.request.Request(
             f"http://{server.http_url}/v2/models/ensemble_stream/generate_stream", body), timeout=60) as r:
@@ -96,7 +96,7 @@ TEXT = {"name": "text_input", "shape": [1], "datatype": "BYTES", "data": ["hello
 
 @pytest.mark.parametrize("inputs,msg", [
     ([TEXT, {"name": "max_tokens", "shape": [1], "datatype": "INT32", "data": [4]},
-      {"name": "model", "shape": [1], "datatype": "BYTES", "data": ["nope"]}], "unknown model 'nope'"),
+      {"name": "variant_name", "shape": [1], "datatype": "BYTES", "data": ["nope"]}], "unknown model 'nope'"),
     ([{**TEXT, "data": ["   "]}, {"name": "max_tokens", "shape": [1], "datatype": "INT32", "data": [4]}], "text_input is empty"),
     ([TEXT, {"name": "max_tokens", "shape": [1], "datatype": "INT32", "data": [0]}], "max_tokens must be in 1..256"),
     ([TEXT, {"name": "max_tokens", "shape": [1], "datatype": "INT32", "data": [10**9]}], "max_tokens must be in 1..256"),

@@ -50,7 +50,7 @@ def _load(server, stop: threading.Event, results: list):
     """Back-to-back HTTP /infer requests until stopped: ("ok" | HTTP status | error class, seconds).
     /infer, not /generate: Triton 2.51's generate endpoint answers 400 for every error code."""
     text = lambda name, v: {"name": name, "shape": [1], "datatype": "BYTES", "data": [v]}
-    body = json.dumps({"inputs": [text("text_input", "Summarise."), text("context", CONTEXT), text("model", "code"),
+    body = json.dumps({"inputs": [text("text_input", "Summarise."), text("context", CONTEXT), text("variant_name", "code"),
                                   text("tenant", "k"), {"name": "max_tokens", "shape": [1], "datatype": "INT32",
                                                         "data": [4]}]}).encode()
     while not stop.is_set():

@@ -16,8 +16,9 @@ TYPES = {bool: ("BOOL", np.bool_), int: ("INT32", np.int32), str: ("BYTES", np.o
 def genai_perf_entry(model: str, max_tokens=6, streaming=True, deterministic=True) -> dict:
     """One entry of genai-perf's input file for `--endpoint-type kserve --backend tensorrtllm`
     (genai_perf/inputs/converters/tensorrtllm_converter.py): perf_analyzer sends each key whose name
-    is an input of the model, shaped by the model's config."""
-    e = {"model": [model], "text_input": ["Explain what a page store is."], "max_tokens": [max_tokens],
+    is an input of the model, shaped by the model's config. "model" is a bare string there, which
+    perf_analyzer refuses as malformed if the model has an input of that name."""
+    e = {"model": model, "text_input": ["Explain what a page store is."], "max_tokens": [max_tokens],
          "exclude_input_in_output": [True]}
     if streaming:
         e["stream"] = [True]
@@ -33,9 +34,11 @@ def grpc_stream(server, model: str, entry: dict, only_inputs=True) -> list:
     c = grpcclient.InferenceServerClient(server.grpc_url)
     names = {i.name for i in c.get_model_metadata(model).inputs}
     inputs = []
-    for name, (v,) in entry.items():
+    for name, v in entry.items():
         if only_inputs and name not in names:
             continue
+        assert isinstance(v, list), f"perf_analyzer refuses {name!r}: a bare string for an input of {model!r}"
+        (v,) = v
         dt, np_t = TYPES[type(v)]
         i = grpcclient.InferInput(name, [1], dt)
         i.set_data_from_numpy(np.array([v.encode() if isinstance(v, str) else v], dtype=np_t))
@@ -115,14 +118,26 @@ def test_what_cannot_be_honoured_is_refused_the_same_on_http_and_grpc(server, ex
 
 def test_top_k_and_pad_id_and_end_id_are_accepted(server):
     status, d = post(server, "ensemble", {"text_input": "hi", "max_tokens": 3, "top_k": 5, "pad_id": 0,
-                                          "end_id": 2, "beam_width": 1, "model": "ensemble"})
+                                          "end_id": 2, "beam_width": 1})
     assert status == 200 and d["variant"] == "base" and d["output_tokens"] <= 3, d
 
 
-def test_a_variant_entry_point_has_no_model_input_for_perf_analyzer_to_fill(server):
-    """genai-perf writes {"model": "code", ...} (a bare string) into perf_analyzer's input file: a
-    `model` input on the entry point would make perf_analyzer refuse the file as malformed."""
+def test_no_entry_point_has_a_model_input_for_perf_analyzer_to_fill(server):
+    """genai-perf writes {"model": "ensemble", ...} (a bare string) into perf_analyzer's input file: a
+    `model` input on the entry point would make perf_analyzer refuse the file as malformed. `ensemble`
+    takes the variant as `variant_name`."""
     c = grpcclient.InferenceServerClient(server.grpc_url)
-    assert "model" not in {i.name for i in c.get_model_metadata("code").inputs}
-    assert "model" in {i.name for i in c.get_model_metadata("ensemble").inputs}
+    for entry in ("ensemble", "ensemble_stream", "code"):
+        assert "model" not in {i.name for i in c.get_model_metadata(entry).inputs}, entry
+    assert "variant_name" in {i.name for i in c.get_model_metadata("ensemble").inputs}
+    assert "variant_name" not in {i.name for i in c.get_model_metadata("code").inputs}
     c.close()
+
+
+def test_ensemble_serves_the_variant_it_is_asked_for_on_http_and_grpc(server):
+    status, d = post(server, "ensemble", {"text_input": "hi", "max_tokens": 2, "variant_name": "code"})
+    assert status == 200 and d["variant"] == "code", d
+    out = grpc_stream(server, "ensemble_stream", {"text_input": ["hi"], "max_tokens": [2], "variant_name": ["code"]})
+    assert out and out[-1].as_numpy("variant")[0].decode() == "code", out
+    status, d = post(server, "ensemble", {"text_input": "hi", "max_tokens": 2, "variant_name": "nope"})
+    assert status == 400 and "unknown model 'nope'" in d["error"], d
