@@ -31,7 +31,7 @@ def families_cli(monkeypatch):
 
 
 def test_names():
-    assert FAMILY_NAMES == ("tiny", "smol")
+    assert FAMILY_NAMES == ("tiny", "smol", "smol-quick")
 
 
 def test_tiny_loads(tiny):
@@ -286,4 +286,18 @@ def test_cli_list(families_cli, tiny, capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("KVRELAY_HOME", str(tmp_path))
     assert families_cli(["models", "list"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == 2 and all("not built" in line for line in lines)
+    assert len(lines) == len(FAMILY_NAMES) + 1 and all("not built" in line for line in lines[:-1])
+    assert lines[-1].startswith("llama8b-random") and "synthetic" in lines[-1]
+
+
+def test_a_synthetic_family_is_named_as_such_when_asked_to_load():
+    with pytest.raises(KvRelayError, match="'llama8b-random' is a synthetic family"):
+        load_family("llama8b-random")
+
+
+def test_smol_quick_is_smols_recipe_small():
+    """The demo's family: smol's builder with two variants of two trained layers, few steps, same
+    sources (what makes it build in minutes is only its size)."""
+    from kvrelay.families import smol, smol_quick
+    assert "smol-quick" in FAMILY_NAMES and smol_quick.MODELS == ("base", "code", "docs")
+    assert smol_quick.MAX_STEPS < smol.MAX_STEPS and smol_quick.check_sources.__module__ == smol_quick.__name__

@@ -4,7 +4,8 @@
     fam = ensure_built("tiny")          # builds into $KVRELAY_HOME/families/tiny on first use
     fam.model_dir("code")               # a Hugging Face model dir
 
-Families: "tiny" (random-init Llama for tests) and "smol" (SmolLM2-135M-Instruct + fine-tunes).
+Families: "tiny" (random-init Llama for tests), "smol" (SmolLM2-135M-Instruct + fine-tunes) and
+"smol-quick" (the same recipe, small enough for the first-run demo).
 Importing this package does not import torch.
 """
 from kvrelay.families.registry import (FAMILY_NAMES, Family, build_family, ensure_built, is_built,

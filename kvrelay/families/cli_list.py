@@ -9,27 +9,32 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from kvrelay.errors import FamilyNotBuilt, KvRelayError, StaleFamily
     from kvrelay.families.cli import summary_lines
+    from kvrelay import synthetic
     from kvrelay.families.registry import FAMILY_NAMES, load_family
     from kvrelay.paths import family_dir
 
+    w = max(map(len, FAMILY_NAMES + tuple(synthetic.SYNTHETIC)))
     for name in FAMILY_NAMES:
         try:
             family = load_family(name)
         except StaleFamily:
-            print(f"{name:<6} {'stale':<10} {family_dir(name)}  (an older recipe: the next use rebuilds it)")
+            print(f"{name:<{w}} {'stale':<10} {family_dir(name)}  (an older recipe: the next use rebuilds it)")
             continue
         except FamilyNotBuilt:
-            print(f"{name:<6} {'not built':<10} {family_dir(name)}")
+            print(f"{name:<{w}} {'not built':<10} {family_dir(name)}")
             continue
         except KvRelayError as e:
-            print(f"{name:<6} {'broken: ' + str(e):<10} {family_dir(name)}")
+            print(f"{name:<{w}} {'broken: ' + str(e):<10} {family_dir(name)}")
             continue
-        print(f"{name:<6} {'built':<10} {family.root}  (models: {', '.join(family.models)}; "
+        print(f"{name:<{w}} {'built':<10} {family.root}  (models: {', '.join(family.models)}; "
               f"fingerprint {family.fingerprint})")
-        print(f"       profiles: {profiles_match(family)}")
+        print(f"{'':<{w}} profiles: {profiles_match(family)}")
         if args.verbose:
             for line in summary_lines(family):
                 print(line)
+    for name, spec in synthetic.SYNTHETIC.items():
+        print(f"{name:<{w}} {'synthetic':<10} nothing on disk: random weights drawn at load time, for GPU "
+              f"throughput runs (models: {', '.join(spec['models'])})")
     return 0
 
 

@@ -24,8 +24,9 @@ from pathlib import Path
 from kvrelay.errors import FamilyNotBuilt, KvRelayError, StaleFamily
 from kvrelay.paths import family_dir
 
-FAMILY_NAMES: tuple[str, ...] = ("tiny", "smol")
-_BUILDERS = {"tiny": "kvrelay.families.tiny", "smol": "kvrelay.families.smol"}
+FAMILY_NAMES: tuple[str, ...] = ("tiny", "smol", "smol-quick")
+_BUILDERS = {"tiny": "kvrelay.families.tiny", "smol": "kvrelay.families.smol",
+             "smol-quick": "kvrelay.families.smol_quick"}
 MANIFEST = "family.json"
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 FORMAT = 1
@@ -57,7 +58,12 @@ class Family:
 
 def _check_name(name: str) -> None:
     if name not in FAMILY_NAMES:
-        raise KvRelayError(f"unknown model family {name!r}; known families: {', '.join(FAMILY_NAMES)}")
+        from kvrelay import synthetic
+        if synthetic.is_synthetic(name):
+            raise KvRelayError(f"{name!r} is a synthetic family (random weights drawn at load time): there is "
+                               "nothing to build or load from disk")
+        raise KvRelayError(f"unknown model family {name!r}; known families: {', '.join(FAMILY_NAMES)}, and "
+                           f"synthetic {', '.join(synthetic.SYNTHETIC)}")
 
 
 def _builder(name: str):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from kvrelay import corpora
@@ -60,11 +61,30 @@ def check_sources() -> None:
         corpora.check_source(d)
 
 
+@dataclass(frozen=True)
+class Recipe:
+    """What a SmolLM2 family trains: variant name (= its corpus domain) -> top layers trained."""
+    name: str
+    trained_top_layers: dict
+    max_minutes: float
+    max_steps: int
+    eval_blocks: int
+    eval_domains: tuple[str, ...]
+
+
 def build(workdir: Path, progress: bool = True) -> dict:
     """Write the models into workdir/<model>; return per-model build info for family.json."""
+    max_minutes, max_steps = budget()
+    return build_recipe(workdir, Recipe(NAME, TRAINED_TOP_LAYERS, max_minutes, max_steps, EVAL_BLOCKS,
+                                        corpora.DOMAINS), progress)
+
+
+def build_recipe(workdir: Path, recipe: Recipe, progress: bool = True) -> dict:
+    """The base converted from the GGUF, then each variant: the base's weights with its top layers
+    trained on its domain for exactly recipe.max_steps steps (seeded), evaluated on recipe.eval_domains."""
     from kvrelay.families import finetune, sources
 
-    max_minutes, max_steps = budget()
+    name = recipe.name
     t0 = time.monotonic()
     tok = sources.load_tokenizer()
     model = sources.load_model(progress=progress)
@@ -72,38 +92,39 @@ def build(workdir: Path, progress: bool = True) -> dict:
     convert_s = round(time.monotonic() - t0, 1)
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
 
-    heldout = {d: finetune.heldout_blocks(tok, d, EVAL_BLOCKS, BLOCK_LEN) for d in corpora.DOMAINS}
+    heldout = {d: finetune.heldout_blocks(tok, d, recipe.eval_blocks, BLOCK_LEN) for d in recipe.eval_domains}
 
     def evaluate(label):
         return {d: round(finetune.mean_loss(model, b, batch_size=BATCH, progress=progress,
-                                            desc=f"{NAME}/{label} eval {d}"), 4)
+                                            desc=f"{name}/{label} eval {d}"), 4)
                 for d, b in heldout.items()}
 
     t = time.monotonic()
     base_eval = evaluate(BASE)
-    finetune.write_eval(workdir / BASE, BASE, None, {BASE: base_eval}, EVAL_BLOCKS, BLOCK_LEN)
+    finetune.write_eval(workdir / BASE, BASE, None, {BASE: base_eval}, recipe.eval_blocks, BLOCK_LEN)
     info: dict[str, dict] = {BASE: dict(seconds=convert_s, eval_seconds=round(time.monotonic() - t, 1), steps=0,
                                         corpus=None, parent=None,
                                         init=f"SmolLM2-135M-Instruct ({sources.GGUF_FILE}, dequantized to fp32)",
                                         heldout_loss=base_eval)}
 
-    for k, variant in enumerate(VARIANTS):
+    for k, variant in enumerate(recipe.trained_top_layers):
         model.load_state_dict(base_state)
         seed = SEED + 100 * (k + 1)
-        trained = finetune.train_top_layers(model, TRAINED_TOP_LAYERS[variant])
-        blocks = finetune.token_blocks(tok, corpora.load_split(variant, "train"), max_steps * BATCH, BLOCK_LEN, seed)
-        res = finetune.train(model, blocks, max_steps=max_steps, batch_size=BATCH, lr=LR, seed=seed, warmup=WARMUP,
-                             weight_decay=WEIGHT_DECAY, max_seconds=max_minutes * 60, progress=progress,
-                             desc=f"{NAME}/{variant} fine-tune")
+        trained = finetune.train_top_layers(model, recipe.trained_top_layers[variant])
+        blocks = finetune.token_blocks(tok, corpora.load_split(variant, "train"), recipe.max_steps * BATCH,
+                                       BLOCK_LEN, seed)
+        res = finetune.train(model, blocks, max_steps=recipe.max_steps, batch_size=BATCH, lr=LR, seed=seed,
+                             warmup=WARMUP, weight_decay=WEIGHT_DECAY, max_seconds=recipe.max_minutes * 60,
+                             progress=progress, desc=f"{name}/{variant} fine-tune")
         t = time.monotonic()
         var_eval = evaluate(variant)
         eval_s = round(time.monotonic() - t, 1)
-        finetune.require_improvement(NAME, variant, variant, base_eval[variant], var_eval[variant])
+        finetune.require_improvement(name, variant, variant, base_eval[variant], var_eval[variant])
         finetune.save_model(model, tok, workdir / variant)
         finetune.write_eval(workdir / variant, variant, variant, {BASE: base_eval, variant: var_eval},
-                            EVAL_BLOCKS, BLOCK_LEN)
+                            recipe.eval_blocks, BLOCK_LEN)
         info[variant] = dict(seconds=res.seconds, eval_seconds=eval_s, steps=res.steps, corpus=variant, parent=BASE,
                              trained_layers=list(trained), lr=LR, batch=BATCH, block_len=BLOCK_LEN, tokens=res.tokens,
-                             max_minutes=max_minutes, max_steps=max_steps,
+                             max_minutes=recipe.max_minutes, max_steps=recipe.max_steps,
                              train_loss=[res.first_loss, res.last_loss], heldout_loss=var_eval)
     return info
