@@ -1,10 +1,10 @@
 """The serving core: one process holds every variant's engine, the page store and the router.
 
-A request's whole path runs here, free of Triton: validate, wait for an in-flight prefill of the same
-context (coalescing), route (store lookup, plan choice), fetch the donor's pages, run the receiver's
-engine (full prefill, restore or DroidSpeak re-prefill), forward each output to a Sink, publish the
-prompt's pages. Triton's models are thin adapters: they turn tensors into a ServeRequest and Replies
-back into tensors (kvrelay.triton.orchestrator).
+A request's whole path runs here, free of Triton: validate, ask the Router for its route (coalescing,
+store lookup, plan choice, donor pages; kvrelay.serving.router), run the receiver's engine (full
+prefill, restore or DroidSpeak re-prefill), forward each output to a Sink, tell the Router what was
+computed (it publishes). Triton's models are thin adapters: they turn tensors into a ServeRequest and
+Replies back into tensors (kvrelay.triton.orchestrator).
 
 Why one process: engines reached over Triton BLS from a multi-threaded orchestrator crashed the
 Python backend of Triton 2.51 (it frees numpy arrays of BLS responses without holding the GIL; see
@@ -16,22 +16,19 @@ import logging
 import queue
 import threading
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
 from kvrelay import deployment as dp
-from kvrelay import routing
 from kvrelay.engine_api import PrefillInfo, Request, RequestOutput, SamplingParams
 from kvrelay.errors import KvRelayError
-from kvrelay.kv_format import KVPages, block_hashes
+from kvrelay.kv_format import KVPages
 from kvrelay.plan import RecomputePlan
 from kvrelay.serving.engine_runner import EngineFailure, EngineRunner
+from kvrelay.serving.router import Decision, Router
 
 log = logging.getLogger("kvrelay.orchestrator")
-COALESCE_ROUNDS = 3        # in-flight prefills a request waits for, one after another, before prefilling itself
-COALESCE_WAIT_S = 300.0    # longest wait for one of them
 CANCEL_POLL_S = 0.5        # how often a request waiting on its engine asks whether the client left ...
 CANCEL_EVERY = 8           # ... and every this many outputs (a client that hung up mid-stream)
 MAX_LABEL_CHARS = 128      # tenant and request_id: store keys and log lines, not documents
@@ -106,11 +103,8 @@ class Orchestrator:
                                              quality_target=dep.quality_target, latency=self.latency)
         self.metrics = metrics or NoMetrics()
         self.store.on_reject = self.metrics.page_rejected   # each dropped page: logged by the store, counted here
-        # with prefix caching off the engines keep nothing: nothing is "recently computed" either
-        self.recent = routing.RecentlyComputed(capacity=65536 if dep.prefix_caching else 0)
-        self.inflight = routing.InFlightPrefills()
-        self.route_lock = threading.Lock()     # see-then-register of in-flight prefills is one step
-        self.publisher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="publish")
+        self.router = Router(dep, self.ids, self.store, self.selector, self.metrics)
+        self.publisher = self.router.publisher
         self.in_flight = 0
         self._count_lock = threading.Lock()
         engines = engines if engines is not None else build_engines(dep)
@@ -155,23 +149,17 @@ class Orchestrator:
             if len(value) > MAX_LABEL_CHARS or not value.isprintable():
                 raise KvRelayError(f"{name} must be at most {MAX_LABEL_CHARS} printable characters, got "
                                    f"{len(value)} characters")
-        scope = self.cache_scope(req)
-        route, prefill = self._route(receiver, me, req.tenant, scope, tokens)
-        call = _Call(route, me, req, sink, scope)
-        call.prefill = prefill
+        d = self.router.decide(receiver, req.tenant, self.cache_scope(req), tokens, queued=max(0, self.in_flight - 1))
+        call = _Call(d, me, req, sink)
         try:
-            donor = self._fetch(route, me, req, tokens)
-            if route.kind in ("reuse", "restore") and donor is None:
-                call.route = routing.Route("full", "donor pages unavailable", export=False)
+            donor = self.router.pages(d, tokens, req.entry)
             try:
                 self._run(call, donor)
             except _DonorRefused as e:  # e.g. a stale page: degrade to a correct full prefill
-                log.warning("engine refused donor pages, full prefill: %s", e)
-                call.route = routing.Route("full", "engine refused donor pages", export=False)
+                self.router.donor_refused(d, str(e))
                 self._run(call, None)
         finally:
-            if not call.publishing:  # else the publisher ends it once the pages are stored
-                self.inflight.end(prefill)
+            self.router.finish(d)
 
     def cache_scope(self, req: ServeRequest) -> str:
         """Which engine prefix-cache blocks a request may hit: its tenant's, unless the deployment
@@ -179,65 +167,11 @@ class Orchestrator:
         prefix hit, and its latency tells B what A sent (the store is keyed by tenant already)."""
         return "" if self.dep.shared_prefix_cache else req.tenant
 
-    def _route(self, receiver, me, tenant, scope, tokens):
-        """routing.route, after waiting for in-flight prefills whose pages would serve this context
-        (COALESCE_ROUNDS at most). Returns the route and, for a full prefill that will publish, its
-        in-flight registration."""
-        hashes = block_hashes(tokens, me.page_format.block_size) if self.dep.coalesce else []
-        waited = False
-        for attempt in range(COALESCE_ROUNDS + 1):
-            with self.route_lock:
-                other = self.inflight.covering(tenant, me.fingerprint, hashes, lambda m: self._worth_waiting(m, receiver)) \
-                    if hashes and attempt < COALESCE_ROUNDS else None
-                if other is None:
-                    route = routing.route(self.store, self.selector, self.ids, receiver, tenant, tokens, self.recent,
-                                          sharing=self.dep.sharing, queued=max(0, self.in_flight - 1),
-                                          slo_s=self.dep.slo_s, scope=scope)
-                    route.export = route.export and self.dep.publish
-                    prefill = self.inflight.begin(receiver, tenant, me.fingerprint, hashes) \
-                        if hashes and route.kind == "full" and route.export else None
-                    if waited:
-                        route.reason += " (after an in-flight prefill)"
-                    return route, prefill
-            other.done.wait(COALESCE_WAIT_S)
-            waited = True
-
-    def _worth_waiting(self, model: str, receiver: str) -> bool:
-        """Its own pages always serve a model; another's only with sharing on and a usable plan."""
-        if model == receiver:
-            return True
-        return self.dep.sharing and model in self.ids and self.selector.has_plan(
-            model, receiver, self.ids[model].fingerprint, self.ids[receiver].fingerprint)
-
-    def _fetch(self, route, me, req: ServeRequest, tokens) -> KVPages | None:
-        if route.kind not in ("reuse", "restore"):
-            return None
-        fmt = self.ids[route.donor].page_format
-        if route.cached:  # the engine should hold the hybrid KV already: send a reference, not pages
-            return KVPages.reference_to(fmt, route.producer, self.ids[route.donor].fingerprint,
-                                        tokens[: route.blocks * fmt.block_size])
-        layers = e_layers = None
-        if route.kind == "restore":
-            e_layers = []
-        else:
-            layers, e_layers = route.plan.reused_layers(me.num_layers), route.plan.e_layers_needed()
-        try:
-            pages = self.store.fetch(req.tenant, me.fingerprint, route.producer, tokens, fmt, route.blocks,
-                                     layers=layers, e_layers=e_layers)
-        except KvRelayError as e:
-            log.warning("fetching pages from %s failed, full prefill: %s", route.producer, e)
-            self.metrics.store_error(req.entry)
-            return None
-        if pages is None or pages.num_pages == 0:
-            return None
-        self.metrics.bytes_moved(req.entry, "fetch", pages.kv.nbytes + pages.e.nbytes)
-        return pages
-
     def _run(self, call: "_Call", donor: KVPages | None) -> None:
         req = call.req
         plan = None
         if donor is not None:
-            plan = RecomputePlan.none() if call.route.kind == "restore" else call.route.plan
+            plan = RecomputePlan.none() if call.d.route.kind == "restore" else call.d.route.plan
         sampling = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
                                   top_k=req.top_k, seed=req.seed, stop_sequences=split_stops(req.stop_ids),
                                   stop_token_ids=() if req.end_id is None else (req.end_id,),
@@ -247,7 +181,7 @@ class Orchestrator:
         runner = self.runners[call.me.name]
         try:
             runner.submit(Request(rid, list(req.tokens), sampling, donor=donor, plan=plan,
-                                  export_pages=call.route.export, cache_salt=call.scope.encode()),
+                                  export_pages=call.d.route.export, cache_salt=call.d.scope.encode()),
                           lambda o, e: outputs.put((o, e)))
         except EngineFailure:
             raise
@@ -281,7 +215,7 @@ class Orchestrator:
             self._prefill_done(out.prefill, call, out)
         if not (call.req.stream or out.finished):
             return
-        route, info = call.route, call.info
+        route, info = call.d.route, call.info
         reusing = route.kind in ("reuse", "restore") and info is not None
         ids = list(out.output_tokens)
         # the tokens whose KV was not computed for this request: the donor's, or this engine's prefix cache
@@ -297,45 +231,18 @@ class Orchestrator:
 
     def _prefill_done(self, info: PrefillInfo, call: "_Call", out: RequestOutput) -> None:
         call.info = info
-        self.metrics.prefill(call.req.entry, call.route, call.me.name, asdict(info))
+        self.metrics.prefill(call.req.entry, call.d.route, call.me.name, asdict(info))
         if self.latency is not None:
             if info.reused_tokens and not info.donor_failed:
                 self.latency.observe(info.reused_tokens, info.recomputed_layers, info.seconds)
             elif not info.cached_tokens:
                 self.latency.observe(info.prompt_tokens, call.me.num_layers, info.seconds)
-        B = call.me.page_format.block_size
-        scope, tokens = call.scope, call.req.tokens
-        if call.route.export:
-            pages = out.pages
-            if pages is not None and pages.num_pages:
-                self.recent.add(call.me.name, scope, pages.hashes)
-                call.publishing = True
-                self.publisher.submit(self._publish, call.req, pages, call.prefill)
-        elif call.route.kind in ("full", "prefix"):
-            self.recent.add(call.me.name, scope, block_hashes(tokens, B))
-        if call.route.kind == "reuse":
-            if info.reused_tokens and not info.donor_failed:
-                self.recent.add_hybrid(call.me.name, scope, call.route, tokens, B)
-            else:  # evicted, or the engine fell back: the next repeat sends pages again
-                self.recent.forget_hybrid(call.me.name, scope, call.route, tokens, B)
-
-    def _publish(self, req: ServeRequest, pages, prefill=None):
-        try:
-            n = self.store.put(req.tenant, pages)
-            self.metrics.bytes_moved(req.entry, "publish",
-                                     (pages.kv.nbytes + pages.e.nbytes) * n // max(pages.num_pages, 1))
-        except KvRelayError as e:
-            log.warning("publishing pages failed (requests unaffected): %s", e)
-            self.metrics.store_error(req.entry)
-        except Exception:
-            log.exception("publishing pages failed (requests unaffected)")
-        finally:
-            self.inflight.end(prefill)   # waiters route now: the pages are in the store (or never will be)
+        self.router.prefill_done(call.d, info, out.pages, call.req.tokens, call.req.entry)
 
     def close(self) -> None:
         for r in self.runners.values():
             r.close()
-        self.publisher.shutdown(wait=True)
+        self.router.close()
         self.store.close()
 
 
@@ -345,13 +252,11 @@ class _DonorRefused(Exception):
 
 class _Call:
     """One request's state across its engine outputs."""
-    __slots__ = ("route", "me", "req", "sink", "scope", "info", "prefill", "publishing", "first_token_time_ns")
+    __slots__ = ("d", "me", "req", "sink", "info", "first_token_time_ns")
 
-    def __init__(self, route, me, req: ServeRequest, sink: Sink, scope: str = ""):
-        self.route, self.me, self.req, self.sink, self.scope = route, me, req, sink, scope
+    def __init__(self, d: Decision, me, req: ServeRequest, sink: Sink):
+        self.d, self.me, self.req, self.sink = d, me, req, sink
         self.info: PrefillInfo | None = None
-        self.prefill = None        # this request's registration in InFlightPrefills, if any
-        self.publishing = False    # its pages went to the publisher, which ends the registration
         self.first_token_time_ns = 0
 
 
