@@ -1,6 +1,7 @@
 """`kvrelay demo`: the main job on the embedded default.
 
-Starts a real tritonserver for the family (tiny by default, in-memory page store), lets the base model
+Starts a real tritonserver for the family (smol-quick by default: the real SmolLM2-135M-Instruct and
+two quick fine-tunes, built on first use in a few minutes; in-memory page store), lets the base model
 answer a question over a shared context, then has every other variant answer its own question over
 the same context — reusing the base's KV through the orchestrator — and prints the answers, where
 each one's KV came from and the server's kvrelay metrics. `--in-process` skips Triton and compares
@@ -11,11 +12,14 @@ from __future__ import annotations
 import sys
 import time
 
+DEFAULT_FAMILY = "smol-quick"
 DEFAULT_QUESTION = "What does this text describe, in one sentence?"
 
 
 def add_arguments(p):
-    p.add_argument("--family", default="tiny", help="model family (default: tiny, built on first use)")
+    p.add_argument("--family", default=DEFAULT_FAMILY,
+                   help=f"model family (default: {DEFAULT_FAMILY}, real SmolLM2 models, built on first use; "
+                        "tiny: random test models that cannot speak)")
     p.add_argument("--sender", help="donor model (default: the family's base)")
     p.add_argument("--receiver", help="receiving model (default: the family's second model)")
     p.add_argument("--context-file", help="text file to use as the shared context (default: a stdlib module)")
@@ -78,7 +82,7 @@ def run_server(args) -> int:
             print(f"kvrelay demo: ready (HTTP {server.http_url}, gRPC {server.grpc_url})\n", file=sys.stderr)
             ask = lambda model, q: client.infer(server.http_url, q, args.max_tokens, model=model, context=context,
                                                 tenant="demo")
-            rows = [(donor, "Summarise the text above.", ask(donor, "Summarise the text above."))]
+            rows = [(donor, args.question, ask(donor, args.question))]
             time.sleep(0.5)  # the donor's pages are published off the request path
             rows += [(r, args.question, ask(r, args.question)) for r in receivers]
             for model, q, res in rows:

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from kvrelay.errors import KvRelayError
-from kvrelay.kv_format import PageFormat
+from kvrelay.kv_format import DTYPES, PageFormat
 from kvrelay.units import parse_bytes
 
 @dataclass(slots=True)
@@ -125,8 +125,8 @@ def validate(dep: Deployment) -> Deployment:
             raise KvRelayError(f"model {m.name}: instances must be >= 1")
         if m.threads < 0:
             raise KvRelayError(f"model {m.name}: threads must be >= 0 (0 = split the cores between engines)")
-        if m.dtype not in ("float32", "bfloat16", "float16"):
-            raise KvRelayError(f"model {m.name}: dtype must be float32, bfloat16 or float16")
+        if m.dtype not in DTYPES:
+            raise KvRelayError(f"model {m.name}: dtype must be one of {', '.join(DTYPES)}")
     if dep.block_size < 1 or dep.block_size & (dep.block_size - 1):
         raise KvRelayError("block_size must be a power of two")
     return dep

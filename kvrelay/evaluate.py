@@ -101,7 +101,7 @@ def evaluate(family, sender, receiver, *, split="heldout", samples=16, kind="mix
     from kvrelay.engines import make_engine
     from kvrelay.errors import KvRelayError
     from kvrelay.families import load_family
-    from kvrelay.paths import repo_root
+    from kvrelay import paths
     from kvrelay.plan import RecomputePlan
     from kvrelay.profiler import cacheblend as cb
     from kvrelay.profiler import scoring
@@ -110,7 +110,7 @@ def evaluate(family, sender, receiver, *, split="heldout", samples=16, kind="mix
     fam = load_family(family)
     for m in (sender, receiver):
         fam.model_dir(m)
-    profiles_dir = Path(profiles_dir) if profiles_dir else repo_root() / "profiles"
+    profiles_dir = paths.profiles_dir(profiles_dir)
     notes = []
     ppath = profile_file.path_for(profiles_dir, family, sender, receiver)
     if context_tokens is None:

@@ -16,3 +16,8 @@ def family_dir(family: str) -> Path:
 def repo_root() -> Path:
     """The source checkout (profiles/, model_repository/ templates live there)."""
     return Path(__file__).resolve().parent.parent
+
+
+def profiles_dir(configured: str | Path | None = None) -> Path:
+    """The profiles directory: a deployment's or a command's own (`configured`), else the checkout's."""
+    return Path(configured) if configured else repo_root() / "profiles"

@@ -43,8 +43,8 @@ def profiles_match(family) -> str:
     import json
 
     from kvrelay import fingerprint as fp
-    from kvrelay.paths import repo_root
-    files = sorted((repo_root() / "profiles" / family.name).glob("*__*.json"))
+    from kvrelay.paths import profiles_dir
+    files = sorted((profiles_dir() / family.name).glob("*__*.json"))
     files = [f for f in files if not f.name.endswith(".partial.json")]
     if not files:
         return "none (kvrelay profile)"

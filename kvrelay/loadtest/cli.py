@@ -167,8 +167,8 @@ def store_shortfall(dep, need: int) -> str:
 
 
 def _profiles_present(dep) -> list[str]:
-    from kvrelay.paths import repo_root
-    root = Path(dep.profiles_dir or repo_root() / "profiles") / dep.family
+    from kvrelay.paths import profiles_dir
+    root = profiles_dir(dep.profiles_dir) / dep.family
     names = set(dep.model_names)
     out = []
     for f in sorted(root.glob("*__*.json")) if root.is_dir() else []:

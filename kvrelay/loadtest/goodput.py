@@ -71,9 +71,9 @@ def parse_pairs(text: str, models: list[str]) -> list[tuple[str, str]]:
 def choose_pairs(dep, ids: dict, requested: str | None, context_tokens: int, log) -> list[Pair]:
     """The pairs to measure, each with the plan the serving selector picks for it. Default: every
     ordered pair whose profile the selector would reuse."""
-    from kvrelay.paths import repo_root
+    from kvrelay.paths import profiles_dir
     from kvrelay.selector import Selector
-    sel = Selector(Path(dep.profiles_dir or repo_root() / "profiles"), dep.family, quality_target=dep.quality_target)
+    sel = Selector(profiles_dir(dep.profiles_dir), dep.family, quality_target=dep.quality_target)
     wanted = parse_pairs(requested, dep.model_names) if requested else \
         [(s, r) for s in dep.model_names for r in dep.model_names if s != r]
     out = []

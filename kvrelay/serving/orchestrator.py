@@ -17,7 +17,6 @@ import queue
 import threading
 import uuid
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Protocol
 
 from kvrelay import deployment as dp
@@ -90,7 +89,7 @@ class NoMetrics:
 class Orchestrator:
     def __init__(self, dep: dp.Deployment, engines: dict | None = None, metrics=None, store=None, selector=None):
         """engines: name -> Engine (default: built from the deployment); store/selector likewise."""
-        from kvrelay.paths import repo_root
+        from kvrelay.paths import profiles_dir
         from kvrelay.selector import OnlineLatency, Selector
         from kvrelay.store import open_store
         self.dep = dep
@@ -99,7 +98,7 @@ class Orchestrator:
         # with an SLO, the selector's idle rule (the most recompute whose predicted prefill meets it)
         # runs on a latency model fitted to this server's own prefills
         self.latency = OnlineLatency() if dep.slo_s else None
-        self.selector = selector or Selector(Path(dep.profiles_dir or repo_root() / "profiles"), dep.family,
+        self.selector = selector or Selector(profiles_dir(dep.profiles_dir), dep.family,
                                              quality_target=dep.quality_target, latency=self.latency)
         self.metrics = metrics or NoMetrics()
         self.store.on_reject = self.metrics.page_rejected   # each dropped page: logged by the store, counted here
