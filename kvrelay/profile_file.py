@@ -58,6 +58,36 @@ def path_for(profiles_dir: str | Path, family: str, sender: str, receiver: str) 
     return Path(profiles_dir) / family / f"{sender}__{receiver}{SUFFIX}"
 
 
+def pairs_in(profiles_dir: str | Path, family: str) -> list[tuple[str, str, Path]]:
+    """(sender, receiver, path) of every profile file of `family` under profiles_dir (partial
+    results of an unfinished run excluded), by file name."""
+    root = Path(profiles_dir) / family
+    out = []
+    for f in sorted(root.glob(f"*__*{SUFFIX}")) if root.is_dir() else []:
+        if not f.name.endswith(PARTIAL_SUFFIX):
+            s, _, r = f.name[: -len(SUFFIX)].partition("__")
+            out.append((s, r, f))
+    return out
+
+
+def fixed(family: str, sender: str, receiver: str, sender_fp: str, receiver_fp: str, num_layers: int,
+          plan: RecomputePlan, command: str) -> dict:
+    """A profile whose only point is `plan`, at quality 100 by fiat: the selector then always picks it.
+    For throughput runs that impose a plan (`kvrelay loadtest --plan`); nothing in it was measured."""
+    point = {"plan": plan.to_list(), "layers_recomputed": plan.num_recomputed, "quality": 100.0}
+    return {
+        "format": FORMAT, "family": family, "sender": sender, "receiver": receiver,
+        "sender_fingerprint": sender_fp, "receiver_fingerprint": receiver_fp, "num_layers": num_layers,
+        "stride": 1, "max_group_layers": num_layers,
+        "dataset": {"kind": f"none: fixed by `{command}`", "split": "profile", "samples": 0, "context_tokens": [0, 0]},
+        "metric": {"name": "fixed", "description": "not measured: a plan imposed for a throughput run"},
+        "configs": [point], "frontier": [point],
+        "baselines": {"full_prefill": {"layers_recomputed": num_layers, "quality": 100.0},
+                      "full_reuse": {"layers_recomputed": 0, "quality": 0.0}},
+        "command": command, "kvrelay_version": kvrelay_version(), "created": now_utc(),
+    }
+
+
 def partial_path(out: str | Path) -> Path:
     """Where a profiler run keeps its partial results: next to --out, so a rerun continues."""
     out = Path(out)

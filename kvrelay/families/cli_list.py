@@ -43,9 +43,9 @@ def profiles_match(family) -> str:
     import json
 
     from kvrelay import fingerprint as fp
+    from kvrelay import profile_file
     from kvrelay.paths import profiles_dir
-    files = sorted((profiles_dir() / family.name).glob("*__*.json"))
-    files = [f for f in files if not f.name.endswith(".partial.json")]
+    files = [f for _, _, f in profile_file.pairs_in(profiles_dir(), family.name)]
     if not files:
         return "none (kvrelay profile)"
     digests = {m: fp.weights_digest(family.model_dir(m)) for m in family.models}

@@ -107,20 +107,9 @@ def write_fixed_profiles(dep, plan_text: str, root: Path) -> list[str]:
                 continue
             L = ids[r].num_layers
             plan = RecomputePlan.parse(plan_text).validate(L)
-            point = {"plan": plan.to_list(), "layers_recomputed": plan.num_recomputed, "quality": 100.0}
-            profile_file.save({
-                "format": profile_file.FORMAT, "family": dep.family, "sender": s, "receiver": r,
-                "sender_fingerprint": ids[s].fingerprint, "receiver_fingerprint": ids[r].fingerprint, "num_layers": L,
-                "stride": 1, "max_group_layers": L,
-                "dataset": {"kind": "none: fixed by `kvrelay loadtest --plan`", "split": "profile", "samples": 0,
-                            "context_tokens": [0, 0]},
-                "metric": {"name": "fixed", "description": "not measured: a plan imposed for a throughput run"},
-                "configs": [point], "frontier": [point],
-                "baselines": {"full_prefill": {"layers_recomputed": L, "quality": 100.0},
-                              "full_reuse": {"layers_recomputed": 0, "quality": 0.0}},
-                "command": f"kvrelay loadtest --plan {plan_text}", "kvrelay_version": "loadtest",
-                "created": profile_file.now_utc(),
-            }, profile_file.path_for(root, dep.family, s, r))
+            profile_file.save(profile_file.fixed(dep.family, s, r, ids[s].fingerprint, ids[r].fingerprint, L, plan,
+                                                 f"kvrelay loadtest --plan {plan_text}"),
+                              profile_file.path_for(root, dep.family, s, r))
             out.append(f"{s}__{r}")
     return out
 
@@ -167,17 +156,11 @@ def store_shortfall(dep, need: int) -> str:
 
 
 def _profiles_present(dep) -> list[str]:
+    from kvrelay import profile_file
     from kvrelay.paths import profiles_dir
-    root = profiles_dir(dep.profiles_dir) / dep.family
     names = set(dep.model_names)
-    out = []
-    for f in sorted(root.glob("*__*.json")) if root.is_dir() else []:
-        if f.name.endswith(".partial.json"):
-            continue
-        s, _, r = f.stem.partition("__")
-        if s in names and r in names:
-            out.append(f.stem)
-    return out
+    return [f"{s}__{r}" for s, r, _ in profile_file.pairs_in(profiles_dir(dep.profiles_dir), dep.family)
+            if s in names and r in names]
 
 
 def _interrupts_stop_cleanly() -> None:
