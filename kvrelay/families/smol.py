@@ -70,6 +70,7 @@ class Recipe:
     max_steps: int
     eval_blocks: int
     eval_domains: tuple[str, ...]
+    lr: float = LR
 
 
 def build(workdir: Path, progress: bool = True) -> dict:
@@ -113,7 +114,7 @@ def build_recipe(workdir: Path, recipe: Recipe, progress: bool = True) -> dict:
         trained = finetune.train_top_layers(model, recipe.trained_top_layers[variant])
         blocks = finetune.token_blocks(tok, corpora.load_split(variant, "train"), recipe.max_steps * BATCH,
                                        BLOCK_LEN, seed)
-        res = finetune.train(model, blocks, max_steps=recipe.max_steps, batch_size=BATCH, lr=LR, seed=seed,
+        res = finetune.train(model, blocks, max_steps=recipe.max_steps, batch_size=BATCH, lr=recipe.lr, seed=seed,
                              warmup=WARMUP, weight_decay=WEIGHT_DECAY, max_seconds=recipe.max_minutes * 60,
                              progress=progress, desc=f"{name}/{variant} fine-tune")
         t = time.monotonic()
@@ -124,7 +125,7 @@ def build_recipe(workdir: Path, recipe: Recipe, progress: bool = True) -> dict:
         finetune.write_eval(workdir / variant, variant, variant, {BASE: base_eval, variant: var_eval},
                             recipe.eval_blocks, BLOCK_LEN)
         info[variant] = dict(seconds=res.seconds, eval_seconds=eval_s, steps=res.steps, corpus=variant, parent=BASE,
-                             trained_layers=list(trained), lr=LR, batch=BATCH, block_len=BLOCK_LEN, tokens=res.tokens,
+                             trained_layers=list(trained), lr=recipe.lr, batch=BATCH, block_len=BLOCK_LEN, tokens=res.tokens,
                              max_minutes=recipe.max_minutes, max_steps=recipe.max_steps,
                              train_loss=[res.first_loss, res.last_loss], heldout_loss=var_eval)
     return info
