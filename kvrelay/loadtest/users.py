@@ -153,10 +153,11 @@ class _Workload:
         st.in_flight[r.index] = (r, time.time())
         try:
             rec = self.send(st, r)
-            st.records.append(rec)
         finally:
-            st.in_flight.pop(r.index, None)
+            mine = st.in_flight.pop(r.index, None) is not None
             st.schedule.end()
+        if mine:  # else the run's end already recorded it as cut off: one record per request
+            st.records.append(rec)
 
     tasks = [one_request]   # a plain list: Locust collects tasks from bases' `tasks`, not from mixins' @task
 

@@ -9,6 +9,7 @@ import json
 import math
 import subprocess
 import sys
+import textwrap
 from collections import Counter
 from pathlib import Path
 
@@ -248,3 +249,31 @@ def test_store_is_sized_to_the_pages_the_workload_publishes(tiny_family):
     assert dep.store == f"memory:{int(need * 1.1) >> 20}MiB" and cli.store_shortfall(dep, need) == ""
     assert cli.size_store(dep, need) == ""                                 # big enough: left alone
     assert cli.store_shortfall(dp.for_family("tiny", store="redis://127.0.0.1:1"), need) == ""
+
+
+def test_a_request_cut_off_by_the_runs_end_is_recorded_once(tmp_path):
+    """The run's end records in-flight requests as cut off; one that completes after that must not be
+    recorded a second time (a fresh-clone run under load counted 3 requests twice: failed and ok).
+    In a subprocess: importing the users module monkey-patches the process with gevent."""
+    script = tmp_path / "cut_off.py"
+    script.write_text(textwrap.dedent('''
+        import types
+        from kvrelay.loadtest import users as lu
+        from kvrelay.loadtest.workload import Request, Schedule
+
+        r = Request(0, 0, "base", "q", 4)
+        st = lu.LoadState(workload=None, schedule=Schedule([r]), grpc_url="", http_url="", timeout_s=5)
+        st.schedule.start()
+
+        class Late(lu._Workload):
+            environment = types.SimpleNamespace(kvrelay=st)
+            def send(self, st, r):
+                st.abandon_in_flight("cut off at the run's time limit")     # the run ends meanwhile
+                return lu.make_record(r, 0.0, 1.0, text="late answer")
+
+        Late().one_request()
+        print([(x["index"], x["ok"], x["error"]) for x in st.records])
+    '''))
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert p.stdout.strip().splitlines()[-1] == "[(0, False, \"cut off at the run's time limit\")]"
