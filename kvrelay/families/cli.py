@@ -9,7 +9,7 @@ from kvrelay.families.registry import FAMILY_NAMES
 def add_arguments(parser) -> None:
     parser.add_argument("--family", required=True, choices=FAMILY_NAMES,
                         help="family to build: tiny (test models, 53 s on 2 quiet cores), smol (SmolLM2-135M + fine-tunes, "
-                             "19 min) or smol-quick (SmolLM2-135M + quick fine-tunes, the demo's, QUICK_BUILD_TIME)")
+                             "19 min) or smol-quick (SmolLM2-135M + quick fine-tunes, the demo's, 156 s)")
     parser.add_argument("--force", action="store_true", help="rebuild even if the family is already built")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
 
