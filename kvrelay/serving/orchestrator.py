@@ -103,7 +103,6 @@ class Orchestrator:
         self.metrics = metrics or NoMetrics()
         self.store.on_reject = self.metrics.page_rejected   # each dropped page: logged by the store, counted here
         self.router = Router(dep, self.ids, self.store, self.selector, self.metrics)
-        self.publisher = self.router.publisher
         self.in_flight = 0
         self._count_lock = threading.Lock()
         engines = engines if engines is not None else build_engines(dep)

@@ -48,6 +48,7 @@ class Router:
         self.inflight = routing.InFlightPrefills()
         self._lock = threading.Lock()     # see-then-register of in-flight prefills is one step
         self.publisher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="publish")
+        self._pending: set = set()        # publishes not yet done (flush waits for them)
 
     def decide(self, receiver: str, tenant: str, scope: str, tokens: list[int], queued: int = 0) -> Decision:
         """routing.route, after waiting for in-flight prefills whose pages would serve this context
@@ -121,7 +122,10 @@ class Router:
             if exported is not None and exported.num_pages:
                 self.recent.add(d.receiver, d.scope, exported.hashes)
                 d.publishing = True
-                self.publisher.submit(self._publish, d, exported, entry)
+                f = self.publisher.submit(self._publish, d, exported, entry)
+                with self._lock:
+                    self._pending.add(f)
+                f.add_done_callback(self._done)
         elif d.route.kind in ("full", "prefix"):
             self.recent.add(d.receiver, d.scope, block_hashes(tokens, B))
         if d.route.kind == "reuse":
@@ -141,6 +145,18 @@ class Router:
             log.exception("publishing pages failed (requests unaffected)")
         finally:
             self.inflight.end(d.prefill)   # waiters route now: the pages are in the store (or never will be)
+
+    def _done(self, f) -> None:
+        with self._lock:
+            self._pending.discard(f)
+
+    def flush(self, timeout_s: float = 60.0) -> None:
+        """Wait until every publish submitted so far is done (two workers: a later no-op task may
+        finish before an earlier put)."""
+        import concurrent.futures
+        with self._lock:
+            pending = list(self._pending)
+        concurrent.futures.wait(pending, timeout=timeout_s)
 
     def finish(self, d: Decision) -> None:
         """The request ended (answered, failed or abandoned): waiters on its prefill may go, unless

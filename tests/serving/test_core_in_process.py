@@ -40,7 +40,7 @@ def ask(core, model, tokens, tenant, stream=False, max_tokens=4):
 
 
 def published(core):
-    core.publisher.submit(lambda: None).result()   # the publisher runs in order: earlier puts are done
+    core.router.flush()
 
 
 def test_miss_then_reuse_then_a_repeat_sends_a_page_reference(core):

@@ -43,7 +43,7 @@ def full_prefill_done(r, d, tokens, producer="code"):
     """What the engine reports after a full prefill that exported the prompt's pages; then the request ends."""
     r.prefill_done(d, PrefillInfo(prompt_tokens=len(tokens)), pages(producer, tokens), tokens)
     r.finish(d)
-    r.publisher.submit(lambda: None).result()      # the publisher runs in order: the put is done
+    r.flush()
 
 
 def test_miss_publishes_then_own_prefix_then_restore_on_another_server():
@@ -175,3 +175,19 @@ def test_a_failed_request_releases_its_waiters():
 @pytest.fixture(autouse=True)
 def _block_size():
     assert FMT.block_size == 4 and len(CTX) == 24
+
+
+def test_flush_waits_for_a_slow_publish():
+    """Two publisher workers: a no-op submitted after a put may finish first, so tests and callers
+    that need the pages stored wait with flush() (a full-suite run saw an empty store otherwise)."""
+    class SlowPut(MemoryStore):
+        def put(self, tenant, pages):
+            time.sleep(0.3)
+            return super().put(tenant, pages)
+    r = make(store=SlowPut(64 << 20))
+    d = r.decide("code", "t", "t", CTX + [1])
+    r.prefill_done(d, PrefillInfo(prompt_tokens=25), pages("code", CTX), CTX + [1])
+    r.publisher.submit(lambda: None).result()
+    assert r.store.lookup("t", "fp", CTX, 4) == {}                 # the no-op finished first
+    r.flush()
+    assert r.store.lookup("t", "fp", CTX, 4) == {"code@wcode": 6}

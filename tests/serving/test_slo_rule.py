@@ -29,7 +29,7 @@ def core(tmp_path, tiny_family, request):
 def ask(core, model, tokens):
     sink = Collect()
     core.serve(ServeRequest(tokens=tokens, max_tokens=1, model=model, tenant="t"), sink)
-    core.publisher.submit(lambda: None).result()
+    core.router.flush()
     return sink.replies[-1]
 
 

@@ -27,7 +27,7 @@ def test_a_full_redis_fails_no_request_and_leaves_no_orphan(test_profiles):
             return sink.replies[-1]
         with ThreadPoolExecutor(8) as pool:
             replies = list(pool.map(one, range(48)))
-        core.publisher.submit(lambda: None).result()
+        core.router.flush()
         assert all(r.finished and r.output_tokens == 2 for r in replies)
         s = scan(raw, "kvrelay")
         assert core.store.stats()["errors"] > 0, "Redis never refused a write: the test proves nothing"

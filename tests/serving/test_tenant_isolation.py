@@ -85,7 +85,7 @@ def test_without_prefix_caching_every_request_computes_its_context(test_profiles
     try:
         ctx = context(5)
         ask(o, ctx + [1], "t", model="code")
-        o.publisher.submit(lambda: None).result()
+        o.router.flush()
         routes = [ask(o, ctx + [2], "t", model="base")[0] for _ in range(2)]
         assert [r.route.split(":")[0] for r in routes] == ["reuse", "reuse"]
         assert routes[0].output_ids == routes[1].output_ids and routes[1].reused_tokens == len(ctx)
