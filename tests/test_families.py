@@ -1,4 +1,5 @@
 import json
+import shutil
 import time
 
 import pytest
@@ -301,3 +302,13 @@ def test_smol_quick_is_smols_recipe_small():
     from kvrelay.families import smol, smol_quick
     assert "smol-quick" in FAMILY_NAMES and smol_quick.MODELS == ("base", "code", "docs")
     assert smol_quick.MAX_STEPS < smol.MAX_STEPS and smol_quick.check_sources.__module__ == smol_quick.__name__
+
+
+def test_cli_list_counts_an_unreadable_profile_instead_of_crashing(families_cli, tiny, capsys, monkeypatch, tmp_path):
+    import kvrelay.paths
+    shutil.copytree(kvrelay.paths.profiles_dir() / "tiny", tmp_path / "tiny")
+    (tmp_path / "tiny" / "base__broken.json").write_text("not json")
+    monkeypatch.setattr(kvrelay.paths, "profiles_dir", lambda configured=None: tmp_path)
+    assert families_cli(["models", "list"]) == 0
+    line = next(l for l in capsys.readouterr().out.splitlines() if "profiles:" in l)
+    assert "1 unreadable" in line, line

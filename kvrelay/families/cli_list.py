@@ -8,8 +8,8 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from kvrelay.errors import FamilyNotBuilt, KvRelayError, StaleFamily
-    from kvrelay.families.cli import summary_lines
     from kvrelay import synthetic
+    from kvrelay.families.cli import summary_lines
     from kvrelay.families.registry import FAMILY_NAMES, load_family
     from kvrelay.paths import family_dir
 
@@ -40,8 +40,6 @@ def run(args) -> int:
 
 def profiles_match(family) -> str:
     """How many of the checkout's profiles for this family were scored on the weights built here."""
-    import json
-
     from kvrelay import fingerprint as fp
     from kvrelay import profile_file
     from kvrelay.paths import profiles_dir
@@ -49,14 +47,20 @@ def profiles_match(family) -> str:
     if not files:
         return "none (kvrelay profile)"
     digests = {m: fp.weights_digest(family.model_dir(m)) for m in family.models}
-    same = unknown = 0
+    same = unknown = broken = 0
     for f in files:
-        d = json.loads(f.read_text(encoding="utf-8"))
+        try:
+            d = profile_file.load(f).data
+        except profile_file.ProfileError:
+            broken += 1
+            continue
         scored = (d.get("sender_weights"), d.get("receiver_weights"))
         if not all(scored):
             unknown += 1
         elif scored == (digests.get(d["sender"]), digests.get(d["receiver"])):
             same += 1
-    other = len(files) - same - unknown
+    other = len(files) - same - unknown - broken
     return (f"{len(files)} pairs: {same} scored on these weights, {other} on other weights, {unknown} without "
-            f"weights digests" + (" (`kvrelay profile check PROFILE` re-scores one here)" if same < len(files) else ""))
+            f"weights digests" + (f", {broken} unreadable (`kvrelay profile plot FILE` names the problem)" if broken
+                                  else "")
+            + (" (`kvrelay profile check PROFILE` re-scores one here)" if same < len(files) else ""))
