@@ -44,7 +44,7 @@ def generate(dep: Deployment, out: Path) -> Path:
                decoupled=str(stream).lower(), instances=1 if stream else dep.orchestrator_instances,
                core_address=address, core_key=str(key), **common), "orchestrator")
         _model(out, f"ensemble{suffix}", _render("ensemble", name=f"ensemble{suffix}", preprocessing="preprocessing",
-               orchestrator=f"orchestrator{suffix}", **MODEL_INPUT), None)
+               orchestrator=f"orchestrator{suffix}", **VARIANT_INPUT), None)
     _model(out, "preprocessing", _render("preprocessing", name="preprocessing", variant="", instances=1, **common),
            "preprocessing")
     _model(out, "postprocessing", _render("postprocessing", instances=1, **common), "postprocessing")
@@ -59,14 +59,14 @@ def generate(dep: Deployment, out: Path) -> Path:
                                                       instances=1, **common), "preprocessing")
             # no `variant_name` input: the name is the variant
             _model(out, m, _render("ensemble", name=m, preprocessing=f"preprocessing_{m}",
-                                   orchestrator="orchestrator_stream", model_input="", model_map=""), None)
+                                   orchestrator="orchestrator_stream", variant_input="", variant_map=""), None)
     return deployment
 
 
 # `ensemble` picks the variant with an input named `variant_name`, not `model`: genai-perf writes the Triton
 # model name into every request's "model" field as a bare string, which perf_analyzer would send as
 # an input of that name (and refuses as malformed when the model has one)
-MODEL_INPUT = {"model_input": '  { name: "variant_name" data_type: TYPE_STRING dims: [ 1 ] optional: true },\n',
-               "model_map": '      input_map { key: "variant_name" value: "variant_name" }\n'}
+VARIANT_INPUT = {"variant_input": '  { name: "variant_name" data_type: TYPE_STRING dims: [ 1 ] optional: true },\n',
+                 "variant_map": '      input_map { key: "variant_name" value: "variant_name" }\n'}
 INTERNAL_NAMES = {"ensemble", "ensemble_stream", "orchestrator", "orchestrator_stream", "preprocessing",
                   "postprocessing"}

@@ -23,7 +23,6 @@ from kvrelay import deployment as dp
 from kvrelay.engine_api import PrefillInfo, Request, RequestOutput, SamplingParams
 from kvrelay.errors import KvRelayError
 from kvrelay.kv_format import KVPages
-from kvrelay.plan import RecomputePlan
 from kvrelay.serving.engine_runner import EngineFailure, EngineRunner
 from kvrelay.serving.router import Decision, Router
 
@@ -167,9 +166,7 @@ class Orchestrator:
 
     def _run(self, call: "_Call", donor: KVPages | None) -> None:
         req = call.req
-        plan = None
-        if donor is not None:
-            plan = RecomputePlan.none() if call.d.route.kind == "restore" else call.d.route.plan
+        plan = call.d.plan if donor is not None else None
         sampling = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
                                   top_k=req.top_k, seed=req.seed, stop_sequences=split_stops(req.stop_ids),
                                   stop_token_ids=() if req.end_id is None else (req.end_id,),

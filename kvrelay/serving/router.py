@@ -23,6 +23,7 @@ from kvrelay import routing
 from kvrelay.engine_api import PrefillInfo
 from kvrelay.errors import KvRelayError
 from kvrelay.kv_format import KVPages, block_hashes
+from kvrelay.plan import RecomputePlan
 
 log = logging.getLogger("kvrelay.router")
 COALESCE_ROUNDS = 3        # in-flight prefills a request waits for, one after another, before prefilling itself
@@ -38,6 +39,11 @@ class Decision:
     scope: str                          # the engine prefix-cache scope (Orchestrator.cache_scope)
     prefill: object = None              # its registration in InFlightPrefills (a full prefill that publishes)
     publishing: bool = False            # its pages went to the publisher, which ends the registration
+
+    @property
+    def plan(self):
+        """The recompute plan the engine runs with the donor pages: none for a restore (own pages)."""
+        return RecomputePlan.none() if self.route.kind == "restore" else self.route.plan
 
 
 class Router:
