@@ -13,8 +13,12 @@ Path convention: profiles/<family>/<sender>__<receiver>.json (see `path_for`). C
     metric                 {name, description, tokens}; `quality` values are on a 0-100 scale
     configs                every scored config: {plan: [[a, b], ...], layers_recomputed, quality,
                             task_quality, f1, top1, kl, prefill_s}; plan [] = full reuse
+                            and, from profiler metric version 2: gap_shift, positions,
+                            predicted_exact, quality_bound (kvrelay.profiler.flips)
+    flip_model             {eps, confidence, gaps, near_ties, density_upper}, or null/absent
     frontier               the Pareto frontier of configs (fewer layers and higher quality dominate),
-                            by layers recomputed ascending: {plan, layers_recomputed, quality}
+                            by layers recomputed ascending: {plan, layers_recomputed, quality}; quality
+                            is quality_bound where configs have it (observed_quality beside it)
     baselines              {full_prefill: {layers_recomputed: L, quality, task_quality, prefill_s},
                             full_reuse: {layers_recomputed: 0, quality, task_quality, prefill_s}}
     command                the command line that produced it
@@ -145,18 +149,30 @@ class Profile:
 
 # --- frontier ------------------------------------------------------------------------------------
 
+def selection_quality(c: dict) -> float:
+    """The quality the frontier and the selector go by: `quality_bound` (observed agreement capped
+    by the flip model's prediction) where the profile has it, else the observed `quality`."""
+    return c.get("quality_bound", c["quality"])
+
+
 def pareto_frontier(configs: list[dict]) -> list[dict]:
-    """Configs not dominated by another (one with no more layers and no less quality, better in one),
-    sorted by layers recomputed; of equal (layers, quality) the one with the lowest "kl" (if given),
-    then the first listed, is kept."""
-    order = sorted(range(len(configs)), key=lambda i: (configs[i]["layers_recomputed"], -configs[i]["quality"],
+    """Configs not dominated by another (one with no more layers and no less selection quality,
+    better in one), sorted by layers recomputed; of equal (layers, quality) the one with the lowest
+    "kl" (if given), then the first listed, is kept. A frontier point's `quality` is its selection
+    quality (`observed_quality` beside it where they differ in kind)."""
+    order = sorted(range(len(configs)), key=lambda i: (configs[i]["layers_recomputed"],
+                                                       -selection_quality(configs[i]),
                                                        configs[i].get("kl", 0.0), i))
     out, best = [], -math.inf
     for i in order:
         c = configs[i]
-        if c["quality"] > best:
-            out.append({"plan": c["plan"], "layers_recomputed": c["layers_recomputed"], "quality": c["quality"]})
-            best = c["quality"]
+        q = selection_quality(c)
+        if q > best:
+            point = {"plan": c["plan"], "layers_recomputed": c["layers_recomputed"], "quality": q}
+            if "quality_bound" in c:
+                point["observed_quality"] = c["quality"]
+            out.append(point)
+            best = q
     return out
 
 

@@ -1,9 +1,9 @@
 """`kvrelay profile check`: re-score a profile's frontier plans on fresh samples and flag drift.
 
 Fresh samples: the profile's dataset settings with another seed (default: the profile's seed + 1).
-A plan is *selectable* when its profiled quality meets the selector's quality target; the check
-fails (exit 1) when a selectable plan's fresh quality fell more than `threshold` (relative) below its
-profiled quality, or when the models' fingerprints no longer match the profile's.
+A plan is *selectable* when its profiled (selection) quality meets the selector's quality target; the
+check fails (exit 1) when a selectable plan's fresh agreement fell more than `threshold` (relative)
+below the agreement observed when profiling, or when the models' fingerprints no longer match the profile's.
 """
 from __future__ import annotations
 
@@ -66,16 +66,17 @@ def check(profile_path: str | Path, samples: int | None = None, threshold: float
 
         scoring.run_plans(R, tok, prep, pages, plans, max_tokens, max_tokens, batch, on_done=done)
     bar.close()
-    for p, qs in zip(points, per_plan):
+    for p, raw, qs in zip(points, d["frontier"], per_plan):
         fresh = sum(qs) / len(qs)
-        drop = (p.quality - fresh) / p.quality if p.quality > 0 else 0.0
+        observed = float(raw.get("observed_quality", p.quality))   # like with like: agreement observed
+        drop = (observed - fresh) / observed if observed > 0 else 0.0
         selectable = p.quality >= floor
         flagged = selectable and drop > threshold
-        report["plans"].append({"plan": str(p.plan), "layers_recomputed": p.layers, "profiled": round(p.quality, 2),
+        report["plans"].append({"plan": str(p.plan), "layers_recomputed": p.layers, "profiled": round(observed, 2),
                                 "fresh": round(fresh, 2), "drop": round(drop, 4), "selectable": selectable,
                                 "flagged": flagged})
         if flagged:
-            report["problems"].append(f"plan {p.plan} ({p.layers} layers): quality {p.quality:.1f} -> {fresh:.1f} "
+            report["problems"].append(f"plan {p.plan} ({p.layers} layers): quality {observed:.1f} -> {fresh:.1f} "
                                       f"({-100 * drop:+.1f}%), beyond the {threshold:.0%} threshold")
     report["ok"] = not report["problems"]
     return report

@@ -23,12 +23,15 @@ from kvrelay.errors import KvRelayError
 from kvrelay.plan import RecomputePlan
 
 METRIC_NAME = "prefix_agreement"
+METRIC_VERSION = 2   # 2: gaps and gap shifts recorded for the flip model (older partials do not resume)
 METRIC_DESCRIPTION = ("Agreement with the receiver's own full-prefill output on the profiling split, 0-100: per "
                       "sample, the share of the receiver's first `tokens` greedy tokens (EOS included) that the "
                       "re-prefill reproduces exactly before its first differing token; averaged over samples. The "
                       "receiver's full prefill scores 100. Per config also: f1 (token F1 of the generated texts), "
                       "top1 and kl (next-token argmax agreement and KL(full || plan), nats, over the positions whose "
-                      "prefixes are identical in both runs), task_quality (the task metric of the generation "
+                      "prefixes are identical in both runs), gap_shift, positions, predicted_exact and "
+                      "quality_bound = min(quality, predicted_exact): the flip model of kvrelay.profiler.flips, "
+                      "which the frontier and the selector use), task_quality (the task metric of the generation "
                       "against the reference answer: token F1 / Rouge-L / edit similarity, 0-100; short "
                       "generations, so low), prefill_s.")
 
@@ -75,7 +78,7 @@ def _meta(st: Settings, s_fp: str, r_fp: str, L: int, cap: int, plans, samples) 
     return {"family": st.family, "sender": st.sender, "receiver": st.receiver, "sender_fingerprint": s_fp,
             "receiver_fingerprint": r_fp, "num_layers": L, "stride": st.stride, "max_group_layers": cap,
             "kind": st.kind, "seed": st.seed, "context_tokens": list(st.context_tokens), "max_tokens": st.max_tokens,
-            "metric": METRIC_NAME, "plans": [str(p) for p in plans], "sample_ids": [s.id for s in samples]}
+            "metric": METRIC_NAME, "metric_version": METRIC_VERSION, "plans": [str(p) for p in plans], "sample_ids": [s.id for s in samples]}
 
 
 def _load_partial(path: Path, meta: dict) -> dict:
@@ -103,7 +106,7 @@ def profile(st: Settings, out: str | Path, *, progress: bool = True, fresh: bool
     from kvrelay import tokenizer as tk
     from kvrelay.engines import make_engine
     from kvrelay.families import load_family
-    from kvrelay.profiler import scoring
+    from kvrelay.profiler import flips, scoring
 
     st.validate()
     t0 = time.time()
@@ -144,7 +147,8 @@ def profile(st: Settings, out: str | Path, *, progress: bool = True, fresh: bool
         ref = scoring.run_full(R, tok, prep, st.max_tokens, st.max_tokens)
         if rec["full"] is None:
             rec["full"] = {"task": scoring.task_score(prep.sample, ref), "prefill_s": ref.prefill_s,
-                           "text": ref.text, "context_tokens": len(prep.ctx)}
+                           "text": ref.text, "context_tokens": len(prep.ctx),
+                           "gaps": flips.top2_gaps(ref.logits[:st.max_tokens])}
             bar.update(1)
 
         def done(i, o, todo=todo, rec=rec, prep=prep, ref=ref):
@@ -169,18 +173,40 @@ def _mean(xs) -> float:
     return sum(xs) / len(xs) if xs else 0.0
 
 
+def _flip_model(recs: list[dict]) -> dict | None:
+    """The near-tie density over every reference gap of the profile, or None for results that
+    predate the flip model."""
+    from kvrelay.profiler import flips
+    if not all("gaps" in r["full"] for r in recs):
+        return None
+    gaps = [g for r in recs for g in r["full"]["gaps"]]
+    if not gaps:
+        return None
+    return {"eps": flips.EPS, "confidence": flips.CONFIDENCE, "gaps": len(gaps),
+            "near_ties": sum(1 for g in gaps if g < flips.EPS), "density_upper": flips.near_tie_density(gaps)}
+
+
+def _config(p: RecomputePlan, per: list[dict], model: dict | None, tokens: int) -> dict:
+    from kvrelay.profiler import flips
+    c = {"plan": p.to_list(), "layers_recomputed": p.num_recomputed}
+    for k in ("quality", "task", "f1", "top1", "kl", "prefill_s"):
+        c["task_quality" if k == "task" else k] = round(_mean(x[k] for x in per), 4 if k != "kl" else 6)
+    if model is not None:
+        n = sum(x["positions"] for x in per)
+        shift = sum(x["gap_shift"] * x["positions"] for x in per) / n if n else 0.0
+        pred = flips.predicted_exact(model["density_upper"], shift, tokens) if n else 0.0
+        c.update(gap_shift=round(shift, 6), positions=n, predicted_exact=round(pred, 4),
+                 quality_bound=round(min(c["quality"], pred), 4))
+    return c
+
+
 def assemble(part: dict, plans: list[RecomputePlan], st: Settings, seconds: float, command: str) -> dict:
     """The profile dict (profile_file schema) from per-sample results."""
     meta = part["meta"]
     recs = [part["samples"][sid] for sid in meta["sample_ids"]]
     L = meta["num_layers"]
-    configs = []
-    for p in plans:
-        per = [r["configs"][str(p)] for r in recs]
-        c = {"plan": p.to_list(), "layers_recomputed": p.num_recomputed}
-        for k in ("quality", "task", "f1", "top1", "kl", "prefill_s"):
-            c["task_quality" if k == "task" else k] = round(_mean(x[k] for x in per), 4 if k != "kl" else 6)
-        configs.append(c)
+    model = _flip_model(recs)
+    configs = [_config(p, [r["configs"][str(p)] for r in recs], model, st.max_tokens) for p in plans]
     reuse = next(c for c in configs if c["layers_recomputed"] == 0)
     seen = [r["full"]["context_tokens"] for r in recs]
     return {
@@ -196,13 +222,15 @@ def assemble(part: dict, plans: list[RecomputePlan], st: Settings, seconds: floa
                     "max_tokens": st.max_tokens, "sample_ids": meta["sample_ids"]},
         "metric": {"name": METRIC_NAME, "description": METRIC_DESCRIPTION, "tokens": st.max_tokens},
         "configs": configs,
+        "flip_model": model,
         "frontier": profile_file.pareto_frontier(configs),
         "baselines": {
             "full_prefill": {"layers_recomputed": L, "quality": 100.0,
                              "task_quality": round(_mean(r["full"]["task"] for r in recs), 4),
                              "prefill_s": round(_mean(r["full"]["prefill_s"] for r in recs), 4)},
             "full_reuse": {"plan": [], "layers_recomputed": 0, "quality": reuse["quality"],
-                           "task_quality": reuse["task_quality"], "prefill_s": reuse["prefill_s"]},
+                           "task_quality": reuse["task_quality"], "prefill_s": reuse["prefill_s"],
+                           **({"predicted_exact": reuse["predicted_exact"]} if model else {})},
         },
         "notes": (f"groups of at most {meta['max_group_layers']} of {L} layers scored (cap "
                   f"{st.max_group_frac:.0%} of layers); single contiguous groups only; prefill_s measured on a "

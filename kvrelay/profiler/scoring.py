@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from kvrelay import metrics
 from kvrelay import tokenizer as tk
 from kvrelay.evaldata import Sample
+from kvrelay.profiler import flips
 
 SENDER_QUESTION = "Summarise the text above."
 SUFFIX_ALLOWANCE = 96      # tokens for the question part of a prompt (sizing the KV cache)
@@ -102,16 +103,19 @@ def score(sample: Sample, ref: Output, out: Output, n_agree: int) -> dict:
     """Scores of `out` against the receiver's full prefill `ref` (0-100 except kl):
     quality = metrics.profile_quality over the first n_agree tokens (the profile metric); top1 and
     kl over the positions whose prefixes are identical in both runs (up to the first divergence,
-    at most n_agree); f1 / rouge_l / edit_sim of the whole generated texts; task = the task metric
+    at most n_agree), and over the same `positions` the mean `gap_shift` (kvrelay.profiler.flips);
+    f1 / rouge_l / edit_sim of the whole generated texts; task = the task metric
     of `out` against the sample's reference answer."""
     k = metrics.comparable_positions(ref.tokens, out.tokens, n_agree)
     top1 = metrics.top1_agreement(ref.logits[:k], out.logits[:k]) if k and ref.logits and out.logits else 0.0
     kl = metrics.mean_kl(ref.logits[:k], out.logits[:k]) if k and ref.logits and out.logits else 0.0
+    shifts = flips.gap_shifts(ref.logits, out.logits, k) if k and ref.logits and out.logits else []
     return {
         "quality": metrics.profile_quality(ref.tokens, out.tokens, n_agree),
         "f1": 100 * metrics.token_f1(out.text, ref.text), "rouge_l": 100 * metrics.rouge_l(out.text, ref.text),
         "edit_sim": 100 * metrics.edit_similarity(out.text, ref.text),
         "top1": 100 * top1, "kl": kl,
+        "gap_shift": sum(shifts) / len(shifts) if shifts else 0.0, "positions": len(shifts),
         "task": task_score(sample, out), "prefill_s": out.prefill_s,
     }
 
