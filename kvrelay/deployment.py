@@ -79,8 +79,8 @@ class Deployment:
 
 def for_family(family: str, **overrides) -> Deployment:
     """Every model of the family on the CPU with default settings."""
-    from kvrelay.engines import family_models
-    return Deployment(family=family, models=[ModelDeployment(m) for m in family_models(family)], **overrides)
+    from kvrelay.model_spec import family_spec
+    return Deployment(family=family, models=[ModelDeployment(m) for m in family_spec(family).models], **overrides)
 
 
 def load(path: str | Path) -> Deployment:
@@ -95,9 +95,9 @@ def load(path: str | Path) -> Deployment:
         raise KvRelayError(f"{path}: 'family' is required")
     defaults = raw.pop("defaults", {})
     models_raw = raw.pop("models", None)
-    from kvrelay.engines import family_models
-    names = list(models_raw) if models_raw else family_models(raw["family"])
-    known = family_models(raw["family"])
+    from kvrelay.model_spec import family_spec
+    known = list(family_spec(raw["family"]).models)
+    names = list(models_raw) if models_raw else known
     models = []
     for n in names:
         if n not in known:
@@ -151,28 +151,12 @@ class ModelIdentity:
         return self.model_id.partition("@")[2]
 
 
-def _identity(dep: Deployment, m: ModelDeployment, model_id: str, fingerprint: str, cfg: dict) -> ModelIdentity:
-    heads = cfg["num_attention_heads"]
-    fmt = PageFormat.for_model(cfg["num_hidden_layers"], cfg.get("num_key_value_heads") or heads,
-                               cfg.get("head_dim") or cfg["hidden_size"] // heads, cfg["hidden_size"],
-                               dep.block_size, m.dtype)
-    return ModelIdentity(m.name, model_id, fingerprint, fmt, cfg.get("max_position_embeddings", 4096))
-
-
 def identities(dep: Deployment) -> dict[str, ModelIdentity]:
-    from kvrelay import fingerprint as fp
-    from kvrelay import synthetic
+    from kvrelay.model_spec import family_spec
+    fam = family_spec(dep.family)
     out = {}
-    if synthetic.is_synthetic(dep.family):
-        hf, seeds = synthetic.spec(dep.family)
-        for m in dep.models:
-            out[m.name] = _identity(dep, m, f"{m.name}@random-{dep.family}-seed{seeds[m.name]}",
-                                    fp.compute(hf, None) + "-" + dep.family, hf)
-        return out
-    from kvrelay.families import load_family
-    fam = load_family(dep.family)
     for m in dep.models:
-        d = fam.model_dir(m.name)
-        cfg = json.loads((d / "config.json").read_text(encoding="utf-8"))
-        out[m.name] = _identity(dep, m, f"{m.name}@{fp.weights_digest(d)}", fp.of_model_dir(d), cfg)
+        spec = fam.model(m.name)
+        out[m.name] = ModelIdentity(m.name, spec.model_id, spec.fingerprint, spec.page_format(dep.block_size, m.dtype),
+                                    spec.max_position_embeddings)
     return out

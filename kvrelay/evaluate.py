@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import statistics
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 METHODS = ("full_prefill", "full_reuse", "selected", "cacheblend")
@@ -94,16 +95,54 @@ def run(args) -> int:
 def evaluate(family, sender, receiver, *, split="heldout", samples=16, kind="mixed", context_tokens=None, seed=0,
              profiles_dir=None, quality_target=0.01, queued=1, slo_s=None, latency=None, agree_tokens=8,
              cacheblend=True, repeats=2, progress=False, domains=None) -> dict:
+    """setup (data, engines, the selector's plan) -> measure every method per sample -> summarize."""
+    st = _setup(family, sender, receiver, split, samples, kind, context_tokens, seed, profiles_dir, quality_target,
+                queued, slo_s, latency, cacheblend, domains)
+    rows = {m: [] for m in METHODS}
     from tqdm import tqdm
+    bar = tqdm(total=len(st.preps), file=sys.stderr, disable=not progress, desc=f"eval {sender}->{receiver}")
+    _warm_up(st)
+    for prep in st.preps:
+        for m, sc in _measure(st, prep, agree_tokens, repeats).items():
+            rows[m].append(sc)
+        bar.update(1)
+    bar.close()
+    return _summarize(st, rows, split=split, kind=kind, seed=seed, quality_target=quality_target, queued=queued,
+                      slo_s=slo_s)
 
-    from kvrelay import evaldata, profile_file
+
+@dataclass
+class _Setup:
+    family: str
+    sender: str
+    receiver: str
+    tok: object
+    preps: list
+    S: object                    # sender engine
+    R: object                    # receiver engine
+    choice: object               # the selector's Choice
+    ppath: Path                  # the pair's profile
+    context_tokens: tuple
+    blend: bool                  # run the CacheBlend baseline
+    notes: list = field(default_factory=list)
+
+    @property
+    def plan(self):
+        return self.choice.plan
+
+    @property
+    def budget(self) -> int:
+        """Layers the selected plan recomputes (the CacheBlend baseline gets the same compute)."""
+        return self.plan.num_recomputed if self.plan is not None else 0
+
+
+def _setup(family, sender, receiver, split, samples, kind, context_tokens, seed, profiles_dir, quality_target, queued,
+           slo_s, latency, cacheblend, domains) -> _Setup:
+    from kvrelay import evaldata, paths, profile_file
     from kvrelay import tokenizer as tk
     from kvrelay.engines import make_engine
     from kvrelay.errors import KvRelayError
     from kvrelay.families import load_family
-    from kvrelay import paths
-    from kvrelay.plan import RecomputePlan
-    from kvrelay.profiler import cacheblend as cb
     from kvrelay.profiler import scoring
     from kvrelay.selector import Selector
 
@@ -132,59 +171,71 @@ def evaluate(family, sender, receiver, *, split="heldout", samples=16, kind="mix
     max_tokens = max(s.max_tokens for s in data)
     S = make_engine(family, sender, scoring.engine_config(fam.model_dir(sender), longest, 1, 1))
     R = make_engine(family, receiver, scoring.engine_config(fam.model_dir(receiver), longest, max_tokens, 1))
-    L = R.num_layers
     sel = Selector(profiles_dir, family, latency=latency, quality_target=quality_target)
     choice = sel.choose(sender, receiver, S.fingerprint, R.fingerprint,
                         context_tokens=statistics.median(len(p.ctx) for p in preps), queued=queued, slo_s=slo_s)
-    plan = choice.plan
-    methods = {"full_prefill": None, "full_reuse": RecomputePlan.none(), "selected": plan}
-    do_blend = cacheblend and plan is not None
-    if cacheblend and plan is None:
+    if cacheblend and choice.plan is None:
         notes.append(f"cacheblend omitted: the selector chose full prefill ({choice.reason})")
-    if plan is None:
+    if choice.plan is None:
         notes.append(f"selected = full prefill: {choice.reason}")
-    budget = plan.num_recomputed if plan is not None else 0
-    rows = {m: [] for m in METHODS}
-    bar = tqdm(total=len(preps), file=sys.stderr, disable=not progress, desc=f"eval {sender}->{receiver}")
-    # warm-up (first calls pay allocation and kernel selection costs)
-    warm = preps[0]
-    w_pages = scoring.sender_pages(S, warm, "warm-s")
-    scoring.run_full(R, tok, warm, 1, 0, "warm-r")
-    scoring.run_plans(R, tok, warm, w_pages, [RecomputePlan.none()], 1, 0)
-    for prep in preps:
-        s = prep.sample
-        pages = scoring.sender_pages(S, prep)
-        ref = scoring.run_full(R, tok, prep, s.max_tokens, agree_tokens)
-        outs = {"full_prefill": ref}
-        outs["full_reuse"] = scoring.run_plans(R, tok, prep, pages, [RecomputePlan.none()], s.max_tokens, agree_tokens)[0]
-        outs["selected"] = ref if plan is None else \
-            scoring.run_plans(R, tok, prep, pages, [plan], s.max_tokens, agree_tokens)[0]
-        if do_blend:
-            n_ctx = cb.shared_blocks(pages, prep.prompt) * pages.format.block_size
-            k = cb.tokens_for_budget(n_ctx, L, budget)
+    return _Setup(family, sender, receiver, tok, preps, S, R, choice, ppath, tuple(context_tokens),
+                  cacheblend and choice.plan is not None, notes)
+
+
+def _warm_up(st: _Setup) -> None:
+    """First calls pay allocation and kernel selection costs: not in any method's timings."""
+    from kvrelay.plan import RecomputePlan
+    from kvrelay.profiler import scoring
+    warm = st.preps[0]
+    w_pages = scoring.sender_pages(st.S, warm, "warm-s")
+    scoring.run_full(st.R, st.tok, warm, 1, 0, "warm-r")
+    scoring.run_plans(st.R, st.tok, warm, w_pages, [RecomputePlan.none()], 1, 0)
+
+
+def _measure(st: _Setup, prep, agree_tokens: int, repeats: int) -> dict:
+    """One sample through every method: {method: scores}."""
+    from kvrelay.plan import RecomputePlan
+    from kvrelay.profiler import cacheblend as cb
+    from kvrelay.profiler import scoring
+    R, tok, s, plan = st.R, st.tok, prep.sample, st.plan
+    methods = {"full_prefill": None, "full_reuse": RecomputePlan.none(), "selected": plan}
+    pages = scoring.sender_pages(st.S, prep)
+    ref = scoring.run_full(R, tok, prep, s.max_tokens, agree_tokens)
+    outs = {"full_prefill": ref}
+    outs["full_reuse"] = scoring.run_plans(R, tok, prep, pages, [RecomputePlan.none()], s.max_tokens, agree_tokens)[0]
+    outs["selected"] = ref if plan is None else \
+        scoring.run_plans(R, tok, prep, pages, [plan], s.max_tokens, agree_tokens)[0]
+    if st.blend:
+        n_ctx = cb.shared_blocks(pages, prep.prompt) * pages.format.block_size
+        k = cb.tokens_for_budget(n_ctx, R.num_layers, st.budget)
+        blended, blend_s, _ = cb.blend(R, pages, prep.prompt, k)
+        o = scoring.run_plans(R, tok, prep, blended, [RecomputePlan.none()], s.max_tokens, agree_tokens)[0]
+        o.prefill_s += blend_s
+        o.layers_recomputed = st.budget
+        outs["cacheblend"] = o
+    for _ in range(repeats - 1):  # more prefill timings (one token each), the fastest kept
+        ref.prefill_s = min(ref.prefill_s, scoring.run_full(R, tok, prep, 1, 0, "again").prefill_s)
+        for m in ("full_reuse", "selected"):
+            if outs[m] is not ref:
+                again = scoring.run_plans(R, tok, prep, pages, [methods[m]], 1, 0)[0]
+                outs[m].prefill_s = min(outs[m].prefill_s, again.prefill_s)
+        if st.blend:
             blended, blend_s, _ = cb.blend(R, pages, prep.prompt, k)
-            o = scoring.run_plans(R, tok, prep, blended, [RecomputePlan.none()], s.max_tokens, agree_tokens)[0]
-            o.prefill_s += blend_s
-            o.layers_recomputed = budget
-            outs["cacheblend"] = o
-        for _ in range(repeats - 1):  # more prefill timings (one token each), the fastest kept
-            ref.prefill_s = min(ref.prefill_s, scoring.run_full(R, tok, prep, 1, 0, "again").prefill_s)
-            for m in ("full_reuse", "selected"):
-                if outs[m] is not ref:
-                    again = scoring.run_plans(R, tok, prep, pages, [methods[m]], 1, 0)[0]
-                    outs[m].prefill_s = min(outs[m].prefill_s, again.prefill_s)
-            if do_blend:
-                blended, blend_s, _ = cb.blend(R, pages, prep.prompt, k)
-                again = scoring.run_plans(R, tok, prep, blended, [RecomputePlan.none()], 1, 0)[0]
-                outs["cacheblend"].prefill_s = min(outs["cacheblend"].prefill_s, again.prefill_s + blend_s)
-        for m, o in outs.items():
-            sc = scoring.score(s, ref, o, agree_tokens)
-            sc["kind"] = s.kind
-            if m == "cacheblend":
-                sc["tokens_frac"] = k / max(1, n_ctx)
-            rows[m].append(sc)
-        bar.update(1)
-    bar.close()
+            again = scoring.run_plans(R, tok, prep, blended, [RecomputePlan.none()], 1, 0)[0]
+            outs["cacheblend"].prefill_s = min(outs["cacheblend"].prefill_s, again.prefill_s + blend_s)
+    scores = {}
+    for m, o in outs.items():
+        sc = scoring.score(s, ref, o, agree_tokens)
+        sc["kind"] = s.kind
+        if m == "cacheblend":
+            sc["tokens_frac"] = k / max(1, n_ctx)
+        scores[m] = sc
+    return scores
+
+
+def _summarize(st: _Setup, rows: dict, *, split, kind, seed, quality_target, queued, slo_s) -> dict:
+    from kvrelay.profiler import cacheblend as cb
+    L, plan, budget, preps, choice = st.R.num_layers, st.plan, st.budget, st.preps, st.choice
     full_s = _mean(r["prefill_s"] for r in rows["full_prefill"])
     out_methods = {}
     for m, rs in rows.items():
@@ -208,15 +259,15 @@ def evaluate(family, sender, receiver, *, split="heldout", samples=16, kind="mix
         out_methods[m] = d
     full_q = out_methods["full_prefill"]["task_quality"]
     seen = [len(p.ctx) for p in preps]
-    notes.append("prefill_s on a shared 2-core CPU (fp32): indicative; speedups are what to compare")
+    notes = st.notes + ["prefill_s on a shared 2-core CPU (fp32): indicative; speedups are what to compare"]
     return {
-        "family": family, "sender": sender, "receiver": receiver, "split": split, "kind": kind,
+        "family": st.family, "sender": st.sender, "receiver": st.receiver, "split": split, "kind": kind,
         "samples": len(preps), "seed": seed, "num_layers": L, "domains": sorted({p.sample.domain for p in preps}),
-        "context_tokens": list(context_tokens), "context_tokens_seen": [min(seen), max(seen)],
+        "context_tokens": list(st.context_tokens), "context_tokens_seen": [min(seen), max(seen)],
         "samples_by_kind": {k: sum(p.sample.kind == k for p in preps) for k in sorted({p.sample.kind for p in preps})},
         "selector": {"plan": None if plan is None else str(plan), "layers_recomputed": None if plan is None else budget,
                      "reason": choice.reason, "expected_quality": choice.expected_quality,
-                     "expected_prefill_s": choice.expected_prefill_s, "profile": str(ppath),
+                     "expected_prefill_s": choice.expected_prefill_s, "profile": str(st.ppath),
                      "quality_target": quality_target, "queued": queued, "slo_s": slo_s},
         "methods": out_methods,
         "task_delta_vs_full": {m: round(d["task_quality"] - full_q, 3) for m, d in out_methods.items()},

@@ -42,12 +42,6 @@ def compute(config: dict, tokenizer_json: Path | None) -> str:
     return hashlib.sha256(canon.encode()).hexdigest()[:16]
 
 
-def of_model_dir(model_dir: Path) -> str:
-    model_dir = Path(model_dir)
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    return compute(config, model_dir / "tokenizer.json")
-
-
 def require_same(donor_model: str, donor_fp: str, receiver_model: str, receiver_fp: str) -> None:
     if donor_fp != receiver_fp:
         raise FingerprintMismatch(

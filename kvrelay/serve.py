@@ -43,8 +43,8 @@ def resolve(args):
 
 
 def _ensure_family(family: str) -> None:
-    from kvrelay import synthetic
-    if not synthetic.is_synthetic(family):
+    from kvrelay.model_spec import is_synthetic
+    if not is_synthetic(family):
         from kvrelay.families import ensure_built
         ensure_built(family)
 

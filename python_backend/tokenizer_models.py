@@ -13,11 +13,10 @@ from kvrelay.triton import io
 
 def _tokenizer(args):
     dep = dp.Deployment.from_json(Path(io.params(args)["deployment"]).read_text(encoding="utf-8"))
-    from kvrelay import synthetic
-    if synthetic.is_synthetic(dep.family):
-        return None, dep  # random-weight families take token ids as text: "12 7 99 ..."
-    from kvrelay.families import load_family
-    return tk.load(load_family(dep.family).model_dir(dep.models[0].name)), dep
+    from kvrelay.model_spec import family_spec
+    d = family_spec(dep.family).tokenizer_dir()
+    # random-weight families have no tokenizer: they take token ids as text, "12 7 99 ..."
+    return (tk.load(d) if d is not None else None), dep
 
 
 class Preprocessing:

@@ -9,7 +9,7 @@ from kvrelay import families
 from kvrelay.errors import FamilyNotBuilt, KvRelayError, SourceMissing
 from kvrelay.families import FAMILY_NAMES, Family, build_family, ensure_built, load_family
 from kvrelay.families import registry, sources, tiny as tiny_builder
-from kvrelay.fingerprint import of_model_dir
+from kvrelay.model_spec import ModelSpec
 
 
 @pytest.fixture(scope="session")
@@ -69,7 +69,7 @@ def test_tiny_is_an_hf_model(tiny):
 
 
 def test_one_fingerprint(tiny):
-    fps = {m: of_model_dir(d) for m, d in tiny.models.items()}
+    fps = {m: ModelSpec.from_dir(m, d).fingerprint for m, d in tiny.models.items()}
     assert set(fps.values()) == {tiny.fingerprint}
 
 

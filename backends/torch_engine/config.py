@@ -1,11 +1,11 @@
 """Model and engine configuration (nano-vllm style: plain slotted dataclasses)."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvrelay.errors import KvRelayError
+from kvrelay.model_spec import DEFAULT_MAX_LEN, kv_shape, read_hf_config
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 
@@ -38,21 +38,17 @@ class ModelConfig:
         scaling = rope if rope_type != "default" else (cfg.get("rope_scaling") or None)
         eos = cfg.get("eos_token_id")
         eos = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
-        heads = cfg["num_attention_heads"]
-        return cls(vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"],
-                   intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"],
-                   num_heads=heads, num_kv_heads=cfg.get("num_key_value_heads") or heads,
-                   head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+        layers, kv_heads, head_dim, hidden = kv_shape(cfg)
+        return cls(vocab_size=cfg["vocab_size"], hidden_size=hidden,
+                   intermediate_size=cfg["intermediate_size"], num_layers=layers,
+                   num_heads=cfg["num_attention_heads"], num_kv_heads=kv_heads, head_dim=head_dim,
                    rms_norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_theta=float(theta), rope_scaling=scaling,
-                   max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+                   max_position_embeddings=cfg.get("max_position_embeddings", DEFAULT_MAX_LEN),
                    tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)), eos_token_ids=eos, raw=cfg)
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> "ModelConfig":
-        path = Path(model_dir) / "config.json"
-        if not path.exists():
-            raise KvRelayError(f"no config.json in {model_dir}: not a Hugging Face model directory")
-        return cls.from_hf(json.loads(path.read_text(encoding="utf-8")))
+        return cls.from_hf(read_hf_config(model_dir))
 
 
 @dataclass(slots=True)

@@ -18,6 +18,7 @@ from kvrelay import fingerprint as fp
 from kvrelay.engine_api import DonorKV, PrefillInfo, Request, RequestOutput
 from kvrelay.errors import KvRelayError, PlanError
 from kvrelay.kv_format import DTYPES, KVPages, PageFormat, block_hashes, dtype_name, shared_blocks
+from kvrelay.model_spec import ModelSpec
 from kvrelay.plan import RecomputePlan
 
 from .attention import DecodeAttention, DenseAttention, PagedKVPool, PrefillAttention
@@ -53,6 +54,7 @@ class TorchEngine:
                  config: EngineConfig, model_dir: Path | None = None, weights_id: str = ""):
         self.name, self.cfg, self.model, self.fingerprint, self.config = name, model_cfg, model, fingerprint, config
         self.model_dir = model_dir  # None for random weights
+        self.weights = weights_id   # digest of the weights, or random-<family>-seed<n>
         self.model_id = f"{name}@{weights_id}" if weights_id else name  # identity of these exact weights
         self.num_layers = model_cfg.num_layers
         self.device = torch.device(config.device)
@@ -75,24 +77,21 @@ class TorchEngine:
     # --- construction ---------------------------------------------------------------------------
 
     @classmethod
-    def from_dir(cls, name: str, model_dir: str | Path, config: EngineConfig | None = None) -> "TorchEngine":
+    def from_spec(cls, spec: ModelSpec, config: EngineConfig | None = None) -> "TorchEngine":
+        """The engine of one model of a family (kvrelay.model_spec): weights from its directory, or
+        drawn from its seed for synthetic families (benchmarks of e.g. Llama-3-8B with nothing on disk)."""
         config = config or EngineConfig()
-        model_dir = Path(model_dir)
-        mcfg = ModelConfig.from_dir(model_dir)
+        mcfg = ModelConfig.from_hf(spec.hf_config)
         model = cls._build(mcfg, config)
-        load_weights(model, model_dir)
-        return cls(name, mcfg, model, fp.of_model_dir(model_dir), config, model_dir, fp.weights_digest(model_dir))
+        if spec.synthetic:
+            random_init(model, spec.seed)
+        else:
+            load_weights(model, spec.model_dir)
+        return cls(spec.name, mcfg, model, spec.fingerprint, config, spec.model_dir, spec.weights)
 
     @classmethod
-    def random(cls, name: str, hf_config: dict, seed: int, config: EngineConfig | None = None,
-               tokenizer_id: str = "random") -> "TorchEngine":
-        """Random weights of a given shape (benchmarks of e.g. Llama-3-8B with nothing on disk)."""
-        config = config or EngineConfig()
-        mcfg = ModelConfig.from_hf(hf_config)
-        model = cls._build(mcfg, config)
-        random_init(model, seed)
-        fingerprint = fp.compute(hf_config, None) + "-" + tokenizer_id
-        return cls(name, mcfg, model, fingerprint, config, weights_id=f"random-{tokenizer_id}-seed{seed}")
+    def from_dir(cls, name: str, model_dir: str | Path, config: EngineConfig | None = None) -> "TorchEngine":
+        return cls.from_spec(ModelSpec.from_dir(name, model_dir), config)
 
     @staticmethod
     def _build(mcfg: ModelConfig, config: EngineConfig) -> LlamaModel:

@@ -38,7 +38,7 @@ class Family:
     root: Path                 # family_dir(name)
     base: str                  # name of the base model
     models: dict[str, Path]    # model name -> HF model dir, base first
-    fingerprint: str           # kvrelay.fingerprint.of_model_dir of every model (all equal)
+    fingerprint: str           # kvrelay.model_spec.ModelSpec.fingerprint of every model (all equal)
 
     def model_dir(self, name: str) -> Path:
         try:
@@ -184,12 +184,13 @@ def build_family(name: str, force: bool = False, progress: bool = True) -> Famil
 
 
 def _manifest(name: str, builder, tmp: Path, info: dict, seconds: float) -> dict:
-    from kvrelay.fingerprint import of_model_dir, weights_digest
+    from kvrelay.model_spec import ModelSpec
 
     models = list(builder.MODELS)
-    fps = {m: of_model_dir(tmp / m) for m in models}
+    specs = {m: ModelSpec.from_dir(m, tmp / m, name) for m in models}
+    fps = {m: s.fingerprint for m, s in specs.items()}
     # content digests of the weights as built: compare two builds, and what profiles were scored on
-    weights = {m: weights_digest(tmp / m) for m in models}
+    weights = {m: s.weights for m, s in specs.items()}
     if len(set(fps.values())) != 1:
         raise KvRelayError(f"family {name!r}: models do not share one fingerprint: {fps}")
     return {

@@ -15,7 +15,13 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from kvrelay.deployment import Deployment
+    from kvrelay.loadtest.workload import Workload, WorkloadSpec
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
@@ -176,20 +182,32 @@ def _interrupts_stop_cleanly() -> None:
 
 
 def run(args) -> int:
+    """validate -> spec -> run -> report."""
     # Locust first: it monkey-patches the process with gevent on import.
-    from kvrelay.loadtest import runner as lr  # noqa: I001
-    from kvrelay.errors import KvRelayError
-    from kvrelay.loadtest import report, workload as wl
-    from kvrelay.serve import resolve
+    from kvrelay.loadtest import runner as lr  # noqa: F401,I001
 
     if args.scenario == "goodput":
         from kvrelay.loadtest import goodput
-        if args.url or args.mode:
-            raise KvRelayError("the goodput scenario starts its own servers: no --url or --mode")
-        if args.plan and args.profiles:
-            raise KvRelayError("--plan writes its own profiles: give --plan or --profiles, not both")
+        _validate_goodput(args)
         _interrupts_stop_cleanly()
         return goodput.run(args)
+    url = _validate_mixed(args)
+    plan = _plan_mixed(args, url)
+    runs = _run_mixed(args, url, plan)
+    return _report_mixed(args, url, plan, runs)
+
+
+def _validate_goodput(args) -> None:
+    from kvrelay.errors import KvRelayError
+    if args.url or args.mode:
+        raise KvRelayError("the goodput scenario starts its own servers: no --url or --mode")
+    if args.plan and args.profiles:
+        raise KvRelayError("--plan writes its own profiles: give --plan or --profiles, not both")
+
+
+def _validate_mixed(args) -> str | None:
+    """Defaults filled in and the arguments checked against each other; the server URL, if any."""
+    from kvrelay.errors import KvRelayError
     args.contexts = args.contexts or 12
     args.context_tokens = args.context_tokens or (2048, 4000)
     args.max_tokens = args.max_tokens or (8, 16)
@@ -206,6 +224,33 @@ def run(args) -> int:
         raise KvRelayError("--plan only applies to servers kvrelay loadtest starts itself, not to --url")
     if args.plan and args.profiles:
         raise KvRelayError("--plan writes its own profiles: give --plan or --profiles, not both")
+    if args.quality_target is not None:
+        if url:
+            raise KvRelayError("--quality-target applies to servers kvrelay loadtest starts itself, not to --url")
+        if not 0 <= args.quality_target < 1:
+            raise KvRelayError(f"--quality-target is a relative tolerance in [0, 1), got {args.quality_target}")
+    if args.profiles and not Path(args.profiles).is_dir():
+        raise KvRelayError(f"--profiles {args.profiles}: not a directory")
+    return url
+
+
+@dataclass
+class MixedPlan:
+    """What a mixed run will do: the deployment as run, the workload, where results go, what to say."""
+    dep: Deployment
+    spec: WorkloadSpec
+    workload: Workload
+    out_dir: Path
+    pairs: list[str]
+    warnings: list[str]
+    t0: float                 # monotonic, before the workload was built
+    load0: tuple = ()         # load average when the measured runs started
+
+
+def _plan_mixed(args, url: str | None) -> MixedPlan:
+    from kvrelay.errors import KvRelayError
+    from kvrelay.loadtest import workload as wl
+    from kvrelay.serve import resolve
 
     dep, _ = resolve(argparse.Namespace(family=args.family, deployment=args.deployment, store=args.store,
                                         no_sharing=False, workdir=None))
@@ -217,14 +262,8 @@ def run(args) -> int:
         dep.profiles_dir = str(out_dir / "profiles")
         warnings.append(f"recompute plan fixed by --plan {args.plan} for every pair (not a measured profile)")
     if args.profiles:
-        if not Path(args.profiles).is_dir():
-            raise KvRelayError(f"--profiles {args.profiles}: not a directory")
         dep.profiles_dir = str(Path(args.profiles).resolve())
     if args.quality_target is not None:
-        if url:
-            raise KvRelayError("--quality-target applies to servers kvrelay loadtest starts itself, not to --url")
-        if not 0 <= args.quality_target < 1:
-            raise KvRelayError(f"--quality-target is a relative tolerance in [0, 1), got {args.quality_target}")
         dep.quality_target = args.quality_target
     if not url and not dep.store.startswith("memory"):
         warnings.append(f"store {dep.store} replaced by a fresh in-memory store so both modes start cold")
@@ -260,19 +299,27 @@ def run(args) -> int:
             warnings.append(short)
     for w in warnings:
         _log(f"warning: {w}")
+    return MixedPlan(dep, spec, workload, out_dir, pairs, warnings, t0)
 
+
+def _run_mixed(args, url: str | None, plan: MixedPlan) -> dict:
+    """Both modes on fresh servers, or the one mode of the server at --url: {mode: run}."""
+    from kvrelay.loadtest import runner as lr
     _interrupts_stop_cleanly()
     opts = lr.RunOptions(protocol=args.protocol, users=args.users, duration_s=args.duration, timeout_s=args.timeout,
                          progress=not args.no_progress)
-    load0 = os.getloadavg()
+    plan.load0 = os.getloadavg()
     if url:
         grpc = url if args.protocol.startswith("grpc") else ""
         http = url if args.protocol.startswith("http") else ""
-        runs = {args.mode: lr.run_mode(f"sharing {args.mode}", lr.make_state(workload, opts, http, grpc), opts,
-                                       out_dir, _log)}
-    else:
-        runs = lr.run_both(dep, workload, opts, out_dir, log=_log)
+        return {args.mode: lr.run_mode(f"sharing {args.mode}", lr.make_state(plan.workload, opts, http, grpc), opts,
+                                       plan.out_dir, _log)}
+    return lr.run_both(plan.dep, plan.workload, opts, plan.out_dir, log=_log)
 
+
+def _report_mixed(args, url: str | None, plan: MixedPlan, runs: dict) -> int:
+    from kvrelay.loadtest import report
+    dep, out_dir, warnings = plan.dep, plan.out_dir, plan.warnings
     modes = {m: report.summarize(r.records, r.window_s) for m, r in runs.items()}
     comparison = report.compare(modes)
     both = {"off", "on"} <= set(runs)
@@ -284,7 +331,7 @@ def run(args) -> int:
         with open(out_dir / f"requests_{m}.jsonl", "w", encoding="utf-8") as f:
             for rec in sorted(r.records, key=lambda x: x["index"]):
                 f.write(json.dumps(rec) + "\n")
-    described = workload.describe()
+    described = plan.workload.describe()
     summary = {
         "family": dep.family,
         "throughput_ratio": comparison.get("throughput_ratio"),
@@ -297,13 +344,13 @@ def run(args) -> int:
         "workload": described,
         "deployment": {"family": dep.family, "models": dep.model_names, "store": dep.store,
                        "quality_target": dep.quality_target,
-                       "profiles_dir": dep.profiles_dir or "profiles/", "profiles": pairs,
+                       "profiles_dir": dep.profiles_dir or "profiles/", "profiles": plan.pairs,
                        "devices": sorted({m.device for m in dep.models}), "dtypes": sorted({m.dtype for m in dep.models})},
         "run": {"protocol": args.protocol, "users": args.users, "duration_s": args.duration,
                 "arrivals": f"poisson {args.rate}/s" if args.rate else "closed loop", "url": url,
                 "warmup_requests": {m: len(r.warmup) for m, r in runs.items()},
-                "cpus": os.cpu_count(), "loadavg_at_start": [round(x, 2) for x in load0],
-                "wall_s": round(time.monotonic() - t0, 1)},
+                "cpus": os.cpu_count(), "loadavg_at_start": [round(x, 2) for x in plan.load0],
+                "wall_s": round(time.monotonic() - plan.t0, 1)},
         "warnings": warnings,
         "out_dir": str(out_dir),
         "files": {m: r.files for m, r in runs.items()},

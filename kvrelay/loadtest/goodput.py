@@ -194,17 +194,17 @@ class Scenario:
 
     # pool of contexts and the prompts the bound is measured on
     def build_pool(self):
-        from kvrelay import synthetic
         from kvrelay import tokenizer as tk
         from kvrelay.loadtest import workload as wl
+        from kvrelay.model_spec import family_spec
         lo, hi = self.st.context_tokens
-        if synthetic.is_synthetic(self.dep.family):
-            cfg, _ = synthetic.spec(self.dep.family)
-            pool = wl.random_contexts(self.st.contexts, (lo, hi), cfg["vocab_size"], self.st.seed)
+        fam = family_spec(self.dep.family)
+        if fam.synthetic:
+            pool = wl.random_contexts(self.st.contexts, (lo, hi), fam.model(fam.base).vocab_size, self.st.seed)
             self.source, self.merge = "random token ids", True
             self.prompts = [[int(x) for x in f"{c.text} {c.questions[0]}".split()] for c in pool]
         else:
-            tok, _ = wl._tokenizer(self.dep.family)
+            tok = wl.tokenizer(self.dep.family)
             pool, self.source = wl.text_contexts(tok, self.st.contexts, (lo, hi), self.st.seed, self.log)
             self.merge = False
             self.prompts = [sum(map(lambda t: tk.encode(tok, t), tk.prompt(c.text, c.questions[0])), []) for c in pool]

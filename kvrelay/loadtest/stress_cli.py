@@ -39,9 +39,9 @@ def add_arguments(p):
 
 
 def _contexts(family: str, n: int):
-    from kvrelay import synthetic
     from kvrelay.loadtest import stress
-    return stress.token_contexts(n) if synthetic.is_synthetic(family) else stress.source_contexts(n)
+    from kvrelay.model_spec import is_synthetic
+    return stress.token_contexts(n) if is_synthetic(family) else stress.source_contexts(n)
 
 
 def _target(url: str, grpc_url: str | None) -> tuple[str, str]:

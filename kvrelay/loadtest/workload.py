@@ -185,18 +185,18 @@ def warmup_sequence(spec: WorkloadSpec, contexts: list[Context]) -> list[Request
 
 def build(spec: WorkloadSpec, log=None) -> Workload:
     """The workload for a family: contexts (pool + warm-up) and both request sequences."""
-    from kvrelay import synthetic
+    from kvrelay.model_spec import family_spec
     spec.validate()
     log = log or (lambda msg: print(f"kvrelay: {msg}", file=sys.stderr))
     n_warm = 1 if spec.warmup else 0
-    if synthetic.is_synthetic(spec.family):
-        cfg, _ = synthetic.spec(spec.family)
-        lo, hi = _fit(spec, cfg.get("max_position_embeddings", 4096))
-        ctxs = random_contexts(spec.contexts + n_warm, (lo, hi), cfg["vocab_size"], spec.seed)
+    fam = family_spec(spec.family)
+    base = fam.model(fam.base)
+    lo, hi = _fit(spec, base.max_position_embeddings)
+    if fam.synthetic:
+        ctxs = random_contexts(spec.contexts + n_warm, (lo, hi), base.vocab_size, spec.seed)
         source, merge = "random token ids", True
     else:
-        tok, max_len = _tokenizer(spec.family)
-        lo, hi = _fit(spec, max_len)
+        tok = tokenizer(spec.family)
         ctxs, source = text_contexts(tok, spec.contexts + n_warm, (lo, hi), spec.seed, log)
         merge = False
     pool, warm = ctxs[: spec.contexts], ctxs[spec.contexts:]
@@ -213,14 +213,12 @@ def _fit(spec: WorkloadSpec, max_len: int) -> tuple[int, int]:
     return lo, min(hi, room)
 
 
-def _tokenizer(family: str):
-    import json
+def tokenizer(family: str):
+    """The family's tokenizer (shared by its models), or None for a synthetic family."""
     from kvrelay import tokenizer as tk
-    from kvrelay.families import load_family
-    fam = load_family(family)
-    d = fam.model_dir(fam.base)
-    cfg = json.loads((d / "config.json").read_text(encoding="utf-8"))
-    return tk.load(d), int(cfg.get("max_position_embeddings", 4096))
+    from kvrelay.model_spec import family_spec
+    d = family_spec(family).tokenizer_dir()
+    return tk.load(d) if d is not None else None
 
 
 def random_contexts(n: int, tokens: tuple[int, int], vocab: int, seed: int) -> list[Context]:

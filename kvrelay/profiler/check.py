@@ -83,5 +83,5 @@ def check(profile_path: str | Path, samples: int | None = None, threshold: float
 
 
 def load_fp(fam, model: str) -> str:
-    from kvrelay import fingerprint as fp
-    return fp.of_model_dir(fam.model_dir(model))
+    from kvrelay.model_spec import ModelSpec
+    return ModelSpec.from_dir(model, fam.model_dir(model)).fingerprint

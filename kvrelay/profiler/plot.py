@@ -31,7 +31,12 @@ def plot(profile_path: str | Path, out: str | Path | None = None) -> Path:
     ax = axes[0] if has_kl else axes
     xs = [c["layers_recomputed"] for c in d["configs"]]
     ys = [c["quality"] for c in d["configs"]]
-    ax.scatter(xs, ys, s=14, color="0.6", label=f"scored configs ({len(xs)})", zorder=2)
+    ax.scatter(xs, ys, s=14, color="0.6", label=f"scored configs ({len(xs)}): observed", zorder=2)
+    bounded = all("quality_bound" in c for c in d["configs"])
+    if bounded:   # what the frontier and the selector go by (kvrelay.profiler.flips)
+        ax.scatter(xs, [c["quality_bound"] for c in d["configs"]], s=16, marker="x", color="tab:orange",
+                   label="flip-model bound (selection)", zorder=2)
+        ys = ys + [c["quality_bound"] for c in d["configs"]]
     fx = [f["layers_recomputed"] for f in d["frontier"]]
     fy = [f["quality"] for f in d["frontier"]]
     ax.plot(fx, fy, "-o", color="tab:red", ms=5, lw=1.6, label="Pareto frontier", zorder=3)
@@ -57,15 +62,20 @@ def plot(profile_path: str | Path, out: str | Path | None = None) -> Path:
     ax.legend(fontsize=7, loc="lower right")
     if has_kl:  # the smooth view: how far each config's next-token distributions are from the full prefill
         kx = axes[1]
-        kx.scatter(xs, [c["kl"] for c in d["configs"]], s=14, color="0.6", label="scored configs")
+        key = "gap_shift" if bounded else "kl"
+        kx.scatter(xs, [c[key] for c in d["configs"]], s=14, color="0.6", label="scored configs")
         on = {str(f["plan"]) for f in d["frontier"]}
         fr = [c for c in d["configs"] if str(c["plan"]) in on]
-        kx.plot([c["layers_recomputed"] for c in fr], [c["kl"] for c in fr], "o", color="tab:red", ms=5,
+        kx.plot([c["layers_recomputed"] for c in fr], [c[key] for c in fr], "o", color="tab:red", ms=5,
                 label="frontier configs")
-        kx.axhline(0.0, color="tab:green", lw=1.2, label="full prefill")
+        if bounded:   # spans orders of magnitude: an exact plan moves the gap by fp noise only
+            kx.set_yscale("log")
+            kx.set_ylabel("mean |shift of the top-2 logit gap|, logits")
+        else:
+            kx.axhline(0.0, color="tab:green", lw=1.2, label="full prefill")
+            kx.set_ylabel("mean KL(full || plan), nats")
         kx.set_xlabel(f"layers recomputed (of {L})")
-        kx.set_ylabel("mean KL(full || plan), nats")
-        kx.set_title("next-token KL at positions with identical prefixes", fontsize=9)
+        kx.set_title(f"{'gap shift' if bounded else 'next-token KL'} at positions with identical prefixes", fontsize=9)
         kx.set_xlim(-0.5, max(xs) + 1)
         kx.grid(alpha=0.3)
         kx.legend(fontsize=7, loc="upper right")

@@ -102,7 +102,6 @@ def profile(st: Settings, out: str | Path, *, progress: bool = True, fresh: bool
     """Run (or continue) the profile of st.sender -> st.receiver and write it to `out`."""
     from tqdm import tqdm
 
-    from kvrelay import fingerprint as fp
     from kvrelay import tokenizer as tk
     from kvrelay.engines import make_engine
     from kvrelay.families import load_family
@@ -129,7 +128,7 @@ def profile(st: Settings, out: str | Path, *, progress: bool = True, fresh: bool
         raise KvRelayError(f"--stride {st.stride} starts groups at layers {no_e}, where the sender keeps no E "
                            f"(it keeps E at {list(S.page_format.e_layers)}); use an even stride")
     meta = _meta(st, S.fingerprint, R.fingerprint, L, cap, plans, samples)
-    meta["sender_weights"], meta["receiver_weights"] = (fp.weights_digest(fam.model_dir(m)) for m in (st.sender, st.receiver))
+    meta["sender_weights"], meta["receiver_weights"] = (S.weights, R.weights)
     ppath = profile_file.partial_path(out)
     if fresh and ppath.exists():
         ppath.unlink()
