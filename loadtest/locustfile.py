@@ -74,8 +74,8 @@ def _init(environment, **_):
     host = urlparse(environment.host or "http://127.0.0.1:8000")
     if host.hostname not in ("127.0.0.1", "localhost", "::1"):
         sys.exit(f"kvrelay locustfile: --host {environment.host}: load tests only target this machine")
-    from kvrelay import deployment as dp
-    from kvrelay import engines
+    from kvrelay.serving import deployment as dp
+    from kvrelay.model import engines
     if o.kvrelay_deployment:
         dep = dp.load(o.kvrelay_deployment)
         family, models = dep.family, dep.model_names

@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from kvrelay import deployment as dp
+from kvrelay.serving import deployment as dp
 from kvrelay.errors import KvRelayError
 from kvrelay.serving.engine_runner import EngineFailure
 from kvrelay.serving.orchestrator import ClientGone, Reply, ServeRequest
-from kvrelay.triton import io
+from kvrelay.triton import tensors
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 log = logging.getLogger("kvrelay.triton.orchestrator")
@@ -33,13 +33,13 @@ WORKERS = 64               # requests in flight per process (each waits on its e
 class TritonPythonModel:
     def initialize(self, args):
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(json.loads(args["model_config"]))
-        p = io.params(args)
+        p = tensors.params(args)
         self.dep = dp.Deployment.from_json(Path(p["deployment"]).read_text(encoding="utf-8"))
         self.pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="orchestrate")
         if self.decoupled:
             from kvrelay.serving.orchestrator import Orchestrator
             from kvrelay.serving.unary_channel import UnaryServer
-            from kvrelay.triton.metrics import Metrics
+            from kvrelay.triton.prometheus import Metrics
             self.core = Orchestrator(self.dep, metrics=Metrics())
             self.unary = UnaryServer(self.core, p["core_address"], Path(p["core_key"]))
         else:
@@ -54,7 +54,7 @@ class TritonPythonModel:
             try:
                 req = _read(r, self.decoupled)
             except KvRelayError as e:
-                io.send_error(sender, str(e))
+                tensors.send_error(sender, str(e))
                 continue
             if self.decoupled:
                 self.pool.submit(self._stream, req, r, sender)
@@ -77,7 +77,7 @@ class TritonPythonModel:
         except Exception as e:
             _fail(sender, e)
             return
-        io.send(sender, pb_utils.InferenceResponse(_tensors(reply)), FINAL)
+        tensors.send(sender, pb_utils.InferenceResponse(_tensors(reply)), FINAL)
 
     def finalize(self):
         # Triton calls this after its graceful period (--exit-timeout-secs) for requests in flight.
@@ -98,7 +98,7 @@ class _Sink:
 
     def send(self, reply: Reply) -> None:
         try:
-            io.send(self.sender, pb_utils.InferenceResponse(_tensors(reply)), FINAL if reply.finished else 0)
+            tensors.send(self.sender, pb_utils.InferenceResponse(_tensors(reply)), FINAL if reply.finished else 0)
         except Exception as e:  # the stream is gone (client disconnected, request cancelled)
             raise ClientGone(str(e)) from None
         self.done = reply.finished
@@ -109,7 +109,7 @@ class _Sink:
     def close(self) -> None:
         if not self.done:  # release Triton's request: a final flag with no response
             try:
-                io.send(self.sender, None, FINAL)
+                tensors.send(self.sender, None, FINAL)
             except Exception:
                 pass
             self.done = True
@@ -117,50 +117,50 @@ class _Sink:
 
 def _fail(sender, e: Exception) -> None:
     if isinstance(e, EngineFailure):
-        io.send_error(sender, str(e), pb_utils.TritonError.UNAVAILABLE)
+        tensors.send_error(sender, str(e), pb_utils.TritonError.UNAVAILABLE)
     elif isinstance(e, KvRelayError):
-        io.send_error(sender, str(e))
+        tensors.send_error(sender, str(e))
     else:
         log.error("orchestrator failure", exc_info=e)
-        io.send_error(sender, f"internal error: {e}", pb_utils.TritonError.INTERNAL)
+        tensors.send_error(sender, f"internal error: {e}", pb_utils.TritonError.INTERNAL)
 
 
 def _read(r, decoupled: bool) -> ServeRequest:
     # The unary entry point answers stream=true with one final response (genai-perf --streaming -m
     # ensemble sends it); token by token needs 'ensemble_stream' or a variant's own name.
-    stream = decoupled and bool(io.scalar(r, "stream", bool, False))
+    stream = decoupled and bool(tensors.scalar(r, "stream", bool, False))
     _refuse_unsupported(r)
     return ServeRequest(
-        tokens=io.ints(r, "input_ids", required=True), max_tokens=io.scalar(r, "max_tokens", int, required=True),
-        model=io.scalar(r, "model", str, ""), stream=stream, tenant=io.scalar(r, "tenant", str, "") or "default",
-        temperature=io.scalar(r, "temperature", float, 0.0), top_p=io.scalar(r, "top_p", float, 1.0),
-        top_k=io.scalar(r, "top_k", int, 0), seed=io.scalar(r, "random_seed", int, None),
-        stop_ids=io.ints(r, "stop_ids"), bad_ids=io.ints(r, "bad_ids"),
-        min_tokens=io.scalar(r, "min_length", int, 0), end_id=io.scalar(r, "end_id", int, None),
-        request_id=io.scalar(r, "request_id", str, ""),
-        entry=io.scalar(r, "entry", str, "") or ("ensemble_stream" if decoupled else "ensemble"))
+        tokens=tensors.ints(r, "input_ids", required=True), max_tokens=tensors.scalar(r, "max_tokens", int, required=True),
+        model=tensors.scalar(r, "model", str, ""), stream=stream, tenant=tensors.scalar(r, "tenant", str, "") or "default",
+        temperature=tensors.scalar(r, "temperature", float, 0.0), top_p=tensors.scalar(r, "top_p", float, 1.0),
+        top_k=tensors.scalar(r, "top_k", int, 0), seed=tensors.scalar(r, "random_seed", int, None),
+        stop_ids=tensors.ints(r, "stop_ids"), bad_ids=tensors.ints(r, "bad_ids"),
+        min_tokens=tensors.scalar(r, "min_length", int, 0), end_id=tensors.scalar(r, "end_id", int, None),
+        request_id=tensors.scalar(r, "request_id", str, ""),
+        entry=tensors.scalar(r, "entry", str, "") or ("ensemble_stream" if decoupled else "ensemble"))
 
 
 def _refuse_unsupported(r) -> None:
     """tensorrtllm_backend's inputs that kvrelay cannot honour: a clear refusal, not a silent change
     (pad_id is accepted and has nothing to do: outputs are never padded)."""
-    if io.scalar(r, "beam_width", int, 1) != 1:
-        raise io.BadInput("beam_width must be 1: kvrelay decodes one sequence per request (no beam search)")
-    if io.scalar(r, "return_log_probs", bool, False):
-        raise io.BadInput("return_log_probs is not supported")
-    if not io.scalar(r, "exclude_input_in_output", bool, True):
-        raise io.BadInput("exclude_input_in_output must be true: kvrelay returns the generated text only")
+    if tensors.scalar(r, "beam_width", int, 1) != 1:
+        raise tensors.BadInput("beam_width must be 1: kvrelay decodes one sequence per request (no beam search)")
+    if tensors.scalar(r, "return_log_probs", bool, False):
+        raise tensors.BadInput("return_log_probs is not supported")
+    if not tensors.scalar(r, "exclude_input_in_output", bool, True):
+        raise tensors.BadInput("exclude_input_in_output must be true: kvrelay returns the generated text only")
 
 
 def _tensors(reply: Reply) -> list:
     i32 = lambda v: np.array([v], np.int32)
-    return [io.tensor("output_ids", np.asarray(reply.output_ids, np.int32)),
-            io.tensor("prev_len", i32(reply.prev_len)),
-            io.tensor("kv_reused_layers", i32(reply.reused_layers)),
-            io.tensor("kv_recomputed_layers", i32(reply.recomputed_layers)),
-            io.tensor("kv_reused_tokens", i32(reply.reused_tokens)),
-            io.tensor("kv_donor_model", reply.donor),
-            io.tensor("kv_route", reply.route),
-            io.tensor("output_tokens", i32(reply.output_tokens)),
-            io.tensor("first_token_time_ns", np.array([reply.first_token_time_ns], np.int64)),
-            io.tensor("variant", reply.model)]
+    return [tensors.tensor("output_ids", np.asarray(reply.output_ids, np.int32)),
+            tensors.tensor("prev_len", i32(reply.prev_len)),
+            tensors.tensor("kv_reused_layers", i32(reply.reused_layers)),
+            tensors.tensor("kv_recomputed_layers", i32(reply.recomputed_layers)),
+            tensors.tensor("kv_reused_tokens", i32(reply.reused_tokens)),
+            tensors.tensor("kv_donor_model", reply.donor),
+            tensors.tensor("kv_route", reply.route),
+            tensors.tensor("output_tokens", i32(reply.output_tokens)),
+            tensors.tensor("first_token_time_ns", np.array([reply.first_token_time_ns], np.int64)),
+            tensors.tensor("variant", reply.model)]

@@ -6,14 +6,14 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from kvrelay import deployment as dp
-from kvrelay import tokenizer as tk
-from kvrelay.triton import io
+from kvrelay.serving import deployment as dp
+from kvrelay.model import tokenizer as tk
+from kvrelay.triton import tensors
 
 
 def _tokenizer(args):
-    dep = dp.Deployment.from_json(Path(io.params(args)["deployment"]).read_text(encoding="utf-8"))
-    from kvrelay.model_spec import family_spec
+    dep = dp.Deployment.from_json(Path(tensors.params(args)["deployment"]).read_text(encoding="utf-8"))
+    from kvrelay.model.spec import family_spec
     d = family_spec(dep.family).tokenizer_dir()
     # random-weight families have no tokenizer: they take token ids as text, "12 7 99 ..."
     return (tk.load(d) if d is not None else None), dep
@@ -25,26 +25,26 @@ class Preprocessing:
     def initialize(self, args):
         self.tok, self.dep = _tokenizer(args)
         # a variant's own entry point (e.g. model "code") has a preprocessing of its own that names it
-        self.variant = io.params(args).get("variant", "")
+        self.variant = tensors.params(args).get("variant", "")
 
     def _encode(self, text: str) -> list[int]:
         if self.tok is None:
             try:
                 return [int(x) for x in text.split()]
             except ValueError:
-                raise io.BadInput("this deployment's models have no tokenizer: send token ids as text") from None
+                raise tensors.BadInput("this deployment's models have no tokenizer: send token ids as text") from None
         return tk.encode(self.tok, text)
 
     def execute(self, requests):
         out = []
         for r in requests:
             try:
-                text = io.scalar(r, "text_input", str, required=True)
-                context = io.scalar(r, "context", str, "")
+                text = tensors.scalar(r, "text_input", str, required=True)
+                context = tensors.scalar(r, "context", str, "")
                 if not text.strip() and not context.strip():
-                    raise io.BadInput("text_input is empty")
+                    raise tensors.BadInput("text_input is empty")
                 if len(text) + len(context) > self.dep.max_input_chars:
-                    raise io.BadInput(f"input is {len(text) + len(context)} characters; the limit is "
+                    raise tensors.BadInput(f"input is {len(text) + len(context)} characters; the limit is "
                                       f"{self.dep.max_input_chars}")
                 if context and self.tok is None:  # token ids as text: no words to wrap them in
                     ctx, q = self._encode(context), self._encode(text)
@@ -54,23 +54,23 @@ class Preprocessing:
                 else:
                     ctx, q = [], self._encode(text)
                 out.append(pb_utils.InferenceResponse([
-                    io.tensor("input_ids", np.asarray(ctx + q, np.int32)),
-                    io.tensor("context_len", np.array([len(ctx)], np.int32)),
-                    io.tensor("stop_ids", np.asarray(self._words(r, "stop_words"), np.int32)),
-                    io.tensor("bad_ids", np.asarray(self._words(r, "bad_words"), np.int32)),
-                    io.tensor("model", self._variant(io.scalar(r, "variant_name", str, ""))),
-                    io.tensor("entry", self.variant)]))
-            except io.BadInput as e:
-                out.append(io.error_response(str(e)))
+                    tensors.tensor("input_ids", np.asarray(ctx + q, np.int32)),
+                    tensors.tensor("context_len", np.array([len(ctx)], np.int32)),
+                    tensors.tensor("stop_ids", np.asarray(self._words(r, "stop_words"), np.int32)),
+                    tensors.tensor("bad_ids", np.asarray(self._words(r, "bad_words"), np.int32)),
+                    tensors.tensor("model", self._variant(tensors.scalar(r, "variant_name", str, ""))),
+                    tensors.tensor("entry", self.variant)]))
+            except tensors.BadInput as e:
+                out.append(tensors.error_response(str(e)))
         return out
 
 
     def _words(self, r, name: str) -> list[int]:
         """Each word tokenized, -1 between them (tensorrtllm_backend sends a [1, n] tensor too)."""
         ids: list[int] = []
-        words = io.strings(r, name)
+        words = tensors.strings(r, name)
         if len(words) > MAX_WORDS or sum(map(len, words)) > MAX_WORDS_CHARS:
-            raise io.BadInput(f"{name}: at most {MAX_WORDS} words of {MAX_WORDS_CHARS} characters in all, got "
+            raise tensors.BadInput(f"{name}: at most {MAX_WORDS} words of {MAX_WORDS_CHARS} characters in all, got "
                               f"{len(words)} words of {sum(map(len, words))} characters")
         for w in words:
             if w:
@@ -80,7 +80,7 @@ class Preprocessing:
     def _variant(self, asked: str) -> str:
         """The variant: the entry point's own, or the `variant_name` input ("" = the deployment's first)."""
         if self.variant and asked not in ("", self.variant):
-            raise io.BadInput(f"this entry point serves {self.variant!r} only; send to model {asked!r} instead "
+            raise tensors.BadInput(f"this entry point serves {self.variant!r} only; send to model {asked!r} instead "
                               f"(or to 'ensemble' with variant_name={asked!r})")
         return self.variant or asked
 
@@ -98,11 +98,11 @@ class Postprocessing:
     def execute(self, requests):
         out = []
         for r in requests:
-            ids = io.ints(r, "output_ids")
-            prev = io.scalar(r, "prev_len", int, 0)
+            ids = tensors.ints(r, "output_ids")
+            prev = tensors.scalar(r, "prev_len", int, 0)
             if self.tok is None:
                 text = " ".join(map(str, ids[prev:]))
             else:
                 text = tk.decode(self.tok, ids)[len(tk.decode(self.tok, ids[:prev])):] if prev else tk.decode(self.tok, ids)
-            out.append(pb_utils.InferenceResponse([io.tensor("text_output", text)]))
+            out.append(pb_utils.InferenceResponse([tensors.tensor("text_output", text)]))
         return out

@@ -1,6 +1,6 @@
 """The engine's paged KV pool and the attention contexts that read and write it.
 
-The pool is a stack of pages in kvrelay.kv_format layout: kv [num_blocks, L, 2, H, B, D] (TensorRT-LLM's
+The pool is a stack of pages in kvrelay.model.kv_format layout: kv [num_blocks, L, 2, H, B, D] (TensorRT-LLM's
 pool layout) and e [num_blocks, len(e_layers), B, hidden]. A sequence owns a block table (list of
 block ids); token at position p lives in block table[p // B], slot p % B.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kvrelay.kv_format import PageFormat
+from kvrelay.model.kv_format import PageFormat
 
 
 class PagedKVPool:

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvrelay.errors import KvRelayError
-from kvrelay.model_spec import DEFAULT_MAX_LEN, kv_shape, read_hf_config
+from kvrelay.model.spec import DEFAULT_MAX_LEN, kv_shape, read_hf_config
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 

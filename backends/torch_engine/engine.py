@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from kvrelay import fingerprint as fp
-from kvrelay.engine_api import DonorKV, PrefillInfo, Request, RequestOutput
+from kvrelay.model import fingerprint as fp
+from kvrelay.model.engine_api import DonorKV, PrefillInfo, Request, RequestOutput
 from kvrelay.errors import KvRelayError, PlanError
-from kvrelay.kv_format import DTYPES, KVPages, PageFormat, block_hashes, dtype_name, shared_blocks
-from kvrelay.model_spec import ModelSpec
-from kvrelay.plan import RecomputePlan
+from kvrelay.model.kv_format import DTYPES, KVPages, PageFormat, block_hashes, dtype_name, shared_blocks
+from kvrelay.model.spec import ModelSpec
+from kvrelay.model.plan import RecomputePlan
 
 from .attention import DecodeAttention, DenseAttention, PagedKVPool, PrefillAttention
 from .block_manager import BlockManager
@@ -78,7 +78,7 @@ class TorchEngine:
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, config: EngineConfig | None = None) -> "TorchEngine":
-        """The engine of one model of a family (kvrelay.model_spec): weights from its directory, or
+        """The engine of one model of a family (kvrelay.model.spec): weights from its directory, or
         drawn from its seed for synthetic families (benchmarks of e.g. Llama-3-8B with nothing on disk)."""
         config = config or EngineConfig()
         mcfg = ModelConfig.from_hf(spec.hf_config)

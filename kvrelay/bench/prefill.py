@@ -39,7 +39,7 @@ def add_arguments(p):
 def plan_for(fraction: float, num_layers: int):
     """One contiguous group of round(fraction * L) layers, starting at an even layer >= 2 (so it starts
     from the donor's E, the realistic and costlier case) and placed mid-model."""
-    from kvrelay.plan import RecomputePlan
+    from kvrelay.model.plan import RecomputePlan
     n = max(1, round(fraction * num_layers))
     start = max(2, (num_layers - n) // 2 // 2 * 2)
     start = min(start, (num_layers - n) // 2 * 2)
@@ -104,8 +104,8 @@ class _Bench:
 
     def __init__(self, family, lengths, suffix, device, dtype, sender, receiver, st, synthetic_overrides):
         from kvrelay.backends.torch_engine.config import EngineConfig
-        from kvrelay.engine_api import SamplingParams
-        from kvrelay.engines import family_models, make_engine
+        from kvrelay.model.engine_api import SamplingParams
+        from kvrelay.model.engines import family_models, make_engine
         from kvrelay.errors import KvRelayError
 
         self.family, self.suffix, self.device, self.st = family, suffix, device, st
@@ -139,7 +139,7 @@ class _Bench:
         """Wall clock: lookup + fetch (or stream) of what the plan needs + the re-prefill (first token)."""
         import time
 
-        from kvrelay.engine_api import Request
+        from kvrelay.model.engine_api import Request
         from kvrelay.errors import KvRelayError
         R, S, st = self.R, self.S, self.st
         t0 = time.perf_counter()
@@ -157,7 +157,7 @@ class _Bench:
         """Medians at context length n: full prefill, re-prefill per fraction (and from the store)."""
         import time
 
-        from kvrelay.engine_api import Request
+        from kvrelay.model.engine_api import Request
         ctx = self._tokens(n)
         pages = self.S.generate([Request("donor", ctx + self._tokens(self.suffix), self.one,
                                          export_pages=True)])["donor"].pages

@@ -8,7 +8,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     from kvrelay.errors import FamilyNotBuilt, KvRelayError, StaleFamily
-    from kvrelay import synthetic
+    from kvrelay.model import synthetic
     from kvrelay.families.cli import summary_lines
     from kvrelay.families.registry import FAMILY_NAMES, load_family
     from kvrelay.paths import family_dir
@@ -40,8 +40,8 @@ def run(args) -> int:
 
 def profiles_match(family) -> str:
     """How many of the checkout's profiles for this family were scored on the weights built here."""
-    from kvrelay import fingerprint as fp
-    from kvrelay import profile_file
+    from kvrelay.model import fingerprint as fp
+    from kvrelay.profiler import profile_file
     from kvrelay.paths import profiles_dir
     files = [f for _, _, f in profile_file.pairs_in(profiles_dir(), family.name)]
     if not files:

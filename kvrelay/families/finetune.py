@@ -10,8 +10,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from kvrelay import corpora
-from kvrelay.corpora import Document
+from kvrelay.families import corpora
+from kvrelay.families.corpora import Document
 from kvrelay.errors import KvRelayError
 
 

@@ -38,7 +38,7 @@ class Family:
     root: Path                 # family_dir(name)
     base: str                  # name of the base model
     models: dict[str, Path]    # model name -> HF model dir, base first
-    fingerprint: str           # kvrelay.model_spec.ModelSpec.fingerprint of every model (all equal)
+    fingerprint: str           # kvrelay.model.spec.ModelSpec.fingerprint of every model (all equal)
 
     def model_dir(self, name: str) -> Path:
         try:
@@ -58,7 +58,7 @@ class Family:
 
 def _check_name(name: str) -> None:
     if name not in FAMILY_NAMES:
-        from kvrelay import synthetic
+        from kvrelay.model import synthetic
         if synthetic.is_synthetic(name):
             raise KvRelayError(f"{name!r} is a synthetic family (random weights drawn at load time): there is "
                                "nothing to build or load from disk")
@@ -184,7 +184,7 @@ def build_family(name: str, force: bool = False, progress: bool = True) -> Famil
 
 
 def _manifest(name: str, builder, tmp: Path, info: dict, seconds: float) -> dict:
-    from kvrelay.model_spec import ModelSpec
+    from kvrelay.model.spec import ModelSpec
 
     models = list(builder.MODELS)
     specs = {m: ModelSpec.from_dir(m, tmp / m, name) for m in models}

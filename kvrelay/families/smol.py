@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvrelay import corpora
+from kvrelay.families import corpora
 
 NAME = "smol"
 BASE = "base"

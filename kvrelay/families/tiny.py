@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kvrelay import corpora
+from kvrelay.families import corpora
 
 NAME = "tiny"
 BASE = "base"

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from kvrelay.deployment import Deployment
+    from kvrelay.serving.deployment import Deployment
     from kvrelay.loadtest.workload import Workload, WorkloadSpec
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
@@ -102,9 +102,9 @@ def _check_url(url: str) -> str:
 def write_fixed_profiles(dep, plan_text: str, root: Path) -> list[str]:
     """A profile per ordered pair of the deployment's models whose only frontier point is `plan`
     (quality 100 by fiat): the selector then always picks that plan. Returns the pair names."""
-    from kvrelay import deployment as dp
-    from kvrelay import profile_file
-    from kvrelay.plan import RecomputePlan
+    from kvrelay.serving import deployment as dp
+    from kvrelay.profiler import profile_file
+    from kvrelay.model.plan import RecomputePlan
     ids = dp.identities(dep)
     out = []
     for s in dep.model_names:
@@ -121,7 +121,7 @@ def write_fixed_profiles(dep, plan_text: str, root: Path) -> list[str]:
 
 
 def _pages_needed(dep, workload) -> int:
-    from kvrelay import deployment as dp
+    from kvrelay.serving import deployment as dp
     ids = dp.identities(dep)
     tokens = {c.id: c.tokens for c in workload.contexts}
     return sum(tokens[cid] * ids[m].page_format.page_bytes // ids[m].page_format.block_size
@@ -162,7 +162,7 @@ def store_shortfall(dep, need: int) -> str:
 
 
 def _profiles_present(dep) -> list[str]:
-    from kvrelay import profile_file
+    from kvrelay.profiler import profile_file
     from kvrelay.paths import profiles_dir
     names = set(dep.model_names)
     return [f"{s}__{r}" for s, r, _ in profile_file.pairs_in(profiles_dir(dep.profiles_dir), dep.family)
@@ -250,7 +250,7 @@ class MixedPlan:
 def _plan_mixed(args, url: str | None) -> MixedPlan:
     from kvrelay.errors import KvRelayError
     from kvrelay.loadtest import workload as wl
-    from kvrelay.serve import resolve
+    from kvrelay.server.serve import resolve
 
     dep, _ = resolve(argparse.Namespace(family=args.family, deployment=args.deployment, store=args.store,
                                         no_sharing=False, workdir=None))

@@ -72,7 +72,7 @@ def choose_pairs(dep, ids: dict, requested: str | None, context_tokens: int, log
     """The pairs to measure, each with the plan the serving selector picks for it. Default: every
     ordered pair whose profile the selector would reuse."""
     from kvrelay.paths import profiles_dir
-    from kvrelay.selector import Selector
+    from kvrelay.serving.selector import Selector
     sel = Selector(profiles_dir(dep.profiles_dir), dep.family, quality_target=dep.quality_target)
     wanted = parse_pairs(requested, dep.model_names) if requested else \
         [(s, r) for s in dep.model_names for r in dep.model_names if s != r]
@@ -101,7 +101,7 @@ def serving_deployment(dep, ids: dict, models: list[str], sharing: bool, longest
                        profiles_dir: str | None = None):
     """The pair servers: only the models measured, each engine on every core (one request computes
     at a time in this scenario), room for a few longest prompts, no prefix cache."""
-    from kvrelay import deployment as dp
+    from kvrelay.serving import deployment as dp
     cpus = os.cpu_count() or 1
     ms = [dp.ModelDeployment(m, device=dep.model(m).device, dtype=dep.model(m).dtype, threads=cpus,
                              kv_cache_bytes=_per_token_bytes(ids[m]) * (longest + 64) * CONCURRENT_SEQUENCES)
@@ -194,9 +194,9 @@ class Scenario:
 
     # pool of contexts and the prompts the bound is measured on
     def build_pool(self):
-        from kvrelay import tokenizer as tk
+        from kvrelay.model import tokenizer as tk
         from kvrelay.loadtest import workload as wl
-        from kvrelay.model_spec import family_spec
+        from kvrelay.model.spec import family_spec
         lo, hi = self.st.context_tokens
         fam = family_spec(self.dep.family)
         if fam.synthetic:
@@ -282,7 +282,7 @@ class Scenario:
 
 def run(args) -> int:
     from kvrelay.loadtest import report
-    from kvrelay.serve import resolve, start
+    from kvrelay.server.serve import resolve, start
     log = lambda m: print(f"kvrelay: {m}", file=sys.stderr, flush=True)
     if args.resummarize:
         summary = resummarize(Path(args.resummarize), args.slo_ttft)
@@ -290,7 +290,7 @@ def run(args) -> int:
         return 1 if summary["errors"] else 0
     t_start = time.monotonic()
     dep, _ = resolve(argparse_ns(args))
-    from kvrelay import deployment as dp
+    from kvrelay.serving import deployment as dp
     ids = dp.identities(dep)
     st = settings_from(args, min(i.max_model_len for i in ids.values()))
     out_dir = Path(args.out or Path("loadtest-results") / time.strftime("goodput-%Y%m%d-%H%M%S")).resolve()

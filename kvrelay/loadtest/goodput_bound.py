@@ -29,11 +29,11 @@ def measure(family: str, sender: str, receiver: str, plan: str, prompts: list[li
             repeats: int = 1, device: str = "cpu", dtype: str = "float32") -> dict:
     import torch
 
-    from kvrelay import deployment as dp
+    from kvrelay.serving import deployment as dp
     from kvrelay.backends.torch_engine.config import EngineConfig
-    from kvrelay.engine_api import Request, SamplingParams
-    from kvrelay.engines import make_engine
-    from kvrelay.plan import RecomputePlan
+    from kvrelay.model.engine_api import Request, SamplingParams
+    from kvrelay.model.engines import make_engine
+    from kvrelay.model.plan import RecomputePlan
 
     torch.set_num_threads(os.cpu_count() or 1)
     longest = max(len(p) for p in prompts) + max_tokens + 16

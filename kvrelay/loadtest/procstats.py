@@ -48,7 +48,7 @@ def stub_model(cmdline: list[bytes]) -> str:
 
 def server_tree(server_pid: int) -> list[Proc]:
     """The server and every live stub of its process group (stubs run in the server's session)."""
-    from kvrelay.tritonserver import stub_pids
+    from kvrelay.server.tritonserver import stub_pids
     out = []
     st = _stat(server_pid)
     if st and st[0] != "Z":

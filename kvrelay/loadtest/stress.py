@@ -127,13 +127,13 @@ class _Client:
             _check(info, n, hang_up)
             out.ok, out.route = True, str(info.get("kv_route", "")).split(":")[0]
         except Exception as e:  # every failure is a finding: keep its message
-            from kvrelay.client import _message
+            from kvrelay.server.client import _message
             out.error = f"{kind}: {_norm(_message(e))}"
         out.latency_s = time.perf_counter() - t0
         return out
 
     def _unary(self, kind, question, n, kw) -> dict:
-        from kvrelay.client import _info, _inputs, _text
+        from kvrelay.server.client import _info, _inputs, _text
         if kind == "http":
             res = self.http.infer("ensemble", _inputs(self.httpmod, question, n, **kw))
         else:
@@ -141,7 +141,7 @@ class _Client:
         return {**_info(res), "text": _text(res)}
 
     def _grpc_stream(self, question, n, kw, hang_up, t0) -> tuple[dict, float | None]:
-        from kvrelay.client import _info, _inputs, _message, _text
+        from kvrelay.server.client import _info, _inputs, _message, _text
         q: queue.Queue = queue.Queue()
         ttft, info, text, complete = None, {}, "", False
         self.grpc.start_stream(callback=lambda result, error: q.put((result, error)))

@@ -40,7 +40,7 @@ def add_arguments(p):
 
 def _contexts(family: str, n: int):
     from kvrelay.loadtest import stress
-    from kvrelay.model_spec import is_synthetic
+    from kvrelay.model.spec import is_synthetic
     return stress.token_contexts(n) if is_synthetic(family) else stress.source_contexts(n)
 
 
@@ -59,7 +59,7 @@ def _served(http_url: str) -> tuple[str, list[str]]:
     """(family, models) of a running server, from the deployment its orchestrator reads."""
     import urllib.request
 
-    from kvrelay import deployment as dp
+    from kvrelay.serving import deployment as dp
     from kvrelay.errors import KvRelayError
     try:
         with urllib.request.urlopen(f"http://{http_url}/v2/models/orchestrator_stream/config", timeout=10) as r:
@@ -92,7 +92,7 @@ def run(args) -> int:
             family, models = _served(http)
             pid = procstats.server_pid_for_port(int(http.rsplit(":", 1)[1]))
         else:
-            from kvrelay.serve import resolve, start
+            from kvrelay.server.serve import resolve, start
             if args.store == "redis":
                 from kvrelay.store.redis_server import RedisServer
                 redis = RedisServer()

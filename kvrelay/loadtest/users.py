@@ -3,7 +3,7 @@
 Importing this module imports Locust, which monkey-patches the process with gevent; gRPC is then
 switched to its gevent-aware mode (grpc.experimental.gevent) so streaming calls yield to other users.
 
-    TritonGrpcStreamUser  gRPC streaming to `ensemble_stream` (kvrelay.client.stream): client-side
+    TritonGrpcStreamUser  gRPC streaming to `ensemble_stream` (kvrelay.server.client.stream): client-side
                           TTFT and end-to-end latency; fires Locust request events itself
     TritonGrpcUser        gRPC unary to `ensemble` (latency only)
     TritonHttpUser        Locust HttpUser, POST /v2/models/ensemble/generate (latency only)
@@ -79,7 +79,7 @@ def make_record(r: Request, start_s: float, latency_s: float, *, text: str = "",
 # --- one request, outside Locust (also used for the warm-up) ---------------------------------------
 
 def send_grpc(state: LoadState, r: Request, streaming: bool = True) -> dict:
-    from kvrelay import client
+    from kvrelay.server import client
     text, ctx = state.workload.payload(r)
     t0 = time.time()
     try:
@@ -95,7 +95,7 @@ def send_grpc(state: LoadState, r: Request, streaming: bool = True) -> dict:
 
 
 def send_http(state: LoadState, r: Request) -> dict:
-    from kvrelay import client
+    from kvrelay.server import client
     text, ctx = state.workload.payload(r)
     t0 = time.time()
     try:

@@ -19,8 +19,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from kvrelay import kv_format
-from kvrelay.kv_format import KVPages, PageFormat
+from kvrelay.model import kv_format
+from kvrelay.model.kv_format import KVPages, PageFormat
 
 FULL_LAYERS = 2
 

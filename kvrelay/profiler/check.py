@@ -10,7 +10,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from kvrelay import evaldata, profile_file
+from kvrelay.quality import evaldata
+from kvrelay.profiler import profile_file
 from kvrelay.errors import KvRelayError
 
 
@@ -18,8 +19,8 @@ def check(profile_path: str | Path, samples: int | None = None, threshold: float
           quality_target: float = 0.01, batch: int = 16, progress: bool = True) -> dict:
     from tqdm import tqdm
 
-    from kvrelay import tokenizer as tk
-    from kvrelay.engines import make_engine
+    from kvrelay.model import tokenizer as tk
+    from kvrelay.model.engines import make_engine
     from kvrelay.families import load_family
     from kvrelay.profiler import scoring
 
@@ -83,5 +84,5 @@ def check(profile_path: str | Path, samples: int | None = None, threshold: float
 
 
 def load_fp(fam, model: str) -> str:
-    from kvrelay.model_spec import ModelSpec
+    from kvrelay.model.spec import ModelSpec
     return ModelSpec.from_dir(model, fam.model_dir(model)).fingerprint

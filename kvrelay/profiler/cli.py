@@ -102,7 +102,7 @@ def _profile(args) -> int:
                            "(e.g. --family smol --sender base --receiver code --out profiles/smol/base__code.json)")
     if not args.out.endswith(".json"):
         raise KvRelayError(f"--out must be a .json file, got {args.out!r}")
-    from kvrelay.evaldata import DATASET_KINDS
+    from kvrelay.quality.evaldata import DATASET_KINDS
     if args.kind not in DATASET_KINDS:
         raise KvRelayError(f"--kind must be one of {', '.join(DATASET_KINDS)}, got {args.kind!r}")
     st = Settings(family=args.family, sender=args.sender, receiver=args.receiver, stride=args.stride,

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kvrelay import profile_file
+from kvrelay.profiler import profile_file
 from kvrelay.errors import KvRelayError
-from kvrelay.plan import RecomputePlan
+from kvrelay.model.plan import RecomputePlan
 
 
 def default_png(profile_path: str | Path) -> Path:

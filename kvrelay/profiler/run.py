@@ -18,9 +18,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvrelay import evaldata, profile_file
+from kvrelay.quality import evaldata
+from kvrelay.profiler import profile_file
 from kvrelay.errors import KvRelayError
-from kvrelay.plan import RecomputePlan
+from kvrelay.model.plan import RecomputePlan
 
 METRIC_NAME = "prefix_agreement"
 METRIC_VERSION = 2   # 2: gaps and gap shifts recorded for the flip model (older partials do not resume)
@@ -102,8 +103,8 @@ def profile(st: Settings, out: str | Path, *, progress: bool = True, fresh: bool
     """Run (or continue) the profile of st.sender -> st.receiver and write it to `out`."""
     from tqdm import tqdm
 
-    from kvrelay import tokenizer as tk
-    from kvrelay.engines import make_engine
+    from kvrelay.model import tokenizer as tk
+    from kvrelay.model.engines import make_engine
     from kvrelay.families import load_family
     from kvrelay.profiler import flips, scoring
 

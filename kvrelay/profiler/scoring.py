@@ -1,7 +1,7 @@
 """Running one evaluation sample through a sender and a receiver, and scoring the outputs.
 
 Shared by the profiler, `profile check` and `kvrelay eval`. Every request uses the layout of
-kvrelay.tokenizer.prompt: the shared context first (the sender's KV covers it), then the request's
+kvrelay.model.tokenizer.prompt: the shared context first (the sender's KV covers it), then the request's
 own question. The sender answers a different, generic question over the same context, as a real
 donor would; only whole blocks of pure context are reused.
 """
@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from kvrelay import metrics
-from kvrelay import tokenizer as tk
-from kvrelay.evaldata import Sample
+from kvrelay.quality import scores
+from kvrelay.model import tokenizer as tk
+from kvrelay.quality.evaldata import Sample
 from kvrelay.profiler import flips
 
 SENDER_QUESTION = "Summarise the text above."
@@ -46,7 +46,7 @@ def engine_config(model_dir, max_context: int, max_tokens: int, concurrent: int)
     """An EngineConfig without prefix caching (every run does its work; repeats are not answered
     from cache), with a KV pool sized for `concurrent` sequences of this length."""
     from kvrelay.backends.torch_engine.config import EngineConfig, ModelConfig
-    from kvrelay.kv_format import PageFormat
+    from kvrelay.model.kv_format import PageFormat
 
     cfg = EngineConfig(prefix_caching=False)
     m = ModelConfig.from_dir(model_dir)
@@ -58,7 +58,7 @@ def engine_config(model_dir, max_context: int, max_tokens: int, concurrent: int)
 
 
 def _sp(max_tokens: int, n_logits: int):
-    from kvrelay.engine_api import SamplingParams
+    from kvrelay.model.engine_api import SamplingParams
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, return_logits=min(n_logits, max_tokens))
 
 
@@ -69,12 +69,12 @@ def _output(tok, o) -> Output:
 
 def sender_pages(S, prep: Prepared, rid: str = "donor"):
     """The sender prefills the context (plus its own question) once; its pages serve every plan."""
-    from kvrelay.engine_api import Request, SamplingParams
+    from kvrelay.model.engine_api import Request, SamplingParams
     return S.generate([Request(rid, prep.sender_prompt, SamplingParams(max_tokens=1), export_pages=True)])[rid].pages
 
 
 def run_full(R, tok, prep: Prepared, max_tokens: int, n_logits: int, rid: str = "full") -> Output:
-    from kvrelay.engine_api import Request
+    from kvrelay.model.engine_api import Request
     o = _output(tok, R.generate([Request(rid, prep.prompt, _sp(max_tokens, n_logits))])[rid])
     o.layers_recomputed = R.num_layers
     return o
@@ -84,7 +84,7 @@ def run_plans(R, tok, prep: Prepared, pages, plans, max_tokens: int, n_logits: i
               on_done=None) -> list[Output]:
     """Re-prefill the receiver's prompt from `pages` under each plan; `batch` requests at a time
     decode together (prefill is timed per request either way). on_done(i, output) after each."""
-    from kvrelay.engine_api import Request
+    from kvrelay.model.engine_api import Request
     outs: list[Output] = []
     for lo in range(0, len(plans), max(1, batch)):
         chunk = plans[lo: lo + max(1, batch)]
@@ -101,19 +101,19 @@ def run_plans(R, tok, prep: Prepared, pages, plans, max_tokens: int, n_logits: i
 
 def score(sample: Sample, ref: Output, out: Output, n_agree: int) -> dict:
     """Scores of `out` against the receiver's full prefill `ref` (0-100 except kl):
-    quality = metrics.profile_quality over the first n_agree tokens (the profile metric); top1 and
+    quality = scores.profile_quality over the first n_agree tokens (the profile metric); top1 and
     kl over the positions whose prefixes are identical in both runs (up to the first divergence,
     at most n_agree), and over the same `positions` the mean `gap_shift` (kvrelay.profiler.flips);
     f1 / rouge_l / edit_sim of the whole generated texts; task = the task metric
     of `out` against the sample's reference answer."""
-    k = metrics.comparable_positions(ref.tokens, out.tokens, n_agree)
-    top1 = metrics.top1_agreement(ref.logits[:k], out.logits[:k]) if k and ref.logits and out.logits else 0.0
-    kl = metrics.mean_kl(ref.logits[:k], out.logits[:k]) if k and ref.logits and out.logits else 0.0
+    k = scores.comparable_positions(ref.tokens, out.tokens, n_agree)
+    top1 = scores.top1_agreement(ref.logits[:k], out.logits[:k]) if k and ref.logits and out.logits else 0.0
+    kl = scores.mean_kl(ref.logits[:k], out.logits[:k]) if k and ref.logits and out.logits else 0.0
     shifts = flips.gap_shifts(ref.logits, out.logits, k) if k and ref.logits and out.logits else []
     return {
-        "quality": metrics.profile_quality(ref.tokens, out.tokens, n_agree),
-        "f1": 100 * metrics.token_f1(out.text, ref.text), "rouge_l": 100 * metrics.rouge_l(out.text, ref.text),
-        "edit_sim": 100 * metrics.edit_similarity(out.text, ref.text),
+        "quality": scores.profile_quality(ref.tokens, out.tokens, n_agree),
+        "f1": 100 * scores.token_f1(out.text, ref.text), "rouge_l": 100 * scores.rouge_l(out.text, ref.text),
+        "edit_sim": 100 * scores.edit_similarity(out.text, ref.text),
         "top1": 100 * top1, "kl": kl,
         "gap_shift": sum(shifts) / len(shifts) if shifts else 0.0, "positions": len(shifts),
         "task": task_score(sample, out), "prefill_s": out.prefill_s,
@@ -121,4 +121,4 @@ def score(sample: Sample, ref: Output, out: Output, n_agree: int) -> dict:
 
 
 def task_score(sample: Sample, out: Output) -> float:
-    return 100 * metrics.score(sample.metric, sample.postprocess(out.text), sample.answer)
+    return 100 * scores.score(sample.metric, sample.postprocess(out.text), sample.answer)

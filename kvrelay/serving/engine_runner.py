@@ -11,7 +11,7 @@ import threading
 import traceback
 from typing import Callable
 
-from kvrelay.engine_api import Request, RequestOutput
+from kvrelay.model.engine_api import Request, RequestOutput
 from kvrelay.errors import KvRelayError
 
 log = logging.getLogger("kvrelay.engine_runner")

@@ -19,10 +19,10 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
-from kvrelay import deployment as dp
-from kvrelay.engine_api import PrefillInfo, Request, RequestOutput, SamplingParams
+from kvrelay.serving import deployment as dp
+from kvrelay.model.engine_api import PrefillInfo, Request, RequestOutput, SamplingParams
 from kvrelay.errors import KvRelayError
-from kvrelay.kv_format import KVPages
+from kvrelay.model.kv_format import KVPages
 from kvrelay.serving.engine_runner import EngineFailure, EngineRunner
 from kvrelay.serving.router import Decision, Router
 
@@ -89,7 +89,7 @@ class Orchestrator:
     def __init__(self, dep: dp.Deployment, engines: dict | None = None, metrics=None, store=None, selector=None):
         """engines: name -> Engine (default: built from the deployment); store/selector likewise."""
         from kvrelay.paths import profiles_dir
-        from kvrelay.selector import OnlineLatency, Selector
+        from kvrelay.serving.selector import OnlineLatency, Selector
         from kvrelay.store import open_store
         self.dep = dep
         self.ids = dp.identities(dep)
@@ -272,7 +272,7 @@ def split_stops(flat) -> tuple[tuple[int, ...], ...]:
 
 def build_engines(dep: dp.Deployment) -> dict:
     from kvrelay.backends.torch_engine.config import EngineConfig
-    from kvrelay.engines import make_engine
+    from kvrelay.model.engines import make_engine
     out = {}
     for m in dep.models:
         if m.instances != 1:

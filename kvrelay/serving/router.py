@@ -8,7 +8,7 @@
 
 It owns: coalescing on in-flight prefills (a request whose context another request is prefilling
 waits for its pages instead of computing them again), the store lookup and plan choice
-(routing.route), page-reference repeats (the engine still holds a hybrid KV it computed), what to
+(routes.route), page-reference repeats (the engine still holds a hybrid KV it computed), what to
 publish, and every fallback to a correct full prefill (store down, pages gone, donor refused). The
 orchestrator runs engines and forwards outputs; it decides nothing about routes.
 """
@@ -19,11 +19,11 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from kvrelay import routing
-from kvrelay.engine_api import PrefillInfo
+from kvrelay.serving import routes
+from kvrelay.model.engine_api import PrefillInfo
 from kvrelay.errors import KvRelayError
-from kvrelay.kv_format import KVPages, block_hashes
-from kvrelay.plan import RecomputePlan
+from kvrelay.model.kv_format import KVPages, block_hashes
+from kvrelay.model.plan import RecomputePlan
 
 log = logging.getLogger("kvrelay.router")
 COALESCE_ROUNDS = 3        # in-flight prefills a request waits for, one after another, before prefilling itself
@@ -33,7 +33,7 @@ COALESCE_WAIT_S = 300.0    # longest wait for one of them
 @dataclass(slots=True)
 class Decision:
     """One request's route and what the router must do when it ends."""
-    route: routing.Route
+    route: routes.Route
     receiver: str
     tenant: str
     scope: str                          # the engine prefix-cache scope (Orchestrator.cache_scope)
@@ -50,14 +50,14 @@ class Router:
     def __init__(self, dep, ids: dict, store, selector, metrics):
         self.dep, self.ids, self.store, self.selector, self.metrics = dep, ids, store, selector, metrics
         # with prefix caching off the engines keep nothing: nothing is "recently computed" either
-        self.recent = routing.RecentlyComputed(capacity=65536 if dep.prefix_caching else 0)
-        self.inflight = routing.InFlightPrefills()
+        self.recent = routes.RecentlyComputed(capacity=65536 if dep.prefix_caching else 0)
+        self.inflight = routes.InFlightPrefills()
         self._lock = threading.Lock()     # see-then-register of in-flight prefills is one step
         self.publisher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="publish")
         self._pending: set = set()        # publishes not yet done (flush waits for them)
 
     def decide(self, receiver: str, tenant: str, scope: str, tokens: list[int], queued: int = 0) -> Decision:
-        """routing.route, after waiting for in-flight prefills whose pages would serve this context
+        """routes.route, after waiting for in-flight prefills whose pages would serve this context
         (COALESCE_ROUNDS at most). A full prefill that will publish is registered as in flight."""
         me = self.ids[receiver]
         hashes = block_hashes(tokens, me.page_format.block_size) if self.dep.coalesce else []
@@ -68,7 +68,7 @@ class Router:
                                                lambda m: self._worth_waiting(m, receiver)) \
                     if hashes and attempt < COALESCE_ROUNDS else None
                 if other is None:
-                    route = routing.route(self.store, self.selector, self.ids, receiver, tenant, tokens, self.recent,
+                    route = routes.route(self.store, self.selector, self.ids, receiver, tenant, tokens, self.recent,
                                           sharing=self.dep.sharing, queued=queued, slo_s=self.dep.slo_s, scope=scope)
                     route.export = route.export and self.dep.publish
                     prefill = self.inflight.begin(receiver, tenant, me.fingerprint, hashes) \
@@ -109,7 +109,7 @@ class Router:
             self.metrics.store_error(entry)
             pages = None
         if pages is None or pages.num_pages == 0:
-            d.route = routing.Route("full", "donor pages unavailable", export=False)
+            d.route = routes.Route("full", "donor pages unavailable", export=False)
             return None
         self.metrics.bytes_moved(entry, "fetch", pages.kv.nbytes + pages.e.nbytes)
         return pages
@@ -117,7 +117,7 @@ class Router:
     def donor_refused(self, d: Decision, why: str) -> None:
         """The engine refused the donor pages (e.g. a stale page): a correct full prefill instead."""
         log.warning("engine refused donor pages, full prefill: %s", why)
-        d.route = routing.Route("full", "engine refused donor pages", export=False)
+        d.route = routes.Route("full", "engine refused donor pages", export=False)
 
     def prefill_done(self, d: Decision, info: PrefillInfo, exported: KVPages | None, tokens: list[int],
                      entry: str = "") -> None:

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import torch
 
 from kvrelay.errors import KvRelayError
-from kvrelay.kv_format import KVPages, PageFormat, block_hashes
+from kvrelay.model.kv_format import KVPages, PageFormat, block_hashes
 
 log = logging.getLogger("kvrelay.store")
 
@@ -239,7 +239,7 @@ class _Request:
 
 
 class StreamedPages:
-    """A donor (kvrelay.engine_api.DonorKV) whose layers arrive in the background: E layers first, in
+    """A donor (kvrelay.model.engine_api.DonorKV) whose layers arrive in the background: E layers first, in
     the order asked, then KV layers in increasing order. format / producer / fingerprint / tokens /
     layers are known at once; e_layer(l) and kv_layer(l) wait for layer l (StoreUnavailable after
     store.stream_wait_s, or at once if loading failed)."""

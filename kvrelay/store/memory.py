@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from kvrelay.errors import KvRelayError
-from kvrelay.kv_format import KVPages, PageFormat
+from kvrelay.model.kv_format import KVPages, PageFormat
 
 from .base import PageStore
 

@@ -32,7 +32,7 @@ from contextlib import contextmanager
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from kvrelay.errors import KvRelayError
-from kvrelay.kv_format import KVPages, PageCorrupt, PageFormat, pack_tensor, unpack_tensor
+from kvrelay.model.kv_format import KVPages, PageCorrupt, PageFormat, pack_tensor, unpack_tensor
 
 from .base import PageStore, StoreUnavailable
 

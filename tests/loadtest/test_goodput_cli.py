@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from helpers.profiles import write_profile
-from kvrelay.plan import RecomputePlan
+from kvrelay.model.plan import RecomputePlan
 
 
 

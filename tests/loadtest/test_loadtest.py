@@ -235,7 +235,7 @@ def test_url_must_be_loopback():
 def test_store_is_sized_to_the_pages_the_workload_publishes(tiny_family):
     from types import SimpleNamespace as NS
 
-    from kvrelay import deployment as dp
+    from kvrelay.serving import deployment as dp
     from kvrelay.loadtest import cli
     dep = dp.for_family("tiny", store="memory:1MiB")
     fmt = dp.identities(dep)["base"].page_format

@@ -3,9 +3,9 @@ import json
 
 import pytest
 
-from kvrelay import profile_file as pf
+from kvrelay.profiler import profile_file as pf
 from kvrelay.cli import main
-from kvrelay.plan import RecomputePlan
+from kvrelay.model.plan import RecomputePlan
 from kvrelay.profiler import scoring
 from kvrelay.profiler.run import enumerate_plans, max_group_layers
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from kvrelay import deployment as dp
-from kvrelay.plan import RecomputePlan
-from kvrelay.serve import start
-from kvrelay.tritonserver import shm_regions, stub_pids
+from kvrelay.serving import deployment as dp
+from kvrelay.model.plan import RecomputePlan
+from kvrelay.server.serve import start
+from kvrelay.server.tritonserver import shm_regions, stub_pids
 
 from helpers.profiles import write_profile
 

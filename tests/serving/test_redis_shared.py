@@ -5,7 +5,7 @@ import uuid
 
 import pytest
 
-from kvrelay import client
+from kvrelay.server import client
 from kvrelay.store.redis_server import RedisServer
 
 from .conftest import Running, deployment

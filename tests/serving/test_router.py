@@ -5,13 +5,13 @@ import time
 
 import pytest
 
-from kvrelay import deployment as dp
-from kvrelay.engine_api import PrefillInfo
+from kvrelay.serving import deployment as dp
+from kvrelay.model.engine_api import PrefillInfo
 from kvrelay.errors import KvRelayError
-from kvrelay.plan import RecomputePlan
+from kvrelay.model.plan import RecomputePlan
 from kvrelay.serving.router import Router
 from kvrelay.store import MemoryStore
-from tests.test_routing import CTX, FMT, IDS, FixedSelector, pages
+from tests.serving.test_routes import CTX, FMT, IDS, FixedSelector, pages
 
 PLAN = RecomputePlan(((2, 4),))
 

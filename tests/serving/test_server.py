@@ -10,10 +10,10 @@ import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
-from kvrelay import client
+from kvrelay.server import client
 from kvrelay.errors import KvRelayError
 
-CONTEXT = open(__file__.replace("test_server.py", "../../kvrelay/kv_format.py"), encoding="utf-8").read()[:3000]
+CONTEXT = open(__file__.replace("test_server.py", "../../kvrelay/model/kv_format.py"), encoding="utf-8").read()[:3000]
 
 
 def tenant():

@@ -3,8 +3,8 @@ own prefills, an idle request recomputes the most layers that meet the SLO, a qu
 import pytest
 
 from helpers.profiles import write_profile
-from kvrelay.plan import RecomputePlan
-from kvrelay.selector import OnlineLatency
+from kvrelay.model.plan import RecomputePlan
+from kvrelay.serving.selector import OnlineLatency
 from kvrelay.serving.orchestrator import Orchestrator, ServeRequest
 from kvrelay.store import MemoryStore
 

@@ -16,7 +16,7 @@ import urllib.request
 import pytest
 
 from kvrelay.loadtest import procstats, stress
-from kvrelay.supervisor import Supervised
+from kvrelay.server.supervisor import Supervised
 
 from .conftest import Running, deployment
 from .test_server import CONTEXT

@@ -186,7 +186,7 @@ def test_a_valid_blob_moved_from_another_layers_key_is_refused(redis_server, raw
 
 
 def test_a_blob_forged_without_the_secret_is_refused_zeros_or_nans(redis_server, raw_redis):
-    from kvrelay.kv_format import pack_tensor
+    from kvrelay.model.kv_format import pack_tensor
     for fill in (0.0, float("nan")):
         def forge(key, raw, p):   # what an attacker can compute: the format, the key, but not the secret
             raw.set(key, pack_tensor(torch.full(tuple(p.kv.shape[2:]), fill), key, b""))
@@ -196,7 +196,7 @@ def test_a_blob_forged_without_the_secret_is_refused_zeros_or_nans(redis_server,
 
 
 def test_nan_values_under_a_valid_mac_are_refused(redis_server, raw_redis):
-    from kvrelay.kv_format import pack_tensor
+    from kvrelay.model.kv_format import pack_tensor
     secret = b"deployment-secret-32-bytes-long!"
 
     def poison(key, raw, p):   # e.g. a buggy engine that published NaNs with the right secret

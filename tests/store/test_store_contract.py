@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from kvrelay.errors import KvRelayError
-from kvrelay.kv_format import KVPages, PageFormat, block_hashes
+from kvrelay.model.kv_format import KVPages, PageFormat, block_hashes
 from kvrelay.store import StoreUnavailable
 
 from .util import FMT, ctx, make_pages

@@ -3,14 +3,14 @@ pages and one from the sender's pages themselves (tiny family, both tiers)."""
 import pytest
 import torch
 
-from kvrelay.engine_api import Request, SamplingParams
-from kvrelay.plan import RecomputePlan
+from kvrelay.model.engine_api import Request, SamplingParams
+from kvrelay.model.plan import RecomputePlan
 
 
 @pytest.fixture(scope="module")
 def engines(tiny_family):
     from kvrelay.backends.torch_engine.config import EngineConfig
-    from kvrelay.engines import make_engine
+    from kvrelay.model.engines import make_engine
     cfg = lambda: EngineConfig(block_size=16, kv_cache_bytes=32 << 20, prefix_caching=False)
     return make_engine("tiny", "base", cfg()), make_engine("tiny", "code", cfg())
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from kvrelay.kv_format import KVPages, PageFormat
+from kvrelay.model.kv_format import KVPages, PageFormat
 
 FMT = PageFormat(num_layers=6, num_kv_heads=2, head_dim=8, hidden_size=16, block_size=4, e_layers=(2, 4))
 

@@ -4,10 +4,10 @@ import torch
 
 from kvrelay.backends.torch_engine.config import EngineConfig
 from kvrelay.backends.torch_engine.engine import TorchEngine
-from kvrelay.engine_api import Request, SamplingParams
+from kvrelay.model.engine_api import Request, SamplingParams
 from kvrelay.errors import FingerprintMismatch, KvRelayError, PlanError
-from kvrelay.kv_format import KVPages, PageFormat
-from kvrelay.plan import RecomputePlan
+from kvrelay.model.kv_format import KVPages, PageFormat
+from kvrelay.model.plan import RecomputePlan
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@
 import pytest
 import torch
 
-from kvrelay.engine_api import Request, SamplingParams
-from kvrelay.plan import RecomputePlan
+from kvrelay.model.engine_api import Request, SamplingParams
+from kvrelay.model.plan import RecomputePlan
 
 ATOL = 2e-4  # fp32 rounding over a few dozen layers; a wrong mask or layer is off by >1e-1
 

@@ -1,0 +1,141 @@
+"""One identity per model: what the engine, the deployment, the page store's keys, the profiler and
+the load tests all read, computed in one place.
+
+    fam = family_spec("smol")            # built on disk, or synthetic (real shapes, random weights)
+    spec = fam.model("code")
+    spec.model_id                        # "code@<weights digest>": keys pages to these exact weights
+    spec.fingerprint                     # architecture + tokenizer: who may share KV with whom
+    spec.page_format(16, "float32")      # the KV page layout of this model
+
+If two of these were computed apart and drifted, store keys would stop matching without an error.
+No torch import here.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvrelay.model import fingerprint as fp
+from kvrelay.errors import KvRelayError
+from kvrelay.model.kv_format import PageFormat
+
+DEFAULT_MAX_LEN = 4096   # for configs that do not say (max_position_embeddings)
+
+
+def read_hf_config(model_dir: str | Path) -> dict:
+    """A Hugging Face model directory's config.json."""
+    path = Path(model_dir) / "config.json"
+    if not path.exists():
+        raise KvRelayError(f"no config.json in {model_dir}: not a Hugging Face model directory")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise KvRelayError(f"{path} is not valid JSON: {e}") from None
+
+
+def kv_shape(cfg: dict) -> tuple[int, int, int, int]:
+    """(layers, KV heads, head dim, hidden size) of an HF config (grouped-query attention included)."""
+    heads = cfg["num_attention_heads"]
+    return (cfg["num_hidden_layers"], cfg.get("num_key_value_heads") or heads,
+            cfg.get("head_dim") or cfg["hidden_size"] // heads, cfg["hidden_size"])
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    family: str
+    name: str
+    hf_config: dict = field(compare=False, repr=False)
+    fingerprint: str
+    weights: str                     # digest of the weight files, or random-<family>-seed<n>
+    model_dir: Path | None = None    # None: synthetic, weights drawn at load time from `seed`
+    seed: int | None = None
+
+    @classmethod
+    def from_dir(cls, name: str, model_dir: str | Path, family: str = "") -> "ModelSpec":
+        model_dir = Path(model_dir)
+        cfg = read_hf_config(model_dir)
+        return cls(family, name, cfg, fp.compute(cfg, model_dir / "tokenizer.json"), fp.weights_digest(model_dir),
+                   model_dir)
+
+    @classmethod
+    def random(cls, family: str, name: str, hf_config: dict, seed: int) -> "ModelSpec":
+        # no tokenizer: token ids are the interface, and the family's name stands for its vocabulary
+        return cls(family, name, hf_config, fp.compute(hf_config, None) + "-" + family,
+                   f"random-{family}-seed{seed}", None, seed)
+
+    @property
+    def synthetic(self) -> bool:
+        return self.model_dir is None
+
+    @property
+    def model_id(self) -> str:
+        """These exact weights: part of a page's key in the store."""
+        return f"{self.name}@{self.weights}"
+
+    @property
+    def num_layers(self) -> int:
+        return kv_shape(self.hf_config)[0]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.hf_config["vocab_size"]
+
+    @property
+    def max_position_embeddings(self) -> int:
+        return int(self.hf_config.get("max_position_embeddings", DEFAULT_MAX_LEN))
+
+    def page_format(self, block_size: int, dtype: str, e_layers: tuple[int, ...] | None = None) -> PageFormat:
+        return PageFormat.for_model(*kv_shape(self.hf_config), block_size, dtype, e_layers)
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    name: str
+    synthetic: bool
+    models: tuple[str, ...]          # base first
+    _specs: dict = field(compare=False, repr=False, default_factory=dict)
+
+    @property
+    def base(self) -> str:
+        return self.models[0]
+
+    def model(self, name: str, **synthetic_overrides) -> ModelSpec:
+        """overrides (synthetic families only) shrink shapes for tests on small machines."""
+        if name not in self.models:
+            raise KvRelayError(f"family {self.name!r} has models {list(self.models)}, not {name!r}")
+        if synthetic_overrides:
+            if not self.synthetic:
+                raise KvRelayError(f"family {self.name!r} is built on disk: its shapes cannot be overridden")
+            from kvrelay.model import synthetic
+            hf, seeds = synthetic.spec(self.name, **synthetic_overrides)
+            return ModelSpec.random(self.name, name, hf, seeds[name])
+        if name not in self._specs:
+            self._specs[name] = self._load(name)
+        return self._specs[name]
+
+    def _load(self, name: str) -> ModelSpec:
+        if self.synthetic:
+            from kvrelay.model import synthetic
+            hf, seeds = synthetic.spec(self.name)
+            return ModelSpec.random(self.name, name, hf, seeds[name])
+        from kvrelay.families import load_family
+        return ModelSpec.from_dir(name, load_family(self.name).model_dir(name), self.name)
+
+    def tokenizer_dir(self) -> Path | None:
+        """Where the family's (shared) tokenizer is; None for synthetic families (token ids as text)."""
+        return None if self.synthetic else self.model(self.base).model_dir
+
+
+def family_spec(name: str) -> FamilySpec:
+    """A family by name, synthetic or built (FamilyNotBuilt naming the build command if not on disk)."""
+    from kvrelay.model import synthetic
+    if synthetic.is_synthetic(name):
+        return FamilySpec(name, True, tuple(synthetic.spec(name)[1]))
+    from kvrelay.families import load_family
+    return FamilySpec(name, False, tuple(load_family(name).models))
+
+
+def is_synthetic(name: str) -> bool:
+    from kvrelay.model import synthetic
+    return synthetic.is_synthetic(name)

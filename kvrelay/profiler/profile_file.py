@@ -1,0 +1,284 @@
+"""The profile file: the one place that defines, reads, writes and checks its schema.
+
+Path convention: profiles/<family>/<sender>__<receiver>.json (see `path_for`). Contents (FORMAT 1):
+
+    format                 1
+    family, sender, receiver
+    sender_fingerprint, receiver_fingerprint    the models' fingerprints when profiled
+    num_layers             receiver layers
+    stride                 group boundaries lie on multiples of this
+    max_group_layers       longest group scored (the profiler caps group length; said here)
+    dataset                {kind, split, samples, seed, context_tokens: [lo, hi],
+                            context_tokens_seen: [min, max], max_tokens, sample_ids}
+    metric                 {name, description, tokens}; `quality` values are on a 0-100 scale
+    configs                every scored config: {plan: [[a, b], ...], layers_recomputed, quality,
+                            task_quality, f1, top1, kl, prefill_s}; plan [] = full reuse
+                            and, from profiler metric version 2: gap_shift, positions,
+                            predicted_exact, quality_bound (kvrelay.profiler.flips)
+    flip_model             {eps, confidence, gaps, near_ties, density_upper}, or null/absent
+    frontier               the Pareto frontier of configs (fewer layers and higher quality dominate),
+                            by layers recomputed ascending: {plan, layers_recomputed, quality}; quality
+                            is quality_bound where configs have it (observed_quality beside it)
+    baselines              {full_prefill: {layers_recomputed: L, quality, task_quality, prefill_s},
+                            full_reuse: {layers_recomputed: 0, quality, task_quality, prefill_s}}
+    command                the command line that produced it
+    kvrelay_version, created (UTC ISO 8601), seconds (wall time of the run)
+
+No torch import here: the online selector reads these files.
+"""
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from kvrelay.errors import KvRelayError
+from kvrelay.model.plan import RecomputePlan
+
+FORMAT = 1
+SUFFIX = ".json"
+PARTIAL_SUFFIX = ".partial.json"
+
+_TOP = {
+    "format": int, "family": str, "sender": str, "receiver": str, "sender_fingerprint": str,
+    "receiver_fingerprint": str, "num_layers": int, "stride": int, "max_group_layers": int,
+    "dataset": dict, "metric": dict, "configs": list, "frontier": list, "baselines": dict,
+    "command": str, "kvrelay_version": str, "created": str,
+}
+_DATASET = {"kind": str, "split": str, "samples": int, "context_tokens": list}
+_METRIC = {"name": str, "description": str}
+_BASELINES = ("full_prefill", "full_reuse")
+
+
+class ProfileError(KvRelayError):
+    """A profile file that is missing, unreadable or does not follow the schema."""
+
+
+def path_for(profiles_dir: str | Path, family: str, sender: str, receiver: str) -> Path:
+    return Path(profiles_dir) / family / f"{sender}__{receiver}{SUFFIX}"
+
+
+def pairs_in(profiles_dir: str | Path, family: str) -> list[tuple[str, str, Path]]:
+    """(sender, receiver, path) of every profile file of `family` under profiles_dir (partial
+    results of an unfinished run excluded), by file name."""
+    root = Path(profiles_dir) / family
+    out = []
+    for f in sorted(root.glob(f"*__*{SUFFIX}")) if root.is_dir() else []:
+        if not f.name.endswith(PARTIAL_SUFFIX):
+            s, _, r = f.name[: -len(SUFFIX)].partition("__")
+            out.append((s, r, f))
+    return out
+
+
+def fixed(family: str, sender: str, receiver: str, sender_fp: str, receiver_fp: str, num_layers: int,
+          plan: RecomputePlan, command: str) -> dict:
+    """A profile whose only point is `plan`, at quality 100 by fiat: the selector then always picks it.
+    For throughput runs that impose a plan (`kvrelay loadtest --plan`); nothing in it was measured."""
+    point = {"plan": plan.to_list(), "layers_recomputed": plan.num_recomputed, "quality": 100.0}
+    return {
+        "format": FORMAT, "family": family, "sender": sender, "receiver": receiver,
+        "sender_fingerprint": sender_fp, "receiver_fingerprint": receiver_fp, "num_layers": num_layers,
+        "stride": 1, "max_group_layers": num_layers,
+        "dataset": {"kind": f"none: fixed by `{command}`", "split": "profile", "samples": 0, "context_tokens": [0, 0]},
+        "metric": {"name": "fixed", "description": "not measured: a plan imposed for a throughput run"},
+        "configs": [point], "frontier": [point],
+        "baselines": {"full_prefill": {"layers_recomputed": num_layers, "quality": 100.0},
+                      "full_reuse": {"layers_recomputed": 0, "quality": 0.0}},
+        "command": command, "kvrelay_version": kvrelay_version(), "created": now_utc(),
+    }
+
+
+def partial_path(out: str | Path) -> Path:
+    """Where a profiler run keeps its partial results: next to --out, so a rerun continues."""
+    out = Path(out)
+    name = out.name[: -len(SUFFIX)] if out.name.endswith(SUFFIX) else out.name
+    return out.with_name(name + PARTIAL_SUFFIX)
+
+
+@dataclass(frozen=True)
+class Point:
+    plan: RecomputePlan
+    layers: int
+    quality: float
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A validated profile: the raw dict plus typed views the selector uses."""
+    data: dict
+    path: Path | None = None
+
+    @property
+    def family(self) -> str:
+        return self.data["family"]
+
+    @property
+    def sender(self) -> str:
+        return self.data["sender"]
+
+    @property
+    def receiver(self) -> str:
+        return self.data["receiver"]
+
+    @property
+    def num_layers(self) -> int:
+        return self.data["num_layers"]
+
+    @functools.cached_property
+    def frontier(self) -> list[Point]:
+        return [Point(RecomputePlan.from_list(f["plan"]), f["layers_recomputed"], float(f["quality"]))
+                for f in self.data["frontier"]]
+
+    @property
+    def configs(self) -> list[Point]:
+        return [Point(RecomputePlan.from_list(c["plan"]), c["layers_recomputed"], float(c["quality"]))
+                for c in self.data["configs"]]
+
+    @property
+    def full_prefill_quality(self) -> float:
+        return float(self.data["baselines"]["full_prefill"]["quality"])
+
+    @property
+    def full_reuse_quality(self) -> float:
+        return float(self.data["baselines"]["full_reuse"]["quality"])
+
+
+# --- frontier ------------------------------------------------------------------------------------
+
+def selection_quality(c: dict) -> float:
+    """The quality the frontier and the selector go by: `quality_bound` (observed agreement capped
+    by the flip model's prediction) where the profile has it, else the observed `quality`."""
+    return c.get("quality_bound", c["quality"])
+
+
+def pareto_frontier(configs: list[dict]) -> list[dict]:
+    """Configs not dominated by another (one with no more layers and no less selection quality,
+    better in one), sorted by layers recomputed; of equal (layers, quality) the one with the lowest
+    "kl" (if given), then the first listed, is kept. A frontier point's `quality` is its selection
+    quality (`observed_quality` beside it where they differ in kind)."""
+    order = sorted(range(len(configs)), key=lambda i: (configs[i]["layers_recomputed"],
+                                                       -selection_quality(configs[i]),
+                                                       configs[i].get("kl", 0.0), i))
+    out, best = [], -math.inf
+    for i in order:
+        c = configs[i]
+        q = selection_quality(c)
+        if q > best:
+            point = {"plan": c["plan"], "layers_recomputed": c["layers_recomputed"], "quality": q}
+            if "quality_bound" in c:
+                point["observed_quality"] = c["quality"]
+            out.append(point)
+            best = q
+    return out
+
+
+# --- validation ----------------------------------------------------------------------------------
+
+def _where(path) -> str:
+    return f"profile {path}" if path else "profile"
+
+
+def _need(d: dict, spec: dict, what: str, where: str) -> None:
+    if not isinstance(d, dict):
+        raise ProfileError(f"{where}: {what} must be an object, got {type(d).__name__}")
+    missing = [k for k in spec if k not in d]
+    if missing:
+        raise ProfileError(f"{where}: {what} lacks field(s) {', '.join(missing)}")
+    for k, t in spec.items():
+        v = d[k]
+        ok = isinstance(v, t) and not (t is int and isinstance(v, bool))
+        if t is float:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        if not ok:
+            raise ProfileError(f"{where}: {what}.{k} must be {t.__name__}, got {v!r}")
+
+
+def _check_point(p: dict, L: int, what: str, where: str) -> None:
+    _need(p, {"plan": list, "layers_recomputed": int, "quality": float}, what, where)
+    try:
+        plan = RecomputePlan.from_list(p["plan"]).validate(L)
+    except KvRelayError as e:
+        raise ProfileError(f"{where}: {what}.plan {p['plan']!r}: {e}") from None
+    if plan.num_recomputed != p["layers_recomputed"]:
+        raise ProfileError(f"{where}: {what}: plan {plan} recomputes {plan.num_recomputed} layers, "
+                           f"but layers_recomputed says {p['layers_recomputed']}")
+
+
+def validate(data, path=None) -> dict:
+    """Check a parsed profile against the schema; ProfileError naming the first problem."""
+    where = _where(path)
+    _need(data, _TOP, "the profile", where)
+    if data["format"] != FORMAT:
+        raise ProfileError(f"{where}: format {data['format']} is not supported (this kvrelay reads format {FORMAT})")
+    L = data["num_layers"]
+    if L < 1 or data["stride"] < 1 or data["max_group_layers"] < 1:
+        raise ProfileError(f"{where}: num_layers, stride and max_group_layers must be >= 1")
+    _need(data["dataset"], _DATASET, "dataset", where)
+    _need(data["metric"], _METRIC, "metric", where)
+    if not data["configs"]:
+        raise ProfileError(f"{where}: no scored configs")
+    for i, c in enumerate(data["configs"]):
+        _check_point(c, L, f"configs[{i}]", where)
+    if not data["frontier"]:
+        raise ProfileError(f"{where}: empty frontier")
+    prev = None
+    for i, f in enumerate(data["frontier"]):
+        _check_point(f, L, f"frontier[{i}]", where)
+        if prev is not None and not (f["layers_recomputed"] > prev["layers_recomputed"] and f["quality"] > prev["quality"]):
+            raise ProfileError(f"{where}: frontier must rise strictly in layers and quality; "
+                               f"frontier[{i}] does not")
+        prev = f
+    for b in _BASELINES:
+        if b not in data["baselines"]:
+            raise ProfileError(f"{where}: baselines lacks {b}")
+        _need(data["baselines"][b], {"layers_recomputed": int, "quality": float}, f"baselines.{b}", where)
+    return data
+
+
+# --- load / save ---------------------------------------------------------------------------------
+
+def load(path: str | Path) -> Profile:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ProfileError(f"no profile at {path}") from None
+    except OSError as e:
+        raise ProfileError(f"cannot read profile {path}: {e}") from None
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise ProfileError(f"profile {path} is not valid JSON: {e}") from None
+    return Profile(validate(data, path), path)
+
+
+def save(data: dict, path: str | Path) -> Path:
+    """Validate and write atomically (a reader never sees half a file)."""
+    path = Path(path)
+    validate(data, path)
+    write_json_atomic(data, path)
+    return path
+
+
+def write_json_atomic(data: dict, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def now_utc() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def kvrelay_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("kvrelay")
+    except Exception:
+        return "unknown"

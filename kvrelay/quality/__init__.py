@@ -1,0 +1,1 @@
+"""Quality: task and agreement scores, the evaluation datasets, and `kvrelay eval`."""

@@ -1,0 +1,1 @@
+"""Running a real tritonserver (repository, process, supervision) and talking to it (client, query, demo)."""

@@ -1,0 +1,162 @@
+"""A deployment: which family, which variants on which devices, which page store and profiles.
+
+Read from a TOML file (deploy/*.toml) or made from defaults for a family; the Triton model
+repository is generated from it, and every Triton model reads the resolved JSON copy at start-up.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from kvrelay.errors import KvRelayError
+from kvrelay.model.kv_format import DTYPES, PageFormat
+from kvrelay.units import parse_bytes
+
+@dataclass(slots=True)
+class ModelDeployment:
+    name: str
+    device: str = "cpu"
+    dtype: str = "float32"
+    instances: int = 1
+    kv_cache_bytes: int = 512 << 20
+    threads: int = 0                     # CPU intra-op threads per instance; 0 = share the cores (cpu_threads)
+
+
+@dataclass(slots=True)
+class Deployment:
+    family: str
+    models: list[ModelDeployment]
+    store: str = "memory:1GiB"
+    profiles_dir: str = ""               # "" = the checkout's profiles/
+    block_size: int = 16
+    quality_target: float = 0.01         # selector: within 1% of the receiver's own quality
+    slo_s: float | None = None           # per-request prefill SLO for the selector's idle rule
+    max_tokens_limit: int = 1024         # largest max_tokens a request may ask
+    max_input_chars: int = 200_000       # refuse absurd text before tokenizing it
+    orchestrator_instances: int = 1
+    sharing: bool = True                 # False: every variant prefills itself (the no-sharing baseline)
+    coalesce: bool = True                # wait for an in-flight prefill of the same context (routing.InFlightPrefills)
+    publish: bool = True                 # False: read the page store, never write to it (a read-only replica)
+    prefix_caching: bool = True          # False: engines keep no prefix cache (vLLM --no-enable-prefix-caching)
+    variant_entry_points: bool = True    # each variant also served under its own Triton model name
+    shared_prefix_cache: bool = False    # True: a tenant's prefix-cache hits may come from another tenant's blocks
+                                         # (faster repeats across tenants, but B can time what A sent)
+    extra: dict = field(default_factory=dict)
+
+    def model(self, name: str) -> ModelDeployment:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise KvRelayError(f"unknown model {name!r}; this deployment serves {self.model_names}")
+
+    @property
+    def model_names(self) -> list[str]:
+        return [m.name for m in self.models]
+
+    def cpu_threads(self, name: str, cpus: int | None = None) -> int:
+        """Intra-op threads for one CPU instance of `name`: its own setting, else the machine's cores
+        split over every CPU engine instance. Each engine is its own process; if each took every core,
+        concurrent prefills would oversubscribe them (measured: 4 engines x 2 threads on 2 cores ran
+        8 concurrent 3k-token prefills in 80 s, 1 thread each in 55 s)."""
+        m = self.model(name)
+        if m.threads:
+            return m.threads
+        engines = sum(x.instances for x in self.models if x.device == "cpu")
+        return max(1, (cpus or os.cpu_count() or 1) // max(1, engines))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Deployment":
+        d = json.loads(text)
+        d["models"] = [ModelDeployment(**m) for m in d["models"]]
+        return cls(**d)
+
+
+def for_family(family: str, **overrides) -> Deployment:
+    """Every model of the family on the CPU with default settings."""
+    from kvrelay.model.spec import family_spec
+    return Deployment(family=family, models=[ModelDeployment(m) for m in family_spec(family).models], **overrides)
+
+
+def load(path: str | Path) -> Deployment:
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise KvRelayError(f"deployment file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise KvRelayError(f"{path}: not valid TOML: {e}") from None
+    if "family" not in raw:
+        raise KvRelayError(f"{path}: 'family' is required")
+    defaults = raw.pop("defaults", {})
+    models_raw = raw.pop("models", None)
+    from kvrelay.model.spec import family_spec
+    known = list(family_spec(raw["family"]).models)
+    names = list(models_raw) if models_raw else known
+    models = []
+    for n in names:
+        if n not in known:
+            raise KvRelayError(f"{path}: family {raw['family']!r} has no model {n!r} (it has {known})")
+        spec = {**defaults, **((models_raw or {}).get(n) or {})}
+        if "kv_cache_bytes" in spec:
+            spec["kv_cache_bytes"] = parse_bytes(spec["kv_cache_bytes"])
+        try:
+            models.append(ModelDeployment(n, **spec))
+        except TypeError as e:
+            raise KvRelayError(f"{path}: [models.{n}]: {e}") from None
+    try:
+        dep = Deployment(models=models, **raw)
+    except TypeError as e:
+        raise KvRelayError(f"{path}: {e}") from None
+    validate(dep)
+    return dep
+
+
+def validate(dep: Deployment) -> Deployment:
+    if not dep.models:
+        raise KvRelayError("a deployment needs at least one model")
+    for m in dep.models:
+        if m.instances < 1:
+            raise KvRelayError(f"model {m.name}: instances must be >= 1")
+        if m.threads < 0:
+            raise KvRelayError(f"model {m.name}: threads must be >= 0 (0 = split the cores between engines)")
+        if m.dtype not in DTYPES:
+            raise KvRelayError(f"model {m.name}: dtype must be one of {', '.join(DTYPES)}")
+    if dep.block_size < 1 or dep.block_size & (dep.block_size - 1):
+        raise KvRelayError("block_size must be a power of two")
+    return dep
+
+
+@dataclass(frozen=True, slots=True)
+class ModelIdentity:
+    """What the orchestrator must know of a variant without loading it."""
+    name: str
+    model_id: str
+    fingerprint: str
+    page_format: PageFormat
+    max_model_len: int
+
+    @property
+    def num_layers(self) -> int:
+        return self.page_format.num_layers
+
+    @property
+    def weights(self) -> str:
+        """The weights digest (model_id is name@digest)."""
+        return self.model_id.partition("@")[2]
+
+
+def identities(dep: Deployment) -> dict[str, ModelIdentity]:
+    from kvrelay.model.spec import family_spec
+    fam = family_spec(dep.family)
+    out = {}
+    for m in dep.models:
+        spec = fam.model(m.name)
+        out[m.name] = ModelIdentity(m.name, spec.model_id, spec.fingerprint, spec.page_format(dep.block_size, m.dtype),
+                                    spec.max_position_embeddings)
+    return out
