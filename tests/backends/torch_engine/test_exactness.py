@@ -5,6 +5,8 @@
 - sender == receiver is lossless whatever the plan;
 - token-by-token decode == a full forward; paged == unpaged attention; our model == transformers.
 """
+import random
+
 import pytest
 import torch
 
@@ -35,14 +37,21 @@ def _run(engine, prompt, plan=None, donor=None, rid="r"):
     return out.logits[0], out.pages, out.prefill
 
 
+# transformers computes with other kernels (fused SDPA, its own RoPE and norm order of operations):
+# over 40 random 48-token inputs on smol code, max |logit difference| had median 5.9e-5 and
+# reached 2.7e-4 once (random.Random(15) below, on the smol family built here), so the engine-vs-
+# engine tolerance above made this test fail about 1 run in 40. A wrong mask or layer is off by >1e-1.
+ATOL_HF = 1e-3
+
+
 def test_engine_matches_transformers(pair, rng):
     from transformers import LlamaForCausalLM
     family, S, R = pair
-    toks = _tokens(rng, R, 48)
     hf = LlamaForCausalLM.from_pretrained(str(R.model_dir), dtype=torch.float32).eval()
-    with torch.no_grad():
-        ref = hf(torch.tensor([toks])).logits[0]
-    assert (R.forward_dense(toks) - ref).abs().max() < ATOL
+    for toks in (_tokens(rng, R, 48), _tokens(random.Random(15), R, 48)):
+        with torch.no_grad():
+            ref = hf(torch.tensor([toks])).logits[0]
+        assert (R.forward_dense(toks) - ref).abs().max() < ATOL_HF
 
 
 def test_recompute_all_layers_equals_receiver_full_prefill(pair, rng):
