@@ -55,7 +55,7 @@ FAMILY_CONTEXT = {"tiny": 200, "smol": 96}   # context tokens per exactness case
 @pytest.fixture(scope="session", params=["tiny", "smol"])
 def pair(request):
     """(family name, sender engine, receiver engine) for both families."""
-    from kvrelay.backends.torch_engine.config import EngineConfig
+    from kvrelay.model.engine_api import EngineConfig
     from kvrelay.backends.torch_engine.engine import TorchEngine
     if request.param == "tiny":
         fam = request.getfixturevalue("tiny_family")

@@ -1,4 +1,5 @@
-"""Model and engine configuration (nano-vllm style: plain slotted dataclasses)."""
+"""Model configuration (nano-vllm style: a plain slotted dataclass). The engine settings every
+backend takes, EngineConfig, live in kvrelay.model.engine_api."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -49,17 +50,3 @@ class ModelConfig:
     @classmethod
     def from_dir(cls, model_dir: Path) -> "ModelConfig":
         return cls.from_hf(read_hf_config(model_dir))
-
-
-@dataclass(slots=True)
-class EngineConfig:
-    device: str = "cpu"
-    dtype: str = "float32"            # float32 | bfloat16 | float16
-    block_size: int = 16
-    kv_cache_bytes: int = 2 << 30     # KV + E pool cap; sets the number of blocks
-    max_num_seqs: int = 64            # sequences decoding together (continuous batching)
-    max_prefill_tokens: int = 8192    # prompt tokens prefilled per step before decoding resumes
-    max_model_len: int | None = None  # default: the model's max_position_embeddings
-    e_layers: tuple[int, ...] | None = None  # layers whose entering hidden state is kept for export;
-                                             # None = every 2nd layer (the profiler's stride-2 group starts)
-    prefix_caching: bool = True

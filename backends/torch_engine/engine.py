@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from kvrelay.model import fingerprint as fp
-from kvrelay.model.engine_api import DonorKV, PrefillInfo, Request, RequestOutput
+from kvrelay.model.engine_api import DonorKV, EngineConfig, PrefillInfo, Request, RequestOutput
 from kvrelay.errors import KvRelayError, PlanError
 from kvrelay.model.kv_format import DTYPES, KVPages, PageFormat, block_hashes, dtype_name, shared_blocks
 from kvrelay.model.spec import ModelSpec
@@ -23,7 +23,7 @@ from kvrelay.model.plan import RecomputePlan
 
 from .attention import DecodeAttention, DenseAttention, PagedKVPool, PrefillAttention
 from .block_manager import BlockManager
-from .config import EngineConfig, ModelConfig
+from .config import ModelConfig
 from .model import LlamaModel, load_weights, random_init
 from .sampler import sample
 

@@ -103,7 +103,7 @@ class _Bench:
     """One sender -> receiver pair, timed at one context length at a time."""
 
     def __init__(self, family, lengths, suffix, device, dtype, sender, receiver, st, synthetic_overrides):
-        from kvrelay.backends.torch_engine.config import EngineConfig
+        from kvrelay.model.engine_api import EngineConfig
         from kvrelay.model.engine_api import SamplingParams
         from kvrelay.model.engines import family_models, make_engine
         from kvrelay.errors import KvRelayError

@@ -30,7 +30,7 @@ def measure(family: str, sender: str, receiver: str, plan: str, prompts: list[li
     import torch
 
     from kvrelay.serving import deployment as dp
-    from kvrelay.backends.torch_engine.config import EngineConfig
+    from kvrelay.model.engine_api import EngineConfig
     from kvrelay.model.engine_api import Request, SamplingParams
     from kvrelay.model.engines import make_engine
     from kvrelay.model.plan import RecomputePlan

@@ -17,6 +17,21 @@ from kvrelay.model.plan import RecomputePlan
 
 
 @dataclass(slots=True)
+class EngineConfig:
+    """Engine settings any backend takes (the PyTorch engine reads them all)."""
+    device: str = "cpu"
+    dtype: str = "float32"            # float32 | bfloat16 | float16
+    block_size: int = 16
+    kv_cache_bytes: int = 2 << 30     # KV + E pool cap; sets the number of blocks
+    max_num_seqs: int = 64            # sequences decoding together (continuous batching)
+    max_prefill_tokens: int = 8192    # prompt tokens prefilled per step before decoding resumes
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    e_layers: tuple[int, ...] | None = None  # layers whose entering hidden state is kept for export;
+                                             # None = every 2nd layer (the profiler's stride-2 group starts)
+    prefix_caching: bool = True
+
+
+@dataclass(slots=True)
 class SamplingParams:
     max_tokens: int = 16
     temperature: float = 0.0          # 0 = greedy

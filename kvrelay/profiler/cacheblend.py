@@ -47,7 +47,7 @@ def blend(R, pages: KVPages, prompt: list[int], k: int, full_layers: int = FULL_
     if n == 0:  # nothing shared: the engine will prefill everything itself
         return pages.prefix(0), time.perf_counter() - t0, 0
     model, dev = R.model, R.device
-    dtype = R.pool.kv.dtype
+    dtype = R.page_format.torch_dtype
     kv = pages.kv[:nb].to(dev, dtype).clone()                   # [nb, L, 2, H, B, D]
 
     def donor_layer(l):                                         # -> K, V [H, n, D]
@@ -91,7 +91,8 @@ def blend(R, pages: KVPages, prompt: list[int], k: int, full_layers: int = FULL_
                                                    attn_mask=mask, enable_gqa=q.shape[1] != H)
                 return o[0].transpose(0, 1)
             hs = model.layers[l](hs, cs, ss, attn, l)
-    R._sync()
+    if dev.type == "cuda":   # the timing covers the work, not its launch
+        torch.cuda.synchronize(dev)
     out_fmt = PageFormat(**{**fmt.to_dict(), "e_layers": ()})
     e = torch.empty((nb, 0, B, fmt.hidden_size), dtype=kv.dtype, device=kv.device)
     blended = KVPages(out_fmt, f"{pages.producer}+cacheblend", pages.fingerprint, list(pages.tokens[:n]), kv, e)

@@ -45,13 +45,12 @@ def prepare(tok, sample: Sample) -> Prepared:
 def engine_config(model_dir, max_context: int, max_tokens: int, concurrent: int):
     """An EngineConfig without prefix caching (every run does its work; repeats are not answered
     from cache), with a KV pool sized for `concurrent` sequences of this length."""
-    from kvrelay.backends.torch_engine.config import EngineConfig, ModelConfig
+    from kvrelay.model.engine_api import EngineConfig
     from kvrelay.model.kv_format import PageFormat
+    from kvrelay.model.spec import kv_shape, read_hf_config
 
     cfg = EngineConfig(prefix_caching=False)
-    m = ModelConfig.from_dir(model_dir)
-    fmt = PageFormat(m.num_layers, m.num_kv_heads, m.head_dim, m.hidden_size, cfg.block_size, cfg.dtype,
-                     tuple(range(2, m.num_layers, 2)))
+    fmt = PageFormat.for_model(*kv_shape(read_hf_config(model_dir)), cfg.block_size, cfg.dtype)
     per_seq = math.ceil((max_context + SUFFIX_ALLOWANCE + max_tokens) / cfg.block_size) + 1
     cfg.kv_cache_bytes = fmt.page_bytes * per_seq * (concurrent + 1)
     return cfg

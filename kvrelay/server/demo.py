@@ -99,7 +99,7 @@ def run_server(args) -> int:
 
 
 def run_in_process(args) -> int:
-    from kvrelay.backends.torch_engine.config import EngineConfig
+    from kvrelay.model.engine_api import EngineConfig
     from kvrelay.bench.prefill import plan_for
     from kvrelay.model.engine_api import Request, SamplingParams
     from kvrelay.model.engines import make_engine

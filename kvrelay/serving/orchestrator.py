@@ -271,7 +271,7 @@ def split_stops(flat) -> tuple[tuple[int, ...], ...]:
 
 
 def build_engines(dep: dp.Deployment) -> dict:
-    from kvrelay.backends.torch_engine.config import EngineConfig
+    from kvrelay.model.engine_api import EngineConfig
     from kvrelay.model.engines import make_engine
     out = {}
     for m in dep.models:

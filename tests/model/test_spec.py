@@ -11,7 +11,7 @@ SMALL = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_att
 
 
 def test_built_family_identity_is_the_engines(tiny_family):
-    from kvrelay.backends.torch_engine.config import EngineConfig
+    from kvrelay.model.engine_api import EngineConfig
     fam = family_spec("tiny")
     assert not fam.synthetic and fam.models == tuple(tiny_family.models) and fam.base == "base"
     ids = dp.identities(dp.for_family("tiny"))

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kvrelay.backends.torch_engine.config import EngineConfig
+from kvrelay.model.engine_api import EngineConfig
 from kvrelay.backends.torch_engine.engine import TorchEngine
 from kvrelay.model.engine_api import Request, SamplingParams
 from kvrelay.errors import FingerprintMismatch, KvRelayError, PlanError
