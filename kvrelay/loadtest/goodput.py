@@ -384,6 +384,7 @@ def resummarize(out_dir: Path, slo_ttft: float | None = None) -> dict:
         results, full_modes = old["pairs"], {}
         for r in results.values():
             full_modes[r["receiver"]] = r["modes"].pop("full")
+        _fill_event_rates(Path(out_dir), results, full_modes)
         names = {f.name for f in dataclasses.fields(Settings)}
         st = Settings(**{k: v for k, v in old["settings"].items() if k in names})
         st.slo_ttft = slo_ttft
@@ -393,6 +394,22 @@ def resummarize(out_dir: Path, slo_ttft: float | None = None) -> dict:
     old.update(new)
     report.write_json(old, path)
     return old
+
+
+def _fill_event_rates(out_dir: Path, results: dict, full_modes: dict) -> None:
+    """Points of runs from before the measured event rates get them from requests.jsonl."""
+    path = out_dir / "requests.jsonl"
+    if not path.exists():
+        return
+    recs = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    modes = [(name, "full", full_modes[r["receiver"]], r["receiver"]) for name, r in results.items()]
+    modes += [(name, m, md, r["receiver"]) for name, r in results.items() for m, md in r["modes"].items()]
+    for name, mode, md, receiver in modes:
+        for i, p in enumerate(md["points"]):
+            if "arrival_rps" not in p:
+                own = [x for x in recs if x.get("mode") == mode and x.get("point") == i and x.get("model") == receiver
+                       and (mode == "full" or x.get("pair") == name)]
+                p.update(gs.event_rates(own))
 
 
 def argparse_ns(args):

@@ -10,8 +10,11 @@ Definitions (the goodput scenario, DroidSpeak section 5.1 / Fig 15):
                2011): both axes scaled to [0, 1] over the sweep (the idle point at rate 0 included),
                the knee is the point furthest below the diagonal (max of x - y)
   SLO          p90 TTFT at that knee (or given). A point meets it when its p90 TTFT (envelope) does
-               and the server kept up (achieved >= 0.85 x offered rate: a short point offered more
-               than the server takes ends before its queue shows in the latency); goodput = the
+               and the server kept up (its completion rate >= 0.85 x the point's arrival rate, both
+               (n - 1) / span of the point's own events: a short point offered more than the server
+               takes ends before its queue shows in the latency. Measured, not nominal: a Poisson
+               draw of 9 arrivals where 13 were expected is not the server falling behind, nor is
+               the drain of the last request after the arrivals stop); goodput = the
                highest offered rate that meets it, interpolated linearly towards the next point when
                that one misses on latency; a sweep whose highest rate still meets it gives that
                rate, marked lower_bound
@@ -45,6 +48,7 @@ def point_stats(records: list[dict], offered_rps: float, window_s: float, refere
     out = {
         "offered_rps": round(offered_rps, 5),
         "achieved_rps": round(len(ok) / window_s, 5) if window_s > 0 else 0.0,
+        **event_rates(records),
         "requests": len(records), "ok": len(ok), "errors": len(records) - len(ok),
         "error_messages": dict(errors.most_common(3)),
         "window_s": round(window_s, 2),
@@ -57,6 +61,27 @@ def point_stats(records: list[dict], offered_rps: float, window_s: float, refere
     if reference is not None:
         out["agreement"] = agreement(ok, reference)
     return out
+
+
+def rate_of(times: list[float]) -> float | None:
+    """(n - 1) / span of n event times: a Poisson rate estimated from the events themselves."""
+    if len(times) < 2:
+        return None
+    span = max(times) - min(times)
+    return round((len(times) - 1) / span, 5) if span > 0 else None
+
+
+def event_rates(records: list[dict]) -> dict:
+    """The point's measured arrival rate (request starts) and completion rate (successful ends)."""
+    return {"arrival_rps": rate_of([r["start_s"] for r in records if r.get("start_s") is not None]),
+            "completion_rps": rate_of([r["start_s"] + r["latency_s"] for r in records
+                                       if r.get("ok") and r.get("start_s") is not None])}
+
+
+def _kept_up(p: dict) -> bool:
+    if p.get("arrival_rps") and p.get("completion_rps") is not None:
+        return p["completion_rps"] >= KEPT_UP * p["arrival_rps"]
+    return p["achieved_rps"] >= KEPT_UP * p["offered_rps"]   # points measured before the event rates
 
 
 def agreement(records: list[dict], reference: dict) -> dict:
@@ -100,13 +125,13 @@ def goodput(points: list[tuple[float, float | None]], slo_s: float, kept_up: lis
     return {"rps": round(xa + (x - xa) * (slo_s - ya) / (y - ya), 5), "lower_bound": False}
 
 
-KEPT_UP = 0.85   # achieved / offered rate at which a point counts as served, not cut short
+KEPT_UP = 0.85   # completion / arrival rate at which a point counts as served, not cut short
 
 
 def kept_up(mode: dict) -> list[bool]:
     """Aligned with curve(mode): the idle point, then the sweep points by rate."""
     pts = sorted(mode["points"], key=lambda p: p["offered_rps"])
-    return ([True] if mode.get("idle") else []) + [p["achieved_rps"] >= KEPT_UP * p["offered_rps"] for p in pts]
+    return ([True] if mode.get("idle") else []) + [_kept_up(p) for p in pts]
 
 
 def curve(mode: dict, key: str = "ttft_s", pct: str = "p90") -> list[tuple[float, float | None]]:

@@ -66,3 +66,23 @@ def test_a_point_the_server_did_not_keep_up_with_does_not_meet_the_slo():
     pts = gs.envelope(gs.curve(mode))
     assert gs.goodput(pts, 20.0, gs.kept_up(mode)) == {"rps": 0.3, "lower_bound": False}
     assert gs.goodput(pts, 20.0) == {"rps": 0.5, "lower_bound": True}     # what the latency alone would claim
+
+
+def _recs(starts, latency):
+    return [{"ok": True, "start_s": s, "latency_s": latency, "ttft_s": 1.0, "output_tokens": 2, "route": "full",
+             "route_reason": "miss", "context_id": 0, "text": "x"} for s in starts]
+
+
+def test_keeping_up_is_judged_on_the_points_own_arrivals_not_the_nominal_rate():
+    # the base->code run's full prefill at a nominal 0.044 req/s: the Poisson draw sent 9 requests
+    # over ~300 s (0.027/s), every one answered in turn; achieved/offered (0.029/0.044) called that
+    # falling behind and put the SLO's goodput at the rate below
+    calm = gs.point_stats(_recs([i * 37.0 for i in range(9)], 14.0), 0.0444, 343.0)
+    assert calm["arrival_rps"] == pytest.approx(1 / 37.0, rel=1e-3) and calm["completion_rps"] == calm["arrival_rps"]
+    assert calm["achieved_rps"] < 0.85 * calm["offered_rps"]
+    # saturated: arrivals every 2 s, but the server finishes one request every 14 s
+    busy = [{**r, "latency_s": 14.0 * (i + 1) - 2.0 * i} for i, r in enumerate(_recs([i * 2.0 for i in range(10)], 0))]
+    sat = gs.point_stats(busy, 0.5, 140.0)
+    assert sat["completion_rps"] == pytest.approx(1 / 14.0, rel=1e-3) and sat["arrival_rps"] == pytest.approx(0.5)
+    mode = {"idle": {"ttft_s": {"p90": 1.0}}, "points": [calm, sat]}
+    assert gs.kept_up(mode) == [True, True, False]
