@@ -73,7 +73,8 @@ def add_arguments(p):
     p.add_argument("--out", help="results directory (default ./loadtest-results/<timestamp>)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     g = p.add_argument_group("goodput scenario")
-    g.add_argument("--pairs", help="SENDER:RECEIVER,... (default: every ordered pair the selector would reuse)")
+    g.add_argument("--pairs", help="SENDER:RECEIVER,... (default: every ordered pair the selector would reuse whose "
+                                   "profile predicts its plan's agreement (flip model); else every pair it would reuse)")
     g.add_argument("--modes", help="full,plan,reuse (default all three; full is required: it sets the SLO)")
     g.add_argument("--slo-ttft", type=float, help="p90 TTFT SLO in seconds (default: the knee of full prefill's curve)")
     g.add_argument("--point-requests", type=int, help="requests per rate point (default 10; --quick 4)")

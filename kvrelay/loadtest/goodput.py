@@ -70,7 +70,9 @@ def parse_pairs(text: str, models: list[str]) -> list[tuple[str, str]]:
 
 def choose_pairs(dep, ids: dict, requested: str | None, context_tokens: int, log) -> list[Pair]:
     """The pairs to measure, each with the plan the serving selector picks for it. Default: every
-    ordered pair whose profile the selector would reuse."""
+    ordered pair whose profile the selector would reuse and that was scored with the flip model
+    (its plan's exact agreement predicted, kvrelay.profiler.flips); when no profile of the family
+    is, every pair the selector would reuse."""
     from kvrelay.paths import profiles_dir
     from kvrelay.serving.selector import Selector
     sel = Selector(profiles_dir(dep.profiles_dir), dep.family, quality_target=dep.quality_target)
@@ -84,6 +86,13 @@ def choose_pairs(dep, ids: dict, requested: str | None, context_tokens: int, log
                 raise KvRelayError(f"--pairs {s}:{r}: the selector would not reuse {s}'s KV for {r} ({c.reason})")
             continue
         out.append(Pair(s, r, str(c.plan), c.plan.num_recomputed, c.reason))
+    if not requested:
+        predicted = [p for p in out if sel.profile(p.sender, p.receiver).data.get("flip_model")]
+        if predicted and len(predicted) < len(out):
+            left = [p.name for p in out if p not in predicted]
+            log(f"pairs left out: {', '.join(left)} (profiles scored before the flip model: how often their "
+                "plans keep full prefill's text is not predicted; --pairs measures them anyway)")
+            out = predicted
     if not out:
         raise KvRelayError(f"no pair of {dep.family} has a profile the selector would reuse (see `kvrelay profile`)")
     log("pairs: " + ", ".join(f"{p.name} (plan {p.plan}, {p.layers_recomputed} layers)" for p in out))

@@ -73,3 +73,23 @@ def test_an_earlier_run_is_resummarized_at_another_slo_without_measuring(result)
     assert again["slo"] == {"ttft_s": 1e-6, "how": "given (--slo-ttft)"}
     assert again["goodput_rps"] == {"full": 0.0, "plan": 0.0, "reuse": 0.0}
     assert again["modes"]["full"]["points"] == s["pairs"]["code->base"]["modes"]["full"]["points"]
+
+
+def test_by_default_only_pairs_whose_plans_are_predicted_to_hold(tiny_family, tmp_path):
+    from kvrelay.loadtest.goodput import choose_pairs
+    from kvrelay.profiler import profile_file as pf
+    from kvrelay.serving import deployment as dp
+    for s, r in (("base", "code"), ("code", "base"), ("base", "legal")):
+        write_profile(tmp_path, "tiny", s, r, tiny_family.fingerprint, 8, RecomputePlan(((2, 4),)))
+    path = pf.path_for(tmp_path, "tiny", "code", "base")
+    d = json.loads(path.read_text())
+    d["flip_model"] = {"eps": 0.5, "confidence": 0.95, "gaps": 72, "near_ties": 14, "density_upper": 0.61}
+    pf.save(d, path)
+    dep = dp.for_family("tiny", profiles_dir=str(tmp_path))
+    ids, said = dp.identities(dep), []
+    assert [p.name for p in choose_pairs(dep, ids, None, 1024, said.append)] == ["code->base"]
+    assert "left out: base->code, base->legal" in said[0]
+    # asked for by name, a pair is measured either way
+    assert [p.name for p in choose_pairs(dep, ids, "base:legal", 1024, said.append)] == ["base->legal"]
+    pf.path_for(tmp_path, "tiny", "code", "base").unlink()      # none predicted: every reusable pair
+    assert [p.name for p in choose_pairs(dep, ids, None, 1024, said.append)] == ["base->code", "base->legal"]
