@@ -46,16 +46,27 @@ def test_the_timing_side_channel_is_gone(isolated):
     """Bob's latency on a context alice just sent equals his latency on a fresh one (within noise),
     while alice's own repeat is measurably faster: the measurement can see a hit."""
     shared, fresh, own = [], [], []
-    for i in range(5):
+
+    def timed(tokens, tenant):
+        # each full prefill publishes its pages in the background: let that finish first, or the
+        # next request pays for it and the order of the two, not a cache hit, decides the timing
+        isolated.router.flush()
+        return ask(isolated, tokens, tenant)[1]
+
+    for i in range(7):
         ctx_a, ctx_f = context(100 + i, 48), context(200 + i, 48)
         ask(isolated, ctx_a + [1], "alice")
-        shared.append(ask(isolated, ctx_a + [2], "bob")[1])
-        fresh.append(ask(isolated, ctx_f + [2], "bob")[1])
-        own.append(ask(isolated, ctx_a + [3], "alice")[1])
+        pair = [(shared, ctx_a), (fresh, ctx_f)]
+        for out, ctx in (pair if i % 2 else pair[::-1]):   # alternate which of bob's two goes first
+            out.append(timed(ctx + [2], "bob"))
+        own.append(timed(ctx_a + [3], "alice"))
     s, f, o = (statistics.median(x) for x in (shared, fresh, own))
     print(f"bob on alice's context {s * 1e3:.1f} ms, bob fresh {f * 1e3:.1f} ms, alice's repeat {o * 1e3:.1f} ms")
     assert o < 0.7 * f, "a prefix hit should be measurably faster here, else this test cannot see the channel"
-    assert 0.7 * f < s < 1.4 * f
+    # The channel would make bob's request on alice's context as fast as a hit (o, 7-18 ms here against
+    # 60-120 ms for a miss). Medians of 7 on a shared 2-core machine still differ by up to 1.6x between
+    # two misses (measured beside a profiler run), so the band is wide; what it must rule out is a hit.
+    assert s > 2 * o and 0.5 * f < s < 2 * f
 
 
 def test_sharing_across_tenants_is_an_opt_in(test_profiles):
