@@ -35,7 +35,7 @@ RUN pip install torch==2.13.0 \
 # Weights (unless the family is synthetic), and the model repository generated once at build time so a
 # bad deployment fails the build, not the first start.
 RUN python3 -c "import tomllib,sys; f=tomllib.load(open(sys.argv[1],'rb'))['family']; \
-from kvrelay.model.spec import is_synthetic; from kvrelay.families import ensure_built; \
+from kvrelay.model.synthetic import is_synthetic; from kvrelay.families import ensure_built; \
 None if is_synthetic(f) else ensure_built(f)" "${DEPLOYMENT}" \
  && kvrelay repo --deployment "${DEPLOYMENT}" --out /tmp/models-check && rm -rf /tmp/models-check \
  && mkdir -p "${KVRELAY_HOME}/serve" && chown -R triton-server:triton-server "${KVRELAY_HOME}"

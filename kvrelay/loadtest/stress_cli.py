@@ -40,7 +40,7 @@ def add_arguments(p):
 
 def _contexts(family: str, n: int):
     from kvrelay.loadtest import stress
-    from kvrelay.model.spec import is_synthetic
+    from kvrelay.model.synthetic import is_synthetic
     return stress.token_contexts(n) if is_synthetic(family) else stress.source_contexts(n)
 
 

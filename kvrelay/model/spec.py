@@ -94,6 +94,7 @@ class FamilySpec:
     name: str
     synthetic: bool
     models: tuple[str, ...]          # base first
+    dirs: dict = field(compare=False, repr=False, default_factory=dict)     # built: model -> its directory
     _specs: dict = field(compare=False, repr=False, default_factory=dict)
 
     @property
@@ -107,24 +108,20 @@ class FamilySpec:
         if synthetic_overrides:
             if not self.synthetic:
                 raise KvRelayError(f"family {self.name!r} is built on disk: its shapes cannot be overridden")
-            from kvrelay.model import synthetic
-            hf, seeds = synthetic.spec(self.name, **synthetic_overrides)
-            return ModelSpec.random(self.name, name, hf, seeds[name])
+            return self._random(name, synthetic_overrides)
         if name not in self._specs:
-            self._specs[name] = self._load(name)
+            self._specs[name] = self._random(name, {}) if self.synthetic else \
+                ModelSpec.from_dir(name, self.dirs[name], self.name)
         return self._specs[name]
 
-    def _load(self, name: str) -> ModelSpec:
-        if self.synthetic:
-            from kvrelay.model import synthetic
-            hf, seeds = synthetic.spec(self.name)
-            return ModelSpec.random(self.name, name, hf, seeds[name])
-        from kvrelay.families import load_family
-        return ModelSpec.from_dir(name, load_family(self.name).model_dir(name), self.name)
+    def _random(self, name: str, overrides: dict) -> ModelSpec:
+        from kvrelay.model import synthetic
+        hf, seeds = synthetic.spec(self.name, **overrides)
+        return ModelSpec.random(self.name, name, hf, seeds[name])
 
     def tokenizer_dir(self) -> Path | None:
         """Where the family's (shared) tokenizer is; None for synthetic families (token ids as text)."""
-        return None if self.synthetic else self.model(self.base).model_dir
+        return None if self.synthetic else self.dirs[self.base]
 
 
 def family_spec(name: str) -> FamilySpec:
@@ -133,9 +130,5 @@ def family_spec(name: str) -> FamilySpec:
     if synthetic.is_synthetic(name):
         return FamilySpec(name, True, tuple(synthetic.spec(name)[1]))
     from kvrelay.families import load_family
-    return FamilySpec(name, False, tuple(load_family(name).models))
-
-
-def is_synthetic(name: str) -> bool:
-    from kvrelay.model import synthetic
-    return synthetic.is_synthetic(name)
+    fam = load_family(name)
+    return FamilySpec(name, False, tuple(fam.models), dict(fam.models))

@@ -43,7 +43,7 @@ def resolve(args):
 
 
 def _ensure_family(family: str) -> None:
-    from kvrelay.model.spec import is_synthetic
+    from kvrelay.model.synthetic import is_synthetic
     if not is_synthetic(family):
         from kvrelay.families import ensure_built
         ensure_built(family)
