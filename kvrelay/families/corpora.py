@@ -4,6 +4,8 @@ Domains:
   code   the running interpreter's standard library sources (``sysconfig`` "stdlib", ``*.py``)
   docs   the Python documentation sources of Debian's ``python3.11-doc`` (``*.rst.txt``)
   legal  Debian package copyright files (``/usr/share/doc/*/copyright``)
+  changelog  Debian package changelogs (``/usr/share/doc/*/changelog.Debian.gz``): release notes, the
+         fourth domain of the ``smol-lora`` family
 
 ``load_documents(domain)`` gives the documents in a deterministic order; ``split(docs, part)``
 assigns each document to exactly one of "train" (fine-tuning), "profile" and "heldout"
@@ -22,7 +24,9 @@ from pathlib import Path
 
 from kvrelay.errors import KvRelayError, SourceMissing
 
-DOMAINS: tuple[str, ...] = ("code", "docs", "legal")
+DOMAINS: tuple[str, ...] = ("code", "docs", "legal", "changelog")
+# The domains the first families (tiny, smol, smol-quick) were built and evaluated on: their builds stay as they were.
+FIRST_DOMAINS: tuple[str, ...] = ("code", "docs", "legal")
 PARTS: tuple[str, ...] = ("train", "profile", "heldout")
 # Percent of documents in each part, in PARTS order.
 SPLIT_PERCENT: tuple[int, ...] = (70, 10, 20)
@@ -32,6 +36,7 @@ MIN_CHARS = 200
 # Source locations, module-level so tests (and unusual machines) can point them elsewhere.
 DOCS_SOURCES = Path("/usr/share/doc/python3.11/html/_sources")
 LEGAL_GLOB = "/usr/share/doc/*/copyright"
+CHANGELOG_GLOB = "/usr/share/doc/*/changelog.Debian.gz"
 
 
 def code_root() -> Path:
@@ -50,8 +55,12 @@ class Document:
 
 def _read(path: Path) -> str | None:
     try:
+        if path.suffix == ".gz":
+            import gzip
+            with gzip.open(path, "rb") as f:
+                return f.read().decode("utf-8", errors="replace")
         return path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
+    except (OSError, EOFError):
         return None
 
 
@@ -110,7 +119,18 @@ def _legal_paths() -> list[tuple[str, Path]]:
     return [(f"{p.parent.name}/{p.name}", p) for p in files]
 
 
-_PATHS = {"code": _code_paths, "docs": _docs_paths, "legal": _legal_paths}
+def _changelog_paths() -> list[tuple[str, Path]]:
+    files = [Path(p) for p in sorted(glob.glob(CHANGELOG_GLOB))]
+    files = [p for p in files if p.is_file()]
+    if not files:
+        raise SourceMissing(f"corpus 'changelog': no package changelogs match {CHANGELOG_GLOB} "
+                            "(the system image strips /usr/share/doc; on Debian/Ubuntu remove the "
+                            "path-exclude for /usr/share/doc in /etc/dpkg/dpkg.cfg.d/ and reinstall packages)")
+    # "<package>/changelog.Debian.gz"
+    return [(f"{p.parent.name}/{p.name}", p) for p in files]
+
+
+_PATHS = {"code": _code_paths, "docs": _docs_paths, "legal": _legal_paths, "changelog": _changelog_paths}
 
 
 def _check_domain(domain: str) -> None:
@@ -135,7 +155,7 @@ def _load_cached(domain: str, key: tuple) -> tuple[Document, ...]:
 def _source_key(domain: str) -> tuple:
     # The cache is keyed by where the sources are, so pointing a source elsewhere (tests) re-reads.
     return {"code": lambda: (str(code_root()),), "docs": lambda: (str(DOCS_SOURCES),),
-            "legal": lambda: (LEGAL_GLOB,)}[domain]()
+            "legal": lambda: (LEGAL_GLOB,), "changelog": lambda: (CHANGELOG_GLOB,)}[domain]()
 
 
 def load_documents(domain: str) -> list[Document]:

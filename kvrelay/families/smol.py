@@ -57,7 +57,7 @@ def check_sources() -> None:
     from kvrelay.families import sources
 
     sources.gguf_path()
-    for d in corpora.DOMAINS:
+    for d in corpora.FIRST_DOMAINS:
         corpora.check_source(d)
 
 
@@ -77,7 +77,7 @@ def build(workdir: Path, progress: bool = True) -> dict:
     """Write the models into workdir/<model>; return per-model build info for family.json."""
     max_minutes, max_steps = budget()
     return build_recipe(workdir, Recipe(NAME, TRAINED_TOP_LAYERS, max_minutes, max_steps, EVAL_BLOCKS,
-                                        corpora.DOMAINS), progress)
+                                        corpora.FIRST_DOMAINS), progress)
 
 
 def build_recipe(workdir: Path, recipe: Recipe, progress: bool = True) -> dict:

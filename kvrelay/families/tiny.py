@@ -48,7 +48,7 @@ def build(workdir: Path, progress: bool = True) -> dict:
     config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                          pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
                          **ARCH)
-    heldout = {d: finetune.heldout_blocks(tok, d, EVAL_BLOCKS, BLOCK_LEN) for d in corpora.DOMAINS}
+    heldout = {d: finetune.heldout_blocks(tok, d, EVAL_BLOCKS, BLOCK_LEN) for d in corpora.FIRST_DOMAINS}
 
     def evaluate(model, label):
         return {d: round(finetune.mean_loss(model, b, batch_size=8, progress=progress,

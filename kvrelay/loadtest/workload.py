@@ -251,7 +251,7 @@ def text_contexts(tok, n: int, tokens: tuple[int, int], seed: int, log) -> tuple
 def corpus_contexts(tok, n: int, tokens: tuple[int, int], seed: int) -> list[Context]:
     from kvrelay.families import corpora
     rng = random.Random(f"kvrelay-loadtest-corpus:{seed}")
-    docs = {d: corpora.load_split(d, "heldout") for d in corpora.DOMAINS}
+    docs = {d: corpora.load_split(d, "heldout") for d in corpora.FIRST_DOMAINS}
     docs = {d: v for d, v in docs.items() if v}
     if not docs:
         raise KvRelayError("no held-out corpus documents to build contexts from")

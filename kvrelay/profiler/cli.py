@@ -3,6 +3,7 @@
     kvrelay profile --family smol --sender base --receiver code --out profiles/smol/base__code.json
     kvrelay profile plot profiles/smol/base__code.json [--out base__code.png]
     kvrelay profile check profiles/smol/base__code.json [--samples N] [--threshold 0.05]
+    kvrelay profile layers --family smol-lora [--sender S --receiver R] [--samples 4] [--out DIR]
 """
 from __future__ import annotations
 
@@ -10,12 +11,13 @@ import json
 import shlex
 import sys
 
-ACTIONS = ("plot", "check")
+ACTIONS = ("plot", "check", "layers")
 
 
 def add_arguments(p):
-    p.add_argument("action", nargs="*", metavar="[plot|check] PROFILE.json",
-                   help="no action: run the profiler; `plot PROFILE.json`: draw it; `check PROFILE.json`: drift check")
+    p.add_argument("action", nargs="*", metavar="[plot|check] PROFILE.json | layers",
+                   help="no action: run the profiler; `plot PROFILE.json`: draw it; `check PROFILE.json`: drift check; "
+                        "`layers`: the per-layer picture (reuse one layer, compute the rest) of a family's pairs")
     p.add_argument("--family", help="model family (profile)")
     p.add_argument("--sender", help="donor model (profile)")
     p.add_argument("--receiver", help="receiving model (profile)")
@@ -67,6 +69,8 @@ def run(args) -> int:
                            f"--receiver R --out FILE`, `kvrelay profile plot FILE` or `kvrelay profile check FILE`")
     if action is None:
         return _profile(args)
+    if action == "layers":
+        return _layers(args, rest)
     if len(rest) != 1:
         raise KvRelayError(f"`kvrelay profile {action}` takes exactly one PROFILE.json, got {len(rest)}")
     if action == "plot":
@@ -89,6 +93,38 @@ def run(args) -> int:
             print(f"kvrelay: profile drift: {m}", file=sys.stderr)
         return 1
     print("profile ok: no selectable plan fell beyond the threshold", file=sys.stderr)
+    return 0
+
+
+def _layers(args, rest) -> int:
+    """The per-layer picture (DroidSpeak Fig. 7) of one pair or every ordered pair of a family."""
+    from pathlib import Path
+
+    from kvrelay.errors import KvRelayError
+    from kvrelay.paths import profiles_dir
+    from kvrelay.profiler import layers
+
+    if rest:
+        raise KvRelayError(f"`kvrelay profile layers` takes no file argument, got {' '.join(rest)}")
+    if not args.family:
+        raise KvRelayError("kvrelay profile layers needs --family (e.g. --family smol-lora)")
+    if bool(args.sender) != bool(args.receiver):
+        raise KvRelayError("give both --sender and --receiver, or neither (every ordered pair)")
+    if args.sender and args.sender == args.receiver:
+        raise KvRelayError("--sender and --receiver must differ")
+    samples = args.samples or 4
+    if samples < 1:
+        raise KvRelayError(f"--samples must be >= 1, got {samples}")
+    ctx = parse_context_tokens(args.context_tokens if args.context_tokens != "1024-4096" else "512-768")
+    out_dir = Path(args.out) if args.out else Path(profiles_dir()) / args.family / "layers"
+    pairs = [(args.sender, args.receiver)] if args.sender else None
+    res = layers.measure(args.family, samples=samples, context_tokens=ctx, seed=args.seed or 0, pairs=pairs,
+                         progress=not args.no_progress)
+    layers.write(res, out_dir)
+    png = layers.plot(layers.load_dir(out_dir), out_dir.parent / "layers.png")
+    for (s, r), d in res.items():
+        print(f"{s}->{r}: critical layers {d['critical']} ({len(d['critical'])} of {d['num_layers']})")
+    print(f"wrote {len(res)} pairs under {out_dir}; picture {png}")
     return 0
 
 
