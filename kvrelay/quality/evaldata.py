@@ -38,7 +38,8 @@ DEFAULT_CONTEXT_TOKENS = (1024, 4096)
 # "mixed": (kind, domain) cycled in this order, so even a few samples cover every kind.
 MIXED_ORDER = (("qa", "legal"), ("code", "code"), ("summary", "docs"), ("qa", "code"),
                ("qa", "docs"), ("summary", "legal"))
-DOMAINS_OF = {"qa": ("legal", "docs", "code"), "summary": ("docs", "legal"), "code": ("code",)}
+DOMAINS_OF = {"qa": ("legal", "docs", "code", "changelog"), "summary": ("docs", "legal", "changelog"),
+              "code": ("code",)}
 QUESTIONS = {
     "summary": "Continue the text above: write its next lines.",
     "code": "Write the next line of the code above.",
@@ -152,7 +153,28 @@ def _code_facts(doc: corpora.Document) -> list[tuple[str, str, int, int]]:
     return out
 
 
-_FACTS = {"legal": _legal_facts, "docs": _docs_facts, "code": _code_facts}
+_CHANGE_HEAD = re.compile(r"^(\S+) \(([^)\s]{1,40})\) [^;\n]+; urgency=\w+[^\n]*$", re.M)
+_CHANGE_SIGN = re.compile(r"^ -- ([^<\n]{2,60}?) <[^>\n]+>  ([^\n]{10,60})$", re.M)
+
+
+def _changelog_facts(doc: corpora.Document) -> list[tuple[str, str, int, int]]:
+    """Per entry (a "pkg (version) dist; urgency=..." header up to its " -- name <mail>  date" line): who
+    signed a version, and when."""
+    out = []
+    for m in _CHANGE_HEAD.finditer(doc.text):
+        sign = _CHANGE_SIGN.search(doc.text, m.end())
+        nxt = _CHANGE_HEAD.search(doc.text, m.end())
+        if sign is None or (nxt is not None and nxt.start() < sign.start()):
+            continue
+        pkg, ver = m.group(1), m.group(2)
+        out.append((f"In the changelog of {pkg}, who signed the entry for version {ver}?", sign.group(1).strip(),
+                    m.start(), sign.end()))
+        out.append((f"In the changelog of {pkg}, on what date was the entry for version {ver} signed?",
+                    sign.group(2).strip(), m.start(), sign.end()))
+    return out
+
+
+_FACTS = {"legal": _legal_facts, "docs": _docs_facts, "code": _code_facts, "changelog": _changelog_facts}
 
 
 def _short(doc: corpora.Document) -> str:
@@ -321,7 +343,7 @@ def build(tok, kind: str = "mixed", split: str = "profile", n: int = 8, *,
     if domains:
         unknown = sorted(set(domains) - {d for ds in DOMAINS_OF.values() for d in ds})
         if unknown:
-            raise KvRelayError(f"unknown task domain(s) {', '.join(unknown)}; known: legal, docs, code")
+            raise KvRelayError(f"unknown task domain(s) {', '.join(unknown)}; known: legal, docs, code, changelog")
         order = [(k, d) for k, d in order if d in domains]
         if not order:
             raise KvRelayError(f"no {kind} task over domain(s) {', '.join(domains)}")

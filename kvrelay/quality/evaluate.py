@@ -33,7 +33,7 @@ def add_arguments(p):
     p.add_argument("--samples", type=int, default=16, help="samples (default 16)")
     p.add_argument("--kind", default="mixed", help="mixed | qa | summary | code (default mixed)")
     p.add_argument("--domains", default=None,
-                   help="task domains, comma-separated (legal, docs, code; `all`). Default: the receiver's "
+                   help="task domains, comma-separated (legal, docs, code, changelog; `all`). Default: the receiver's "
                         "fine-tuning domain when the family records one (a variant is judged on what it was "
                         "tuned for), else all")
     p.add_argument("--context-tokens", default=None,

@@ -90,3 +90,37 @@ def test_domains_keep_only_tasks_over_those_corpora(tok):
         evaldata.build(tok, "mixed", "heldout", 2, context_tokens=CTX, domains=("medical",))
     with pytest.raises(KvRelayError, match="no summary task over domain"):
         evaldata.build(tok, "summary", "heldout", 2, context_tokens=CTX, domains=("code",))
+
+
+CHANGELOG = """foo (1.2-1) unstable; urgency=medium
+
+  * New upstream release.
+
+ -- Ada Lovelace <ada@example.org>  Mon, 01 Mar 2021 10:00:00 +0100
+
+foo (1.1-2) unstable; urgency=low
+
+  * Fix the build.
+
+ -- Charles Babbage <cb@example.org>  Tue, 02 Feb 2021 09:00:00 +0000
+"""
+
+
+def test_changelog_facts_are_who_signed_which_version_and_when():
+    facts = evaldata._changelog_facts(corpora.Document("changelog:foo/changelog.Debian.gz", CHANGELOG))
+    qa = {q: a for q, a, _, _ in facts}
+    assert qa["In the changelog of foo, who signed the entry for version 1.2-1?"] == "Ada Lovelace"
+    assert qa["In the changelog of foo, on what date was the entry for version 1.1-2 signed?"] == \
+        "Tue, 02 Feb 2021 09:00:00 +0000"
+    for _, a, lo, hi in facts:
+        assert a in CHANGELOG[lo:hi]   # the span the context window keeps contains the answer
+
+
+def test_changelog_tasks_from_the_installed_changelogs(tok):
+    for kind in ("qa", "summary"):
+        samples = evaldata.build(tok, kind, "heldout", 3, context_tokens=CTX, seed=0, domains=("changelog",))
+        assert {s.domain for s in samples} == {"changelog"}
+        for s in samples:
+            assert corpora.part_of(s.doc) == "heldout"
+            if kind == "qa":
+                assert s.answer in s.context
