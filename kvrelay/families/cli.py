@@ -9,7 +9,8 @@ from kvrelay.families.registry import FAMILY_NAMES
 def add_arguments(parser) -> None:
     parser.add_argument("--family", required=True, choices=FAMILY_NAMES,
                         help="family to build: tiny (test models, 53 s on 2 quiet cores), smol (SmolLM2-135M + fine-tunes, "
-                             "19 min) or smol-quick (SmolLM2-135M + quick fine-tunes, the demo's, 156 s)")
+                             "19 min), smol-quick (SmolLM2-135M + quick fine-tunes, the demo's, 156 s) or smol-lora "
+                             "(SmolLM2-135M + four LoRA fine-tunes over every layer, about 18 min)")
     parser.add_argument("--force", action="store_true", help="rebuild even if the family is already built")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
 
@@ -18,6 +19,7 @@ def summary_lines(family) -> list[str]:
     """A short per-model summary from family.json (used by build and list)."""
     manifest = family.manifest()
     build = manifest.get("build", {})
+    weights = manifest.get("weights", {})
     base_loss = build.get(family.base, {}).get("heldout_loss", {})
     lines = []
     for m, d in family.models.items():
@@ -29,7 +31,13 @@ def summary_lines(family) -> list[str]:
             parts.append(f"(pretrained, converted in {b.get('seconds', '?')} s)")
         else:
             layers = f", layers {b['trained_layers'][0]}-{b['trained_layers'][1] - 1} trained" if b.get("trained_layers") else ""
+            if b.get("lora"):
+                lora = b["lora"]
+                layers = (f", LoRA r={lora['r']} alpha={lora['lora_alpha']} on {'/'.join(lora['target_modules'])} "
+                          f"of every layer, merged")
             parts.append(f"({b.get('steps', '?')} steps on {b.get('corpus', '?')}{layers}, {b.get('seconds', '?')} s)")
+        if weights.get(m):
+            parts.append(f"weights {weights[m]}")
         lines.append(" ".join(parts))
         loss = b.get("heldout_loss")
         if loss and m != family.base:
@@ -41,9 +49,10 @@ def summary_lines(family) -> list[str]:
 
 
 def run(args) -> int:
-    from kvrelay.families.registry import build_family, is_built
+    from kvrelay.families.registry import build_family, is_built, load_family
 
     already = is_built(args.family) and not args.force
+    before = load_family(args.family).manifest().get("weights", {}) if is_built(args.family) else {}
     t0 = time.monotonic()
     family = build_family(args.family, force=args.force, progress=not args.no_progress)
     took = time.monotonic() - t0
@@ -52,7 +61,21 @@ def run(args) -> int:
     print(f"  fingerprint {family.fingerprint}, base {family.base!r}, models: {', '.join(family.models)}")
     for line in summary_lines(family):
         print(line)
+    if before and not already:
+        print(rebuild_report(before, family.manifest().get("weights", {})))
     return 0
+
+
+def rebuild_report(before: dict, after: dict) -> str:
+    """A rebuild compared with the build it replaced: a build is defined by steps, seed and data, so
+    the same command gives the same weights digests (on one machine; across machines fp noise may
+    change the low bits of some weights, and `kvrelay profile check` re-scores profiles there)."""
+    same = [m for m in after if before.get(m) == after[m]]
+    other = [f"{m} {before.get(m, '-')} -> {after[m]}" for m in after if m not in same]
+    if not other:
+        return f"  rebuild reproduced the previous build: all {len(same)} weights digests equal"
+    return (f"  rebuild differs from the previous build for {len(other)} of {len(after)} models: {'; '.join(other)} "
+            "(profiles scored on the old weights are reported by `kvrelay models list` and the selector)")
 
 
 if __name__ == "__main__":

@@ -47,20 +47,24 @@ def profiles_match(family) -> str:
     if not files:
         return "none (kvrelay profile)"
     digests = {m: fp.weights_digest(family.model_dir(m)) for m in family.models}
-    same = unknown = broken = 0
+    same = verified = unknown = broken = 0
     for f in files:
         try:
             d = profile_file.load(f).data
         except profile_file.ProfileError:
             broken += 1
             continue
-        scored = (d.get("sender_weights"), d.get("receiver_weights"))
-        if not all(scored):
-            unknown += 1
-        elif scored == (digests.get(d["sender"]), digests.get(d["receiver"])):
+        status = profile_file.weights_status(d, (digests.get(d["sender"]), digests.get(d["receiver"])))
+        if status == "scored":
             same += 1
-    other = len(files) - same - unknown - broken
-    return (f"{len(files)} pairs: {same} scored on these weights, {other} on other weights, {unknown} without "
-            f"weights digests" + (f", {broken} unreadable (`kvrelay profile plot FILE` names the problem)" if broken
-                                  else "")
+        elif status == "verified":
+            verified += 1
+        elif status == "unknown":
+            unknown += 1
+    other = len(files) - same - verified - unknown - broken
+    same += verified
+    return (f"{len(files)} pairs: {same} match these weights" + (f" ({verified} verified by `profile check --record`)"
+                                                                 if verified else "")
+            + f", {other} scored on other weights, {unknown} without weights digests"
+            + (f", {broken} unreadable (`kvrelay profile plot FILE` names the problem)" if broken else "")
             + (" (`kvrelay profile check PROFILE` re-scores one here)" if same < len(files) else ""))

@@ -4,6 +4,9 @@ Fresh samples: the profile's dataset settings with another seed (default: the pr
 A plan is *selectable* when its profiled (selection) quality meets the selector's quality target; the
 check fails (exit 1) when a selectable plan's fresh agreement fell more than `threshold` (relative)
 below the agreement observed when profiling, or when the models' fingerprints no longer match the profile's.
+With record=True a passing check appends the weights it ran on to the profile's `verified_on`: the
+selector and `kvrelay models list` then count the profile as matching those weights (a profile from
+before weights digests, or one scored on another build, re-scored here).
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from kvrelay.errors import KvRelayError
 
 
 def check(profile_path: str | Path, samples: int | None = None, threshold: float = 0.05, seed: int | None = None,
-          quality_target: float = 0.01, batch: int = 16, progress: bool = True) -> dict:
+          quality_target: float = 0.01, batch: int = 16, progress: bool = True, record: bool = False) -> dict:
     from tqdm import tqdm
 
     from kvrelay.model import tokenizer as tk
@@ -80,7 +83,22 @@ def check(profile_path: str | Path, samples: int | None = None, threshold: float
             report["problems"].append(f"plan {p.plan} ({p.layers} layers): quality {observed:.1f} -> {fresh:.1f} "
                                       f"({-100 * drop:+.1f}%), beyond the {threshold:.0%} threshold")
     report["ok"] = not report["problems"]
+    weights = (fam_weights(fam, d["sender"]), fam_weights(fam, d["receiver"]))
+    report["weights"] = list(weights)
+    report["weights_status"] = profile_file.weights_status(d, weights)
+    if record and report["ok"]:
+        d.setdefault("verified_on", []).append({
+            "sender_weights": weights[0], "receiver_weights": weights[1], "samples": n, "seed": seed,
+            "max_tokens": max_tokens, "threshold": threshold, "created": profile_file.now_utc(),
+            "plans": [{k: p[k] for k in ("plan", "profiled", "fresh")} for p in report["plans"]]})
+        profile_file.save(d, profile_path)
+        report["recorded"] = True
     return report
+
+
+def fam_weights(fam, model: str) -> str:
+    from kvrelay.model import fingerprint
+    return fingerprint.weights_digest(fam.model_dir(model))
 
 
 def load_fp(fam, model: str) -> str:

@@ -38,6 +38,8 @@ def add_arguments(p):
     p.add_argument("--quality-target", type=float, default=0.01,
                    help="check: relative tolerance that makes a plan selectable (default 0.01)")
     p.add_argument("--json", action="store_true", help="check: print the report as JSON")
+    p.add_argument("--record", action="store_true",
+                   help="check: when it passes, record in the profile that it holds on the weights at hand")
     p.add_argument("--out", help="profile: the profile JSON to write; plot: the PNG (default: next to the JSON)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -79,7 +81,8 @@ def run(args) -> int:
         return 0
     from kvrelay.profiler.check import check
     rep = check(rest[0], samples=args.samples, threshold=args.threshold, seed=args.seed,
-                quality_target=args.quality_target, batch=args.batch, progress=not args.no_progress)
+                quality_target=args.quality_target, batch=args.batch, progress=not args.no_progress,
+                record=args.record)
     if args.json:
         print(json.dumps(rep, indent=1))
     else:
@@ -92,7 +95,10 @@ def run(args) -> int:
         for m in rep["problems"]:
             print(f"kvrelay: profile drift: {m}", file=sys.stderr)
         return 1
-    print("profile ok: no selectable plan fell beyond the threshold", file=sys.stderr)
+    print("profile ok: no selectable plan fell beyond the threshold"
+          + (f"; recorded as verified on weights {'/'.join(rep['weights'])}" if rep.get("recorded") else
+             f" (weights {'/'.join(rep['weights'])}: {rep['weights_status']}; --record records them)"),
+          file=sys.stderr)
     return 0
 
 

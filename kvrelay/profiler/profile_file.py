@@ -22,6 +22,10 @@ Path convention: profiles/<family>/<sender>__<receiver>.json (see `path_for`). C
     baselines              {full_prefill: {layers_recomputed: L, quality, task_quality, prefill_s},
                             full_reuse: {layers_recomputed: 0, quality, task_quality, prefill_s}}
     command                the command line that produced it
+    sender_weights, receiver_weights   weights digests of the models it was scored on (absent: older)
+    verified_on            optional list: weights a passing `kvrelay profile check --record` re-scored
+                            the frontier on: {sender_weights, receiver_weights, samples, seed, max_tokens,
+                            plans: [{plan, profiled, fresh}], created}
     kvrelay_version, created (UTC ISO 8601), seconds (wall time of the run)
 
 No torch import here: the online selector reads these files.
@@ -148,6 +152,18 @@ class Profile:
 
 
 # --- frontier ------------------------------------------------------------------------------------
+
+def weights_status(data: dict, weights: tuple[str, str]) -> str:
+    """How a profile relates to the (sender, receiver) weights at hand: "scored" (profiled on them),
+    "verified" (a passing `profile check --record` re-scored it on them), "other" (other weights) or
+    "unknown" (the profile predates weights digests and was never verified)."""
+    scored = (data.get("sender_weights"), data.get("receiver_weights"))
+    if scored == tuple(weights):
+        return "scored"
+    if any((v.get("sender_weights"), v.get("receiver_weights")) == tuple(weights) for v in data.get("verified_on") or []):
+        return "verified"
+    return "other" if all(scored) else "unknown"
+
 
 def selection_quality(c: dict) -> float:
     """The quality the frontier and the selector go by: `quality_bound` (observed agreement capped

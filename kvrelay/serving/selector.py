@@ -229,10 +229,11 @@ class Selector:
         tokenizer), but its quality figures were measured elsewhere: counted in `weights_mismatch`,
         logged once per pair. Profiles from before digests were recorded count as `weights_unknown`."""
         d = self.profile(sender, receiver).data
-        scored = (d.get("sender_weights", ""), d.get("receiver_weights", ""))
-        if scored == tuple(weights):
+        status = profile_file.weights_status(d, weights)
+        if status in ("scored", "verified"):
             return
-        key = WEIGHTS_UNKNOWN if not all(scored) else WEIGHTS_MISMATCH
+        scored = (d.get("sender_weights") or "", d.get("receiver_weights") or "")
+        key = WEIGHTS_UNKNOWN if status == "unknown" else WEIGHTS_MISMATCH
         with self._lock:
             self.fallbacks[key] += 1
             first = (sender, receiver, key) not in self._logged

@@ -32,7 +32,7 @@ def families_cli(monkeypatch):
 
 
 def test_names():
-    assert FAMILY_NAMES == ("tiny", "smol", "smol-quick")
+    assert FAMILY_NAMES == ("tiny", "smol", "smol-quick", "smol-lora")
 
 
 def test_tiny_loads(tiny):
@@ -210,7 +210,7 @@ def test_a_build_is_defined_by_steps_and_seed_and_a_time_limit_is_an_error():
 def test_models_list_says_which_profiles_were_scored_on_the_weights_built(tiny_family, families_cli, capsys):
     assert families_cli(["models", "list"]) == 0
     line = next(l for l in capsys.readouterr().out.splitlines() if l.strip().startswith("profiles:"))
-    assert "pairs:" in line and "scored on these weights" in line
+    assert "pairs:" in line and "match these weights" in line
 
 
 def test_interrupted_build_leaves_nothing(empty_home, monkeypatch):
@@ -312,3 +312,10 @@ def test_cli_list_counts_an_unreadable_profile_instead_of_crashing(families_cli,
     assert families_cli(["models", "list"]) == 0
     line = next(l for l in capsys.readouterr().out.splitlines() if "profiles:" in l)
     assert "1 unreadable" in line, line
+
+
+def test_rebuild_report_says_whether_the_weights_were_reproduced():
+    from kvrelay.families.cli import rebuild_report
+    assert "all 2 weights digests equal" in rebuild_report({"base": "a1", "code": "b2"}, {"base": "a1", "code": "b2"})
+    r = rebuild_report({"base": "a1", "code": "b2"}, {"base": "a1", "code": "c3"})
+    assert "differs" in r and "1 of 2" in r and "code b2 -> c3" in r

@@ -104,6 +104,31 @@ def test_check_passes_then_flags_drift(profiled, monkeypatch, capsys):
     assert "profile drift" in capsys.readouterr().err
 
 
+def test_check_record_marks_the_profile_verified_on_these_weights(profiled, tmp_path, monkeypatch, capsys):
+    d = json.loads(profiled.read_text())
+    d["sender_weights"], d["receiver_weights"] = "000000000000", "111111111111"   # scored on another build
+    prof = tmp_path / "other.json"
+    pf.save(d, prof)
+    loose = ["--samples", "1", "--quality-target", "0.9", "--no-progress"]
+    assert main(["profile", "check", str(prof), *loose]) == 0
+    assert "other; --record records them" in capsys.readouterr().err
+    assert "verified_on" not in json.loads(prof.read_text())           # not without --record
+    assert main(["profile", "check", str(prof), *loose, "--record"]) == 0
+    v = json.loads(prof.read_text())["verified_on"]
+    assert len(v) == 1 and v[0]["samples"] == 1 and v[0]["plans"]
+    from kvrelay.families import load_family
+    from kvrelay.model import fingerprint
+    fam = load_family("tiny")
+    here = tuple(fingerprint.weights_digest(fam.model_dir(m)) for m in (d["sender"], d["receiver"]))
+    assert (v[0]["sender_weights"], v[0]["receiver_weights"]) == here
+    assert pf.weights_status(pf.load(prof).data, here) == "verified"
+    # a failing check records nothing
+    real = scoring.score
+    monkeypatch.setattr(scoring, "score", lambda *a, **kw: {**real(*a, **kw), "quality": 10.0})
+    assert main(["profile", "check", str(prof), *loose, "--record"]) == 1
+    assert len(json.loads(prof.read_text())["verified_on"]) == 1
+
+
 def test_check_flags_stale_fingerprints(profiled, tmp_path, capsys):
     d = json.loads(profiled.read_text())
     d["receiver_fingerprint"] = "0000000000000000"

@@ -140,6 +140,16 @@ def test_a_profile_scored_on_other_weights_is_used_but_counted_and_logged_once(t
     assert sum("scored on other weights" in r.message for r in caplog.records) == 1
 
 
+def test_a_profile_verified_on_the_served_weights_counts_as_matching(tmp_path):
+    write(tmp_path, {**make_profile(), "sender_weights": "aaa", "receiver_weights": "bbb",
+                     "verified_on": [{"sender_weights": "aaa", "receiver_weights": "ccc"}]})
+    sel = Selector(tmp_path, "tiny")
+    sel.choose("base", "code", FP, FP, context_tokens=1024, weights=("aaa", "ccc"))
+    assert sel.fallbacks["profile scored on other weights"] == 0
+    sel.choose("base", "code", FP, FP, context_tokens=1024, weights=("aaa", "ddd"))
+    assert sel.fallbacks["profile scored on other weights"] == 1
+
+
 def test_a_profile_without_digests_counts_as_unknown_weights(profiles):
     sel = Selector(profiles, "tiny")
     assert sel.choose("base", "code", FP, FP, context_tokens=1024, weights=("a", "b")).plan is not None

@@ -1,0 +1,129 @@
+"""`smol-lora`: the real SmolLM2-135M-Instruct and four LoRA fine-tunes of it, every layer adapted.
+
+base       SmolLM2-135M-Instruct (the same conversion as `smol`'s base)
+code       + a LoRA adapter trained on Python standard library sources
+docs       + a LoRA adapter trained on the Python documentation sources (python3.11-doc)
+legal      + a LoRA adapter trained on Debian copyright files
+changelog  + a LoRA adapter trained on Debian package changelogs (release notes)
+
+This is how owners of real variants fine-tune a shared base (the paper's LoRA pairs: ultrachat SFT,
+Phi-3.5 and LoRA-Land adapters): Hugging Face PEFT, rank RANK adapters on the attention and MLP
+projections (q, k, v, o, gate, up, down) of all 30 layers, so every layer moves, unlike `smol`,
+whose variants train only their top layers and so leave the lower layers' KV exactly the base's.
+Each adapter trains for exactly MAX_STEPS AdamW steps on its domain's "train" part (seeded data
+order and seeded adapter init): the build is defined by steps, seed and data, never by the clock;
+past MAX_MINUTES per variant the build stops with an error. The adapter is saved as PEFT wrote it
+(<variant>/adapter/: adapter_config.json, adapter_model.safetensors) and then merged into full
+weights (<variant>/model.safetensors), which is what is served. Held-out loss on every domain for
+the base and the variant goes to <variant>/eval.json; the build fails if a variant does not beat the
+base on its own domain. family.json records the adapter config, steps, seeds and data per variant.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import time
+from pathlib import Path
+
+from kvrelay.families import corpora
+
+NAME = "smol-lora"
+BASE = "base"
+VARIANTS = ("code", "docs", "legal", "changelog")
+MODELS = (BASE,) + VARIANTS
+RECIPE = 1
+
+TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+RANK = 16
+ALPHA = 32
+DROPOUT = 0.0            # no dropout: a seeded build is then a function of steps, seed and data
+BLOCK_LEN = 256
+BATCH = 4
+LR = 1e-3                # LoRA's usual 1e-4..2e-4 is for thousands of steps; a CPU budget affords 60
+WARMUP = 5
+WEIGHT_DECAY = 0.0
+MAX_STEPS = 60           # about 4 minutes per variant on 2 quiet cores (3.9 s a step)
+MAX_MINUTES = 30.0       # a safety net only
+EVAL_BLOCKS = 12
+SEED = 3030
+
+
+def budget() -> tuple[float, int]:
+    minutes = float(os.environ.get("KVRELAY_SMOL_MAX_MINUTES") or MAX_MINUTES)
+    return minutes, MAX_STEPS
+
+
+def check_sources() -> None:
+    from kvrelay.families import sources
+
+    sources.gguf_path()
+    for d in VARIANTS:
+        corpora.check_source(d)
+    try:
+        import peft  # noqa: F401
+    except ImportError as e:
+        from kvrelay.errors import SourceMissing
+        raise SourceMissing(f"family {NAME!r} is built with Hugging Face PEFT, which is not installed ({e}); "
+                            "run: pip install peft (scripts/setup.sh installs it)") from None
+
+
+def lora_config() -> dict:
+    return dict(r=RANK, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules=list(TARGET_MODULES), bias="none",
+                task_type="CAUSAL_LM")
+
+
+def build(workdir: Path, progress: bool = True) -> dict:
+    """Write the models into workdir/<model>; return per-model build info for family.json."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from kvrelay.families import finetune, sources
+
+    max_minutes, max_steps = budget()
+    t0 = time.monotonic()
+    tok = sources.load_tokenizer()
+    base = sources.load_model(progress=progress)
+    finetune.save_model(base, tok, workdir / BASE)
+    convert_s = round(time.monotonic() - t0, 1)
+
+    heldout = {d: finetune.heldout_blocks(tok, d, EVAL_BLOCKS, BLOCK_LEN) for d in VARIANTS}
+
+    def evaluate(model, label):
+        return {d: round(finetune.mean_loss(model, b, batch_size=BATCH, progress=progress,
+                                            desc=f"{NAME}/{label} eval {d}"), 4)
+                for d, b in heldout.items()}
+
+    t = time.monotonic()
+    base_eval = evaluate(base, BASE)
+    finetune.write_eval(workdir / BASE, BASE, None, {BASE: base_eval}, EVAL_BLOCKS, BLOCK_LEN)
+    info: dict[str, dict] = {BASE: dict(seconds=convert_s, eval_seconds=round(time.monotonic() - t, 1), steps=0,
+                                        corpus=None, parent=None,
+                                        init=f"SmolLM2-135M-Instruct ({sources.GGUF_FILE}, dequantized to fp32)",
+                                        heldout_loss=base_eval)}
+
+    for k, variant in enumerate(VARIANTS):
+        seed = SEED + 100 * (k + 1)
+        torch.manual_seed(seed)   # the adapter's A matrices are drawn here (B starts at zero)
+        model = get_peft_model(copy.deepcopy(base), LoraConfig(**lora_config()))
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        blocks = finetune.token_blocks(tok, corpora.load_split(variant, "train"), max_steps * BATCH, BLOCK_LEN, seed)
+        res = finetune.train(model, blocks, max_steps=max_steps, batch_size=BATCH, lr=LR, seed=seed, warmup=WARMUP,
+                             weight_decay=WEIGHT_DECAY, max_seconds=max_minutes * 60, progress=progress,
+                             desc=f"{NAME}/{variant} LoRA fine-tune")
+        out = workdir / variant
+        model.save_pretrained(out / "adapter", safe_serialization=True)
+        merged = model.merge_and_unload()
+        t = time.monotonic()
+        var_eval = evaluate(merged, variant)
+        eval_s = round(time.monotonic() - t, 1)
+        finetune.require_improvement(NAME, variant, variant, base_eval[variant], var_eval[variant])
+        finetune.save_model(merged, tok, out)
+        finetune.write_eval(out, variant, variant, {BASE: base_eval, variant: var_eval}, EVAL_BLOCKS, BLOCK_LEN)
+        info[variant] = dict(seconds=res.seconds, eval_seconds=eval_s, steps=res.steps, corpus=variant, parent=BASE,
+                             data=f"corpora {variant!r} train part: {len(blocks)} blocks of {BLOCK_LEN} tokens, seed {seed}",
+                             seed=seed, lora=lora_config(), trainable_params=trainable, adapter="adapter/",
+                             merged=True, lr=LR, batch=BATCH, block_len=BLOCK_LEN, warmup=WARMUP, tokens=res.tokens,
+                             max_minutes=max_minutes, max_steps=max_steps,
+                             train_loss=[res.first_loss, res.last_loss], heldout_loss=var_eval)
+        del model, merged
+    return info
