@@ -3,7 +3,7 @@
     kvrelay profile --family smol --sender base --receiver code --out profiles/smol/base__code.json
     kvrelay profile plot profiles/smol/base__code.json [--out base__code.png]
     kvrelay profile check profiles/smol/base__code.json [--samples N] [--threshold 0.05]
-    kvrelay profile layers --family smol-lora [--sender S --receiver R] [--samples 4] [--out DIR]
+    kvrelay profile layers --family smol-lora [--sender S --receiver R] [--samples 3] [--out DIR]
 """
 from __future__ import annotations
 
@@ -118,10 +118,10 @@ def _layers(args, rest) -> int:
         raise KvRelayError("give both --sender and --receiver, or neither (every ordered pair)")
     if args.sender and args.sender == args.receiver:
         raise KvRelayError("--sender and --receiver must differ")
-    samples = args.samples or 4
+    samples = args.samples or 3
     if samples < 1:
         raise KvRelayError(f"--samples must be >= 1, got {samples}")
-    ctx = parse_context_tokens(args.context_tokens if args.context_tokens != "1024-4096" else "512-768")
+    ctx = parse_context_tokens(args.context_tokens if args.context_tokens != "1024-4096" else "256-384")
     out_dir = Path(args.out) if args.out else Path(profiles_dir()) / args.family / "layers"
     pairs = [(args.sender, args.receiver)] if args.sender else None
     res = layers.measure(args.family, samples=samples, context_tokens=ctx, seed=args.seed or 0, pairs=pairs,

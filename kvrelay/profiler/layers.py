@@ -11,7 +11,8 @@ K and V at L (||x_s - x_r|| / ||x_r||). A layer whose reuse costs much is a crit
 
 This runs the Hugging Face reference model, not the serving engine: the engine's plans restart a
 recompute group from the sender's hidden state, so it cannot express "only L reused". One sender
-forward and one receiver forward per sample per model, then one forward per (pair, layer), batched.
+forward per sample per model, then per (pair, layer) the receiver's forward from layer L up (below L
+it is the receiver's own, recorded once), consecutive layers batched.
 """
 from __future__ import annotations
 
@@ -55,18 +56,45 @@ def _kv_hooks(model, store: dict, replace: dict | None = None):
     return handles
 
 
-def _forward(model, ids, store=None, replace=None):
+def _forward(model, ids, store: dict, inputs: dict):
+    """The model's own forward; records every layer's K/V projections into `store` and every layer's
+    input (hidden state and keyword arguments, as HF passed them) into `inputs`."""
     import torch
-    handles = _kv_hooks(model, store if store is not None else {}, replace) if (store is not None or replace) else []
+    handles = _kv_hooks(model, store)
+
+    def pre(_m, args, kwargs, layer):
+        inputs[layer] = (args[0] if args else kwargs["hidden_states"], {k: v for k, v in kwargs.items()
+                                                                       if k != "hidden_states"})
+    for layer, block in enumerate(model.model.layers):
+        handles.append(block.register_forward_pre_hook(lambda m, a, k, layer=layer: pre(m, a, k, layer),
+                                                       with_kwargs=True))
     try:
         with torch.no_grad():
-            return model(input_ids=ids).logits.float()
+            return model(input_ids=ids, use_cache=False).logits.float()
     finally:
         for h in handles:
             h.remove()
 
 
-def measure(family: str, samples: int = 4, context_tokens: tuple[int, int] = (512, 768), seed: int = 0,
+def _forward_from(model, inputs: dict, start: int, replace: dict):
+    """Rows of the model's forward restarted at layer `start` from its own recorded input there (the
+    layers below a swap are the model's own), with the rows' K/V swaps of `replace`."""
+    import torch
+    rows = sum(1 for k in replace if k != "donor")
+    hidden, kwargs = inputs[start]
+    h = hidden.expand(rows, -1, -1).contiguous()
+    handles = _kv_hooks(model, {}, replace)
+    try:
+        with torch.no_grad():
+            for block in model.model.layers[start:]:
+                h = block(h, **kwargs)
+            return model.lm_head(model.model.norm(h)).float()
+    finally:
+        for hd in handles:
+            hd.remove()
+
+
+def measure(family: str, samples: int = 3, context_tokens: tuple[int, int] = (256, 384), seed: int = 0,
             pairs: list[tuple[str, str]] | None = None, batch: int = 6, progress: bool = True) -> dict:
     """{(sender, receiver): per-layer result} for `pairs` (default: every ordered pair)."""
     import torch
@@ -92,10 +120,10 @@ def measure(family: str, samples: int = 4, context_tokens: tuple[int, int] = (51
                file=sys.stderr, unit="pair")
     for s in data:
         ids = torch.tensor([tok(s.context, add_special_tokens=False)["input_ids"]])
-        kv, logp = {}, {}
+        kv, logp, inputs = {}, {}, {}
         for m, model in models.items():
-            kv[m] = {}
-            logp[m] = torch.log_softmax(_forward(model, ids, store=kv[m])[0], -1)
+            kv[m], inputs[m] = {}, {}
+            logp[m] = torch.log_softmax(_forward(model, ids, kv[m], inputs[m])[0], -1)
         positions += ids.shape[1]
         for snd, rcv in pairs:
             a = acc[(snd, rcv)]
@@ -108,7 +136,7 @@ def measure(family: str, samples: int = 4, context_tokens: tuple[int, int] = (51
             for start in range(0, num_layers, batch):
                 layers = list(range(start, min(num_layers, start + batch)))
                 replace = {"donor": kv[snd], **{l: [i] for i, l in enumerate(layers)}}
-                out = torch.log_softmax(_forward(models[rcv], ids.expand(len(layers), -1), replace=replace), -1)
+                out = torch.log_softmax(_forward_from(models[rcv], inputs[rcv], start, replace), -1)
                 for i, l in enumerate(layers):
                     a["kl"][l] += float((ref.exp() * (ref - out[i])).sum(-1).sum())
                     a["flip"][l] += float((out[i].argmax(-1) != top).sum()) * 100.0
