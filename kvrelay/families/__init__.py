@@ -4,8 +4,9 @@
     fam = ensure_built("tiny")          # builds into $KVRELAY_HOME/families/tiny on first use
     fam.model_dir("code")               # a Hugging Face model dir
 
-Families: "tiny" (random-init Llama for tests), "smol" (SmolLM2-135M-Instruct + fine-tunes) and
-"smol-quick" (the same recipe, small enough for the first-run demo).
+Families: "tiny" (random-init Llama for tests), "smol" (SmolLM2-135M-Instruct + top-layer fine-tunes),
+"smol-quick" (the same recipe, small enough for the first-run demo) and "smol-lora" (four PEFT LoRA
+fine-tunes over every layer, merged).
 Importing this package does not import torch.
 """
 from kvrelay.families.registry import (FAMILY_NAMES, Family, build_family, ensure_built, is_built,
