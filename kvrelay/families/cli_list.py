@@ -67,4 +67,4 @@ def profiles_match(family) -> str:
                                                                  if verified else "")
             + f", {other} scored on other weights, {unknown} without weights digests"
             + (f", {broken} unreadable (`kvrelay profile plot FILE` names the problem)" if broken else "")
-            + (" (`kvrelay profile check PROFILE` re-scores one here)" if same < len(files) else ""))
+            + (" (`kvrelay profile check PROFILE --record` re-scores one on these weights and records it)" if same < len(files) else ""))

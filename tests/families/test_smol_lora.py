@@ -1,4 +1,4 @@
-"""The smol-lora builder, shortened (2 steps, one variant, one eval block): PEFT LoRA adapters on
+"""The smol-lora builder, shortened (2 steps of 64-token blocks, one variant, one eval block): PEFT LoRA adapters on
 every layer's attention and MLP projections, kept beside merged weights, reproducible by seed."""
 import copy
 import json
@@ -22,6 +22,7 @@ def short_builds(tmp_path_factory):
     mp.setattr(smol_lora, "VARIANTS", ("code",))
     mp.setattr(smol_lora, "MAX_STEPS", 2)
     mp.setattr(smol_lora, "EVAL_BLOCKS", 1)
+    mp.setattr(smol_lora, "BLOCK_LEN", 64)
     # two steps need not beat the base: what the gate is given is checked instead
     gated = []
     mp.setattr("kvrelay.families.finetune.require_improvement", lambda *a: gated.append(a))
