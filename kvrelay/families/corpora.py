@@ -108,26 +108,23 @@ def _docs_paths() -> list[tuple[str, Path]]:
     return [(p.relative_to(root).as_posix(), p) for p in files]
 
 
-def _legal_paths() -> list[tuple[str, Path]]:
-    files = [Path(p) for p in sorted(glob.glob(LEGAL_GLOB))]
+def _package_doc_paths(domain: str, pattern: str, what: str) -> list[tuple[str, Path]]:
+    """Per-package files under /usr/share/doc, named "<package>/<file>"."""
+    files = [Path(p) for p in sorted(glob.glob(pattern))]
     files = [p for p in files if p.is_file()]
     if not files:
-        raise SourceMissing(f"corpus 'legal': no package copyright files match {LEGAL_GLOB} "
+        raise SourceMissing(f"corpus {domain!r}: no package {what} match {pattern} "
                             "(the system image strips /usr/share/doc; on Debian/Ubuntu remove the "
                             "path-exclude for /usr/share/doc in /etc/dpkg/dpkg.cfg.d/ and reinstall packages)")
-    # "<package>/copyright"
     return [(f"{p.parent.name}/{p.name}", p) for p in files]
+
+
+def _legal_paths() -> list[tuple[str, Path]]:
+    return _package_doc_paths("legal", LEGAL_GLOB, "copyright files")
 
 
 def _changelog_paths() -> list[tuple[str, Path]]:
-    files = [Path(p) for p in sorted(glob.glob(CHANGELOG_GLOB))]
-    files = [p for p in files if p.is_file()]
-    if not files:
-        raise SourceMissing(f"corpus 'changelog': no package changelogs match {CHANGELOG_GLOB} "
-                            "(the system image strips /usr/share/doc; on Debian/Ubuntu remove the "
-                            "path-exclude for /usr/share/doc in /etc/dpkg/dpkg.cfg.d/ and reinstall packages)")
-    # "<package>/changelog.Debian.gz"
-    return [(f"{p.parent.name}/{p.name}", p) for p in files]
+    return _package_doc_paths("changelog", CHANGELOG_GLOB, "changelogs")
 
 
 _PATHS = {"code": _code_paths, "docs": _docs_paths, "legal": _legal_paths, "changelog": _changelog_paths}
