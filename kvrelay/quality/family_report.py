@@ -26,7 +26,13 @@ def rows(family: str, eval_dir: Path) -> list[dict]:
     for s, r, path in profile_file.pairs_in(profiles_dir(), family):
         prof = profile_file.load(path)
         fr = prof.frontier
-        row = {"pair": f"{s}->{r}", "full_reuse_profiled": prof.full_reuse_quality,
+        d = prof.data
+        configs = d["configs"]
+        reuse = next(c for c in configs if not c["plan"])
+        best = max((c for c in configs if c["plan"]), key=profile_file.selection_quality)
+        row = {"pair": f"{s}->{r}", "samples": d["dataset"]["samples"], "max_group": d["max_group_layers"],
+               "full_reuse": (reuse["quality"], profile_file.selection_quality(reuse)),
+               "best": (best["plan"], best["layers_recomputed"], best["quality"], profile_file.selection_quality(best)),
                "frontier": [(p.layers, round(p.quality, 1)) for p in fr]}
         lay = root / "layers" / f"{s}__{r}.layers.json"
         if lay.is_file():
@@ -36,6 +42,18 @@ def rows(family: str, eval_dir: Path) -> list[dict]:
             row["eval"] = json.loads(ev.read_text())
         out.append(row)
     return out
+
+
+def profile_markdown(rs: list[dict]) -> str:
+    """What each profile found: full reuse and the best group, observed agreement / the flip model's bound."""
+    lines = ["| pair | samples x 16 tokens | groups up to | full reuse: observed / predicted | best group: observed / "
+             "predicted |", "|---|---|---|---|---|"]
+    for r in rs:
+        plan, layers, obs, bound = r["best"]
+        grp = ",".join(f"{a}-{b}" for a, b in plan)
+        lines.append(f"| {r['pair']} | {r['samples']} | {r['max_group']} layers | {r['full_reuse'][0]:.1f} / "
+                     f"{r['full_reuse'][1]:.1f} | {grp} ({layers} layers): {obs:.1f} / {bound:.1f} |")
+    return "\n".join(lines)
 
 
 def _cell(m: dict | None, full_task: float | None) -> str:
@@ -92,6 +110,8 @@ def main(argv=None) -> int:
     if not rs:
         print(f"no profiles for family {a.family!r} under {profiles_dir()}", file=sys.stderr)
         return 2
+    print(profile_markdown(rs))
+    print()
     print(markdown(rs))
     print()
     print(json.dumps(summary(rs)))
