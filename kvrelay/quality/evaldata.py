@@ -345,6 +345,8 @@ def build(tok, kind: str = "mixed", split: str = "profile", n: int = 8, *,
         if unknown:
             raise KvRelayError(f"unknown task domain(s) {', '.join(unknown)}; known: legal, docs, code, changelog")
         order = [(k, d) for k, d in order if d in domains]
+        if not order and kind == "mixed":   # a domain outside the fixed mixed order: each kind it has
+            order = [(k, d) for k in KINDS for d in DOMAINS_OF[k] if d in domains]
         if not order:
             raise KvRelayError(f"no {kind} task over domain(s) {', '.join(domains)}")
     tk = _Tok(tok)

@@ -124,3 +124,8 @@ def test_changelog_tasks_from_the_installed_changelogs(tok):
             assert corpora.part_of(s.doc) == "heldout"
             if kind == "qa":
                 assert s.answer in s.context
+
+
+def test_mixed_over_a_domain_outside_the_mixed_order_takes_each_kind_it_has(tok):
+    samples = evaldata.build(tok, "mixed", "heldout", 4, context_tokens=CTX, seed=0, domains=("changelog",))
+    assert {s.domain for s in samples} == {"changelog"} and {s.kind for s in samples} == {"qa", "summary"}
