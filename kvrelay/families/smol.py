@@ -83,31 +83,12 @@ def build(workdir: Path, progress: bool = True) -> dict:
 def build_recipe(workdir: Path, recipe: Recipe, progress: bool = True) -> dict:
     """The base converted from the GGUF, then each variant: the base's weights with its top layers
     trained on its domain for exactly recipe.max_steps steps (seeded), evaluated on recipe.eval_domains."""
-    from kvrelay.families import finetune, sources
+    from kvrelay.families import finetune
 
     name = recipe.name
-    t0 = time.monotonic()
-    tok = sources.load_tokenizer()
-    model = sources.load_model(progress=progress)
-    finetune.save_model(model, tok, workdir / BASE)
-    convert_s = round(time.monotonic() - t0, 1)
+    tok, model, evaluate, info = convert_base(workdir, name, recipe.eval_domains, recipe.eval_blocks, BLOCK_LEN,
+                                              progress)
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
-
-    heldout = {d: finetune.heldout_blocks(tok, d, recipe.eval_blocks, BLOCK_LEN) for d in recipe.eval_domains}
-
-    def evaluate(label):
-        return {d: round(finetune.mean_loss(model, b, batch_size=BATCH, progress=progress,
-                                            desc=f"{name}/{label} eval {d}"), 4)
-                for d, b in heldout.items()}
-
-    t = time.monotonic()
-    base_eval = evaluate(BASE)
-    finetune.write_eval(workdir / BASE, BASE, None, {BASE: base_eval}, recipe.eval_blocks, BLOCK_LEN)
-    info: dict[str, dict] = {BASE: dict(seconds=convert_s, eval_seconds=round(time.monotonic() - t, 1), steps=0,
-                                        corpus=None, parent=None,
-                                        init=f"SmolLM2-135M-Instruct ({sources.GGUF_FILE}, dequantized to fp32)",
-                                        heldout_loss=base_eval)}
-
     for k, variant in enumerate(recipe.trained_top_layers):
         model.load_state_dict(base_state)
         seed = SEED + 100 * (k + 1)
@@ -117,15 +98,54 @@ def build_recipe(workdir: Path, recipe: Recipe, progress: bool = True) -> dict:
         res = finetune.train(model, blocks, max_steps=recipe.max_steps, batch_size=BATCH, lr=recipe.lr, seed=seed,
                              warmup=WARMUP, weight_decay=WEIGHT_DECAY, max_seconds=recipe.max_minutes * 60,
                              progress=progress, desc=f"{name}/{variant} fine-tune")
-        t = time.monotonic()
-        var_eval = evaluate(variant)
-        eval_s = round(time.monotonic() - t, 1)
-        finetune.require_improvement(name, variant, variant, base_eval[variant], var_eval[variant])
-        finetune.save_model(model, tok, workdir / variant)
-        finetune.write_eval(workdir / variant, variant, variant, {BASE: base_eval, variant: var_eval},
-                            recipe.eval_blocks, BLOCK_LEN)
+        var_eval, eval_s = finish_variant(workdir, name, variant, model, tok, evaluate, info, recipe.eval_blocks,
+                                          BLOCK_LEN)
         info[variant] = dict(seconds=res.seconds, eval_seconds=eval_s, steps=res.steps, corpus=variant, parent=BASE,
                              trained_layers=list(trained), lr=recipe.lr, batch=BATCH, block_len=BLOCK_LEN, tokens=res.tokens,
                              max_minutes=recipe.max_minutes, max_steps=recipe.max_steps,
                              train_loss=[res.first_loss, res.last_loss], heldout_loss=var_eval)
     return info
+
+
+def convert_base(workdir: Path, name: str, eval_domains, eval_blocks: int, block_len: int, progress: bool):
+    """The base converted from the GGUF and saved to workdir/base, evaluated on held-out eval_domains.
+    Returns (tokenizer, base model, evaluate(model, label) -> {domain: loss}, build info {base: ...})."""
+    from kvrelay.families import finetune, sources
+
+    t0 = time.monotonic()
+    tok = sources.load_tokenizer()
+    model = sources.load_model(progress=progress)
+    finetune.save_model(model, tok, workdir / BASE)
+    convert_s = round(time.monotonic() - t0, 1)
+    heldout = {d: finetune.heldout_blocks(tok, d, eval_blocks, block_len) for d in eval_domains}
+
+    def evaluate(m, label):
+        return {d: round(finetune.mean_loss(m, b, batch_size=BATCH, progress=progress,
+                                            desc=f"{name}/{label} eval {d}"), 4)
+                for d, b in heldout.items()}
+
+    t = time.monotonic()
+    base_eval = evaluate(model, BASE)
+    finetune.write_eval(workdir / BASE, BASE, None, {BASE: base_eval}, eval_blocks, block_len)
+    info: dict[str, dict] = {BASE: dict(seconds=convert_s, eval_seconds=round(time.monotonic() - t, 1), steps=0,
+                                        corpus=None, parent=None,
+                                        init=f"SmolLM2-135M-Instruct ({sources.GGUF_FILE}, dequantized to fp32)",
+                                        heldout_loss=base_eval)}
+    return tok, model, evaluate, info
+
+
+def finish_variant(workdir: Path, name: str, variant: str, model, tok, evaluate, info: dict, eval_blocks: int,
+                   block_len: int) -> tuple[dict, float]:
+    """Evaluate a trained variant, fail the build unless it beats the base on its own domain, save it and
+    its eval.json. Returns (held-out losses, eval seconds)."""
+    from kvrelay.families import finetune
+
+    base_eval = info[BASE]["heldout_loss"]
+    t = time.monotonic()
+    var_eval = evaluate(model, variant)
+    eval_s = round(time.monotonic() - t, 1)
+    finetune.require_improvement(name, variant, variant, base_eval[variant], var_eval[variant])
+    finetune.save_model(model, tok, workdir / variant)
+    finetune.write_eval(workdir / variant, variant, variant, {BASE: base_eval, variant: var_eval}, eval_blocks,
+                        block_len)
+    return var_eval, eval_s

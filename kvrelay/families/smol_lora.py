@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import os
-import time
 from pathlib import Path
 
 from kvrelay.families import corpora
@@ -77,30 +76,10 @@ def build(workdir: Path, progress: bool = True) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from kvrelay.families import finetune, sources
+    from kvrelay.families import finetune, smol
 
     max_minutes, max_steps = budget()
-    t0 = time.monotonic()
-    tok = sources.load_tokenizer()
-    base = sources.load_model(progress=progress)
-    finetune.save_model(base, tok, workdir / BASE)
-    convert_s = round(time.monotonic() - t0, 1)
-
-    heldout = {d: finetune.heldout_blocks(tok, d, EVAL_BLOCKS, BLOCK_LEN) for d in VARIANTS}
-
-    def evaluate(model, label):
-        return {d: round(finetune.mean_loss(model, b, batch_size=BATCH, progress=progress,
-                                            desc=f"{NAME}/{label} eval {d}"), 4)
-                for d, b in heldout.items()}
-
-    t = time.monotonic()
-    base_eval = evaluate(base, BASE)
-    finetune.write_eval(workdir / BASE, BASE, None, {BASE: base_eval}, EVAL_BLOCKS, BLOCK_LEN)
-    info: dict[str, dict] = {BASE: dict(seconds=convert_s, eval_seconds=round(time.monotonic() - t, 1), steps=0,
-                                        corpus=None, parent=None,
-                                        init=f"SmolLM2-135M-Instruct ({sources.GGUF_FILE}, dequantized to fp32)",
-                                        heldout_loss=base_eval)}
-
+    tok, base, evaluate, info = smol.convert_base(workdir, NAME, VARIANTS, EVAL_BLOCKS, BLOCK_LEN, progress)
     for k, variant in enumerate(VARIANTS):
         seed = SEED + 100 * (k + 1)
         torch.manual_seed(seed)   # the adapter's A matrices are drawn here (B starts at zero)
@@ -113,12 +92,8 @@ def build(workdir: Path, progress: bool = True) -> dict:
         out = workdir / variant
         model.save_pretrained(out / "adapter", safe_serialization=True)
         merged = model.merge_and_unload()
-        t = time.monotonic()
-        var_eval = evaluate(merged, variant)
-        eval_s = round(time.monotonic() - t, 1)
-        finetune.require_improvement(NAME, variant, variant, base_eval[variant], var_eval[variant])
-        finetune.save_model(merged, tok, out)
-        finetune.write_eval(out, variant, variant, {BASE: base_eval, variant: var_eval}, EVAL_BLOCKS, BLOCK_LEN)
+        var_eval, eval_s = smol.finish_variant(workdir, NAME, variant, merged, tok, evaluate, info, EVAL_BLOCKS,
+                                               BLOCK_LEN)
         info[variant] = dict(seconds=res.seconds, eval_seconds=eval_s, steps=res.steps, corpus=variant, parent=BASE,
                              data=f"corpora {variant!r} train part: {len(blocks)} blocks of {BLOCK_LEN} tokens, seed {seed}",
                              seed=seed, lora=lora_config(), trainable_params=trainable, adapter="adapter/",
