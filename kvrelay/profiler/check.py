@@ -24,6 +24,7 @@ def check(profile_path: str | Path, samples: int | None = None, threshold: float
 
     from kvrelay.model import tokenizer as tk
     from kvrelay.model.engines import make_engine
+    from kvrelay.model.spec import ModelSpec
     from kvrelay.families import load_family
     from kvrelay.profiler import scoring
 
@@ -40,9 +41,8 @@ def check(profile_path: str | Path, samples: int | None = None, threshold: float
     tok = tk.load(fam.model_dir(d["receiver"]))
     report = {"profile": str(profile_path), "family": d["family"], "sender": d["sender"], "receiver": d["receiver"],
               "samples": n, "seed": seed, "threshold": threshold, "plans": [], "problems": []}
-    s_fp = load_fp(fam, d["sender"])
-    r_fp = load_fp(fam, d["receiver"])
-    if (s_fp, r_fp) != (d["sender_fingerprint"], d["receiver_fingerprint"]):
+    specs = [ModelSpec.from_dir(m, fam.model_dir(m), d["family"]) for m in (d["sender"], d["receiver"])]
+    if tuple(s.fingerprint for s in specs) != (d["sender_fingerprint"], d["receiver_fingerprint"]):
         report["problems"].append("the models' fingerprints differ from the profile's: re-profile")
         report["ok"] = False
         return report
@@ -83,7 +83,7 @@ def check(profile_path: str | Path, samples: int | None = None, threshold: float
             report["problems"].append(f"plan {p.plan} ({p.layers} layers): quality {observed:.1f} -> {fresh:.1f} "
                                       f"({-100 * drop:+.1f}%), beyond the {threshold:.0%} threshold")
     report["ok"] = not report["problems"]
-    weights = (fam_weights(fam, d["sender"]), fam_weights(fam, d["receiver"]))
+    weights = tuple(s.weights for s in specs)
     report["weights"] = list(weights)
     report["weights_status"] = profile_file.weights_status(d, weights)
     if record and report["ok"]:
@@ -94,13 +94,3 @@ def check(profile_path: str | Path, samples: int | None = None, threshold: float
         profile_file.save(d, profile_path)
         report["recorded"] = True
     return report
-
-
-def fam_weights(fam, model: str) -> str:
-    from kvrelay.model import fingerprint
-    return fingerprint.weights_digest(fam.model_dir(model))
-
-
-def load_fp(fam, model: str) -> str:
-    from kvrelay.model.spec import ModelSpec
-    return ModelSpec.from_dir(model, fam.model_dir(model)).fingerprint
