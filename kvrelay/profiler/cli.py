@@ -12,6 +12,8 @@ import shlex
 import sys
 
 ACTIONS = ("plot", "check", "layers")
+PROFILE_CONTEXT = "1024-4096"   # default --context-tokens of the profiler
+LAYERS_CONTEXT = "256-384"      # ... of `layers`: ~1000 positions in 3 samples, 30 forwards a pair each
 
 
 def add_arguments(p):
@@ -24,8 +26,8 @@ def add_arguments(p):
     p.add_argument("--stride", type=int, default=2, help="group boundaries on multiples of this (default 2)")
     p.add_argument("--samples", type=int, default=None,
                    help="profiling samples (profile: default 8; check: default the profile's count)")
-    p.add_argument("--context-tokens", default="1024-4096",
-                   help="context length in tokens, N or LO-HI drawn per sample (default 1024-4096)")
+    p.add_argument("--context-tokens", default=None,
+                   help="context length in tokens, N or LO-HI drawn per sample (default 1024-4096; layers: 256-384)")
     p.add_argument("--max-tokens", type=int, default=8,
                    help="greedy tokens generated per config, all compared with the receiver's own (default 8)")
     p.add_argument("--max-group", type=float, default=0.5,
@@ -56,7 +58,7 @@ def parse_context_tokens(text: str) -> tuple[int, int]:
 def _command(args) -> str:
     parts = ["kvrelay", "profile", "--family", args.family, "--sender", args.sender, "--receiver", args.receiver,
              "--stride", str(args.stride), "--samples", str(args.samples or 8), "--context-tokens",
-             str(args.context_tokens), "--max-tokens", str(args.max_tokens),
+             str(args.context_tokens or PROFILE_CONTEXT), "--max-tokens", str(args.max_tokens),
              "--max-group", str(args.max_group), "--kind", args.kind, "--seed", str(args.seed or 0),
              "--out", args.out]
     return " ".join(shlex.quote(p) for p in parts)
@@ -118,10 +120,10 @@ def _layers(args, rest) -> int:
         raise KvRelayError("give both --sender and --receiver, or neither (every ordered pair)")
     if args.sender and args.sender == args.receiver:
         raise KvRelayError("--sender and --receiver must differ")
-    samples = args.samples or 3
+    samples = 3 if args.samples is None else args.samples
     if samples < 1:
         raise KvRelayError(f"--samples must be >= 1, got {samples}")
-    ctx = parse_context_tokens(args.context_tokens if args.context_tokens != "1024-4096" else "256-384")
+    ctx = parse_context_tokens(args.context_tokens or LAYERS_CONTEXT)
     out_dir = Path(args.out) if args.out else Path(profiles_dir()) / args.family / "layers"
     pairs = [(args.sender, args.receiver)] if args.sender else None
     res = layers.measure(args.family, samples=samples, context_tokens=ctx, seed=args.seed or 0, pairs=pairs,
@@ -148,7 +150,7 @@ def _profile(args) -> int:
     if args.kind not in DATASET_KINDS:
         raise KvRelayError(f"--kind must be one of {', '.join(DATASET_KINDS)}, got {args.kind!r}")
     st = Settings(family=args.family, sender=args.sender, receiver=args.receiver, stride=args.stride,
-                  samples=args.samples or 8, context_tokens=parse_context_tokens(args.context_tokens),
+                  samples=args.samples or 8, context_tokens=parse_context_tokens(args.context_tokens or PROFILE_CONTEXT),
                   max_tokens=args.max_tokens, max_group_frac=args.max_group,
                   kind=args.kind, seed=args.seed or 0, batch=args.batch)
     st.validate()

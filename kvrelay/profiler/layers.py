@@ -100,6 +100,7 @@ def measure(family: str, samples: int = 3, context_tokens: tuple[int, int] = (25
     import torch
     from tqdm.auto import tqdm
 
+    from kvrelay.model import tokenizer as tk
     from kvrelay.model.spec import family_spec
     from kvrelay.quality import evaldata
 
@@ -108,9 +109,11 @@ def measure(family: str, samples: int = 3, context_tokens: tuple[int, int] = (25
         raise KvRelayError(f"{family!r} is synthetic: its random models have no fine-tuning to picture")
     names = list(fam.models)
     pairs = pairs or [(s, r) for s in names for r in names if s != r]
+    for m in {m for p in pairs for m in p}:
+        fam.model(m)   # an unknown model name: an error naming the family's models
     used = sorted({m for p in pairs for m in p}, key=names.index)
     models = {m: _load(fam.dirs[m]) for m in used}
-    tok = _tokenizer(fam.dirs[fam.base])
+    tok = tk.load(fam.tokenizer_dir())
     data = evaldata.build(tok, "mixed", "profile", samples, context_tokens=context_tokens, seed=seed)
     num_layers = len(models[used[0]].model.layers)
     acc = {p: {k: [0.0] * num_layers for k in ("kl", "flip", "k_dev", "v_dev")} for p in pairs}
@@ -119,7 +122,7 @@ def measure(family: str, samples: int = 3, context_tokens: tuple[int, int] = (25
     bar = tqdm(total=len(data) * len(pairs), desc=f"{family} per-layer reuse", disable=not progress,
                file=sys.stderr, unit="pair")
     for s in data:
-        ids = torch.tensor([tok(s.context, add_special_tokens=False)["input_ids"]])
+        ids = torch.tensor([tk.encode(tok, s.context)])
         kv, logp, inputs = {}, {}, {}
         for m, model in models.items():
             kv[m], inputs[m] = {}, {}
@@ -170,11 +173,6 @@ def critical_layers(per: list[dict], share: float = 0.5) -> list[int]:
         out.append(p["layer"])
         acc += p["kl"]
     return sorted(out)
-
-
-def _tokenizer(model_dir: Path):
-    from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(model_dir)
 
 
 def write(results: dict, out_dir: str | Path) -> list[Path]:

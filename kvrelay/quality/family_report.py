@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from kvrelay.paths import profiles_dir
-from kvrelay.profiler import profile_file
+from kvrelay.profiler import layers, profile_file
 
 AGREE_MIN = 97.0     # the bar: the selected plan agrees on >= 97% of the receiver's tokens
 TASK_POINTS = 1.0    # ... and is within 1 task point of the receiver's own full prefill
@@ -25,16 +25,14 @@ def rows(family: str, eval_dir: Path) -> list[dict]:
     out = []
     for s, r, path in profile_file.pairs_in(profiles_dir(), family):
         prof = profile_file.load(path)
-        fr = prof.frontier
         d = prof.data
         configs = d["configs"]
         reuse = next(c for c in configs if not c["plan"])
         best = max((c for c in configs if c["plan"]), key=profile_file.selection_quality)
         row = {"pair": f"{s}->{r}", "samples": d["dataset"]["samples"], "max_group": d["max_group_layers"],
                "full_reuse": (reuse["quality"], profile_file.selection_quality(reuse)),
-               "best": (best["plan"], best["layers_recomputed"], best["quality"], profile_file.selection_quality(best)),
-               "frontier": [(p.layers, round(p.quality, 1)) for p in fr]}
-        lay = root / "layers" / f"{s}__{r}.layers.json"
+               "best": (best["plan"], best["layers_recomputed"], best["quality"], profile_file.selection_quality(best))}
+        lay = root / "layers" / f"{s}__{r}{layers.SUFFIX}"
         if lay.is_file():
             row["critical"] = json.loads(lay.read_text())["critical"]
         ev = eval_dir / f"{s}__{r}.json"

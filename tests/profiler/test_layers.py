@@ -54,6 +54,8 @@ def test_cli_writes_pairs_and_picture(tiny_family, tmp_path):
     (["--family", "tiny", "--sender", "base", "--receiver", "base"], "must differ"),
     ([], "needs --family"),
     (["x.json", "--family", "tiny"], "takes no file argument"),
+    (["--family", "tiny", "--sender", "base", "--receiver", "nope", "--samples", "1"], "not 'nope'"),
+    (["--family", "tiny", "--samples", "0"], "--samples must be >= 1"),
 ])
 def test_cli_bad_arguments(argv, msg):
     r = subprocess.run([sys.executable, "-m", "kvrelay.cli", "profile", "layers", *argv], capture_output=True,
