@@ -67,12 +67,26 @@ class DecoderLayer(nn.Module):
         self.ln1 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.ln2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h, cos, sin, attn, layer: int):
+    def _qkv(self, h, cos, sin):
         T = h.shape[0]
         q, k, v = self.qkv(self.ln1(h)).split([self.nq * self.hd, self.nkv * self.hd, self.nkv * self.hd], -1)
         q = apply_rope(q.view(T, self.nq, self.hd), cos, sin)
         k = apply_rope(k.view(T, self.nkv, self.hd), cos, sin)
-        h = h + self.o(attn(layer, q, k, v.view(T, self.nkv, self.hd)).reshape(T, -1))
+        return q, k, v.view(T, self.nkv, self.hd)
+
+    def project_kv(self, h, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's K (RoPE applied) and V for hidden states h entering it: [T, H_kv, D] each.
+        K/V correction rebuilds a reused layer's KV from a donor's E with these weights."""
+        T = h.shape[0]
+        x = self.ln1(h)
+        w = self.qkv.weight[self.nq * self.hd:]
+        k, v = F.linear(x, w).split([self.nkv * self.hd, self.nkv * self.hd], -1)
+        return apply_rope(k.view(T, self.nkv, self.hd), cos, sin), v.view(T, self.nkv, self.hd)
+
+    def forward(self, h, cos, sin, attn, layer: int):
+        T = h.shape[0]
+        q, k, v = self._qkv(h, cos, sin)
+        h = h + self.o(attn(layer, q, k, v).reshape(T, -1))
         g, u = self.gate_up(self.ln2(h)).chunk(2, dim=-1)
         return h + self.down(F.silu(g) * u)
 
@@ -108,7 +122,7 @@ class LlamaModel(nn.Module):
 
 # --- weights -----------------------------------------------------------------------------------
 
-def _read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
+def read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
     index = model_dir / "model.safetensors.index.json"
     files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())) if index.exists() else ["model.safetensors"]
@@ -120,9 +134,8 @@ def _read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_weights(model: LlamaModel, model_dir: Path) -> None:
-    """Load Hugging Face Llama weights, fusing q/k/v and gate/up projections."""
-    sd = _read_safetensors(Path(model_dir))
+def load_weights(model: LlamaModel, sd: dict[str, torch.Tensor], model_dir: Path | str = "") -> None:
+    """Load a Hugging Face Llama state dict (HF tensor names), fusing q/k/v and gate/up projections."""
     try:
         with torch.no_grad():
             model.embed.weight.copy_(sd["model.embed_tokens.weight"])
