@@ -151,13 +151,14 @@ class TorchEngine:
         self._check_payload(donor, plan)
 
     def _check_payload(self, donor: DonorKV, plan: RecomputePlan) -> None:
-        reused = plan.reused_layers(self.num_layers)
+        reused = plan.kv_layers_needed(self.num_layers)
         if hasattr(donor, "has_layers") and not donor.has_layers(reused):
             raise PlanError(f"plan {plan} reuses layers {reused}, but pages from {donor.producer!r} carry KV "
                             f"only for layers {list(donor.layers)}")
-        missing = [a for a in plan.e_layers_needed() if a not in donor.format.e_layers]
+        missing = [a for a in plan.e_layers_needed(self.num_layers) if a not in donor.format.e_layers]
         if missing:
-            raise PlanError(f"plan {plan} starts recomputing at layers {missing}, but pages from "
+            what = "starts recomputing or corrects K/V" if plan.correct_kv else "starts recomputing"
+            raise PlanError(f"plan {plan} {what} at layers {missing}, but pages from "
                             f"{donor.producer!r} carry E only for layers {list(donor.format.e_layers)}")
 
     def abort(self, request_id: str) -> None:
@@ -221,7 +222,8 @@ class TorchEngine:
                 info.donor_failed = str(e)
         else:
             info, h_last = self._full_prefill(seq)
-        logits = self.model.logits(h_last)[0]
+        all_logits = self.model.logits(h_last)
+        logits = all_logits[-1]
         self._sync()
         info.seconds = time.perf_counter() - t0
         first = not seq.prefill_sent  # a preempted sequence coming back does not report its prefill twice
@@ -230,6 +232,8 @@ class TorchEngine:
         out = self._emit(seq, logits)
         if first:
             out.prefill, out.pages, seq.prefill_sent = info, pages, True
+            if req.sampling.prompt_logits:
+                out.prompt_logits = all_logits.float().cpu()
         return out
 
     def _full_prefill(self, seq: Sequence) -> tuple[PrefillInfo, torch.Tensor]:
@@ -239,24 +243,29 @@ class TorchEngine:
         hashes = block_hashes(toks, B, salt=seq.salt)
         cached = []
         if self.config.prefix_caching:  # keep >= 1 token to compute: its logits start generation
-            cached = self.blocks.match_prefix(hashes[: (len(toks) - 1) // B])
+            cached = self.blocks.match_prefix(hashes[: (len(toks) - self._tail(seq)) // B])
         start = len(cached) * B
         seq.table = cached + self.blocks.allocate(-(-len(toks) // B) - len(cached))
         h = self._run(seq, toks[start:], start, 0, self.num_layers, capture_e=True)
         self._register(seq, hashes)
-        return PrefillInfo(prompt_tokens=len(toks), cached_tokens=start), h[-1:]
+        return PrefillInfo(prompt_tokens=len(toks), cached_tokens=start), h[-self._tail(seq):]
+
+    @staticmethod
+    def _tail(seq: Sequence) -> int:
+        """Prompt positions whose logits the prefill returns (and so must compute itself)."""
+        return max(1, min(seq.req.sampling.prompt_logits, len(seq.tokens))) if not seq.prefill_sent else 1
 
     def _reprefill(self, seq: Sequence, donor: DonorKV, plan: RecomputePlan) -> tuple[PrefillInfo, torch.Tensor]:
         """DroidSpeak: recompute `plan`'s layer groups over the shared context from the donor's E,
         reuse the donor's KV in every other layer, then prefill the rest through all layers."""
         B, L = self.page_format.block_size, self.num_layers
         toks = seq.tokens
-        n_reuse_blocks = shared_blocks(donor.tokens, toks, B)
+        n_reuse_blocks = min(shared_blocks(donor.tokens, toks, B), (len(toks) - self._tail(seq)) // B)
         if n_reuse_blocks == 0:
             info, h = self._full_prefill(seq)
             info.donor, info.donor_failed = donor.producer, "the donor's pages share no block with the prompt"
             return info, h
-        own = donor.producer == self.model_id and plan.num_recomputed == 0
+        own = donor.producer == self.model_id and plan.num_recomputed == 0 and not plan.correct_kv
         # Our own KV coming back (evicted here, kept by a store): exact, so the request's own scope;
         # anything else is hybrid and salted with donor and plan too.
         seq.derived = "" if own else f"{donor.producer}|{donor.fingerprint}|{plan}"
@@ -266,7 +275,7 @@ class TorchEngine:
         hit = self.blocks.match_prefix(hashes[:n_reuse_blocks]) if self.config.prefix_caching else []
         seq.table = hit + self.blocks.allocate(-(-len(toks) // B) - len(hit))
         lo, n_reuse = len(hit) * B, n_reuse_blocks * B
-        needs_payload = bool(plan.reused_layers(L)) or bool(plan.e_layers_needed())
+        needs_payload = bool(plan.kv_layers_needed(L)) or bool(plan.e_layers_needed(L))
         if lo < n_reuse and needs_payload and not _carries_payload(donor):  # -> full prefill in _prefill
             raise KvRelayError(f"the hybrid KV of {donor.producer} + plan {plan} is no longer cached here "
                                f"({len(hit)} of {n_reuse_blocks} blocks) and no donor pages came with the request")
@@ -275,7 +284,9 @@ class TorchEngine:
                 h = self.model.embed(self._tensor(toks[lo:n_reuse])) if a == 0 else \
                     donor.e_layer(a)[lo:n_reuse].to(self.device, self.pool.kv.dtype)
                 self._run(seq, None, lo, a, b, h=h)
-        reused = set(plan.reused_layers(L)) if lo < n_reuse else set()
+            if plan.correct_kv:
+                self._correct_kv(seq, donor, plan.reused_layers(L), toks, lo, n_reuse)
+        reused = set(plan.kv_layers_needed(L)) if lo < n_reuse else set()
         fresh = torch.tensor(seq.table[len(hit):n_reuse_blocks], dtype=torch.long, device=self.device)
 
         def load_layer(layer, _h):  # donor KV of a reused layer, fetched just before the suffix needs it
@@ -287,7 +298,19 @@ class TorchEngine:
         info = PrefillInfo(prompt_tokens=len(toks), cached_tokens=len(hit) * B, reused_tokens=n_reuse,
                            donor=donor.producer, reused_layers=L - plan.num_recomputed,
                            recomputed_layers=plan.num_recomputed, plan=str(plan))
-        return info, h[-1:]
+        return info, h[-self._tail(seq):]
+
+    def _correct_kv(self, seq: Sequence, donor: DonorKV, layers: list[int], toks: list[int], lo: int, hi: int) -> None:
+        """K/V correction: each reused layer's K, V over positions [lo, hi) rebuilt from the donor's E
+        entering it (layer 0: the receiver's own embeddings) with this model's norm, k/v projections
+        and RoPE, instead of the donor's K, V."""
+        blocks, offs = self.pool.slots(seq.table, lo, hi)
+        cos, sin = self.model.rope(torch.arange(lo, hi, device=self.device))
+        for l in layers:
+            h = self.model.embed(self._tensor(toks[lo:hi])) if l == 0 else \
+                donor.e_layer(l)[lo:hi].to(self.device, self.pool.kv.dtype)
+            k, v = self.model.layers[l].project_kv(h, cos, sin)
+            self.pool.write_kv(l, blocks, offs, k, v)
 
     def _run(self, seq: Sequence, tokens, start: int, first: int, last: int, h=None, capture_e=False,
              on_enter=None) -> torch.Tensor:

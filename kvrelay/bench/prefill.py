@@ -145,7 +145,7 @@ class _Bench:
         t0 = time.perf_counter()
         blocks = st.lookup(STORE_TENANT, R.fingerprint, q, R.page_format.block_size).get(S.model_id, 0)
         args = (STORE_TENANT, R.fingerprint, S.model_id, q, R.page_format, blocks)
-        kw = dict(layers=plan.reused_layers(self.L), e_layers=plan.e_layers_needed())
+        kw = dict(layers=plan.kv_layers_needed(self.L), e_layers=plan.e_layers_needed(self.L))
         donor = st.stream(*args, **kw) if pipelined else st.fetch(*args, **kw)
         t1 = time.perf_counter()
         out = R.generate([Request(rid, q, self.one, donor=donor, plan=plan)])[rid]

@@ -44,6 +44,10 @@ class SamplingParams:
     min_tokens: int = 0               # no stop (EOS, stop ids, stop sequences) before this many tokens
     bad_sequences: tuple[tuple[int, ...], ...] = ()   # never generated (tokenized bad words)
     return_logits: int = 0            # full next-token logits for the first N generated tokens
+    prompt_logits: int = 0            # and for the last N prompt positions (teacher forcing: row i
+                                      # predicts the token after prompt position len-N+i; the last row
+                                      # is the first generated token's); those N positions are computed,
+                                      # never taken from a cache or a donor
 
     def validate(self, max_tokens_limit: int) -> "SamplingParams":
         if not isinstance(self.max_tokens, int) or not 1 <= self.max_tokens <= max_tokens_limit:
@@ -54,6 +58,8 @@ class SamplingParams:
             raise KvRelayError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.top_k < 0:
             raise KvRelayError(f"top_k must be >= 0, got {self.top_k!r}")
+        if not isinstance(self.prompt_logits, int) or self.prompt_logits < 0:
+            raise KvRelayError(f"prompt_logits must be an integer >= 0, got {self.prompt_logits!r}")
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise KvRelayError(f"min_tokens must be in 0..max_tokens ({self.max_tokens}), got {self.min_tokens!r}")
         return self
@@ -109,6 +115,7 @@ class RequestOutput:
     prefill: PrefillInfo | None = None        # on the first output of a request
     pages: KVPages | None = None              # with export_pages, on the first output
     logits: list[torch.Tensor] = field(default_factory=list)  # with return_logits, as they come
+    prompt_logits: torch.Tensor | None = None  # with prompt_logits: [N, vocab], on the first output
     first_token_time_ns: int = 0
 
 

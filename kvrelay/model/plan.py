@@ -3,6 +3,13 @@
 A plan is a tuple of half-open groups [start, end). Layers outside every group reuse the donor's KV.
 A group starting at layer 0 starts from the receiver's own embeddings (cheap, exact); a group starting
 at layer a > 0 starts from the donor's hidden state entering layer a (the E cache).
+
+K/V correction (`correct_kv`, beyond DroidSpeak): a reused layer's K and V are not copied from the
+donor but rebuilt from the donor's E entering that layer with the receiver's own input norm, k/v
+projections and RoPE (about 6% of a layer's compute on SmolLM2's shapes). A fine-tune's change to
+k_proj / v_proj then no longer reaches the reused layers; what remains is the drift of E itself.
+It needs E at every reused layer > 0 (layer 0's input is the receiver's own embedding) and no donor KV.
+Written "4-8+kv" / "none+kv".
 """
 from __future__ import annotations
 
@@ -14,6 +21,9 @@ from kvrelay.errors import PlanError
 @dataclass(frozen=True, slots=True)
 class RecomputePlan:
     groups: tuple[tuple[int, int], ...] = ()
+    correct_kv: bool = False
+
+    KV_SUFFIX = "+kv"
 
     @classmethod
     def none(cls) -> "RecomputePlan":
@@ -25,10 +35,14 @@ class RecomputePlan:
 
     @classmethod
     def parse(cls, text: str) -> "RecomputePlan":
-        """'' or 'none' -> no recompute; '4-8,20-24' -> groups [4,8) and [20,24)."""
+        """'' or 'none' -> no recompute; '4-8,20-24' -> groups [4,8) and [20,24); a '+kv' suffix
+        turns on K/V correction at the reused layers."""
         text = text.strip()
+        correct = text.endswith(cls.KV_SUFFIX)
+        if correct:
+            text = text[: -len(cls.KV_SUFFIX)].strip()
         if text in ("", "none"):
-            return cls.none()
+            return cls((), correct)
         groups = []
         for part in text.split(","):
             try:
@@ -36,10 +50,10 @@ class RecomputePlan:
             except ValueError:
                 raise PlanError(f"bad recompute group {part!r}: expected START-END, e.g. 4-8") from None
             groups.append((a, b))
-        return cls(tuple(groups))
+        return cls(tuple(groups), correct)
 
     def __str__(self) -> str:
-        return ",".join(f"{a}-{b}" for a, b in self.groups) or "none"
+        return (",".join(f"{a}-{b}" for a, b in self.groups) or "none") + (self.KV_SUFFIX if self.correct_kv else "")
 
     def validate(self, num_layers: int) -> "RecomputePlan":
         prev_end = 0
@@ -62,7 +76,7 @@ class RecomputePlan:
                 out[-1] = (out[-1][0], b)
             else:
                 out.append((a, b))
-        return RecomputePlan(tuple(out))
+        return RecomputePlan(tuple(out), self.correct_kv)
 
     @property
     def num_recomputed(self) -> int:
@@ -75,15 +89,26 @@ class RecomputePlan:
         rec = set(self.recomputed_layers())
         return [l for l in range(num_layers) if l not in rec]
 
-    def e_layers_needed(self) -> list[int]:
-        return [a for a, _ in self.merged().groups if a > 0]
+    def e_layers_needed(self, num_layers: int | None = None) -> list[int]:
+        """Layers whose donor E the receiver reads: each group's start > 0, and with K/V correction
+        every reused layer > 0 (num_layers is then required)."""
+        starts = [a for a, _ in self.merged().groups if a > 0]
+        if not self.correct_kv:
+            return starts
+        if num_layers is None:
+            raise PlanError(f"plan {self}: K/V correction needs the model's layer count to name its E layers")
+        return sorted(set(starts) | {l for l in self.reused_layers(num_layers) if l > 0})
+
+    def kv_layers_needed(self, num_layers: int) -> list[int]:
+        """Layers whose donor KV the receiver reads: the reused ones, none under K/V correction."""
+        return [] if self.correct_kv else self.reused_layers(num_layers)
 
     def to_list(self) -> list[list[int]]:
         return [[a, b] for a, b in self.groups]
 
     @classmethod
-    def from_list(cls, groups) -> "RecomputePlan":
+    def from_list(cls, groups, correct_kv: bool = False) -> "RecomputePlan":
         try:
-            return cls(tuple((int(a), int(b)) for a, b in groups))
+            return cls(tuple((int(a), int(b)) for a, b in groups), bool(correct_kv))
         except (TypeError, ValueError):
             raise PlanError(f"a plan is a list of [start, end] pairs, got {groups!r}") from None

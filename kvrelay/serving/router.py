@@ -100,7 +100,7 @@ class Router:
         if route.kind == "restore":
             layers, e_layers = None, []
         else:
-            layers, e_layers = route.plan.reused_layers(me.num_layers), route.plan.e_layers_needed()
+            layers, e_layers = route.plan.kv_layers_needed(me.num_layers), route.plan.e_layers_needed(me.num_layers)
         try:
             pages = self.store.fetch(d.tenant, me.fingerprint, route.producer, tokens, fmt, route.blocks,
                                      layers=layers, e_layers=e_layers)
