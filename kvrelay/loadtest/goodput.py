@@ -75,7 +75,8 @@ def choose_pairs(dep, ids: dict, requested: str | None, context_tokens: int, log
     is, every pair the selector would reuse."""
     from kvrelay.paths import profiles_dir
     from kvrelay.serving.selector import Selector
-    sel = Selector(profiles_dir(dep.profiles_dir), dep.family, quality_target=dep.quality_target)
+    sel = Selector(profiles_dir(dep.profiles_dir), dep.family, quality_target=dep.quality_target,
+                   quality_mode=dep.quality_mode)
     wanted = parse_pairs(requested, dep.model_names) if requested else \
         [(s, r) for s in dep.model_names for r in dep.model_names if s != r]
     out = []

@@ -31,6 +31,10 @@ def check(profile_path: str | Path, samples: int | None = None, threshold: float
     if not 0 < threshold < 1:
         raise KvRelayError(f"--threshold is a relative quality drop in (0, 1), got {threshold}")
     prof = profile_file.load(profile_path)
+    if prof.teacher_forced:
+        raise KvRelayError(f"{profile_path} is a teacher-forced profile: its held-out check is `kvrelay eval --family "
+                           f"{prof.family} --sender {prof.sender} --receiver {prof.receiver}` (profile check "
+                           "re-scores exact-agreement profiles)")
     d = prof.data
     ds = d["dataset"]
     n = samples or ds["samples"]

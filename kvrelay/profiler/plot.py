@@ -5,7 +5,6 @@ from pathlib import Path
 
 from kvrelay.profiler import profile_file
 from kvrelay.errors import KvRelayError
-from kvrelay.model.plan import RecomputePlan
 
 
 def default_png(profile_path: str | Path) -> Path:
@@ -24,6 +23,8 @@ def plot(profile_path: str | Path, out: str | Path | None = None) -> Path:
     prof = profile_file.load(profile_path)
     d = prof.data
     out = Path(out) if out else default_png(profile_path)
+    if prof.teacher_forced:
+        return _plot_tf(plt, d, out)
     L = d["num_layers"]
     has_kl = all("kl" in c for c in d["configs"])
     fig, axes = plt.subplots(1, 2 if has_kl else 1, figsize=(12.5 if has_kl else 7.5, 4.8), dpi=110,
@@ -41,7 +42,7 @@ def plot(profile_path: str | Path, out: str | Path | None = None) -> Path:
     fy = [f["quality"] for f in d["frontier"]]
     ax.plot(fx, fy, "-o", color="tab:red", ms=5, lw=1.6, label="Pareto frontier", zorder=3)
     for f in d["frontier"]:
-        ax.annotate(str(RecomputePlan.from_list(f["plan"])), (f["layers_recomputed"], f["quality"]),
+        ax.annotate(str(profile_file.plan_of(f)), (f["layers_recomputed"], f["quality"]),
                     textcoords="offset points", xytext=(4, -10), fontsize=7, color="tab:red")
     b = d["baselines"]
     ax.axhline(b["full_prefill"]["quality"], color="tab:green", ls="-", lw=1.2,
@@ -81,6 +82,57 @@ def plot(profile_path: str | Path, out: str | Path | None = None) -> Path:
         kx.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def _plot_tf(plt, d: dict, out: Path) -> Path:
+    """Teacher-forced profile: retained gain and top-1 agreement (with intervals) against layers
+    recomputed and against measured prefill time, plain plans beside K/V-corrected ones."""
+    from kvrelay.quality import target as tg
+
+    L = d["num_layers"]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), dpi=110)
+    style = {False: ("tab:blue", "o", "plain (DroidSpeak)"), True: ("tab:orange", "s", "K/V-corrected")}
+    full_s = d["baselines"]["full_prefill"].get("prefill_s")
+    for corr, (color, marker, label) in style.items():
+        cs = [c for c in d["configs"] if bool(c.get("kv_correction")) == corr]
+        for ax, key in ((axes[0], "retained_gain"), (axes[1], "top1_agreement")):
+            x = [c["layers_recomputed"] + (0.15 if corr else -0.15) for c in cs]
+            y = [c[key] for c in cs]
+            err = [[c[key] - c[key + "_ci"][0] for c in cs], [c[key + "_ci"][1] - c[key] for c in cs]]
+            ax.errorbar(x, y, yerr=err, fmt=marker, color=color, ms=4, lw=0.8, capsize=2, label=label)
+        timed = [c for c in cs if c.get("prefill_s")]
+        axes[2].scatter([c["prefill_s"] for c in timed], [c["retained_gain_ci"][0] for c in timed], color=color,
+                        marker=marker, s=18, label=label + " (lower bound)")
+    for ax, key, lim, name in ((axes[0], "retained_gain", tg.TARGET.retained_gain, "retained gain"),
+                               (axes[1], "top1_agreement", tg.TARGET.top1, "teacher-forced top-1 agreement")):
+        ax.axhline(lim, color="tab:green", ls=":", lw=1.2, label=f"target >= {lim:.0%} (lower bound)")
+        ax.axhline(1.0, color="tab:green", lw=1.0)
+        ax.set_xlabel(f"layers recomputed (of {L})")
+        ax.set_ylabel(name)
+        ax.set_xlim(-0.8, L * 0.65)
+        ys = [c[key + "_ci"][0] for c in d["configs"]]
+        ax.set_ylim(max(-0.2, min(ys) - 0.05), 1.03)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fr = d.get("frontier_time") or []
+    axes[2].plot([f["prefill_s"] for f in fr], [f["quality"] / 100 for f in fr], "-", color="tab:red", lw=1.2,
+                 label="frontier (quality vs prefill time)")
+    if full_s:
+        axes[2].axvline(full_s, color="tab:green", lw=1.2, label=f"full prefill {full_s:.2f} s")
+    axes[2].axhline(tg.TARGET.retained_gain, color="tab:green", ls=":", lw=1.2)
+    axes[2].set_xlabel("measured prefill seconds (context + question)")
+    axes[2].set_ylabel("retained gain, lower bound")
+    axes[2].grid(alpha=0.3)
+    axes[2].legend(fontsize=7, loc="lower right")
+    ds = d["dataset"]
+    sel = d.get("selected")
+    fig.suptitle(f"{d['family']}: {d['sender']} -> {d['receiver']}, teacher-forced on {ds['samples']} contexts "
+                 f"({ds['context_tokens_seen']} tokens, {ds['ref_tokens']} reference tokens each); selected: "
+                 f"{profile_file.plan_of(sel) if sel else 'full prefill'}", fontsize=9)
+    fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
     return out

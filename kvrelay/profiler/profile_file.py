@@ -11,7 +11,8 @@ Path convention: profiles/<family>/<sender>__<receiver>.json (see `path_for`). C
     dataset                {kind, split, samples, seed, context_tokens: [lo, hi],
                             context_tokens_seen: [min, max], max_tokens, sample_ids}
     metric                 {name, description, tokens}; `quality` values are on a 0-100 scale
-    configs                every scored config: {plan: [[a, b], ...], layers_recomputed, quality,
+    configs                every scored config: {plan: [[a, b], ...], kv_correction (absent: false),
+                            layers_recomputed, quality,
                             task_quality, f1, top1, kl, prefill_s}; plan [] = full reuse
                             and, from profiler metric version 2: gap_shift, positions,
                             predicted_exact, quality_bound (kvrelay.profiler.flips)
@@ -27,6 +28,12 @@ Path convention: profiles/<family>/<sender>__<receiver>.json (see `path_for`). C
                             the frontier on: {sender_weights, receiver_weights, samples, seed, max_tokens,
                             plans: [{plan, profiled, fresh}], created}
     kvrelay_version, created (UTC ISO 8601), seconds (wall time of the run)
+
+Teacher-forced profiles (metric.name "teacher_forced", kvrelay.profiler.tf_run) add per config
+kl / nll / top1_agreement / retained_gain with `_ci` intervals, retained_gain_basis, meets_target,
+meets_strict, prefill_s_fit (fitted cost, what selection goes by) and, where timed, prefill_s and
+prefill_speedup; beside them criticality,
+frontier_time (quality vs measured prefill time) and selected (the cheapest plan meeting the target).
 
 No torch import here: the online selector reads these files.
 """
@@ -108,6 +115,12 @@ class Point:
     plan: RecomputePlan
     layers: int
     quality: float
+    prefill_s: float | None = None
+
+
+def plan_of(d: dict) -> RecomputePlan:
+    """The plan of a config or frontier point (its groups and whether it corrects K/V)."""
+    return RecomputePlan.from_list(d["plan"], d.get("kv_correction", False))
 
 
 @dataclass(frozen=True)
@@ -134,13 +147,22 @@ class Profile:
 
     @functools.cached_property
     def frontier(self) -> list[Point]:
-        return [Point(RecomputePlan.from_list(f["plan"]), f["layers_recomputed"], float(f["quality"]))
-                for f in self.data["frontier"]]
+        return [Point(plan_of(f), f["layers_recomputed"], float(f["quality"])) for f in self.data["frontier"]]
 
     @property
     def configs(self) -> list[Point]:
-        return [Point(RecomputePlan.from_list(c["plan"]), c["layers_recomputed"], float(c["quality"]))
+        return [Point(plan_of(c), c["layers_recomputed"], float(c["quality"]), c.get("prefill_s"))
                 for c in self.data["configs"]]
+
+    @property
+    def teacher_forced(self) -> bool:
+        return self.data["metric"].get("name") == "teacher_forced"
+
+    def passing(self, mode: str) -> list[Point]:
+        """Teacher-forced profiles: the configs that meet `mode` ("target" | "strict") by their lower bounds."""
+        key = f"meets_{mode}"
+        return [Point(plan_of(c), c["layers_recomputed"], float(c["quality"]), c.get("prefill_s_fit", c.get("prefill_s")))
+                for c in self.data["configs"] if c.get(key)]
 
     @property
     def full_prefill_quality(self) -> float:
@@ -185,6 +207,8 @@ def pareto_frontier(configs: list[dict]) -> list[dict]:
         q = selection_quality(c)
         if q > best:
             point = {"plan": c["plan"], "layers_recomputed": c["layers_recomputed"], "quality": q}
+            if c.get("kv_correction"):
+                point["kv_correction"] = True
             if "quality_bound" in c:
                 point["observed_quality"] = c["quality"]
             out.append(point)
@@ -216,7 +240,7 @@ def _need(d: dict, spec: dict, what: str, where: str) -> None:
 def _check_point(p: dict, L: int, what: str, where: str) -> None:
     _need(p, {"plan": list, "layers_recomputed": int, "quality": float}, what, where)
     try:
-        plan = RecomputePlan.from_list(p["plan"]).validate(L)
+        plan = plan_of(p).validate(L)
     except KvRelayError as e:
         raise ProfileError(f"{where}: {what}.plan {p['plan']!r}: {e}") from None
     if plan.num_recomputed != p["layers_recomputed"]:

@@ -27,10 +27,19 @@ METHODS = ("full_prefill", "full_reuse", "selected", "cacheblend")
 
 def add_arguments(p):
     p.add_argument("--family", required=True, help="model family")
-    p.add_argument("--sender", required=True, help="donor model")
-    p.add_argument("--receiver", required=True, help="receiving model")
+    p.add_argument("--sender", default=None, help="donor model (teacher-forced: default every ordered pair)")
+    p.add_argument("--receiver", default=None, help="receiving model (teacher-forced: default every ordered pair)")
+    p.add_argument("--metric", default="teacher-forced", choices=("teacher-forced", "generation"),
+                   help="teacher-forced (default; kvrelay.quality.tf_eval): the served plan against the quality "
+                        "target on held-out contexts; generation: the older table of generated answers per method")
+    p.add_argument("--data", default=None,
+                   help="teacher-forced: a JSONL file of your contexts (context, question, optional answer); its "
+                        "held-out part (seeded split) is used. Default: held-out text of the receiver's domain")
+    p.add_argument("--ref-tokens", type=int, default=64, help="teacher-forced: reference tokens per context (default 64)")
+    p.add_argument("--quality-mode", default="target", choices=("target", "strict"),
+                   help="teacher-forced: the selector's quality mode (default target)")
     p.add_argument("--split", default="heldout", help="profile | heldout (default heldout)")
-    p.add_argument("--samples", type=int, default=16, help="samples (default 16)")
+    p.add_argument("--samples", type=int, default=None, help="samples (default 16; teacher-forced 8)")
     p.add_argument("--kind", default="mixed", help="mixed | qa | summary | code (default mixed)")
     p.add_argument("--domains", default=None,
                    help="task domains, comma-separated (legal, docs, code, changelog; `all`). Default: the receiver's "
@@ -58,10 +67,59 @@ def _mean(xs):
     return round(sum(xs) / len(xs), 3) if xs else None
 
 
+def _run_tf(args) -> int:
+    from kvrelay.errors import KvRelayError
+    from kvrelay.families import load_family
+    from kvrelay.paths import profiles_dir
+    from kvrelay.profiler.cli import TF_CONTEXT, parse_context_tokens
+    from kvrelay.profiler.tf_run import TFSettings
+    from kvrelay.quality import tf_eval
+
+    if bool(args.sender) != bool(args.receiver):
+        raise KvRelayError("give both --sender and --receiver, or neither (every ordered pair)")
+    if args.sender and args.sender == args.receiver:
+        raise KvRelayError("--sender and --receiver must differ")
+    if args.data and not Path(args.data).is_file():
+        raise KvRelayError(f"--data {args.data}: no such file")
+    if args.repeats < 1:
+        raise KvRelayError("--repeats must be >= 1")
+    fam = load_family(args.family)
+    for m in (args.sender, args.receiver):
+        if m:
+            fam.model_dir(m)
+    pairs = [(args.sender, args.receiver)] if args.sender else \
+        [(s, r) for s in fam.models for r in fam.models if s != r]
+    ctx = parse_context_tokens(args.context_tokens or TF_CONTEXT)
+    domains = None if args.domains in (None, "all") else tuple(d.strip() for d in args.domains.split(",") if d.strip())
+
+    def settings(s, r):
+        return TFSettings(family=args.family, sender=s, receiver=r, samples=args.samples or 8, context_tokens=ctx,
+                          ref_tokens=args.ref_tokens, seed=args.seed, data=args.data, domains=domains).validate()
+
+    for s, r in pairs:
+        settings(s, r)
+    res = tf_eval.evaluate(args.family, pairs, settings, Path(args.profiles) if args.profiles else Path(profiles_dir()),
+                           quality_mode=args.quality_mode, repeats=args.repeats,
+                           progress=not (args.no_progress or args.json))
+    if args.json:
+        print(json.dumps(res, indent=1))
+    else:
+        tf_eval.print_table(res)
+    return 0
+
+
 def run(args) -> int:
+    if args.metric == "teacher-forced":
+        return _run_tf(args)
     from kvrelay.errors import KvRelayError
     from kvrelay.quality.evaldata import DATASET_KINDS, SPLITS
     from kvrelay.profiler.cli import parse_context_tokens
+
+    if not (args.sender and args.receiver):
+        raise KvRelayError("--metric generation needs --sender and --receiver")
+    if args.data:
+        raise KvRelayError("--data is read by the teacher-forced eval (the default --metric)")
+    args.samples = args.samples or 16
 
     if args.split not in SPLITS:
         raise KvRelayError(f"--split must be one of {', '.join(SPLITS)}, got {args.split!r}")

@@ -32,7 +32,12 @@ class Deployment:
     store: str = "memory:1GiB"
     profiles_dir: str = ""               # "" = the checkout's profiles/
     block_size: int = 16
-    quality_target: float = 0.01         # selector: within 1% of the receiver's own quality
+    quality_target: float = 0.01         # selector, exact-agreement profiles: within 1% of the receiver's own
+    quality_mode: str = "target"         # selector, teacher-forced profiles: "target" (kvrelay.quality.target:
+                                         # retained gain >= 95%, top-1 >= 97%) or "strict" (top-1 >= 99%)
+    e_layers: str = "even"               # where engines keep E for donors: "even" (every 2nd layer: plain plans'
+                                         # group starts; 1.5x KV per kept layer) or "all" (K/V-corrected plans
+                                         # too; pages ~2.5x the size of KV alone on SmolLM2's shapes)
     slo_s: float | None = None           # per-request prefill SLO for the selector's idle rule
     max_tokens_limit: int = 1024         # largest max_tokens a request may ask
     max_input_chars: int = 200_000       # refuse absurd text before tokenizing it
@@ -66,6 +71,10 @@ class Deployment:
             return m.threads
         engines = sum(x.instances for x in self.models if x.device == "cpu")
         return max(1, (cpus or os.cpu_count() or 1) // max(1, engines))
+
+    def e_layer_list(self, num_layers: int) -> tuple[int, ...]:
+        """The layers whose entering hidden state (E) engines keep and donors' pages carry."""
+        return tuple(range(1, num_layers)) if self.e_layers == "all" else tuple(range(2, num_layers, 2))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -127,6 +136,10 @@ def validate(dep: Deployment) -> Deployment:
             raise KvRelayError(f"model {m.name}: threads must be >= 0 (0 = split the cores between engines)")
         if m.dtype not in DTYPES:
             raise KvRelayError(f"model {m.name}: dtype must be one of {', '.join(DTYPES)}")
+    if dep.quality_mode not in ("target", "strict"):
+        raise KvRelayError(f"quality_mode must be 'target' or 'strict', got {dep.quality_mode!r}")
+    if dep.e_layers not in ("even", "all"):
+        raise KvRelayError(f"e_layers must be 'even' or 'all', got {dep.e_layers!r}")
     if dep.block_size < 1 or dep.block_size & (dep.block_size - 1):
         raise KvRelayError("block_size must be a power of two")
     return dep
@@ -157,6 +170,6 @@ def identities(dep: Deployment) -> dict[str, ModelIdentity]:
     out = {}
     for m in dep.models:
         spec = fam.model(m.name)
-        out[m.name] = ModelIdentity(m.name, spec.model_id, spec.fingerprint, spec.page_format(dep.block_size, m.dtype),
-                                    spec.max_position_embeddings)
+        fmt = spec.page_format(dep.block_size, m.dtype, dep.e_layer_list(spec.num_layers))
+        out[m.name] = ModelIdentity(m.name, spec.model_id, spec.fingerprint, fmt, spec.max_position_embeddings)
     return out

@@ -98,7 +98,8 @@ class Orchestrator:
         # runs on a latency model fitted to this server's own prefills
         self.latency = OnlineLatency() if dep.slo_s else None
         self.selector = selector or Selector(profiles_dir(dep.profiles_dir), dep.family,
-                                             quality_target=dep.quality_target, latency=self.latency)
+                                             quality_target=dep.quality_target, latency=self.latency,
+                                             quality_mode=dep.quality_mode, e_layers=_e_layers(dep, self.ids))
         self.metrics = metrics or NoMetrics()
         self.store.on_reject = self.metrics.page_rejected   # each dropped page: logged by the store, counted here
         self.router = Router(dep, self.ids, self.store, self.selector, self.metrics)
@@ -270,9 +271,17 @@ def split_stops(flat) -> tuple[tuple[int, ...], ...]:
     return tuple(out)
 
 
+def _e_layers(dep: dp.Deployment, ids: dict) -> tuple[int, ...]:
+    """Layers every model's pages carry E for (the selector serves only plans that need no other)."""
+    sets = [set(i.page_format.e_layers) for i in ids.values()]
+    return tuple(sorted(set.intersection(*sets))) if sets else ()
+
+
 def build_engines(dep: dp.Deployment) -> dict:
     from kvrelay.model.engine_api import EngineConfig
     from kvrelay.model.engines import make_engine
+    from kvrelay.model.spec import family_spec
+    make_spec = lambda family, name: family_spec(family).model(name)
     out = {}
     for m in dep.models:
         if m.instances != 1:
@@ -280,7 +289,7 @@ def build_engines(dep: dp.Deployment) -> dict:
                                "instance per model (run more servers behind a shared Redis store to scale out)")
         out[m.name] = make_engine(dep.family, m.name, EngineConfig(
             device=m.device, dtype=m.dtype, block_size=dep.block_size, kv_cache_bytes=m.kv_cache_bytes,
-            prefix_caching=dep.prefix_caching))
+            prefix_caching=dep.prefix_caching, e_layers=dep.e_layer_list(make_spec(dep.family, m.name).num_layers)))
     return out
 
 

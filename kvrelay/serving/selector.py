@@ -4,7 +4,12 @@
     choice = sel.choose("base", "code", base_fp, code_fp, context_tokens=2048, queued=3)
     choice.plan      # RecomputePlan, or None = full prefill (no reuse)
 
-Rule: candidates are the profile's Pareto-frontier plans whose quality is within `quality_target`
+Rule for teacher-forced profiles (kvrelay.profiler.tf_run): candidates are the configs that meet the
+deployment's quality mode by their lower bounds: "target" (default; kvrelay.quality.target.TARGET:
+retained gain >= 95%, teacher-forced top-1 >= 97%) or "strict" (top-1 >= 99%), and whose E layers the
+donors' pages carry (`e_layers`); "fewest" is then the cheapest by the profile's fitted prefill time.
+Rule for exact-agreement profiles (the older profiler; always strict): candidates are the profile's
+Pareto-frontier plans whose quality is within `quality_target`
 (relative) of the receiver's own full-prefill quality. A frontier point's quality is the profile's
 selection quality: observed agreement capped by the flip model's predicted exact agreement
 (kvrelay.profiler.flips), so a plan that matched a few samples by luck does not qualify. With requests queued (queued > 0) take the
@@ -38,6 +43,7 @@ NO_PLAN = "no plan meets the quality target"
 # Not fallbacks (the plan is still used), counted beside them:
 WEIGHTS_MISMATCH = "profile scored on other weights"
 WEIGHTS_UNKNOWN = "profile without weights digests"
+QUALITY_MODES = ("target", "strict")
 
 
 @dataclass(frozen=True)
@@ -158,9 +164,14 @@ class OnlineLatency:
 
 class Selector:
     def __init__(self, profiles_dir: Path, family: str, latency: LatencyModel | None = None,
-                 quality_target: float = 0.01):
+                 quality_target: float = 0.01, quality_mode: str = "target",
+                 e_layers: tuple[int, ...] | None = None):
         if not 0 <= quality_target < 1:
             raise KvRelayError(f"quality_target is a relative tolerance in [0, 1), got {quality_target!r}")
+        if quality_mode not in QUALITY_MODES:
+            raise KvRelayError(f"quality_mode must be one of {', '.join(QUALITY_MODES)}, got {quality_mode!r}")
+        self.quality_mode = quality_mode
+        self.e_layers = None if e_layers is None else set(e_layers)   # None: donors carry E wherever needed
         self.profiles_dir = Path(profiles_dir)
         self.family = family
         self.latency = latency
@@ -218,6 +229,12 @@ class Selector:
                                        ("receiver", d["receiver_fingerprint"], receiver_fp)) if a != b]
             return None, FP_MISMATCH, (f"{FP_MISMATCH}: the {' and '.join(which)} model(s) differ from those "
                                        f"profiled for {sender}->{receiver}; re-profile")
+        if prof.teacher_forced:
+            cands = [p for p in prof.passing(self.quality_mode) if self.e_layers is None
+                     or set(p.plan.e_layers_needed(prof.num_layers)) <= self.e_layers]
+            if not cands:
+                return None, NO_PLAN, f"{NO_PLAN} ({self.quality_mode}) for {sender}->{receiver}"
+            return cands, None, None
         floor = prof.full_prefill_quality * (1 - self.quality_target)
         cands = [p for p in prof.frontier if p.quality >= floor]
         if not cands:
@@ -256,7 +273,7 @@ class Selector:
         if weights is not None:
             self._check_weights(sender, receiver, weights)
         predict = (lambda p: self.latency.predict(context_tokens, p.layers)) if self.latency else (lambda p: None)
-        fewest = min(cands, key=lambda p: (p.layers, -p.quality))
+        fewest = min(cands, key=lambda p: (p.prefill_s if p.prefill_s is not None else p.layers, p.layers, -p.quality))
         if queued > 0:
             pick, why = fewest, f"queueing ({queued} queued): fewest layers meeting quality"
         elif self.latency is None or slo_s is None or predict(fewest) is None:

@@ -9,7 +9,7 @@ from kvrelay.model.plan import RecomputePlan
 from kvrelay.profiler import scoring
 from kvrelay.profiler.run import enumerate_plans, max_group_layers
 
-ARGS = ["--family", "tiny", "--sender", "base", "--receiver", "code", "--samples", "2", "--context-tokens", "64-96",
+ARGS = ["--metric", "exact", "--family", "tiny", "--sender", "base", "--receiver", "code", "--samples", "2", "--context-tokens", "64-96",
         "--max-tokens", "4", "--no-progress"]
 
 
@@ -39,7 +39,7 @@ def test_profile_writes_a_valid_file(profiled):
     assert d["baselines"]["full_prefill"]["quality"] == 100.0 and d["baselines"]["full_prefill"]["layers_recomputed"] == 8
     assert d["baselines"]["full_reuse"]["quality"] == d["configs"][0]["quality"]
     assert d["frontier"] == pf.pareto_frontier(d["configs"])
-    assert d["command"].startswith("kvrelay profile --family tiny") and d["created"] and d["kvrelay_version"]
+    assert d["command"].startswith("kvrelay profile --metric exact --family tiny") and d["created"] and d["kvrelay_version"]
     for c in d["configs"]:
         assert 0 <= c["quality"] <= 100 and c["kl"] >= 0 and c["prefill_s"] > 0
     assert not pf.partial_path(profiled).exists()
@@ -139,7 +139,8 @@ def test_check_flags_stale_fingerprints(profiled, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["profile"], "needs --family, --sender, --receiver, --out"),
+    (["profile"], "kvrelay profile needs --family"),
+    (["profile", "--metric", "exact"], "needs --family, --sender, --receiver, --out"),
     (["profile", "frob", "x.json"], "unknown profile action 'frob'"),
     (["profile", "plot"], "takes exactly one PROFILE.json"),
     (["profile", "plot", "/nonexistent/p.json"], "no profile at"),

@@ -6,7 +6,7 @@ import pytest
 from kvrelay.cli import main
 from helpers.profiles import make_profile, write
 
-ARGS = ["eval", "--family", "tiny", "--sender", "base", "--receiver", "code", "--samples", "2",
+ARGS = ["eval", "--metric", "generation", "--family", "tiny", "--sender", "base", "--receiver", "code", "--samples", "2",
         "--context-tokens", "64-96", "--repeats", "1", "--json"]
 METHOD_KEYS = {"task_quality", "task_by_kind", "agreement", "f1_vs_full", "rouge_l_vs_full", "top1_vs_full",
                "kl_vs_full", "prefill_s", "layers_recomputed", "layers_frac", "speedup_vs_full"}
