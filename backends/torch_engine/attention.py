@@ -3,6 +3,9 @@
 The pool is a stack of pages in kvrelay.model.kv_format layout: kv [num_blocks, L, 2, H, B, D] (TensorRT-LLM's
 pool layout) and e [num_blocks, len(e_layers), B, hidden]. A sequence owns a block table (list of
 block ids); token at position p lives in block table[p // B], slot p % B.
+
+Sliding-window layers keep every position in the pool (exact, simplest: pages and export are the
+same for every layer); their attention masks to the window, in prefill, prefill-extend and decode.
 """
 from __future__ import annotations
 
@@ -43,7 +46,7 @@ class PagedKVPool:
         return kv[0, :, :length], kv[1, :, :length]
 
 
-def _sdpa(q, k, v, mask=None, causal=False):
+def _sdpa(q, k, v, mask=None, causal=False, scale=None):
     # Always 4-D [batch, heads, tokens, dim]: with 3-D inputs PyTorch's CPU dispatch falls back to the
     # math kernel, ~8x slower than the flash kernel at 2k tokens.
     squeeze = q.dim() == 3
@@ -51,31 +54,49 @@ def _sdpa(q, k, v, mask=None, causal=False):
         q, k, v = q[None], k[None], v[None]
     gqa = q.shape[-3] != k.shape[-3]
     o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
-                                       is_causal=causal, enable_gqa=gqa)
+                                       is_causal=causal, enable_gqa=gqa, scale=scale)
     return o[0] if squeeze else o
 
 
+def visible(q_pos: torch.Tensor, n_keys: int, window: int | None) -> torch.Tensor:
+    """[len(q_pos), n_keys] bool: key j is visible to the query at position p when j <= p and, on a
+    sliding layer, j > p - window (the window holds `window` positions, p itself included: the
+    convention of transformers' sliding_window_overlay, kv_idx > q_idx - sliding_window)."""
+    j = torch.arange(n_keys, device=q_pos.device)[None, :]
+    p = q_pos[:, None]
+    m = j <= p
+    return m & (j > p - window) if window is not None else m
+
+
 class PrefillAttention:
-    """New tokens [start, start+n) of one sequence; attends to its cached tokens and causally to itself."""
+    """New tokens [start, start+n) of one sequence; attends to its cached tokens and causally to itself.
+    A sliding layer (window=W) sees only the last W positions; the pool keeps every position."""
 
     def __init__(self, pool: PagedKVPool, table: list[int], start: int, n: int):
         self.pool, self.start, self.n = pool, start, n
         self.blocks, self.offs = pool.slots(table, start, start + n)
         B = pool.fmt.block_size
         self.table = torch.tensor(table[: (start + n + B - 1) // B], dtype=torch.long, device=pool.kv.device)
-        if start:
-            i = torch.arange(n, device=pool.kv.device)[:, None]
-            j = torch.arange(start + n, device=pool.kv.device)[None, :]
-            self.mask = j <= start + i
+        self._masks: dict[int | None, torch.Tensor] = {}
 
-    def __call__(self, layer, q, k, v):
+    def mask(self, window: int | None) -> torch.Tensor:
+        if window not in self._masks:
+            pos = torch.arange(self.start, self.start + self.n, device=self.pool.kv.device)
+            self._masks[window] = visible(pos, self.start + self.n, window)
+        return self._masks[window]
+
+    def __call__(self, layer, q, k, v, window=None, scale=None):
         self.pool.write_kv(layer, self.blocks, self.offs, k, v)
         q = q.transpose(0, 1)                                   # [H, n, D]
-        if self.start == 0:  # nothing cached before: attend to the fresh k, v directly
-            o = _sdpa(q, k.transpose(0, 1), v.transpose(0, 1), causal=True)
+        if window is not None and window >= self.start + self.n:
+            window = None                                       # the window covers everything: plain causal
+        if self.start == 0 and window is None:  # nothing cached before: attend to the fresh k, v directly
+            o = _sdpa(q, k.transpose(0, 1), v.transpose(0, 1), causal=True, scale=scale)
+        elif self.start == 0:
+            o = _sdpa(q, k.transpose(0, 1), v.transpose(0, 1), mask=self.mask(window), scale=scale)
         else:
             K, V = self.pool.gather(layer, self.table, self.start + self.n)
-            o = _sdpa(q, K, V, mask=self.mask)
+            o = _sdpa(q, K, V, mask=self.mask(window), scale=scale)
         return o.transpose(0, 1)                                # [n, H, D]
 
 
@@ -91,19 +112,28 @@ class DecodeAttention:
         self.offs = torch.tensor([p % B for p in pos], dtype=torch.long, device=dev)
         nb = max((n + B - 1) // B for n in lengths)
         self.table = torch.tensor([t[:nb] + [t[0]] * (nb - min(len(t), nb)) for t in tables], dtype=torch.long, device=dev)
-        j = torch.arange(nb * B, device=dev)[None, :]
-        self.mask = (j < torch.tensor(lengths, device=dev)[:, None])[:, None, None, :]  # [S, 1, 1, T]
+        self.pos = torch.tensor(pos, device=dev)
+        self._masks = {None: visible(self.pos, nb * B, None)[:, None, None, :]}   # [S, 1, 1, T]
 
-    def __call__(self, layer, q, k, v):
+    def mask(self, window: int | None) -> torch.Tensor:
+        if window not in self._masks:
+            self._masks[window] = visible(self.pos, self._masks[None].shape[-1], window)[:, None, None, :]
+        return self._masks[window]
+
+    def __call__(self, layer, q, k, v, window=None, scale=None):
         self.pool.write_kv(layer, self.blocks, self.offs, k, v)
         kv = self.pool.kv[self.table, layer]                    # [S, nb, 2, H, B, D]
         kv = kv.permute(2, 0, 3, 1, 4, 5).flatten(3, 4)         # [2, S, H, nb*B, D]
-        o = _sdpa(q[:, :, None, :], kv[0], kv[1], mask=self.mask)  # q [S, Hq, 1, D]
+        o = _sdpa(q[:, :, None, :], kv[0], kv[1], mask=self.mask(window), scale=scale)  # q [S, Hq, 1, D]
         return o[:, :, 0, :]                                    # [S, Hq, D]
 
 
 class DenseAttention:
     """No cache at all: the unpaged reference the paged paths are tested against."""
 
-    def __call__(self, layer, q, k, v):
-        return _sdpa(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), causal=True).transpose(0, 1)
+    def __call__(self, layer, q, k, v, window=None, scale=None):
+        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)
+        n = q.shape[1]
+        if window is None or window >= n:
+            return _sdpa(q, k, v, causal=True, scale=scale).transpose(0, 1)
+        return _sdpa(q, k, v, mask=visible(torch.arange(n, device=q.device), n, window), scale=scale).transpose(0, 1)
