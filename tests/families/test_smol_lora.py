@@ -18,7 +18,7 @@ def short_builds(tmp_path_factory):
     base_dir, _ = _smol_pair_dirs()
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     mp = pytest.MonkeyPatch()
-    mp.setattr(sources, "load_model", lambda progress=True: copy.deepcopy(base))
+    mp.setattr(sources, "load_model", lambda progress=True, path=None: copy.deepcopy(base))
     mp.setattr(smol_lora, "VARIANTS", ("code",))
     mp.setattr(smol_lora, "MAX_STEPS", 2)
     mp.setattr(smol_lora, "EVAL_BLOCKS", 1)
