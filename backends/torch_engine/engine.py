@@ -305,11 +305,11 @@ class TorchEngine:
         entering it (layer 0: the receiver's own embeddings) with this model's norm, k/v projections
         and RoPE, instead of the donor's K, V."""
         blocks, offs = self.pool.slots(seq.table, lo, hi)
-        cos, sin = self.model.rope(torch.arange(lo, hi, device=self.device))
+        positions = torch.arange(lo, hi, device=self.device)
         for l in layers:
             h = self.model.embed(self._tensor(toks[lo:hi])) if l == 0 else \
                 donor.e_layer(l)[lo:hi].to(self.device, self.pool.kv.dtype)
-            k, v = self.model.layers[l].project_kv(h, cos, sin)
+            k, v = self.model.layers[l].project_kv(h, *self.model.rope(positions, l))   # each layer's own RoPE
             self.pool.write_kv(l, blocks, offs, k, v)
 
     def _run(self, seq: Sequence, tokens, start: int, first: int, last: int, h=None, capture_e=False,

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvrelay.errors import KvRelayError
+from kvrelay.model.plan import RecomputePlan
 from kvrelay.loadtest import goodput_stats as gs
 
 MODES = ("full", "plan", "reuse")
@@ -315,6 +316,10 @@ def run(args) -> int:
     sc = Scenario(dep, st, out_dir, log, progress=not args.no_progress)
     sc.build_pool()
     pairs = choose_pairs(dep, ids, st.pairs, sum(st.context_tokens) // 2, log)
+    if dep.e_layers != "all" and any(RecomputePlan.parse(p.plan).correct_kv for p in pairs):
+        dep = dataclasses.replace(dep, e_layers="all")   # K/V-corrected plans read the donor's E at every layer
+        ids = dp.identities(dep)
+        log("K/V-corrected plans: engines keep E at every layer (e_layers = all)")
     bounds = {p.name: sc.bound(p) for p in pairs}
     receivers = list(dict.fromkeys(p.receiver for p in pairs))
     senders = list(dict.fromkeys(p.sender for p in pairs))

@@ -37,11 +37,15 @@ def measure(family: str, sender: str, receiver: str, plan: str, prompts: list[li
 
     torch.set_num_threads(os.cpu_count() or 1)
     longest = max(len(p) for p in prompts) + max_tokens + 16
-    fmt = dp.identities(dp.for_family(family))[receiver].page_format
+    chosen = RecomputePlan.parse(plan)
+    dep = dp.for_family(family, e_layers="all" if chosen.correct_kv else "even")   # corrected plans read E everywhere
+    fmt = dp.identities(dep)[receiver].page_format
     kv_bytes = fmt.page_bytes * (2 * (longest // fmt.block_size + 2))
-    S = make_engine(family, sender, EngineConfig(device=device, dtype=dtype, prefix_caching=False, kv_cache_bytes=kv_bytes))
-    R = make_engine(family, receiver, EngineConfig(device=device, dtype=dtype, prefix_caching=False, kv_cache_bytes=kv_bytes))
-    chosen = RecomputePlan.parse(plan).validate(R.num_layers)
+    cfg = lambda: EngineConfig(device=device, dtype=dtype, prefix_caching=False, kv_cache_bytes=kv_bytes,
+                               e_layers=fmt.e_layers)
+    S = make_engine(family, sender, cfg())
+    R = make_engine(family, receiver, cfg())
+    chosen.validate(R.num_layers)
     one = SamplingParams(max_tokens=1, ignore_eos=True)
     many = SamplingParams(max_tokens=max_tokens, ignore_eos=True)
     F, r, r0, d = [], [], [], []

@@ -72,7 +72,7 @@ def test_corrected_layers_are_the_receivers_projections_of_donor_e(all_e_pair, r
     l = R.num_layers // 2
     with torch.no_grad():
         pos = torch.arange(n * 16)
-        cos, sin = R.model.rope(pos)
+        cos, sin = R.model.rope(pos, l)
         k, v = R.model.layers[l].project_kv(donor.e_layer(l)[: n * 16], cos, sin)
     got = fixed.pages.kv[:n, l]                              # [n, 2, H, B, D]
     assert (got[:, 0].permute(0, 2, 1, 3).reshape(n * 16, *k.shape[1:]) - k).abs().max() < ATOL
