@@ -32,7 +32,7 @@ def families_cli(monkeypatch):
 
 
 def test_names():
-    assert FAMILY_NAMES == ("tiny", "smol", "smol-quick", "smol-lora")
+    assert FAMILY_NAMES == ("tiny", "smol", "smol-quick", "smol-lora", "gemma-lora")
 
 
 def test_tiny_loads(tiny):
