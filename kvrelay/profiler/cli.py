@@ -186,7 +186,8 @@ def _profile(args) -> int:
 
 def _tf_settings(args, sender: str, receiver: str):
     from kvrelay.profiler.tf_run import TFSettings
-    return TFSettings(family=args.family, sender=sender, receiver=receiver, samples=args.samples or 6,
+    return TFSettings(family=args.family, sender=sender, receiver=receiver,
+                      samples=6 if args.samples is None else args.samples,
                       context_tokens=parse_context_tokens(args.context_tokens or TF_CONTEXT),
                       ref_tokens=args.ref_tokens, stride=args.stride,
                       max_frac=0.6 if args.max_group is None else args.max_group, max_groups=args.max_groups,

@@ -93,7 +93,7 @@ def _run_tf(args) -> int:
     domains = None if args.domains in (None, "all") else tuple(d.strip() for d in args.domains.split(",") if d.strip())
 
     def settings(s, r):
-        return TFSettings(family=args.family, sender=s, receiver=r, samples=args.samples or 8, context_tokens=ctx,
+        return TFSettings(family=args.family, sender=s, receiver=r, samples=8 if args.samples is None else args.samples, context_tokens=ctx,
                           ref_tokens=args.ref_tokens, seed=args.seed, data=args.data, domains=domains).validate()
 
     for s, r in pairs:
@@ -119,7 +119,7 @@ def run(args) -> int:
         raise KvRelayError("--metric generation needs --sender and --receiver")
     if args.data:
         raise KvRelayError("--data is read by the teacher-forced eval (the default --metric)")
-    args.samples = args.samples or 16
+    args.samples = 16 if args.samples is None else args.samples
 
     if args.split not in SPLITS:
         raise KvRelayError(f"--split must be one of {', '.join(SPLITS)}, got {args.split!r}")
