@@ -123,6 +123,11 @@ def plan_of(d: dict) -> RecomputePlan:
     return RecomputePlan.from_list(d["plan"], d.get("kv_correction", False))
 
 
+def _point(c: dict) -> Point:
+    """A config as the selector sees it; its cost is the fitted prefill time where there is one."""
+    return Point(plan_of(c), c["layers_recomputed"], float(c["quality"]), c.get("prefill_s_fit", c.get("prefill_s")))
+
+
 @dataclass(frozen=True)
 class Profile:
     """A validated profile: the raw dict plus typed views the selector uses."""
@@ -151,8 +156,7 @@ class Profile:
 
     @property
     def configs(self) -> list[Point]:
-        return [Point(plan_of(c), c["layers_recomputed"], float(c["quality"]), c.get("prefill_s"))
-                for c in self.data["configs"]]
+        return [_point(c) for c in self.data["configs"]]
 
     @property
     def teacher_forced(self) -> bool:
@@ -161,8 +165,8 @@ class Profile:
     def passing(self, mode: str) -> list[Point]:
         """Teacher-forced profiles: the configs that meet `mode` ("target" | "strict") by their lower bounds."""
         key = f"meets_{mode}"
-        return [Point(plan_of(c), c["layers_recomputed"], float(c["quality"]), c.get("prefill_s_fit", c.get("prefill_s")))
-                for c in self.data["configs"] if c.get(key)]
+        return [_point(c) for c in self.data["configs"] if c.get(key)]
+
 
     @property
     def full_prefill_quality(self) -> float:

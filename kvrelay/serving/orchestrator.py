@@ -280,8 +280,7 @@ def _e_layers(dep: dp.Deployment, ids: dict) -> tuple[int, ...]:
 def build_engines(dep: dp.Deployment) -> dict:
     from kvrelay.model.engine_api import EngineConfig
     from kvrelay.model.engines import make_engine
-    from kvrelay.model.spec import family_spec
-    make_spec = lambda family, name: family_spec(family).model(name)
+    ids = dp.identities(dep)   # the engines' pages are the identities' page formats (E layers included)
     out = {}
     for m in dep.models:
         if m.instances != 1:
@@ -289,7 +288,7 @@ def build_engines(dep: dp.Deployment) -> dict:
                                "instance per model (run more servers behind a shared Redis store to scale out)")
         out[m.name] = make_engine(dep.family, m.name, EngineConfig(
             device=m.device, dtype=m.dtype, block_size=dep.block_size, kv_cache_bytes=m.kv_cache_bytes,
-            prefix_caching=dep.prefix_caching, e_layers=dep.e_layer_list(make_spec(dep.family, m.name).num_layers)))
+            prefix_caching=dep.prefix_caching, e_layers=ids[m.name].page_format.e_layers))
     return out
 
 
