@@ -25,6 +25,8 @@ def rows(family: str, eval_dir: Path) -> list[dict]:
     out = []
     for s, r, path in profile_file.pairs_in(profiles_dir(), family):
         prof = profile_file.load(path)
+        if prof.teacher_forced:   # another schema: python -m kvrelay.quality.tf_report
+            continue
         d = prof.data
         configs = d["configs"]
         reuse = next(c for c in configs if not c["plan"])

@@ -44,15 +44,20 @@ def _ask(core, model, tokens):
     return sink.replies[-1]
 
 
-def test_corrected_plan_is_served_with_e_at_every_layer(profiles, tiny_family):
-    from kvrelay.backends.torch_engine.engine import TorchEngine
-    core = Orchestrator(deployment(profiles, e_layers="all"), store=MemoryStore(256 << 20))
+def _base_after_code(dep):
+    """code prefills the context and publishes it; then base asks over the same context."""
+    core = Orchestrator(dep, store=MemoryStore(256 << 20))
     try:
         _ask(core, "code", CTX + [1, 2])
         core.router.flush()
-        got = _ask(core, "base", CTX + [3])
+        return _ask(core, "base", CTX + [3])
     finally:
         core.close()
+
+
+def test_corrected_plan_is_served_with_e_at_every_layer(profiles, tiny_family):
+    from kvrelay.backends.torch_engine.engine import TorchEngine
+    got = _base_after_code(deployment(profiles, e_layers="all"))
     assert got.route.startswith("reuse") and (got.donor, got.recomputed_layers) == ("code", 2)
     cfg = lambda: EngineConfig(kv_cache_bytes=64 << 20, e_layers=tuple(range(1, 8)), prefix_caching=False)
     S = TorchEngine.from_dir("code", tiny_family.model_dir("code"), cfg())
@@ -64,11 +69,5 @@ def test_corrected_plan_is_served_with_e_at_every_layer(profiles, tiny_family):
 
 
 def test_without_e_at_every_layer_the_corrected_plan_is_not_offered(profiles):
-    core = Orchestrator(deployment(profiles), store=MemoryStore(256 << 20))      # e_layers "even"
-    try:
-        _ask(core, "code", CTX + [1, 2])
-        core.router.flush()
-        got = _ask(core, "base", CTX + [3])
-    finally:
-        core.close()
+    got = _base_after_code(deployment(profiles))      # e_layers "even"
     assert got.route.startswith("full") and "no plan meets" in got.route
