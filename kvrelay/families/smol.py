@@ -108,9 +108,10 @@ def build_recipe(workdir: Path, recipe: Recipe, progress: bool = True) -> dict:
 
 
 def convert_base(workdir: Path, name: str, eval_domains, eval_blocks: int, block_len: int, progress: bool,
-                 source=None, batch: int = BATCH):
+                 source=None, batch: int = BATCH, bos: bool = False):
     """The base converted from the GGUF (`source`, a sources.GgufSource: SmolLM2 by default) and saved to
-    workdir/base, evaluated on held-out eval_domains in batches of `batch` rows.
+    workdir/base, evaluated on held-out eval_domains in batches of `batch` rows (each row starting with
+    BOS when `bos`: finetune.with_bos).
     Returns (tokenizer, base model, evaluate(model, label) -> {domain: loss}, build info {base: ...})."""
     from kvrelay.families import finetune, sources
 
@@ -122,6 +123,8 @@ def convert_base(workdir: Path, name: str, eval_domains, eval_blocks: int, block
     finetune.save_model(model, tok, workdir / BASE)
     convert_s = round(time.monotonic() - t0, 1)
     heldout = {d: finetune.heldout_blocks(tok, d, eval_blocks, block_len) for d in eval_domains}
+    if bos:
+        heldout = {d: finetune.with_bos(b, tok.bos_token_id) for d, b in heldout.items()}
 
     def evaluate(m, label):
         return {d: round(finetune.mean_loss(m, b, batch_size=batch, progress=progress,

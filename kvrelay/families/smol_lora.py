@@ -93,6 +93,7 @@ class LoraRecipe:
     rank: int = RANK
     alpha: int = ALPHA
     target_modules: tuple[str, ...] = TARGET_MODULES
+    bos: bool = False                  # every train and eval row starts with BOS (finetune.with_bos): Gemma
 
     def lora_config(self) -> dict:
         return dict(r=self.rank, lora_alpha=self.alpha, lora_dropout=DROPOUT, target_modules=list(self.target_modules),
@@ -115,13 +116,15 @@ def build_lora(workdir: Path, recipe: LoraRecipe, progress: bool = True) -> dict
 
     name, L, B = recipe.name, recipe.block_len, recipe.batch
     tok, base, evaluate, info = smol.convert_base(workdir, name, recipe.variants, recipe.eval_blocks, L, progress,
-                                                  source=recipe.source, batch=B)
+                                                  source=recipe.source, batch=B, bos=recipe.bos)
     for k, variant in enumerate(recipe.variants):
         seed = recipe.seed + 100 * (k + 1)
         torch.manual_seed(seed)   # the adapter's A matrices are drawn here (B starts at zero)
         model = get_peft_model(copy.deepcopy(base), LoraConfig(**recipe.lora_config()))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         blocks = finetune.token_blocks(tok, corpora.load_split(variant, "train"), recipe.max_steps * B, L, seed)
+        if recipe.bos:
+            blocks = finetune.with_bos(blocks, tok.bos_token_id)
         res = finetune.train(model, blocks, max_steps=recipe.max_steps, batch_size=B, lr=recipe.lr, seed=seed,
                              warmup=WARMUP, weight_decay=WEIGHT_DECAY, max_seconds=recipe.max_minutes * 60,
                              progress=progress, desc=f"{name}/{variant} LoRA fine-tune")
@@ -131,7 +134,8 @@ def build_lora(workdir: Path, recipe: LoraRecipe, progress: bool = True) -> dict
         var_eval, eval_s = smol.finish_variant(workdir, name, variant, merged, tok, evaluate, info,
                                                recipe.eval_blocks, L)
         info[variant] = dict(seconds=res.seconds, eval_seconds=eval_s, steps=res.steps, corpus=variant, parent=BASE,
-                             data=f"corpora {variant!r} train part: {len(blocks)} blocks of {L} tokens, seed {seed}",
+                             data=f"corpora {variant!r} train part: {len(blocks)} blocks of {L} tokens"
+                                  f"{' (BOS first)' if recipe.bos else ''}, seed {seed}",
                              seed=seed, lora=recipe.lora_config(), trainable_params=trainable, adapter="adapter/",
                              merged=True, lr=recipe.lr, batch=B, block_len=L, warmup=WARMUP, tokens=res.tokens,
                              max_minutes=recipe.max_minutes, max_steps=recipe.max_steps,

