@@ -26,6 +26,7 @@ from .block_manager import BlockManager
 from .config import ModelConfig
 from .model import LlamaModel, load_weights, random_init, read_safetensors
 from .sampler import sample
+from .weights import read_weights
 
 log = logging.getLogger("kvrelay.engine")
 
@@ -86,7 +87,7 @@ class TorchEngine:
         if spec.synthetic:
             random_init(model, spec.seed)
         else:
-            load_weights(model, read_safetensors(spec.model_dir), spec.model_dir)
+            load_weights(model, read_weights(spec.model_dir), spec.model_dir)
         return cls(spec.name, mcfg, model, spec.fingerprint, config, spec.model_dir, spec.weights)
 
     @classmethod

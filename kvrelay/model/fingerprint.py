@@ -49,13 +49,26 @@ def require_same(donor_model: str, donor_fp: str, receiver_model: str, receiver_
             f"(fingerprint {receiver_fp}): models differ in architecture or tokenizer")
 
 
+def weight_files(model_dir: Path) -> list[Path]:
+    """The files a model's weights come from, by name: its checkpoint's (single or sharded
+    safetensors, or .bin) and, for a LoRA variant's directory, its adapter's."""
+    from kvrelay.model import checkpoint as ck
+
+    model_dir = Path(model_dir)
+    try:
+        files = ck.weight_files(model_dir)
+    except ck.CheckpointError as e:
+        raise KvRelayError(f"no weights in {model_dir}: {e}") from None
+    files += [model_dir / f for f in ck.ADAPTER_WEIGHTS if (model_dir / f).is_file()][:1]
+    return sorted(files, key=lambda f: f.name)
+
+
 def weights_digest(model_dir: Path) -> str:
     """Digest of a model's weight files: part of a producer's identity in the page store, so pages of a
-    rebuilt or retrained model are never served as the new weights' KV. Cached beside the weights."""
+    rebuilt or retrained model are never served as the new weights' KV. A LoRA variant's covers the
+    base's files and the adapter's. Cached beside the weights (size and mtime of each file)."""
     model_dir = Path(model_dir)
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise KvRelayError(f"no *.safetensors weights in {model_dir}")
+    files = weight_files(model_dir)
     stamp = ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}" for f in files)
     cache = model_dir / ".kvrelay-weights-digest"
     try:
