@@ -12,11 +12,13 @@ import sys
 from kvrelay.errors import KvRelayError
 
 # (command path, module, help). Each module has `add_arguments(parser)` and `run(args) -> int`.
-GROUPS = {("models",): "build and list model families", ("bench",): "benchmarks that print figures",
+GROUPS = {("models",): "build, register and list model families", ("bench",): "benchmarks that print figures",
           ("store",): "inspect a page store"}
 COMMANDS = [
     (("models", "build"), "kvrelay.families.cli", "build a model family's weights (cached outside git)"),
     (("models", "list"), "kvrelay.families.cli_list", "list model families and whether they are built"),
+    (("models", "add"), "kvrelay.families.cli_add", "register a family from your own model directories (checkpoints, PEFT LoRA adapters)"),
+    (("models", "remove"), "kvrelay.families.cli_remove", "forget a family registered with `models add`"),
     (("bench", "prefill"), "kvrelay.bench.prefill", "full prefill vs. layer-selective re-prefill timings"),
     (("demo",), "kvrelay.server.demo", "the main job: a real server, a donor answers, other variants reuse its KV (--in-process: no server)"),
     (("serve",), "kvrelay.server.serve", "run tritonserver with the family's models, orchestrator and page store"),

@@ -23,3 +23,8 @@ class StaleFamily(FamilyNotBuilt):
 
 class SourceMissing(KvRelayError):
     """A package that a family build reads (weights, corpus) is not installed."""
+
+
+class FamilyChanged(KvRelayError):
+    """A registered family whose files changed after registration: its digests and profiles describe
+    other weights, so it is not served until it is registered again."""

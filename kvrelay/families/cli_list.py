@@ -1,4 +1,6 @@
-"""`kvrelay models list`: each model family, built or not, and where it lives."""
+"""`kvrelay models list`: each model family, built, registered or not, and where it lives; for a
+registered family each model's kind (base, full, LoRA r/alpha/targets), size, weights digest and the
+profiles that match it, or which file changed since it was registered."""
 from __future__ import annotations
 
 
@@ -13,7 +15,10 @@ def run(args) -> int:
     from kvrelay.families.registry import FAMILY_NAMES, load_family
     from kvrelay.paths import family_dir
 
-    w = max(map(len, FAMILY_NAMES + tuple(synthetic.SYNTHETIC)))
+    from kvrelay.errors import FamilyChanged
+    from kvrelay.families.registry import registered_names
+    mine = registered_names()
+    w = max(map(len, FAMILY_NAMES + tuple(synthetic.SYNTHETIC) + tuple(mine)))
     for name in FAMILY_NAMES:
         try:
             family = load_family(name)
@@ -32,6 +37,20 @@ def run(args) -> int:
         if args.verbose:
             for line in summary_lines(family):
                 print(line)
+    for name in mine:
+        try:
+            family = load_family(name)
+        except FamilyChanged as e:
+            print(f"{name:<{w}} {'changed':<10} {family_dir(name)}  ({e})")
+            continue
+        except KvRelayError as e:
+            print(f"{name:<{w}} {'broken: ' + str(e):<10} {family_dir(name)}")
+            continue
+        print(f"{name:<{w}} {'registered':<10} {family.root}  (models: {', '.join(family.models)}; "
+              f"fingerprint {family.fingerprint})")
+        print(f"{'':<{w}} profiles: {profiles_match(family)}")
+        for line in model_lines(family):
+            print(line)
     for name, spec in synthetic.SYNTHETIC.items():
         print(f"{name:<{w}} {'synthetic':<10} nothing on disk: random weights drawn at load time, for GPU "
               f"throughput runs (models: {', '.join(spec['models'])})")
@@ -68,3 +87,37 @@ def profiles_match(family) -> str:
             + f", {other} scored on other weights, {unknown} without weights digests"
             + (f", {broken} unreadable (`kvrelay profile plot FILE` names the problem)" if broken else "")
             + (" (`kvrelay profile check PROFILE --record` re-scores one on these weights and records it)" if same < len(files) else ""))
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+
+
+def model_lines(family) -> list[str]:
+    """One line per model of a registered family: kind, size, weights digest, profiles, source dir."""
+    from kvrelay.families import user
+    from kvrelay.paths import profiles_dir
+    from kvrelay.profiler import profile_file
+    manifest = family.manifest()
+    weights = manifest.get("weights", {})
+    pairs = profile_file.pairs_in(profiles_dir(), family.name)
+    w = max(map(len, family.models))
+    lines = []
+    for m in family.models:
+        src = manifest.get("sources", {}).get(m, {})
+        mine = [(s, r, f) for s, r, f in pairs if m in (s, r)]
+        match = 0
+        for s, r, f in mine:
+            try:
+                d = profile_file.load(f).data
+            except profile_file.ProfileError:
+                continue
+            match += profile_file.weights_status(d, (weights.get(s), weights.get(r))) in ("scored", "verified")
+        prof = f"{match} of {len(mine)} profiles match" if mine else "no profiles"
+        size = _size(src.get("bytes", 0)) + (" adapter" if src.get("kind") == "lora" else "")
+        lines.append(f"  {m:<{w}} {user.describe(manifest, m)}; {size}; weights {weights.get(m, '?')}; {prof}; "
+                     f"{src.get('dir', '?')}")
+    return lines

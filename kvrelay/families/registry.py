@@ -6,6 +6,11 @@ Layout under family_dir(name) ($KVRELAY_HOME/families/<name>):
 
 A family is built in a temporary sibling directory and renamed into place only once complete, so
 an interrupted build never leaves a directory that load_family accepts. No torch import here.
+
+A *registered* family (kvrelay models add, or a deployment's [family] table; kvrelay.families.user)
+has the same layout, but each <model>/ holds only symlinks to the user's files (nothing copied), and
+family.json records every file's size, mtime and sha256: load_family refuses the family, naming the
+file, when one changed after registration. Built and registered families install alike (_swap_in).
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvrelay.errors import FamilyNotBuilt, KvRelayError, StaleFamily
+from kvrelay.errors import FamilyChanged, FamilyNotBuilt, KvRelayError, StaleFamily
 from kvrelay.paths import family_dir
 
 FAMILY_NAMES: tuple[str, ...] = ("tiny", "smol", "smol-quick", "smol-lora", "gemma-lora")
@@ -57,23 +62,46 @@ class Family:
         return json.loads((self.root / MANIFEST).read_text())
 
 
+def is_registered(name: str) -> bool:
+    """A family registered from the user's own directories (not one kvrelay builds)."""
+    if name in FAMILY_NAMES or not name or "/" in name or name.startswith("."):
+        return False
+    try:
+        return json.loads((family_dir(name) / MANIFEST).read_text()).get("kind") == "registered"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def registered_names() -> list[str]:
+    root = family_dir("x").parent
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and is_registered(d.name)) if root.is_dir() else []
+
+
 def _check_name(name: str) -> None:
-    if name not in FAMILY_NAMES:
+    if name not in FAMILY_NAMES and not is_registered(name):
         from kvrelay.model import synthetic
         if synthetic.is_synthetic(name):
             raise KvRelayError(f"{name!r} is a synthetic family (random weights drawn at load time): there is "
                                "nothing to build or load from disk")
-        raise KvRelayError(f"unknown model family {name!r}; known families: {', '.join(FAMILY_NAMES)}, and "
-                           f"synthetic {', '.join(synthetic.SYNTHETIC)}")
+        mine = registered_names()
+        raise KvRelayError(f"unknown model family {name!r}; known families: {', '.join(FAMILY_NAMES)}, "
+                           f"synthetic {', '.join(synthetic.SYNTHETIC)}"
+                           + (f", registered {', '.join(mine)}" if mine else "")
+                           + "; register your own with: kvrelay models add NAME --base DIR --variant VNAME=DIR")
 
 
 def _builder(name: str):
     _check_name(name)
+    if name not in _BUILDERS:
+        raise KvRelayError(f"family {name!r} is registered from your directories, not built by kvrelay: "
+                           f"re-register it with `kvrelay models add {name} ... --replace`")
     return importlib.import_module(_BUILDERS[name])
 
 
 def recipe(name: str) -> int:
     """The builder's recipe version: bumped when a change makes earlier builds of the family stale."""
+    if is_registered(name):
+        return 1
     return getattr(_builder(name), "RECIPE", 1)
 
 
@@ -96,6 +124,11 @@ def load_family(name: str) -> Family:
     if manifest.get("name") != name or not names or names[0] != base:
         raise KvRelayError(f"{manifest_path} does not describe family {name!r} with its base first; "
                            f"rebuild: kvrelay models build --family {name} --force")
+    if manifest.get("kind") == "registered":
+        from kvrelay.families import user
+        user.verify_files(name, manifest)   # FamilyChanged naming the file
+        return Family(name=name, root=root, base=base, models={m: root / m for m in names},
+                      fingerprint=fingerprint)
     built, current = manifest.get("recipe", 1), recipe(name)
     if built != current:
         raise _not_built(name, f"{root} was built with recipe {built}, this kvrelay builds recipe {current}",
@@ -145,6 +178,8 @@ def _version() -> str:
 
 def build_family(name: str, force: bool = False, progress: bool = True) -> Family:
     """Build family `name` into family_dir(name). Returns at once if it is already built (unless force)."""
+    if is_registered(name) and not force:
+        return load_family(name)
     builder = _builder(name)
     if not force:
         with contextlib.suppress(FamilyNotBuilt):
@@ -156,32 +191,81 @@ def build_family(name: str, force: bool = False, progress: bool = True) -> Famil
         if not force:  # another process may have built it while we waited for the lock
             with contextlib.suppress(FamilyNotBuilt):
                 return load_family(name)
-        # Leftovers of interrupted builds: nobody else holds the lock, so they are stale.
-        for stale in list(parent.glob(f".{name}.building-*")) + list(parent.glob(f".{name}.old-*")):
-            shutil.rmtree(stale, ignore_errors=True)
         builder.check_sources()  # fail before any slow work when a source is not installed
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.building-", dir=parent))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; a family is as readable as any dir
-        old = None
-        try:
+
+        def fill(tmp: Path) -> dict:
             t0 = time.monotonic()
             info = builder.build(tmp, progress=progress)
-            manifest = _manifest(name, builder, tmp, info, round(time.monotonic() - t0, 1))
-            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-            if root.exists():
-                old = parent / f".{name}.old-{os.getpid()}"
-                root.rename(old)
-            tmp.rename(root)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            if old is not None and old.exists() and not root.exists():
-                old.rename(root)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            return _manifest(name, builder, tmp, info, round(time.monotonic() - t0, 1))
+
+        _swap_in(name, fill)
     return load_family(name)
+
+
+def family_lock(name: str):
+    """The family's build lock: builds, registrations, removals and manifest updates hold it."""
+    return _lock(family_dir(name).parent / f".{name}.lock")
+
+
+def _swap_in(name: str, fill) -> None:
+    """Under family_lock(name): fill(tmp) writes a complete family into a temporary sibling directory
+    and returns its manifest; family.json is written last and the directory renamed into place, so an
+    interrupted build or registration leaves either the old family or the new one, never a mix."""
+    root = family_dir(name)
+    parent = root.parent
+    # Leftovers of interrupted builds: nobody else holds the lock, so they are stale.
+    for stale in list(parent.glob(f".{name}.building-*")) + list(parent.glob(f".{name}.old-*")):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.building-", dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; a family is as readable as any dir
+    old = None
+    try:
+        manifest = fill(tmp)
+        write_json_atomic(tmp / MANIFEST, manifest)
+        if root.exists():
+            old = parent / f".{name}.old-{os.getpid()}"
+            root.rename(old)
+        tmp.rename(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and old.exists() and not root.exists():
+            old.rename(root)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_family(name: str) -> Path:
+    """Remove a registered family's directory (symlinks and family.json; the user's files stay)."""
+    if not is_registered(name):
+        if name in FAMILY_NAMES:
+            raise KvRelayError(f"{name!r} is a family kvrelay builds, not one you registered; its weights are in "
+                               f"{family_dir(name)} (delete that directory to free the space)")
+        _check_name(name)
+    root = family_dir(name)
+    with family_lock(name):
+        gone = root.parent / f".{name}.old-{os.getpid()}"
+        root.rename(gone)        # atomic: the family is gone for every reader at once
+        shutil.rmtree(gone, ignore_errors=True)
+    return root
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write JSON to a temporary file beside `path`, then os.replace it: readers see old or new."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(json.dumps(obj, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _manifest(name: str, builder, tmp: Path, info: dict, seconds: float) -> dict:

@@ -102,6 +102,10 @@ def load(path: str | Path) -> Deployment:
         raise KvRelayError(f"{path}: not valid TOML: {e}") from None
     if "family" not in raw:
         raise KvRelayError(f"{path}: 'family' is required")
+    if isinstance(raw["family"], dict):
+        raw["family"] = _register_family(path, raw["family"])
+    elif not isinstance(raw["family"], str):
+        raise KvRelayError(f"{path}: 'family' must be a family's name or a [family] table (name, base, variants)")
     defaults = raw.pop("defaults", {})
     models_raw = raw.pop("models", None)
     from kvrelay.model.spec import family_spec
@@ -124,6 +128,30 @@ def load(path: str | Path) -> Deployment:
         raise KvRelayError(f"{path}: {e}") from None
     validate(dep)
     return dep
+
+
+def _register_family(path: Path, table: dict) -> str:
+    """A [family] table: name = "...", base = "DIR", [family.variants] VNAME = "DIR" (paths relative to
+    the deployment file). Registered (kvrelay.families.user) unless it already is, unchanged."""
+    unknown = sorted(set(table) - {"name", "base", "variants"})
+    if unknown:
+        raise KvRelayError(f"{path}: [family]: unknown field(s) {unknown}; it takes name, base and variants")
+    name, base, variants = table.get("name"), table.get("base"), table.get("variants") or {}
+    if not isinstance(name, str) or not name:
+        raise KvRelayError(f"{path}: [family]: field 'name' is required (the name the family is registered under)")
+    if not isinstance(base, str) or not base:
+        raise KvRelayError(f"{path}: [family]: field 'base' is required (the base model's directory)")
+    if not isinstance(variants, dict):
+        raise KvRelayError(f"{path}: [family]: field 'variants' must be a table of VNAME = \"DIR\"")
+    for v, d in variants.items():
+        if not isinstance(d, str):
+            raise KvRelayError(f"{path}: [family.variants]: {v} = {d!r} is not a directory; each entry is "
+                               "VNAME = \"DIR\" (in TOML, the deployment's own keys go before its first [table])")
+    here = path.resolve().parent
+    resolve = lambda d: str((here / Path(d).expanduser()).resolve())
+    from kvrelay.families import user
+    user.ensure_registered(name, resolve(base), {v: resolve(d) for v, d in variants.items()})
+    return name
 
 
 def validate(dep: Deployment) -> Deployment:
