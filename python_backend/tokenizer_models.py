@@ -35,6 +35,11 @@ class Preprocessing:
                 raise tensors.BadInput("this deployment's models have no tokenizer: send token ids as text") from None
         return tk.encode(self.tok, text)
 
+    def _prompt(self, context: str, text: str) -> tuple[list[int], list[int]]:
+        if self.tok is None:  # token ids as text: no words to wrap them in
+            return self._encode(context), self._encode(text)
+        return tk.prompt_ids(self.tok, context, text)
+
     def execute(self, requests):
         out = []
         for r in requests:
@@ -46,13 +51,7 @@ class Preprocessing:
                 if len(text) + len(context) > self.dep.max_input_chars:
                     raise tensors.BadInput(f"input is {len(text) + len(context)} characters; the limit is "
                                       f"{self.dep.max_input_chars}")
-                if context and self.tok is None:  # token ids as text: no words to wrap them in
-                    ctx, q = self._encode(context), self._encode(text)
-                elif context:
-                    ctx_text, q_text = tk.prompt(context, text)
-                    ctx, q = self._encode(ctx_text), self._encode(q_text)
-                else:
-                    ctx, q = [], self._encode(text)
+                ctx, q = self._prompt(context, text)
                 out.append(pb_utils.InferenceResponse([
                     tensors.tensor("input_ids", np.asarray(ctx + q, np.int32)),
                     tensors.tensor("context_len", np.array([len(ctx)], np.int32)),

@@ -218,7 +218,7 @@ class Scenario:
             tok = wl.tokenizer(self.dep.family)
             pool, self.source = wl.text_contexts(tok, self.st.contexts, (lo, hi), self.st.seed, self.log)
             self.merge = False
-            self.prompts = [sum(map(lambda t: tk.encode(tok, t), tk.prompt(c.text, c.questions[0])), []) for c in pool]
+            self.prompts = [sum(tk.prompt_ids(tok, c.text, c.questions[0]), []) for c in pool]
         self.pool = pool
         self.longest = max(len(p) for p in self.prompts) + self.st.max_tokens
         toks = [c.tokens for c in pool]

@@ -37,9 +37,8 @@ class Output:
 
 
 def prepare(tok, sample: Sample) -> Prepared:
-    ctx_text, q_text = tk.prompt(sample.context, sample.question)
-    ctx = tk.encode(tok, ctx_text)
-    return Prepared(sample, ctx, ctx + tk.encode(tok, q_text), ctx + tk.encode(tok, tk.prompt("", SENDER_QUESTION)[1]))
+    ctx, q = tk.prompt_ids(tok, sample.context, sample.question)
+    return Prepared(sample, ctx, ctx + q, ctx + tk.encode(tok, tk.prompt("", SENDER_QUESTION)[1]))
 
 
 def engine_config(model_dir, max_context: int, max_tokens: int, concurrent: int):

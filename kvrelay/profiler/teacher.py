@@ -70,8 +70,7 @@ def engine_config(model_dir, longest: int, concurrent: int) -> EngineConfig:
 
 def prepare(tok, case: Case, R=None, ref_tokens: int = 64) -> Prepared:
     """Token ids of a case; an empty reference becomes the receiver R's own greedy output."""
-    ctx_text, q_text = tk.prompt(case.context, case.question)
-    ctx, q = tk.encode(tok, ctx_text), tk.encode(tok, q_text)
+    ctx, q = tk.prompt_ids(tok, case.context, case.question)
     if case.reference:
         joiner = "\n" if case.domain != "user" else " "
         ref = tk.encode(tok, joiner + case.reference)[:ref_tokens]

@@ -113,9 +113,8 @@ def run_in_process(args) -> int:
     sender, receiver = args.sender or names[0], args.receiver or names[1]
     context = _context(args)
     tok = tk.load(fam.model_dir(receiver))
-    ctx_text, q_text = tk.prompt(context, args.question)
-    ctx = tk.encode(tok, ctx_text)[: args.context_tokens]
-    q_recv = tk.encode(tok, q_text)
+    ctx, q_recv = tk.prompt_ids(tok, context, args.question)
+    ctx = ctx[: args.context_tokens]
     q_send = tk.encode(tok, tk.prompt("", "Summarise the text above.")[1])
 
     cfg = EngineConfig()
