@@ -1,0 +1,68 @@
+"""A family registered from a user's own directories (a base, a q/v PEFT adapter, an all-linear PEFT
+adapter, a merged full checkpoint) served by a real tritonserver: a plain tritonclient query per
+variant answers what HF transformers generates on that variant (greedy, same prompt), token for token."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import user_models as um
+from kvrelay.model import tokenizer as tk
+from kvrelay.server import client
+from kvrelay.serving import deployment as dp
+
+from .conftest import Running
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CONTEXT = " ".join(f"w{(11 * i) % 250}" for i in range(120))
+QUESTIONS = {"base": "w3 w4 w5", "qv": "w7 w8", "all": "w9 w10 w11 w12", "full": "w13"}
+MAX_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("byom")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KVRELAY_HOME", str(root / "home"))     # the server's stubs inherit it
+        base = um.make_base(root / "base")
+        qv = um.make_lora(base, root / "qv", seed=1)
+        al = um.make_lora(base, root / "all", seed=2, target_modules=ALL)
+        full = um.make_full(base, um.make_lora(base, root / "for-full", seed=3, target_modules=ALL), root / "full")
+        toml = root / "mine.toml"
+        toml.write_text(f'profiles_dir = "{root / "no-profiles"}"\nmax_tokens_limit = 64\n\n[family]\nname = "mine"\n'
+                        'base = "base"\n[family.variants]\nqv = "qv"\nall = "all"\nfull = "full"\n')
+        dep = dp.validate(dp.load(toml))
+        refs = {"base": um.load(base), "qv": um.merged(base, qv), "all": um.merged(base, al), "full": um.load(full)}
+        r = Running(dep, root / "server")
+        try:
+            yield r.server, refs
+        finally:
+            r.close()
+
+
+def _hf(model, ids: list[int]) -> list[int]:
+    # the prompt holds <unk> (id 0 = pad): an explicit mask, or generate() would mask those positions out
+    x = torch.tensor([ids])
+    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=MAX_TOKENS, do_sample=False,
+                         pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_each_variant_answers_what_transformers_generates(served, protocol):
+    server, refs = served
+    tok = um.tokenizer()
+    url = server.http_url if protocol == "http" else server.grpc_url
+    for m, ref in refs.items():
+        got = client.infer(url, QUESTIONS[m], MAX_TOKENS, protocol=protocol, model=m, context=CONTEXT, tenant="t")
+        want = _hf(ref, sum(tk.prompt_ids(tok, CONTEXT, QUESTIONS[m]), []))
+        assert got.info["variant"] == m
+        assert got.info["output_tokens"] == len(want), (m, got.info)
+        assert got.text == tk.decode(tok, want), m
+
+
+def test_the_variants_differ_so_the_check_means_something(served):
+    _, refs = served
+    ids = sum(tk.prompt_ids(um.tokenizer(), CONTEXT, "w3"), [])
+    outs = {m: tuple(_hf(ref, ids)) for m, ref in refs.items()}
+    assert len(set(outs.values())) == len(outs), outs
