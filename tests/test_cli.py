@@ -19,5 +19,6 @@ def test_version():
 
 
 def test_groups_say_what_they_hold():
-    assert "build and list model families" in kvrelay("models", "--help").stdout
+    models = kvrelay("models", "--help").stdout
+    assert "build, register and list model families" in models and "{build,list,add,remove}" in models
     assert "benchmarks that print figures" in kvrelay("bench", "--help").stdout
