@@ -1,14 +1,21 @@
 """The PyTorch engine: paged KV, prefix caching, DroidSpeak re-prefill, continuous-batching decode.
 
-One engine serves one model. `add_request` may be called from any thread (it validates at once and
-queues); `step` runs on one thread: it admits queued requests (prefill or re-prefill, then the first
-token) and then decodes one token for every running sequence together.
+One engine serves one base model and any number of LoRA adapters over it, unmerged: a request
+names its adapter (Request.adapter, "" = the base), `max_loras` adapters are resident at once (LRU,
+pinned while a sequence uses one, read from disk on first use), and one decode step runs every
+running sequence together whatever its adapter (backends/torch_engine/lora.py).
+
+`add_request` may be called from any thread (it validates at once and queues); `step` runs on one
+thread: it admits queued requests (prefill or re-prefill, then the first token) and then decodes one
+token for every running sequence together.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+import threading
 import time
-from collections import deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +24,7 @@ import torch
 from kvrelay.model import fingerprint as fp
 from kvrelay.model.engine_api import DonorKV, EngineConfig, PrefillInfo, Request, RequestOutput
 from kvrelay.errors import KvRelayError, PlanError
+from kvrelay.model import checkpoint as ck
 from kvrelay.model.kv_format import DTYPES, KVPages, PageFormat, block_hashes, dtype_name, shared_blocks
 from kvrelay.model.spec import ModelSpec
 from kvrelay.model.plan import RecomputePlan
@@ -24,6 +32,7 @@ from kvrelay.model.plan import RecomputePlan
 from .attention import DecodeAttention, DenseAttention, PagedKVPool, PrefillAttention
 from .block_manager import BlockManager
 from .config import ModelConfig
+from .lora import LoraBatch, LoraWeights, adapter_dir, load_lora
 from .model import LlamaModel, load_weights, random_init, read_safetensors
 from .sampler import sample
 from .weights import read_weights
@@ -44,6 +53,8 @@ class Sequence:
     prefill_sent: bool = False
     first_token_time_ns: int = 0
     admitted_at: int = 0
+    model_id: str = ""                  # the weights it runs: the base's, or its adapter's
+    lora: LoraWeights | None = None     # its adapter while admitted (pinned resident)
 
     @property
     def prompt_len(self) -> int:
@@ -74,6 +85,11 @@ class TorchEngine:
         self.running: list[Sequence] = []
         self._admissions = 0
         self._active: set[str] = set()              # request ids queued or running
+        # LoRA adapters: registered (name -> adapter on disk, its model id), resident (LRU), pins
+        self._adapters: dict[str, tuple[ck.LoraAdapter, str]] = {}
+        self._resident: OrderedDict[str, LoraWeights] = OrderedDict()
+        self._pins: Counter[str] = Counter()
+        self._adapters_lock = threading.Lock()      # register / remove come from other threads
 
     # --- construction ---------------------------------------------------------------------------
 
@@ -94,6 +110,21 @@ class TorchEngine:
     def from_dir(cls, name: str, model_dir: str | Path, config: EngineConfig | None = None) -> "TorchEngine":
         return cls.from_spec(ModelSpec.from_dir(name, model_dir), config)
 
+    @classmethod
+    def with_adapters(cls, base: ModelSpec, variants: list[ModelSpec], config: EngineConfig | None = None
+                      ) -> "TorchEngine":
+        """The base's engine with each variant's PEFT adapter registered under the variant's name and
+        model id (so its pages and profiles are the merged model's). A full fine-tune has no adapter:
+        an error naming it (it needs an engine of its own)."""
+        engine = cls.from_spec(base, config)
+        for v in variants:
+            d = adapter_dir(v.model_dir)
+            if d is None:
+                raise KvRelayError(f"{v.name}: {v.model_dir} holds no PEFT adapter (adapter_config.json); a full "
+                                   "fine-tune is served by an engine of its own")
+            engine.add_adapter(v.name, d, v.model_id)
+        return engine
+
     @staticmethod
     def _build(mcfg: ModelConfig, config: EngineConfig) -> LlamaModel:
         if config.dtype not in DTYPES:
@@ -109,6 +140,73 @@ class TorchEngine:
             torch.set_default_dtype(prev)
         model.inv_freq = model.inv_freq.float()
         return model.eval().requires_grad_(False)
+
+    # --- adapters -------------------------------------------------------------------------------
+
+    def add_adapter(self, name: str, directory: str | Path, model_id: str | None = None) -> None:
+        """Register a PEFT LoRA adapter over this engine's base (from any thread): checked now (config,
+        tensor shapes against the base), read into memory on first use."""
+        if not name or name == self.name:
+            raise KvRelayError(f"adapter name {name!r} is empty or the base's own name")
+        adapter = ck.read_adapter(Path(directory), self._hf_config())
+        with self._adapters_lock:
+            if name in self._adapters:
+                raise KvRelayError(f"adapter {name!r} is already registered on {self.name!r}")
+            self._adapters[name] = (adapter, model_id or f"{name}@{self.weights}+lora-{_file_digest(adapter.weights)}")
+
+    def remove_adapter(self, name: str) -> None:
+        """Unregister (from any thread): new requests for it are refused; running ones finish."""
+        with self._adapters_lock:
+            if self._adapters.pop(name, None) is None:
+                raise KvRelayError(f"no adapter {name!r} registered on {self.name!r}")
+
+    @property
+    def adapters(self) -> dict[str, str]:
+        """Registered adapter -> its model id."""
+        with self._adapters_lock:
+            return {n: mid for n, (_, mid) in self._adapters.items()}
+
+    @property
+    def resident_adapters(self) -> list[str]:
+        """Model ids of the adapters in memory, least recently used first."""
+        return list(self._resident)
+
+    def _hf_config(self) -> dict:
+        from kvrelay.model.spec import read_hf_config
+        if self.model_dir is None:
+            raise KvRelayError(f"{self.name}: random weights take no adapters (no config.json to check them against)")
+        return read_hf_config(self.model_dir)
+
+    def _pin_adapter(self, seq: Sequence) -> bool:
+        """Make the sequence's adapter resident and pin it; False when every slot is pinned by
+        running sequences (the sequence waits). Resident adapters are keyed by model id, so one
+        re-registered under the same name with new weights never mixes with the old. Engine thread."""
+        if not seq.req.adapter:
+            return True
+        key = seq.model_id
+        w = self._resident.get(key)
+        if w is None:
+            if len(self._resident) >= max(1, self.config.max_loras):
+                victim = next((k for k in self._resident if not self._pins[k]), None)
+                if victim is None:
+                    return False
+                del self._resident[victim]
+                self._pins.pop(victim, None)
+            with self._adapters_lock:
+                reg = self._adapters.get(seq.req.adapter)
+            if reg is None or reg[1] != key:
+                raise KvRelayError(f"adapter {seq.req.adapter!r} ({key}) was removed from {self.name!r}")
+            w = load_lora(seq.req.adapter, key, reg[0], self.model, self.pool.kv.dtype, self.device)
+            self._resident[key] = w
+        self._resident.move_to_end(key)
+        self._pins[key] += 1
+        seq.lora = w
+        return True
+
+    def _unpin_adapter(self, seq: Sequence) -> None:
+        if seq.lora is not None:
+            self._pins[seq.lora.model_id] -= 1
+            seq.lora = None
 
     # --- requests -------------------------------------------------------------------------------
 
@@ -131,11 +229,19 @@ class TorchEngine:
             self._check_donor(request.donor, request.plan)
         if request.request_id in self._active:
             raise KvRelayError(f"request_id {request.request_id!r} is already running on {self.name!r}")
+        model_id = self.model_id
+        if request.adapter:
+            with self._adapters_lock:
+                reg = self._adapters.get(request.adapter)
+                if reg is None:
+                    raise KvRelayError(f"no adapter {request.adapter!r} on {self.name!r}; registered: "
+                                       f"{sorted(self._adapters) or 'none'}")
+                model_id = reg[1]
         gen = None
         if request.sampling.seed is not None:
             gen = torch.Generator().manual_seed(request.sampling.seed)
         self._active.add(request.request_id)
-        self._inbox.append(Sequence(request, list(toks), generator=gen))
+        self._inbox.append(Sequence(request, list(toks), generator=gen, model_id=model_id))
 
     def _check_donor(self, donor: DonorKV, plan: RecomputePlan | None) -> None:
         if getattr(donor, "derived_from", ""):
@@ -181,6 +287,14 @@ class TorchEngine:
             blocks_needed = -(-(len(seq.tokens) + 1) // self.page_format.block_size)
             if blocks_needed > self.blocks.num_available or (admitted and len(seq.tokens) > budget):
                 break
+            try:
+                if not self._pin_adapter(seq):
+                    break                              # every adapter slot busy: wait for one
+            except KvRelayError as e:                  # removed, or its files went bad, since it was queued
+                self.waiting.popleft()
+                self._finish(seq)
+                outputs.append(RequestOutput(seq.req.request_id, [], list(seq.output), True, "abort", error=str(e)))
+                continue
             self.waiting.popleft()
             budget -= len(seq.tokens)
             outputs.append(self._prefill(seq))
@@ -240,7 +354,7 @@ class TorchEngine:
     def _full_prefill(self, seq: Sequence) -> tuple[PrefillInfo, torch.Tensor]:
         B = self.page_format.block_size
         toks = seq.tokens
-        seq.salt = seq.req.cache_salt
+        seq.salt = self._scope(seq)
         hashes = block_hashes(toks, B, salt=seq.salt)
         cached = []
         if self.config.prefix_caching:  # keep >= 1 token to compute: its logits start generation
@@ -250,6 +364,11 @@ class TorchEngine:
         h = self._run(seq, toks[start:], start, 0, self.num_layers, capture_e=True)
         self._register(seq, hashes)
         return PrefillInfo(prompt_tokens=len(toks), cached_tokens=start), h[-self._tail(seq):]
+
+    def _scope(self, seq: Sequence) -> bytes:
+        """The prefix-cache scope of a sequence's own KV: its request's salt, and its adapter's
+        weights (blocks of different weights never match)."""
+        return seq.req.cache_salt + (b"\x00lora\x00" + seq.model_id.encode() if seq.req.adapter else b"")
 
     @staticmethod
     def _tail(seq: Sequence) -> int:
@@ -266,11 +385,11 @@ class TorchEngine:
             info, h = self._full_prefill(seq)
             info.donor, info.donor_failed = donor.producer, "the donor's pages share no block with the prompt"
             return info, h
-        own = donor.producer == self.model_id and plan.num_recomputed == 0 and not plan.correct_kv
+        own = donor.producer == seq.model_id and plan.num_recomputed == 0 and not plan.correct_kv
         # Our own KV coming back (evicted here, kept by a store): exact, so the request's own scope;
         # anything else is hybrid and salted with donor and plan too.
         seq.derived = "" if own else f"{donor.producer}|{donor.fingerprint}|{plan}"
-        seq.salt = seq.req.cache_salt + (b"\x00" + seq.derived.encode() if seq.derived else b"")
+        seq.salt = self._scope(seq) + (b"\x00" + seq.derived.encode() if seq.derived else b"")
         hashes = block_hashes(toks, B, salt=seq.salt)
         # Same donor and plan seen before: the hybrid blocks may still be cached here.
         hit = self.blocks.match_prefix(hashes[:n_reuse_blocks]) if self.config.prefix_caching else []
@@ -310,7 +429,8 @@ class TorchEngine:
         for l in layers:
             h = self.model.embed(self._tensor(toks[lo:hi])) if l == 0 else \
                 donor.e_layer(l)[lo:hi].to(self.device, self.pool.kv.dtype)
-            k, v = self.model.layers[l].project_kv(h, *self.model.rope(positions, l))   # each layer's own RoPE
+            k, v = self.model.layers[l].project_kv(h, *self.model.rope(positions, l),   # each layer's own RoPE
+                                                   lora=LoraBatch.single(seq.lora, hi - lo))
             self.pool.write_kv(l, blocks, offs, k, v)
 
     def _run(self, seq: Sequence, tokens, start: int, first: int, last: int, h=None, capture_e=False,
@@ -324,7 +444,8 @@ class TorchEngine:
             def on_enter(layer, x):
                 self.pool.write_e(layer, attn.blocks, attn.offs, x)
         positions = torch.arange(start, start + n, device=self.device)
-        return self.model.run_layers(h, positions, attn, first, last, on_enter=on_enter)
+        return self.model.run_layers(h, positions, attn, first, last, on_enter=on_enter,
+                                     lora=LoraBatch.single(seq.lora, n))
 
     # --- decode ---------------------------------------------------------------------------------
 
@@ -333,7 +454,8 @@ class TorchEngine:
         for s in sorted(seqs, key=lambda s: s.admitted_at):
             if s in self.running and len(s.table) * B < len(s.tokens):
                 self._grow(s)
-        seqs = [s for s in seqs if s in self.running]
+        # rows grouped by adapter: each adapter's weights are read once per step
+        seqs = sorted((s for s in seqs if s in self.running), key=lambda s: s.req.adapter)
         if not seqs:
             return []
         attn = DecodeAttention(self.pool, [s.table for s in seqs], [len(s.tokens) for s in seqs])
@@ -343,7 +465,8 @@ class TorchEngine:
         def capture_e(layer, x):
             self.pool.write_e(layer, attn.blocks, attn.offs, x)
 
-        h = self.model.run_layers(h, positions, attn, 0, self.num_layers, on_enter=capture_e)
+        h = self.model.run_layers(h, positions, attn, 0, self.num_layers, on_enter=capture_e,
+                                  lora=_segments(seqs))
         logits = self.model.logits(h)
         outs = []
         for i, s in enumerate(seqs):
@@ -365,6 +488,7 @@ class TorchEngine:
         self.running.remove(seq)
         self.blocks.release(seq.table)
         seq.table, seq.hashes = [], []
+        self._unpin_adapter(seq)
         self.waiting.appendleft(seq)
 
     # --- outputs --------------------------------------------------------------------------------
@@ -407,6 +531,7 @@ class TorchEngine:
             self.running.remove(seq)
         self.blocks.release(seq.table)
         seq.table = []
+        self._unpin_adapter(seq)
 
     def _apply_aborts(self) -> list[RequestOutput]:
         outs = []
@@ -442,7 +567,7 @@ class TorchEngine:
         if seq.derived:
             fmt = PageFormat(**{**fmt.to_dict(), "e_layers": ()})
             e = e[:, :0]
-        return KVPages(fmt, self.model_id, self.fingerprint, seq.req.prompt_tokens[: n * B], self.pool.kv[idx].clone(),
+        return KVPages(fmt, seq.model_id, self.fingerprint, seq.req.prompt_tokens[: n * B], self.pool.kv[idx].clone(),
                        e, block_hashes(seq.req.prompt_tokens[: n * B], B), seq.derived)
 
     # --- helpers --------------------------------------------------------------------------------
@@ -464,6 +589,27 @@ class TorchEngine:
     @property
     def dtype_name(self) -> str:
         return dtype_name(self.pool.kv.dtype)
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()[:12]
+
+
+def _segments(seqs: list[Sequence]) -> LoraBatch | None:
+    """The decode batch's adapter segments (seqs sorted by adapter); None when all run the base."""
+    segs, i = [], 0
+    while i < len(seqs):
+        j = i
+        while j < len(seqs) and seqs[j].lora is seqs[i].lora:
+            j += 1
+        if seqs[i].lora is not None:
+            segs.append((seqs[i].lora, i, j))
+        i = j
+    return LoraBatch(segs) if segs else None
 
 
 def _carries_payload(donor: DonorKV) -> bool:

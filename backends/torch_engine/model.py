@@ -116,32 +116,42 @@ class DecoderLayer(nn.Module):
             k = self.k_norm(k)
         return apply_rope(k, cos, sin)
 
-    def _qkv(self, h, cos, sin):
+    def _linear(self, name: str, x, lora):
+        y = getattr(self, name)(x)
+        return y if lora is None else lora(self.index, name, x, y)
+
+    def _qkv(self, h, cos, sin, lora=None):
         T = h.shape[0]
-        q, k, v = self.qkv(self.ln1(h)).split([self.nq * self.hd, self.nkv * self.hd, self.nkv * self.hd], -1)
+        q, k, v = self._linear("qkv", self.ln1(h), lora).split([self.nq * self.hd, self.nkv * self.hd, self.nkv * self.hd], -1)
         q = q.view(T, self.nq, self.hd)
         if self.q_norm is not None:
             q = self.q_norm(q)
         return apply_rope(q, cos, sin), self._k(k.view(T, self.nkv, self.hd), cos, sin), v.view(T, self.nkv, self.hd)
 
-    def project_kv(self, h, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+    def project_kv(self, h, cos, sin, lora=None) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's K (k_norm and RoPE applied) and V for hidden states h entering it: [T, H_kv, D]
         each. K/V correction rebuilds a reused layer's KV from a donor's E with these weights; cos/sin
-        must be this layer's own: model.rope(positions, layer)."""
+        must be this layer's own: model.rope(positions, layer). With lora (a LoraBatch), a LoRA
+        receiver's K, V: its low-rank term on the K and V rows only."""
         T = h.shape[0]
         x = self.ln1(h)
         n = self.nq * self.hd
         b = self.qkv.bias[n:] if self.qkv.bias is not None else None
-        k, v = F.linear(x, self.qkv.weight[n:], b).split([self.nkv * self.hd, self.nkv * self.hd], -1)
+        kv = F.linear(x, self.qkv.weight[n:], b)
+        if lora is not None:
+            kv = lora(self.index, "qkv", x, kv, rows=slice(n, None))
+        k, v = kv.split([self.nkv * self.hd, self.nkv * self.hd], -1)
         return self._k(k.view(T, self.nkv, self.hd), cos, sin), v.view(T, self.nkv, self.hd)
 
-    def forward(self, h, cos, sin, attn, layer: int):
+    def forward(self, h, cos, sin, attn, layer: int, lora=None):
+        """lora: a LoraBatch (backends/torch_engine/lora.py) adding adapters' low-rank terms to rows
+        of the batch after each linear; None runs the base weights alone."""
         T = h.shape[0]
-        q, k, v = self._qkv(h, cos, sin)
-        a = self.o(attn(layer, q, k, v, **self.attn_kw).reshape(T, -1))
+        q, k, v = self._qkv(h, cos, sin, lora)
+        a = self._linear("o", attn(layer, q, k, v, **self.attn_kw).reshape(T, -1), lora)
         h = h + (self.attn_out_norm(a) if self.attn_out_norm is not None else a)
-        g, u = self.gate_up(self.ln2(h)).chunk(2, dim=-1)
-        m = self.down(self.act(g) * u)
+        g, u = self._linear("gate_up", self.ln2(h), lora).chunk(2, dim=-1)
+        m = self._linear("down", self.act(g) * u, lora)
         return h + (self.mlp_out_norm(m) if self.mlp_out_norm is not None else m)
 
 
@@ -184,8 +194,9 @@ class DecoderModel(nn.Module):
             return self._rope(positions, "global")
         return self._rope(positions, self.layers[layer].rope_key)
 
-    def run_layers(self, h, positions, attn, start: int, end: int, on_enter=None):
-        """Run layers [start, end) on hidden states h [T, hidden]; on_enter(layer, h) sees E."""
+    def run_layers(self, h, positions, attn, start: int, end: int, on_enter=None, lora=None):
+        """Run layers [start, end) on hidden states h [T, hidden]; on_enter(layer, h) sees E; lora
+        (a LoraBatch) applies adapters to rows of the batch."""
         ropes = {}
         for l in range(start, end):
             key = self.layers[l].rope_key
@@ -193,7 +204,7 @@ class DecoderModel(nn.Module):
                 ropes[key] = self._rope(positions, key)
             if on_enter is not None:
                 on_enter(l, h)
-            h = self.layers[l](h, *ropes[key], attn, l)
+            h = self.layers[l](h, *ropes[key], attn, l, lora)
         return h
 
     def logits(self, h_last: torch.Tensor) -> torch.Tensor:

@@ -45,17 +45,24 @@ def read_checkpoint(model_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def merge_lora(state: dict[str, torch.Tensor], adapter: ck.LoraAdapter) -> dict[str, torch.Tensor]:
-    """`state` with the adapter merged in place (and returned)."""
+def lora_tensors(adapter: ck.LoraAdapter) -> dict[ck.LoraModule, tuple[torch.Tensor, torch.Tensor]]:
+    """Each adapted module's (A [r, in], B [out, r]) in fp32, checked finite; scale not applied."""
     tensors = _load_file(adapter.weights)
+    out = {}
     for m in adapter.modules:
         prefix = f"base_model.model.{m.hf_name}"
-        a = _float(prefix + ".lora_A.weight", tensors[prefix + ".lora_A.weight"], adapter.weights)
-        b = _float(prefix + ".lora_B.weight", tensors[prefix + ".lora_B.weight"], adapter.weights)
+        out[m] = (_float(prefix + ".lora_A.weight", tensors[prefix + ".lora_A.weight"], adapter.weights),
+                  _float(prefix + ".lora_B.weight", tensors[prefix + ".lora_B.weight"], adapter.weights))
+    return out
+
+
+def merge_lora(state: dict[str, torch.Tensor], adapter: ck.LoraAdapter) -> dict[str, torch.Tensor]:
+    """`state` with the adapter merged in place (and returned)."""
+    for m, (a, b) in lora_tensors(adapter).items():
         w = state[m.hf_name + ".weight"]
         if w.shape != (b.shape[0], a.shape[1]):
-            raise ck.CheckpointError(f"{adapter.weights}: {prefix} ({list(b.shape)} x {list(a.shape)}) does not fit "
-                                     f"the base's {m.hf_name}.weight {list(w.shape)}")
+            raise ck.CheckpointError(f"{adapter.weights}: base_model.model.{m.hf_name} ({list(b.shape)} x "
+                                     f"{list(a.shape)}) does not fit the base's {m.hf_name}.weight {list(w.shape)}")
         state[m.hf_name + ".weight"] = w + (b @ a) * m.scale
     return state
 

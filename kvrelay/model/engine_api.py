@@ -29,6 +29,7 @@ class EngineConfig:
     e_layers: tuple[int, ...] | None = None  # layers whose entering hidden state is kept for export;
                                              # None = every 2nd layer (the profiler's stride-2 group starts)
     prefix_caching: bool = True
+    max_loras: int = 4                # LoRA adapters resident at once (LRU; the rest stay on disk)
 
 
 @dataclass(slots=True)
@@ -89,6 +90,8 @@ class Request:
     export_pages: bool = False        # return this prompt's full-block pages (KV + E) after prefill
     cache_salt: bytes = b""           # prefix-cache scope: blocks are shared only between equal salts
                                       # (vLLM's cache_salt; the orchestrator puts the tenant in it)
+    adapter: str = ""                 # the LoRA adapter to run, by its registered name ("" = the base);
+                                      # vLLM's lora_request, tensorrtllm_backend's lora_task_id
 
 
 @dataclass(slots=True)
@@ -117,6 +120,7 @@ class RequestOutput:
     logits: list[torch.Tensor] = field(default_factory=list)  # with return_logits, as they come
     prompt_logits: torch.Tensor | None = None  # with prompt_logits: [N, vocab], on the first output
     first_token_time_ns: int = 0
+    error: str = ""                   # why an "abort" ended it when the engine did (adapter removed)
 
 
 class Engine(Protocol):
