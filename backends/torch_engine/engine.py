@@ -32,7 +32,7 @@ from kvrelay.model.plan import RecomputePlan
 from .attention import DecodeAttention, DenseAttention, PagedKVPool, PrefillAttention
 from .block_manager import BlockManager
 from .config import ModelConfig
-from .lora import LoraBatch, LoraWeights, adapter_dir, load_lora
+from .lora import LoraBatch, LoraWeights, load_lora
 from .model import LlamaModel, load_weights, random_init, read_safetensors
 from .sampler import sample
 from .weights import read_weights
@@ -118,7 +118,7 @@ class TorchEngine:
         an error naming it (it needs an engine of its own)."""
         engine = cls.from_spec(base, config)
         for v in variants:
-            d = adapter_dir(v.model_dir)
+            d = ck.adapter_dir(v.model_dir)
             if d is None:
                 raise KvRelayError(f"{v.name}: {v.model_dir} holds no PEFT adapter (adapter_config.json); a full "
                                    "fine-tune is served by an engine of its own")

@@ -15,7 +15,6 @@ float rounding (tested: same greedy tokens, logits within 1e-4).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -26,18 +25,6 @@ from .weights import lora_tensors
 # PEFT projection -> (our fused linear, its part: row block within the fused output)
 FUSED = {"q_proj": ("qkv", 0), "k_proj": ("qkv", 1), "v_proj": ("qkv", 2), "o_proj": ("o", 0),
          "gate_proj": ("gate_up", 0), "up_proj": ("gate_up", 1), "down_proj": ("down", 0)}
-
-
-def adapter_dir(model_dir: Path | None) -> Path | None:
-    """Where a variant's PEFT adapter is: the directory itself (a registered LoRA variant: base files
-    and adapter side by side) or its adapter/ folder (a built LoRA family keeps it there beside the
-    merged weights); None for a full checkpoint."""
-    if model_dir is None:
-        return None
-    for d in (Path(model_dir), Path(model_dir) / "adapter"):
-        if ck.is_adapter(d):
-            return d
-    return None
 
 
 @dataclass(eq=False)

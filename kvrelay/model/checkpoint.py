@@ -261,6 +261,18 @@ def is_adapter(d: Path) -> bool:
     return (Path(d) / ADAPTER_CONFIG).is_file()
 
 
+def adapter_dir(model_dir: Path | None) -> Path | None:
+    """Where a variant's PEFT adapter is: the directory itself (a registered LoRA variant: base files
+    and adapter side by side) or its adapter/ folder (a built LoRA family keeps it there beside the
+    merged weights); None for a full checkpoint."""
+    if model_dir is None:
+        return None
+    for d in (Path(model_dir), Path(model_dir) / "adapter"):
+        if is_adapter(d):
+            return d
+    return None
+
+
 def pattern_key(patterns, module: str) -> str | None:
     """PEFT's rule (peft.utils.other.get_pattern_key): the first pattern that matches a suffix of the
     module name at a dot boundary."""

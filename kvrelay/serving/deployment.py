@@ -49,6 +49,10 @@ class Deployment:
     variant_entry_points: bool = True    # each variant also served under its own Triton model name
     shared_prefix_cache: bool = False    # True: a tenant's prefix-cache hits may come from another tenant's blocks
                                          # (faster repeats across tenants, but B can time what A sent)
+    lora: str = "merged"                 # LoRA variants: "merged" (each its own engine, adapter merged: a full copy
+                                         # of the weights each) or "unmerged" (adapters on the base's engine, one
+                                         # decode batch across variants, one copy of the weights, every core on it)
+    max_loras: int = 8                   # lora = "unmerged": adapters resident at once (LRU, the rest on disk)
     extra: dict = field(default_factory=dict)
 
     def model(self, name: str) -> ModelDeployment:
@@ -61,15 +65,17 @@ class Deployment:
     def model_names(self) -> list[str]:
         return [m.name for m in self.models]
 
-    def cpu_threads(self, name: str, cpus: int | None = None) -> int:
+    def cpu_threads(self, name: str, cpus: int | None = None, engines: int | None = None) -> int:
         """Intra-op threads for one CPU instance of `name`: its own setting, else the machine's cores
         split over every CPU engine instance. Each engine is its own process; if each took every core,
         concurrent prefills would oversubscribe them (measured: 4 engines x 2 threads on 2 cores ran
-        8 concurrent 3k-token prefills in 80 s, 1 thread each in 55 s)."""
+        8 concurrent 3k-token prefills in 80 s, 1 thread each in 55 s). `engines`: how many CPU engines
+        there are when that is not one per model (lora = "unmerged": variants share the base's)."""
         m = self.model(name)
         if m.threads:
             return m.threads
-        engines = sum(x.instances for x in self.models if x.device == "cpu")
+        if engines is None:
+            engines = sum(x.instances for x in self.models if x.device == "cpu")
         return max(1, (cpus or os.cpu_count() or 1) // max(1, engines))
 
     def e_layer_list(self, num_layers: int) -> tuple[int, ...]:
@@ -168,6 +174,10 @@ def validate(dep: Deployment) -> Deployment:
         raise KvRelayError(f"quality_mode must be 'target' or 'strict', got {dep.quality_mode!r}")
     if dep.e_layers not in ("even", "all"):
         raise KvRelayError(f"e_layers must be 'even' or 'all', got {dep.e_layers!r}")
+    if dep.lora not in ("merged", "unmerged"):
+        raise KvRelayError(f"lora must be 'merged' or 'unmerged', got {dep.lora!r}")
+    if not isinstance(dep.max_loras, int) or dep.max_loras < 1:
+        raise KvRelayError(f"max_loras must be an integer >= 1, got {dep.max_loras!r}")
     if dep.block_size < 1 or dep.block_size & (dep.block_size - 1):
         raise KvRelayError("block_size must be a power of two")
     return dep
@@ -201,3 +211,25 @@ def identities(dep: Deployment) -> dict[str, ModelIdentity]:
         fmt = spec.page_format(dep.block_size, m.dtype, dep.e_layer_list(spec.num_layers))
         out[m.name] = ModelIdentity(m.name, spec.model_id, spec.fingerprint, fmt, spec.max_position_embeddings)
     return out
+
+
+def engine_groups(dep: Deployment) -> dict[str, list[str]]:
+    """Which engine serves which models: engine (named after the model whose weights it loads) ->
+    the deployment's models it serves. One per model, except with lora = "unmerged", where the
+    family's base serves itself (if deployed) and every LoRA variant as an adapter; full fine-tunes
+    keep engines of their own. Members of a group must agree on device and dtype."""
+    from kvrelay.model import checkpoint as ck
+    from kvrelay.model.spec import family_spec
+    if dep.lora == "merged":
+        return {m.name: [m.name] for m in dep.models}
+    fam = family_spec(dep.family)
+    groups: dict[str, list[str]] = {}
+    for m in dep.models:
+        lora = not fam.synthetic and m.name != fam.base and ck.adapter_dir(fam.dirs[m.name]) is not None
+        groups.setdefault(fam.base if lora else m.name, []).append(m.name)
+    for engine, members in groups.items():
+        settings = {(dep.model(n).device, dep.model(n).dtype) for n in members}
+        if len(settings) > 1:
+            raise KvRelayError(f"lora = \"unmerged\": {members} share the {engine!r} engine but ask for different "
+                               f"devices or dtypes {sorted(settings)}; give them the same")
+    return groups

@@ -106,7 +106,17 @@ class Orchestrator:
         self.in_flight = 0
         self._count_lock = threading.Lock()
         engines = engines if engines is not None else build_engines(dep)
-        self.runners = {name: EngineRunner(e, threads=_threads(dep, name)) for name, e in engines.items()}
+        # one runner per engine; with unmerged LoRA several models name the same engine and run on it
+        # as its adapters (Request.adapter), decoded in one batch
+        self.runners: dict[str, EngineRunner] = {}
+        self.adapter_of: dict[str, str] = {}
+        by_engine: dict[int, EngineRunner] = {}
+        n_cpu = len({id(e) for name, e in engines.items() if dep.model(name).device == "cpu"})
+        for name, e in engines.items():
+            if id(e) not in by_engine:
+                by_engine[id(e)] = EngineRunner(e, threads=_threads(dep, name, n_cpu))
+            self.runners[name] = by_engine[id(e)]
+            self.adapter_of[name] = name if name in e.adapters else ""
 
     # --- one request ------------------------------------------------------------------------------
 
@@ -177,7 +187,8 @@ class Orchestrator:
         runner = self.runners[call.me.name]
         try:
             runner.submit(Request(rid, list(req.tokens), sampling, donor=donor, plan=plan,
-                                  export_pages=call.d.route.export, cache_salt=call.d.scope.encode()),
+                                  export_pages=call.d.route.export, cache_salt=call.d.scope.encode(),
+                                  adapter=self.adapter_of[call.me.name]),
                           lambda o, e: outputs.put((o, e)))
         except EngineFailure:
             raise
@@ -236,7 +247,7 @@ class Orchestrator:
         self.router.prefill_done(call.d, info, out.pages, call.req.tokens, call.req.entry)
 
     def close(self) -> None:
-        for r in self.runners.values():
+        for r in {id(r): r for r in self.runners.values()}.values():
             r.close()
         self.router.close()
         self.store.close()
@@ -278,6 +289,8 @@ def _e_layers(dep: dp.Deployment, ids: dict) -> tuple[int, ...]:
 
 
 def build_engines(dep: dp.Deployment) -> dict:
+    """Model name -> its engine (dp.engine_groups: with unmerged LoRA, variants share the base's,
+    whose KV cache is then the sum of theirs)."""
     from kvrelay.model.engine_api import EngineConfig
     from kvrelay.model.engines import make_engine
     ids = dp.identities(dep)   # the engines' pages are the identities' page formats (E layers included)
@@ -286,13 +299,18 @@ def build_engines(dep: dp.Deployment) -> dict:
         if m.instances != 1:
             raise KvRelayError(f"model {m.name}: instances = {m.instances}; the in-process engines serve one "
                                "instance per model (run more servers behind a shared Redis store to scale out)")
-        out[m.name] = make_engine(dep.family, m.name, EngineConfig(
-            device=m.device, dtype=m.dtype, block_size=dep.block_size, kv_cache_bytes=m.kv_cache_bytes,
-            prefix_caching=dep.prefix_caching, e_layers=ids[m.name].page_format.e_layers))
+    for engine, members in dp.engine_groups(dep).items():
+        m = dep.model(members[0])
+        adapters = [n for n in members if n != engine]
+        e = make_engine(dep.family, engine, EngineConfig(
+            device=m.device, dtype=m.dtype, block_size=dep.block_size, max_loras=dep.max_loras,
+            kv_cache_bytes=sum(dep.model(n).kv_cache_bytes for n in members),
+            prefix_caching=dep.prefix_caching, e_layers=ids[m.name].page_format.e_layers), adapters=adapters)
+        out.update({n: e for n in members})
     return out
 
 
-def _threads(dep: dp.Deployment, name: str) -> int:
+def _threads(dep: dp.Deployment, name: str, cpu_engines: int) -> int:
     m = dep.model(name)
-    return dep.cpu_threads(name) if m.device == "cpu" else 0
+    return dep.cpu_threads(name, engines=cpu_engines) if m.device == "cpu" else 0
 

@@ -1,7 +1,11 @@
 """A family registered from a user's own directories (a base, a q/v PEFT adapter, an all-linear PEFT
-adapter, a merged full checkpoint) served by a real tritonserver: a plain tritonclient query per
-variant answers what HF transformers generates on that variant (greedy, same prompt), token for token."""
+adapter, a merged full checkpoint) served by a real tritonserver with lora = "unmerged" (the base and
+both adapters in one engine, the full checkpoint in its own): a plain tritonclient query per variant
+answers what HF transformers generates on that variant (greedy, same prompt), token for token, alone
+and with all four asked at once (decoded in one batch)."""
 from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -29,7 +33,8 @@ def served(tmp_path_factory):
         al = um.make_lora(base, root / "all", seed=2, target_modules=ALL)
         full = um.make_full(base, um.make_lora(base, root / "for-full", seed=3, target_modules=ALL), root / "full")
         toml = root / "mine.toml"
-        toml.write_text(f'profiles_dir = "{root / "no-profiles"}"\nmax_tokens_limit = 64\n\n[family]\nname = "mine"\n'
+        toml.write_text(f'profiles_dir = "{root / "no-profiles"}"\nmax_tokens_limit = 64\nlora = "unmerged"\n\n'
+                        '[family]\nname = "mine"\n'
                         'base = "base"\n[family.variants]\nqv = "qv"\nall = "all"\nfull = "full"\n')
         dep = dp.validate(dp.load(toml))
         refs = {"base": um.load(base), "qv": um.merged(base, qv), "all": um.merged(base, al), "full": um.load(full)}
@@ -66,3 +71,18 @@ def test_the_variants_differ_so_the_check_means_something(served):
     ids = sum(tk.prompt_ids(um.tokenizer(), CONTEXT, "w3"), [])
     outs = {m: tuple(_hf(ref, ids)) for m, ref in refs.items()}
     assert len(set(outs.values())) == len(outs), outs
+
+
+def test_all_variants_at_once_each_answer_their_own(served):
+    """Four clients at once: the base and both adapters decode in one engine batch; each still
+    gets its own variant's tokens."""
+    server, refs = served
+    tok = um.tokenizer()
+
+    def ask(m):
+        return m, client.infer(server.http_url, QUESTIONS[m], MAX_TOKENS, model=m, context=CONTEXT, tenant="c")
+
+    with ThreadPoolExecutor(len(refs)) as pool:
+        got = dict(pool.map(ask, list(refs) * 2))
+    for m, ref in refs.items():
+        assert got[m].text == tk.decode(tok, _hf(ref, sum(tk.prompt_ids(tok, CONTEXT, QUESTIONS[m]), []))), m

@@ -1,0 +1,95 @@
+"""lora = "unmerged" in the serving core (no Triton): a user's LoRA variants run as adapters on the
+base's one engine, a full fine-tune on its own; bad settings are clear errors."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from helpers import user_models as um
+from kvrelay.errors import KvRelayError
+from kvrelay.serving import deployment as dp
+from kvrelay.serving.orchestrator import Orchestrator, ServeRequest
+from kvrelay.store import MemoryStore
+
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    root = tmp_path_factory.mktemp("unmerged")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KVRELAY_HOME", str(root / "home"))
+        base = um.make_base(root / "base")
+        qv = um.make_lora(base, root / "qv", seed=1)
+        al = um.make_lora(base, root / "all", seed=2, target_modules=ALL)
+        full = um.make_full(base, um.make_lora(base, root / "for-full", seed=3, target_modules=ALL), root / "full")
+        refs = {"base": um.load(base), "qv": um.merged(base, qv), "all": um.merged(base, al), "full": um.load(full)}
+
+        def deployment(extra: str = "lora = \"unmerged\"\n") -> dp.Deployment:
+            toml = root / "mine.toml"
+            toml.write_text(f'profiles_dir = "{root / "none"}"\n{extra}\n[family]\nname = "mine"\nbase = "base"\n'
+                            '[family.variants]\nqv = "qv"\nall = "all"\nfull = "full"\n')
+            return dp.load(toml)
+        yield deployment, refs
+
+
+def test_adapters_share_the_base_engine_and_a_full_checkpoint_has_its_own(family):
+    deployment, _ = family
+    assert dp.engine_groups(deployment()) == {"base": ["base", "qv", "all"], "full": ["full"]}
+    assert dp.engine_groups(deployment("")) == {m: [m] for m in ("base", "qv", "all", "full")}   # merged default
+
+
+@pytest.mark.parametrize("extra, message", [
+    ('lora = "folded"\n', "lora must be 'merged' or 'unmerged'"),
+    ('lora = "unmerged"\nmax_loras = 0\n', "max_loras must be an integer >= 1"),
+    ('lora = "unmerged"\n[models.base]\n[models.qv]\ndtype = "bfloat16"\n[models.all]\n',
+     "share the 'base' engine but ask for different devices or dtypes"),
+])
+def test_bad_settings_are_clear_errors(family, extra, message):
+    deployment, _ = family
+    with pytest.raises(KvRelayError, match=message):
+        dp.engine_groups(deployment(extra))
+
+
+class Collect:
+    def __init__(self):
+        self.replies = []
+
+    def send(self, reply):
+        self.replies.append(reply)
+
+    def cancelled(self):
+        return False
+
+
+def test_served_variants_decode_together_and_each_equals_its_merge(family):
+    deployment, refs = family
+    dep = deployment()
+    core = Orchestrator(dep, store=MemoryStore(64 << 20))
+    try:
+        runners = core.runners
+        assert runners["qv"] is runners["base"] is runners["all"] and runners["full"] is not runners["base"]
+        engine = runners["base"].engine
+        assert engine.adapters.keys() == {"qv", "all"}
+        assert engine.blocks.num_blocks * engine.page_format.page_bytes <= 3 * dep.model("base").kv_cache_bytes
+        prompts = {m: [1] + [3 + (7 * i + 5 * j) % 250 for j in range(40)] for i, m in enumerate(refs)}
+        sinks = {m: Collect() for m in refs}
+
+        def serve(m):
+            core.serve(ServeRequest(tokens=prompts[m], max_tokens=10, model=m, tenant="t"), sinks[m])
+
+        threads = [threading.Thread(target=serve, args=(m,)) for m in refs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        for m, ref in refs.items():
+            x = torch.tensor([prompts[m]])
+            want = ref.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=10, do_sample=False,
+                                pad_token_id=0)[0, x.shape[1]:].tolist()
+            reply = sinks[m].replies[-1]
+            assert reply.finished and reply.model == m and reply.output_ids == want, m
+    finally:
+        core.close()
