@@ -20,6 +20,7 @@ COMMANDS = [
     (("models", "add"), "kvrelay.families.cli_add", "register a family from your own model directories (checkpoints, PEFT LoRA adapters)"),
     (("models", "remove"), "kvrelay.families.cli_remove", "forget a family registered with `models add`"),
     (("bench", "prefill"), "kvrelay.bench.prefill", "full prefill vs. layer-selective re-prefill timings"),
+    (("bench", "decode"), "kvrelay.bench.decode", "batched decode vs. HF generate; LoRA adapters unmerged, one vs. mixed"),
     (("demo",), "kvrelay.server.demo", "the main job: a real server, a donor answers, other variants reuse its KV (--in-process: no server)"),
     (("serve",), "kvrelay.server.serve", "run tritonserver with the family's models, orchestrator and page store"),
     (("query",), "kvrelay.server.query", "send one request to a running server; print text and KV reuse"),

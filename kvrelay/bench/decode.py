@@ -1,0 +1,191 @@
+"""`kvrelay bench decode`: batched decode of the engine against HF transformers' `generate`, side by
+side in one run, on a LoRA family's merged variant and on the same variant served unmerged.
+
+Per batch size, tokens/s of decode only (the prefill and first token excluded on both sides):
+  hf            transformers generate on the variant's merged checkpoint (its own DynamicCache)
+  merged        this engine on the same merged checkpoint
+  single        this engine: the base + the variant's adapter unmerged, every request on it
+  mixed         the same engine, requests spread round-robin over --adapters distinct adapters
+Ratios: vs_hf = single / hf, mixed_over_single = mixed / single. Repeats interleave the four so
+drift on a shared machine hits each alike; medians are reported.
+
+Adapters: the family's own LoRA variants first, then random ones at the same rank and targets
+(kvrelay.bench.adapters) when --adapters asks for more.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+
+BATCHES = "1,8,32"
+
+
+def add_arguments(p):
+    p.add_argument("--family", default="smol-lora", help="a built LoRA family (smol-lora, gemma-lora, or one "
+                                                          "registered with `models add`)")
+    p.add_argument("--variant", help="the variant measured alone (default: the family's first LoRA variant)")
+    p.add_argument("--batches", default=BATCHES, help=f"batch sizes, comma-separated (default {BATCHES})")
+    p.add_argument("--adapters", type=int, default=8, help="distinct adapters in the mixed batch (default 8)")
+    p.add_argument("--prompt", type=int, default=128, help="prompt tokens per request (default 128)")
+    p.add_argument("--tokens", type=int, default=32, help="tokens generated per request (default 32)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def _ints(text: str, what: str) -> list[int]:
+    from kvrelay.errors import KvRelayError
+    try:
+        vals = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise KvRelayError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not vals or min(vals) < 1:
+        raise KvRelayError(f"{what} must be >= 1, got {text!r}")
+    return vals
+
+
+def run(args) -> int:
+    from kvrelay.errors import KvRelayError
+    batches = _ints(args.batches, "--batches")
+    if args.adapters < 1 or args.prompt < 1 or args.tokens < 2 or args.repeats < 1:
+        raise KvRelayError("--adapters, --prompt and --repeats must be >= 1, --tokens >= 2")
+    result = bench(args.family, batches, args.adapters, args.prompt, args.tokens, args.repeats,
+                   args.variant, progress=True)   # progress on stderr, the result on stdout
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        _table(result)
+    return 0
+
+
+def bench(family: str, batches: list[int], n_adapters: int = 8, prompt: int = 128, tokens: int = 32,
+          repeats: int = 3, variant: str | None = None, progress: bool = False) -> dict:
+    import torch
+
+    from kvrelay.backends.torch_engine.engine import TorchEngine
+    from kvrelay.model.checkpoint import adapter_dir
+    from kvrelay.bench.adapters import random_adapters
+    from kvrelay.errors import KvRelayError
+    from kvrelay.model.engine_api import EngineConfig
+    from kvrelay.model.spec import family_spec
+    from kvrelay.model import tokenizer
+
+    fam = family_spec(family)
+    if fam.synthetic:
+        raise KvRelayError(f"family {family!r} has random weights and no adapters; use a built LoRA family")
+    base = fam.model(fam.base)
+    loras = [m for m in fam.models[1:] if adapter_dir(fam.model(m).model_dir) is not None]
+    if not loras:
+        raise KvRelayError(f"family {family!r} has no LoRA variant (every variant is a full checkpoint)")
+    variant = variant or loras[0]
+    if variant not in loras:
+        raise KvRelayError(f"--variant {variant!r} is not a LoRA variant of {family!r}; those are {loras}")
+    blocks = max(batches) * (-(-(prompt + tokens) // 16) + 1) + 8
+    cfg = EngineConfig(kv_cache_bytes=blocks * base.page_format(16, "float32").page_bytes,
+                       max_num_seqs=max(batches), max_loras=n_adapters,
+                       max_prefill_tokens=max(batches) * (prompt + tokens), prefix_caching=False)
+    engine = TorchEngine.with_adapters(base, [fam.model(variant)], cfg)
+    others = [m for m in loras if m != variant][: n_adapters - 1]
+    for m in others:
+        engine.add_adapter(m, adapter_dir(fam.model(m).model_dir), fam.model(m).model_id)
+    names = [variant, *others]
+    rank = max(int(json.loads((adapter_dir(fam.model(variant).model_dir) / "adapter_config.json")
+                              .read_text()).get("r", 16)), 1)
+    for i, d in enumerate(random_adapters(base.model_dir, n_adapters - len(names), rank, key=family)):
+        engine.add_adapter(f"random-{i}", d)
+        names.append(f"random-{i}")
+    merged = TorchEngine.from_spec(fam.model(variant), EngineConfig(**{**_fields(cfg), "max_loras": 1}))
+    hf = _hf_model(fam.model(variant).model_dir)
+
+    g = torch.Generator().manual_seed(0)
+    vocab = base.vocab_size
+    start = tokenizer.start_ids(tokenizer.load(fam.tokenizer_dir()))
+    runs: dict[int, dict[str, list[float]]] = {b: {k: [] for k in ("hf", "merged", "single", "mixed")}
+                                              for b in batches}
+    for rep in range(repeats + 1):                     # repeat 0 warms up every path
+        for b in batches:
+            prompts = [start + torch.randint(100, vocab - 1, (prompt - len(start),), generator=g).tolist()
+                       for _ in range(b)]
+            timed = {"hf": _hf_decode(hf, prompts, tokens),
+                     "merged": _engine_decode(merged, prompts, [""] * b, tokens),
+                     "single": _engine_decode(engine, prompts, [variant] * b, tokens),
+                     "mixed": _engine_decode(engine, prompts, [names[i % len(names)] for i in range(b)], tokens)}
+            if rep:
+                for k, v in timed.items():
+                    runs[b][k].append(v)
+            if progress:
+                print(f"bench decode: repeat {rep}{' (warm-up)' if not rep else ''} batch {b}: "
+                      + ", ".join(f"{k} {v:.1f} tok/s" for k, v in timed.items()), file=sys.stderr, flush=True)
+    per = {}
+    for b in batches:
+        med = {k: statistics.median(v) for k, v in runs[b].items()}
+        per[str(b)] = {**{f"{k}_tokens_per_s": round(v, 2) for k, v in med.items()},
+                       "vs_hf": round(med["single"] / med["hf"], 3),
+                       "merged_vs_hf": round(med["merged"] / med["hf"], 3),
+                       "mixed_over_single": round(med["mixed"] / med["single"], 3),
+                       "distinct_adapters_mixed": min(b, len(names))}
+    return {"family": family, "variant": variant, "adapters": names, "rank": rank, "prompt_tokens": prompt,
+            "new_tokens": tokens, "repeats": repeats, "threads": torch.get_num_threads(),
+            "dtype": "float32", "batches": per,
+            "vs_hf": {b: v["vs_hf"] for b, v in per.items()},
+            "mixed_over_single": {b: v["mixed_over_single"] for b, v in per.items() if int(b) > 1}}
+
+
+def _fields(cfg) -> dict:
+    return {k: getattr(cfg, k) for k in cfg.__slots__}
+
+
+def _hf_model(model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+
+
+def _hf_decode(model, prompts, tokens: int) -> float:
+    """transformers' greedy generate, batch of equal-length prompts: decode tokens/s, timed from the
+    first generated token to the last (a stopping criterion sees each step end; it never stops)."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Clock(StoppingCriteria):
+        def __init__(self):
+            self.times = []
+
+        def __call__(self, input_ids, scores, **kw):
+            self.times.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    ids, clock = torch.tensor(prompts), Clock()
+    with torch.inference_mode():
+        model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0,
+                       max_new_tokens=tokens, min_new_tokens=tokens, stopping_criteria=StoppingCriteriaList([clock]))
+    if len(clock.times) != tokens:
+        raise RuntimeError(f"generate ran {len(clock.times)} steps, not {tokens}")
+    return len(prompts) * (tokens - 1) / (clock.times[-1] - clock.times[0])
+
+
+def _engine_decode(engine, prompts, adapters, tokens: int) -> float:
+    """Admit every request in one step (prefill + first token), then time the decode steps."""
+    from kvrelay.model.engine_api import Request, SamplingParams
+    sp = SamplingParams(max_tokens=tokens, ignore_eos=True)
+    for i, (p, a) in enumerate(zip(prompts, adapters)):
+        engine.add_request(Request(f"d{time.monotonic_ns()}-{i}", p, sp, adapter=a))
+    engine.step()
+    if len(engine.running) != len(prompts):
+        raise RuntimeError(f"only {len(engine.running)} of {len(prompts)} requests admitted in one step")
+    t0 = time.perf_counter()
+    while engine.has_unfinished():
+        engine.step()
+    return len(prompts) * (tokens - 1) / (time.perf_counter() - t0)
+
+
+def _table(r: dict) -> None:
+    print(f"decode, {r['family']}/{r['variant']} (rank {r['rank']}), prompt {r['prompt_tokens']} + "
+          f"{r['new_tokens']} tokens, {r['threads']} threads, median of {r['repeats']}; tokens/s")
+    print(f"{'batch':>5} {'HF generate':>12} {'engine merged':>14} {'unmerged':>9} {'mixed':>7} "
+          f"{'vs_hf':>6} {'mixed/single':>13}")
+    for b, v in r["batches"].items():
+        print(f"{b:>5} {v['hf_tokens_per_s']:>12.1f} {v['merged_tokens_per_s']:>14.1f} {v['single_tokens_per_s']:>9.1f} "
+              f"{v['mixed_tokens_per_s']:>7.1f} {v['vs_hf']:>6.2f} {v['mixed_over_single']:>13.2f}"
+              f"  ({v['distinct_adapters_mixed']} adapters)")
