@@ -46,5 +46,5 @@ EXPOSE 8000 8001 8002
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
   CMD ["python3", "-c", "import urllib.request as u; u.urlopen('http://127.0.0.1:8000/v2/health/ready', timeout=4)"]
 # Supervised: Triton 2.51 never restarts a dead Python stub and keeps answering ready = 200 for it;
-# kvrelay serve restarts tritonserver when it or any stub dies (README, "a server that stays up").
+# kvrelay serve restarts tritonserver when it or any stub dies (docs/serving.md, "a server that stays up").
 CMD ["sh", "-c", "exec kvrelay serve --deployment \"$DEPLOYMENT\" --host 0.0.0.0"]

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# "Serve your own models", end to end, as README's section of that name describes: two directories a
+# "Serve your own models", end to end, as docs/byom.md describes: two directories a
 # user brings (a PEFT LoRA adapter and a full fine-tune over a SmolLM2 base) -> registered -> profiled
 # on the user's data -> served by tritonserver -> queried. Run after scripts/setup.sh; ~15 minutes on
 # 2 CPU cores (making the models ~3, profiling 6 pairs ~9, serving ~2).

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Optional extra: NVIDIA's genai-perf and perf_analyzer, to measure a running `kvrelay serve` with the
-# tools a Triton user already has (README, "Triton's own tools"). Not part of the two README commands.
+# tools a Triton user already has (docs/triton-tools.md). Not part of the two README commands.
 #
 # Into .venv-perf, apart from .venv: genai-perf pins packages of its own. PyPI's `perf-analyzer` (which
 # genai-perf requires) is a placeholder; the real binary ships inside the tritonclient 2.51 wheel (the version of the tritonserver kvrelay runs). It
@@ -40,4 +40,4 @@ EOF
   touch .venv-perf/.ready
 fi
 .venv-perf/bin/perf_analyzer --version >/dev/null 2>&1 || .venv-perf/bin/perf_analyzer --help >/dev/null
-echo "setup-perf-tools: ready: PATH=\"$(pwd)/.venv-perf/bin:\$PATH\" genai-perf profile ... (README, \"Triton's own tools\")" >&2
+echo "setup-perf-tools: ready: PATH=\"$(pwd)/.venv-perf/bin:\$PATH\" genai-perf profile ... (docs/triton-tools.md)" >&2

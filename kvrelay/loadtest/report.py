@@ -156,7 +156,7 @@ def _f(x, digits=1):
 
 
 def table(summary: dict) -> str:
-    """Markdown table of both modes (what the README shows)."""
+    """Markdown table of both modes (what docs/loadtest.md shows)."""
     rows = [("mode", "req/s", "out tok/s", "TTFT p50 ms", "TTFT p95 ms", "TTFT p99 ms", "latency p50 ms",
              "latency p95 ms", "errors", "reuse rate", "layers recomputed")]
     for m in MODES:

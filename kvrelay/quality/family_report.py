@@ -4,7 +4,7 @@
 
 Reads profiles/<family>/<s>__<r>.json (the selected plan, full reuse's profiled agreement),
 profiles/<family>/layers/*.layers.json (critical layers) and <eval-dir>/<s>__<r>.json (`kvrelay eval
---json` output) and prints one markdown row per ordered pair, plus the summary the README quotes.
+--json` output) and prints one markdown row per ordered pair, plus the summary docs/quality.md quotes.
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ Replies back into tensors (kvrelay.triton.orchestrator).
 
 Why one process: engines reached over Triton BLS from a multi-threaded orchestrator crashed the
 Python backend of Triton 2.51 (it frees numpy arrays of BLS responses without holding the GIL; see
-the README's "Serving" section). Engines in-process also hand pages over as tensors, not copies.
+docs/serving.md). Engines in-process also hand pages over as tensors, not copies.
 """
 from __future__ import annotations
 

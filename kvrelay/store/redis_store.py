@@ -84,7 +84,7 @@ class RedisStore(PageStore):
         stream_wait_s: how long a streamed donor waits for one layer (default max(5, 20 x timeout_s)).
         Nothing is contacted until the first call: a store that is down does not stop a server from starting.
         secret: the key of every page's MAC (b"": unkeyed, which still binds each value to its key); every
-        server sharing the store needs the same one (README, "Page integrity")."""
+        server sharing the store needs the same one (docs/serving.md, "Page integrity")."""
         super().__init__()
         self.secret = bytes(secret)
         try:
