@@ -290,7 +290,8 @@ def _e_layers(dep: dp.Deployment, ids: dict) -> tuple[int, ...]:
 
 def build_engines(dep: dp.Deployment) -> dict:
     """Model name -> its engine (dp.engine_groups: with unmerged LoRA, variants share the base's,
-    whose KV cache is then the sum of theirs)."""
+    whose KV cache is the largest of their kv_cache_bytes: one pool, set once, however many
+    adapters share it)."""
     from kvrelay.model.engine_api import EngineConfig
     from kvrelay.model.engines import make_engine
     ids = dp.identities(dep)   # the engines' pages are the identities' page formats (E layers included)
@@ -304,7 +305,7 @@ def build_engines(dep: dp.Deployment) -> dict:
         adapters = [n for n in members if n != engine]
         e = make_engine(dep.family, engine, EngineConfig(
             device=m.device, dtype=m.dtype, block_size=dep.block_size, max_loras=dep.max_loras,
-            kv_cache_bytes=sum(dep.model(n).kv_cache_bytes for n in members),
+            kv_cache_bytes=max(dep.model(n).kv_cache_bytes for n in members),
             prefix_caching=dep.prefix_caching, e_layers=ids[m.name].page_format.e_layers), adapters=adapters)
         out.update({n: e for n in members})
     return out

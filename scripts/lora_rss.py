@@ -1,0 +1,85 @@
+#!/usr/bin/env python
+"""Server memory with many LoRA adapters served unmerged (issue 25: 32 adapters within 1.5x of 1).
+
+For N in (1, 32): a family of the SmolLM2 base (smol-lora's, `kvrelay models build smol-lora`) and
+N random rank-16 all-linear PEFT adapters (kvrelay.bench.adapters) is registered, served by
+`kvrelay serve` with lora = "unmerged" (max_loras 8), and every adapter is asked once over HTTP; then
+the RSS of tritonserver and every stub is read from /proc. Prints one JSON object.
+
+    .venv/bin/python scripts/lora_rss.py [--adapters 32] [--http-port 8600]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from kvrelay import paths
+from kvrelay.bench.adapters import random_adapters
+from kvrelay.families import user
+from kvrelay.loadtest import procstats
+from kvrelay.model.spec import family_spec
+from kvrelay.server import client
+
+
+def measure(n: int, adapters: list[Path], base: Path, port: int, max_tokens: int) -> dict:
+    name = f"lora-rss-{n}"
+    user.ensure_registered(name, str(base), {f"a{i:02d}": str(d) for i, d in enumerate(adapters[:n])})
+    toml = paths.home() / f"{name}.toml"
+    toml.write_text(f'family = "{name}"\nlora = "unmerged"\nmax_loras = 8\n')
+    log = open(paths.home() / f"{name}.log", "w")
+    t0 = time.time()
+    proc = subprocess.Popen([sys.executable, "-m", "kvrelay.cli", "serve", "--deployment", str(toml),
+                             "--http-port", str(port), "--grpc-port", str(port + 1), "--metrics-port", str(port + 2)],
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"127.0.0.1:{port}"
+    try:
+        while not _ready(url):
+            if proc.poll() is not None or time.time() - t0 > 600:
+                raise SystemExit(f"server for {name} did not start; see {log.name}")
+            time.sleep(2)
+        started = time.time() - t0
+        t1 = time.time()
+        answers = {}
+        for i in range(n):
+            r = client.infer(url, "Summarise the text above.", max_tokens, model=f"a{i:02d}",
+                             context="kvrelay serves many fine-tuned variants of one model. " * 20)
+            answers[f"a{i:02d}"] = r.info["output_tokens"]
+        asked = time.time() - t1
+        tree = procstats.server_tree(procstats.server_pid_for_port(port))
+        return {"adapters": n, "start_s": round(started, 1), "ask_all_s": round(asked, 1),
+                "rss_mib": round(sum(p.rss_mib for p in tree), 1),
+                "processes": {p.name: round(p.rss_mib, 1) for p in tree},
+                "answered": sum(1 for v in answers.values() if v == max_tokens)}
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def _ready(url: str) -> bool:
+    import tritonclient.http as http
+    try:
+        return http.InferenceServerClient(url).is_server_ready()
+    except Exception:          # not listening yet
+        return False
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--adapters", type=int, default=32)
+    p.add_argument("--http-port", type=int, default=8600)
+    p.add_argument("--max-tokens", type=int, default=8)
+    a = p.parse_args()
+    base = family_spec("smol-lora").dirs["base"]
+    adapters = random_adapters(base, a.adapters, 16, key="smol-lora")
+    one = measure(1, adapters, base, a.http_port, a.max_tokens)
+    many = measure(a.adapters, adapters, base, a.http_port + 10, a.max_tokens)
+    print(json.dumps({"one": one, "many": many, "rss_ratio": round(many["rss_mib"] / one["rss_mib"], 3)}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
