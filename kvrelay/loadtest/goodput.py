@@ -207,7 +207,7 @@ class Scenario:
     def build_pool(self):
         from kvrelay.model import tokenizer as tk
         from kvrelay.loadtest import workload as wl
-        from kvrelay.model.spec import family_spec
+        from kvrelay.families import family_spec
         lo, hi = self.st.context_tokens
         fam = family_spec(self.dep.family)
         if fam.synthetic:

@@ -185,7 +185,7 @@ def warmup_sequence(spec: WorkloadSpec, contexts: list[Context]) -> list[Request
 
 def build(spec: WorkloadSpec, log=None) -> Workload:
     """The workload for a family: contexts (pool + warm-up) and both request sequences."""
-    from kvrelay.model.spec import family_spec
+    from kvrelay.families import family_spec
     spec.validate()
     log = log or (lambda msg: print(f"kvrelay: {msg}", file=sys.stderr))
     n_warm = 1 if spec.warmup else 0
@@ -216,7 +216,7 @@ def _fit(spec: WorkloadSpec, max_len: int) -> tuple[int, int]:
 def tokenizer(family: str):
     """The family's tokenizer (shared by its models), or None for a synthetic family."""
     from kvrelay.model import tokenizer as tk
-    from kvrelay.model.spec import family_spec
+    from kvrelay.families import family_spec
     d = family_spec(family).tokenizer_dir()
     return tk.load(d) if d is not None else None
 

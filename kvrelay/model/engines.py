@@ -1,7 +1,7 @@
 """Engines for a family's models, whatever the family's kind (built on disk, or synthetic)."""
 from __future__ import annotations
 
-from kvrelay.model.spec import family_spec
+from kvrelay.families import family_spec
 
 
 def family_models(family: str) -> list[str]:

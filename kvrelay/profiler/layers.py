@@ -101,7 +101,7 @@ def measure(family: str, samples: int = 3, context_tokens: tuple[int, int] = (25
     from tqdm.auto import tqdm
 
     from kvrelay.model import tokenizer as tk
-    from kvrelay.model.spec import family_spec
+    from kvrelay.families import family_spec
     from kvrelay.quality import evaldata
 
     fam = family_spec(family)

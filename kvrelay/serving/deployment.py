@@ -88,7 +88,7 @@ class Deployment:
 
 def for_family(family: str, **overrides) -> Deployment:
     """Every model of the family on the CPU with default settings."""
-    from kvrelay.model.spec import family_spec
+    from kvrelay.families import family_spec
     return Deployment(family=family, models=[ModelDeployment(m) for m in family_spec(family).models], **overrides)
 
 
@@ -108,7 +108,7 @@ def load(path: str | Path) -> Deployment:
         raise KvRelayError(f"{path}: 'family' must be a family's name or a [family] table (name, base, variants)")
     defaults = raw.pop("defaults", {})
     models_raw = raw.pop("models", None)
-    from kvrelay.model.spec import family_spec
+    from kvrelay.families import family_spec
     known = list(family_spec(raw["family"]).models)
     names = list(models_raw) if models_raw else known
     models = []
@@ -193,7 +193,7 @@ class ModelIdentity:
 
 
 def identities(dep: Deployment) -> dict[str, ModelIdentity]:
-    from kvrelay.model.spec import family_spec
+    from kvrelay.families import family_spec
     fam = family_spec(dep.family)
     out = {}
     for m in dep.models:

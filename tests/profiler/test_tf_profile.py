@@ -47,7 +47,7 @@ def test_profile_file_has_intervals_targets_and_a_plot(tf_profile):
 
 
 def test_selector_serves_the_profiles_selected_plan_and_respects_mode_and_e_layers(tf_profile, tmp_path, tiny_family):
-    from kvrelay.model.spec import family_spec
+    from kvrelay.families import family_spec
     root, out = tf_profile
     spec = family_spec("tiny")
     fp = spec.model("base").fingerprint
