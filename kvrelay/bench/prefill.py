@@ -105,7 +105,8 @@ class _Bench:
     def __init__(self, family, lengths, suffix, device, dtype, sender, receiver, st, synthetic_overrides):
         from kvrelay.model.engine_api import EngineConfig
         from kvrelay.model.engine_api import SamplingParams
-        from kvrelay.model.engines import family_models, make_engine
+        from kvrelay.engines import make_engine
+        from kvrelay.families import family_models
         from kvrelay.errors import KvRelayError
 
         self.family, self.suffix, self.device, self.st = family, suffix, device, st

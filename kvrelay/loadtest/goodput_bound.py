@@ -32,7 +32,7 @@ def measure(family: str, sender: str, receiver: str, plan: str, prompts: list[li
     from kvrelay.serving import deployment as dp
     from kvrelay.model.engine_api import EngineConfig
     from kvrelay.model.engine_api import Request, SamplingParams
-    from kvrelay.model.engines import make_engine
+    from kvrelay.engines import make_engine
     from kvrelay.model.plan import RecomputePlan
 
     torch.set_num_threads(os.cpu_count() or 1)

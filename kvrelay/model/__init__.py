@@ -1,2 +1,3 @@
 """A model and its KV: identity (spec), page format, recompute plans, fingerprints, the engine
-interface and the engine factory, tokenizers, synthetic families. The vocabulary everything else uses."""
+interface, tokenizers, synthetic families. The vocabulary everything else uses; it imports no other
+kvrelay layer (the engine factory is kvrelay.engines, the engine kvrelay.backends)."""

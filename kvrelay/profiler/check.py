@@ -23,7 +23,7 @@ def check(profile_path: str | Path, samples: int | None = None, threshold: float
     from tqdm import tqdm
 
     from kvrelay.model import tokenizer as tk
-    from kvrelay.model.engines import make_engine
+    from kvrelay.engines import make_engine
     from kvrelay.model.spec import ModelSpec
     from kvrelay.families import load_family
     from kvrelay.profiler import scoring

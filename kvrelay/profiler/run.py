@@ -104,7 +104,7 @@ def profile(st: Settings, out: str | Path, *, progress: bool = True, fresh: bool
     from tqdm import tqdm
 
     from kvrelay.model import tokenizer as tk
-    from kvrelay.model.engines import make_engine
+    from kvrelay.engines import make_engine
     from kvrelay.families import load_family
     from kvrelay.profiler import flips, scoring
 

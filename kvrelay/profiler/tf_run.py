@@ -133,7 +133,7 @@ def profile(st: TFSettings, out: str | Path | None, *, progress: bool = True, co
 
     from kvrelay.families import load_family
     from kvrelay.model import tokenizer as tk
-    from kvrelay.model.engines import make_engine
+    from kvrelay.engines import make_engine
     from kvrelay.profiler import teacher
 
     st.validate()

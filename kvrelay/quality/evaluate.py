@@ -200,7 +200,7 @@ def _setup(family, sender, receiver, split, samples, kind, context_tokens, seed,
     from kvrelay.quality import evaldata
     from kvrelay.profiler import profile_file
     from kvrelay.model import tokenizer as tk
-    from kvrelay.model.engines import make_engine
+    from kvrelay.engines import make_engine
     from kvrelay.errors import KvRelayError
     from kvrelay.families import load_family
     from kvrelay.profiler import scoring

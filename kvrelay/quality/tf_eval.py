@@ -51,7 +51,7 @@ def evaluate_pair(st, prof_dir, *, quality_mode="target", repeats=2, progress=Fa
 
     from kvrelay.families import load_family
     from kvrelay.model import tokenizer as tk
-    from kvrelay.model.engines import make_engine
+    from kvrelay.engines import make_engine
     from kvrelay.families import family_spec
     from kvrelay.profiler import teacher, tf_run
     from kvrelay.serving.selector import Selector

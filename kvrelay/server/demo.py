@@ -102,7 +102,7 @@ def run_in_process(args) -> int:
     from kvrelay.model.engine_api import EngineConfig
     from kvrelay.bench.prefill import plan_for
     from kvrelay.model.engine_api import Request, SamplingParams
-    from kvrelay.model.engines import make_engine
+    from kvrelay.engines import make_engine
     from kvrelay.errors import KvRelayError
     from kvrelay.families import ensure_built
     from kvrelay.model.plan import RecomputePlan

@@ -279,7 +279,7 @@ def _e_layers(dep: dp.Deployment, ids: dict) -> tuple[int, ...]:
 
 def build_engines(dep: dp.Deployment) -> dict:
     from kvrelay.model.engine_api import EngineConfig
-    from kvrelay.model.engines import make_engine
+    from kvrelay.engines import make_engine
     ids = dp.identities(dep)   # the engines' pages are the identities' page formats (E layers included)
     out = {}
     for m in dep.models:

@@ -2,7 +2,7 @@
 import pytest
 
 from kvrelay.serving import deployment as dp
-from kvrelay.model.engines import make_engine
+from kvrelay.engines import make_engine
 from kvrelay.errors import KvRelayError
 from kvrelay.families import family_spec
 from kvrelay.model.spec import ModelSpec
