@@ -251,10 +251,9 @@ class MixedPlan:
 def _plan_mixed(args, url: str | None) -> MixedPlan:
     from kvrelay.errors import KvRelayError
     from kvrelay.loadtest import workload as wl
-    from kvrelay.server.serve import resolve
+    from kvrelay.server.launch import resolve
 
-    dep, _ = resolve(argparse.Namespace(family=args.family, deployment=args.deployment, store=args.store,
-                                        no_sharing=False, workdir=None))
+    dep, _ = resolve(family=args.family, deployment=args.deployment, store=args.store)
     warnings: list[str] = []
     out_dir = Path(args.out or Path("loadtest-results") / time.strftime("%Y%m%d-%H%M%S")).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)

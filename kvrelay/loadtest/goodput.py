@@ -293,14 +293,14 @@ class Scenario:
 
 def run(args) -> int:
     from kvrelay.loadtest import report
-    from kvrelay.server.serve import resolve, start
+    from kvrelay.server.launch import resolve, start
     log = lambda m: print(f"kvrelay: {m}", file=sys.stderr, flush=True)
     if args.resummarize:
         summary = resummarize(Path(args.resummarize), args.slo_ttft)
         print(json.dumps(summary, indent=1) if args.json else text_report(summary))
         return 1 if summary["errors"] else 0
     t_start = time.monotonic()
-    dep, _ = resolve(argparse_ns(args))
+    dep, _ = resolve(family=args.family, deployment=args.deployment)
     from kvrelay.serving import deployment as dp
     ids = dp.identities(dep)
     st = settings_from(args, min(i.max_model_len for i in ids.values()))
@@ -425,12 +425,6 @@ def _fill_event_rates(out_dir: Path, results: dict, full_modes: dict) -> None:
                 own = [x for x in recs if x.get("mode") == mode and x.get("point") == i and x.get("model") == receiver
                        and (mode == "full" or x.get("pair") == name)]
                 p.update(gs.event_rates(own))
-
-
-def argparse_ns(args):
-    import argparse
-    return argparse.Namespace(family=args.family, deployment=args.deployment, store=None, no_sharing=False,
-                              workdir=None)
 
 
 def summarize(results: dict, full_modes: dict, st: Settings, out_dir: Path) -> dict:

@@ -92,12 +92,12 @@ def run(args) -> int:
             family, models = _served(http)
             pid = procstats.server_pid_for_port(int(http.rsplit(":", 1)[1]))
         else:
-            from kvrelay.server.serve import resolve, start
+            from kvrelay.server.launch import resolve, start
             if args.store == "redis":
                 from kvrelay.store.redis_server import RedisServer
                 redis = RedisServer()
                 args.store = redis.url
-            dep, _ = resolve(args)
+            dep, _ = resolve(family=args.family, deployment=args.deployment, store=args.store)
             workdir = Path(tempfile.mkdtemp(prefix="kvrelay-stress-"))
             print(f"kvrelay: starting a server for {dep.family} ({', '.join(dep.model_names)}), store {dep.store}; "
                   f"log {workdir / 'tritonserver.log'}", file=sys.stderr)

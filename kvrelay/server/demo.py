@@ -65,7 +65,7 @@ def run_server(args) -> int:
     from kvrelay.serving import deployment as dp
     from kvrelay.model import tokenizer as tk
     from kvrelay.families import ensure_built
-    from kvrelay.server.serve import start
+    from kvrelay.server.launch import start
 
     fam = ensure_built(args.family)
     names = list(fam.models)

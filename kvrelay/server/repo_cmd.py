@@ -13,9 +13,9 @@ def add_arguments(p):
 def run(args) -> int:
     from pathlib import Path
 
-    from kvrelay.server.serve import resolve
+    from kvrelay.server.launch import resolve
     from kvrelay.server.triton_repo import generate
-    dep, _ = resolve(args)
+    dep, _ = resolve(family=args.family, deployment=args.deployment, store=args.store)
     generate(dep, Path(args.out))
     print(f"wrote {args.out} ({', '.join(dep.model_names)})")
     return 0
