@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvrelay.errors import KvRelayError
-from kvrelay.loadtest import procstats
+from kvrelay.server import procstats
 
 KINDS = ("http", "grpc", "grpc-stream", "http-stream")
 QUESTIONS = ("Summarise the text above.", "What is this about?", "Name one function above.",

@@ -74,7 +74,8 @@ def _served(http_url: str) -> tuple[str, list[str]]:
 
 def run(args) -> int:
     from kvrelay.errors import KvRelayError
-    from kvrelay.loadtest import procstats, stress
+    from kvrelay.loadtest import stress
+    from kvrelay.server import procstats
     if args.grpc_url and not args.url:
         raise KvRelayError("--grpc-url only goes with --url")
     if args.url and args.store:

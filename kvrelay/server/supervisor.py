@@ -16,7 +16,7 @@ import time
 from collections import deque
 
 from kvrelay.errors import KvRelayError
-from kvrelay.loadtest import procstats
+from kvrelay.server import procstats
 from kvrelay.server.launch import start
 
 log = logging.getLogger("kvrelay.server.supervisor")
