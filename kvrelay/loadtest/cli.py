@@ -100,27 +100,6 @@ def _check_url(url: str) -> str:
     return url
 
 
-def write_fixed_profiles(dep, plan_text: str, root: Path) -> list[str]:
-    """A profile per ordered pair of the deployment's models whose only frontier point is `plan`
-    (quality 100 by fiat): the selector then always picks that plan. Returns the pair names."""
-    from kvrelay.serving import deployment as dp
-    from kvrelay.profiler import profile_file
-    from kvrelay.model.plan import RecomputePlan
-    ids = dp.identities(dep)
-    out = []
-    for s in dep.model_names:
-        for r in dep.model_names:
-            if s == r:
-                continue
-            L = ids[r].num_layers
-            plan = RecomputePlan.parse(plan_text).validate(L)
-            profile_file.save(profile_file.fixed(dep.family, s, r, ids[s].fingerprint, ids[r].fingerprint, L, plan,
-                                                 f"kvrelay loadtest --plan {plan_text}"),
-                              profile_file.path_for(root, dep.family, s, r))
-            out.append(f"{s}__{r}")
-    return out
-
-
 def _pages_needed(dep, workload) -> int:
     from kvrelay.serving import deployment as dp
     ids = dp.identities(dep)
@@ -258,7 +237,10 @@ def _plan_mixed(args, url: str | None) -> MixedPlan:
     out_dir = Path(args.out or Path("loadtest-results") / time.strftime("%Y%m%d-%H%M%S")).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.plan:
-        write_fixed_profiles(dep, args.plan, out_dir / "profiles")
+        from kvrelay.profiler import profile_file
+        from kvrelay.serving import deployment as dp
+        profile_file.write_fixed(out_dir / "profiles", dep.family, dp.identities(dep), args.plan,
+                                 f"kvrelay loadtest --plan {args.plan}")
         dep.profiles_dir = str(out_dir / "profiles")
         warnings.append(f"recompute plan fixed by --plan {args.plan} for every pair (not a measured profile)")
     if args.profiles:

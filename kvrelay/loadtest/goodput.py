@@ -31,8 +31,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvrelay.errors import KvRelayError
-from kvrelay.model.plan import RecomputePlan
 from kvrelay.loadtest import goodput_stats as gs
+from kvrelay.model.plan import RecomputePlan
+from kvrelay.profiler import profile_file
 
 MODES = ("full", "plan", "reuse")
 FULL_FRACTIONS = (0.35, 0.65, 0.95, 1.25)
@@ -309,8 +310,8 @@ def run(args) -> int:
     if args.profiles:
         dep.profiles_dir = str(Path(args.profiles).resolve())
     if args.plan:  # families without measured profiles (llama8b-random on a GPU host): one imposed plan
-        from kvrelay.loadtest.cli import write_fixed_profiles
-        write_fixed_profiles(dep, args.plan, out_dir / "profiles-fixed")
+        profile_file.write_fixed(out_dir / "profiles-fixed", dep.family, ids, args.plan,
+                                 f"kvrelay loadtest --plan {args.plan}")
         dep.profiles_dir = str(out_dir / "profiles-fixed")
         log(f"recompute plan fixed by --plan {args.plan} for every pair (not a measured profile)")
     sc = Scenario(dep, st, out_dir, log, progress=not args.no_progress)
@@ -352,9 +353,8 @@ def run(args) -> int:
     for mode in [m for m in st.modes if m != "full"]:
         profiles = None
         if mode == "reuse":
-            from kvrelay.loadtest.cli import write_fixed_profiles
-            sub = dataclasses.replace(dep, models=[dep.model(m) for m in involved])
-            write_fixed_profiles(sub, "none", out_dir / "profiles-full-reuse")
+            profile_file.write_fixed(out_dir / "profiles-full-reuse", dep.family, {m: ids[m] for m in involved},
+                                     "none", "kvrelay loadtest --plan none")
             profiles = str(out_dir / "profiles-full-reuse")
         server = serve(serving_deployment(dep, ids, involved, True, sc.longest, int(pages * 1.2), profiles), mode)
         try:

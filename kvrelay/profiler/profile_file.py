@@ -103,6 +103,23 @@ def fixed(family: str, sender: str, receiver: str, sender_fp: str, receiver_fp: 
     }
 
 
+def write_fixed(root: str | Path, family: str, models: dict, plan_text: str, command: str) -> list[str]:
+    """A fixed profile (see `fixed`) of `plan_text` under `root` for every ordered pair of `models`
+    (name -> identity with .fingerprint and .num_layers: a kvrelay.model.spec.ModelSpec or a
+    deployment's ModelIdentity). Returns the pair names (sender__receiver)."""
+    out = []
+    for s in models:
+        for r in models:
+            if s == r:
+                continue
+            L = models[r].num_layers
+            plan = RecomputePlan.parse(plan_text).validate(L)
+            save(fixed(family, s, r, models[s].fingerprint, models[r].fingerprint, L, plan, command),
+                 path_for(root, family, s, r))
+            out.append(f"{s}__{r}")
+    return out
+
+
 def partial_path(out: str | Path) -> Path:
     """Where a profiler run keeps its partial results: next to --out, so a rerun continues."""
     out = Path(out)
