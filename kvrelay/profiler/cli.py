@@ -13,11 +13,10 @@ import json
 import shlex
 import sys
 
+from kvrelay.profiler.options import LAYERS_CONTEXT, PROFILE_CONTEXT, TF_CONTEXT, parse_context_tokens
+
 ACTIONS = ("plot", "check", "layers")
-PROFILE_CONTEXT = "1024-4096"   # default --context-tokens of the exact-agreement profiler
-TF_CONTEXT = "512-768"          # ... of the teacher-forced one
 METRICS = ("teacher-forced", "exact")
-LAYERS_CONTEXT = "256-384"      # ... of `layers`: ~1000 positions in 3 samples, 30 forwards a pair each
 
 
 def add_arguments(p):
@@ -65,15 +64,6 @@ def add_arguments(p):
                    help="check: when it passes, record in the profile that it holds on the weights at hand")
     p.add_argument("--out", help="profile: the profile JSON to write; plot: the PNG (default: next to the JSON)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def parse_context_tokens(text: str) -> tuple[int, int]:
-    from kvrelay.errors import KvRelayError
-    from kvrelay.units import parse_range
-    try:
-        return parse_range(text, minimum=32)
-    except KvRelayError:
-        raise KvRelayError(f"--context-tokens must be N or LO-HI with 32 <= LO <= HI, got {text!r}") from None
 
 
 def _command(args) -> str:

@@ -71,7 +71,7 @@ def _run_tf(args) -> int:
     from kvrelay.errors import KvRelayError
     from kvrelay.families import load_family
     from kvrelay.paths import profiles_dir
-    from kvrelay.profiler.cli import TF_CONTEXT, parse_context_tokens
+    from kvrelay.profiler.options import TF_CONTEXT, parse_context_tokens
     from kvrelay.profiler.tf_run import TFSettings
     from kvrelay.quality import tf_eval
 
@@ -113,7 +113,7 @@ def run(args) -> int:
         return _run_tf(args)
     from kvrelay.errors import KvRelayError
     from kvrelay.quality.evaldata import DATASET_KINDS, SPLITS
-    from kvrelay.profiler.cli import parse_context_tokens
+    from kvrelay.profiler.options import parse_context_tokens
 
     if not (args.sender and args.receiver):
         raise KvRelayError("--metric generation needs --sender and --receiver")
