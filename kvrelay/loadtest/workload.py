@@ -7,7 +7,7 @@ loop (every user sends its next request as soon as its last one is answered) or 
 rate. Everything is drawn from `random.Random(seed)`, so two runs with the same spec (sharing off,
 then on) send exactly the same requests in the same order.
 
-Contexts (1k-4k tokens by default) come from `kvrelay.quality.evaldata` (long-context tasks built from the
+Contexts (1k-4k tokens by default) come from `kvrelay.profiler.evaldata` (long-context tasks built from the
 held-out corpus part), falling back to held-out corpus documents cut to length; for synthetic
 (random-weight, tokenizer-less) families they are random token ids written as text.
 
@@ -236,10 +236,10 @@ def random_contexts(n: int, tokens: tuple[int, int], vocab: int, seed: int) -> l
 
 
 def text_contexts(tok, n: int, tokens: tuple[int, int], seed: int, log) -> tuple[list[Context], str]:
-    """Contexts from kvrelay.quality.evaldata's held-out long-context tasks; held-out corpus documents cut
+    """Contexts from kvrelay.profiler.evaldata's held-out long-context tasks; held-out corpus documents cut
     to length if evaldata cannot build them."""
     try:
-        from kvrelay.quality import evaldata
+        from kvrelay.profiler import evaldata
         samples = evaldata.build(tok, "mixed", "heldout", n=n, context_tokens=tokens, seed=seed)
         return [Context(i, s.context, len(tok.encode(s.context, add_special_tokens=False)),
                         (s.question,) + GENERIC_QUESTIONS, s.id) for i, s in enumerate(samples)], "evaldata heldout (mixed)"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from kvrelay.quality import evaldata
+from kvrelay.profiler import evaldata
 from kvrelay.profiler import profile_file
 from kvrelay.errors import KvRelayError
 

@@ -25,7 +25,7 @@ def add_arguments(p):
                         "`layers`: the per-layer picture (reuse one layer, compute the rest) of a family's pairs")
     p.add_argument("--metric", default="teacher-forced", choices=METRICS,
                    help="teacher-forced (default): plans scored on every position of a reference continuation, "
-                        "judged by the quality target (kvrelay.quality.target); exact: the strict mode's older "
+                        "judged by the quality target (kvrelay.profiler.target); exact: the strict mode's older "
                         "profiler (greedy tokens generated and compared with the receiver's own)")
     p.add_argument("--family", help="model family (profile)")
     p.add_argument("--all-pairs", action="store_true",
@@ -159,7 +159,7 @@ def _profile(args) -> int:
                            "(e.g. --family smol --sender base --receiver code --out profiles/smol/base__code.json)")
     if not args.out.endswith(".json"):
         raise KvRelayError(f"--out must be a .json file, got {args.out!r}")
-    from kvrelay.quality.evaldata import DATASET_KINDS
+    from kvrelay.profiler.evaldata import DATASET_KINDS
     if args.kind not in DATASET_KINDS:
         raise KvRelayError(f"--kind must be one of {', '.join(DATASET_KINDS)}, got {args.kind!r}")
     st = Settings(family=args.family, sender=args.sender, receiver=args.receiver, stride=args.stride,

@@ -102,7 +102,7 @@ def measure(family: str, samples: int = 3, context_tokens: tuple[int, int] = (25
 
     from kvrelay.model import tokenizer as tk
     from kvrelay.families import family_spec
-    from kvrelay.quality import evaldata
+    from kvrelay.profiler import evaldata
 
     fam = family_spec(family)
     if fam.synthetic:

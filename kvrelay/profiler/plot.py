@@ -90,7 +90,7 @@ def plot(profile_path: str | Path, out: str | Path | None = None) -> Path:
 def _plot_tf(plt, d: dict, out: Path) -> Path:
     """Teacher-forced profile: retained gain and top-1 agreement (with intervals) against layers
     recomputed and against measured prefill time, plain plans beside K/V-corrected ones."""
-    from kvrelay.quality import target as tg
+    from kvrelay.profiler import target as tg
 
     L = d["num_layers"]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), dpi=110)

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvrelay.quality import evaldata
+from kvrelay.profiler import evaldata
 from kvrelay.profiler import profile_file
 from kvrelay.errors import KvRelayError
 from kvrelay.model.plan import RecomputePlan

@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from kvrelay.quality import scores
+from kvrelay.profiler import scores
 from kvrelay.model import tokenizer as tk
-from kvrelay.quality.evaldata import Sample
+from kvrelay.profiler.evaldata import Sample
 from kvrelay.profiler import flips
 
 SENDER_QUESTION = "Summarise the text above."

@@ -1,5 +1,5 @@
 """The teacher-forced profiler (the default `kvrelay profile`): plans scored on every reference
-position, with intervals, judged by the quality target of kvrelay.quality.target.
+position, with intervals, judged by the quality target of kvrelay.profiler.target.
 
 One pair: cases from the receiver's own domain (or the profile part of a user's --data file) ->
 both models' full prefills (baselines, pages, per-layer criticality) -> the criticality-guided
@@ -17,14 +17,14 @@ from pathlib import Path
 from kvrelay.errors import KvRelayError
 from kvrelay.model.plan import RecomputePlan
 from kvrelay.profiler import profile_file
-from kvrelay.quality import cases as cs
-from kvrelay.quality import target as tg
+from kvrelay.profiler import cases as cs
+from kvrelay.profiler import target as tg
 
 METRIC_NAME = "teacher_forced"
 METRIC_DESCRIPTION = ("Teacher-forced on a fixed reference continuation per context (the receiver's own domain "
                       "text, a dataset's answer, or the receiver's own greedy output): per config, KL(receiver "
                       "full prefill || plan), top-1 agreement with the receiver's argmax and NLL of the reference "
-                      "at every reference position; retained gain as in kvrelay.quality.target; intervals by "
+                      "at every reference position; retained gain as in kvrelay.profiler.target; intervals by "
                       "bootstrap over contexts (90%, so _ci[0] is a 95% lower bound). quality = 100 x the retained "
                       "gain's lower bound (the frontier's axis); meets_target / meets_strict judge the lower bounds.")
 MAX_ABS_QUALITY = 1000.0

@@ -112,7 +112,7 @@ def run(args) -> int:
     if args.metric == "teacher-forced":
         return _run_tf(args)
     from kvrelay.errors import KvRelayError
-    from kvrelay.quality.evaldata import DATASET_KINDS, SPLITS
+    from kvrelay.profiler.evaldata import DATASET_KINDS, SPLITS
     from kvrelay.profiler.options import parse_context_tokens
 
     if not (args.sender and args.receiver):
@@ -197,7 +197,7 @@ class _Setup:
 def _setup(family, sender, receiver, split, samples, kind, context_tokens, seed, profiles_dir, quality_target, queued,
            slo_s, latency, cacheblend, domains) -> _Setup:
     from kvrelay import paths
-    from kvrelay.quality import evaldata
+    from kvrelay.profiler import evaldata
     from kvrelay.profiler import profile_file
     from kvrelay.model import tokenizer as tk
     from kvrelay.engines import make_engine

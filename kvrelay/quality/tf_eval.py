@@ -19,8 +19,8 @@ import sys
 from kvrelay.errors import KvRelayError
 from kvrelay.model.plan import RecomputePlan
 from kvrelay.profiler import profile_file
-from kvrelay.quality import scores
-from kvrelay.quality import target as tg
+from kvrelay.profiler import scores
+from kvrelay.profiler import target as tg
 
 TASK_TOKENS = 32
 

@@ -33,7 +33,7 @@ class Deployment:
     profiles_dir: str = ""               # "" = the checkout's profiles/
     block_size: int = 16
     quality_target: float = 0.01         # selector, exact-agreement profiles: within 1% of the receiver's own
-    quality_mode: str = "target"         # selector, teacher-forced profiles: "target" (kvrelay.quality.target:
+    quality_mode: str = "target"         # selector, teacher-forced profiles: "target" (kvrelay.profiler.target:
                                          # retained gain >= 95%, top-1 >= 97%) or "strict" (top-1 >= 99%)
     e_layers: str = "even"               # where engines keep E for donors: "even" (every 2nd layer: plain plans'
                                          # group starts; 1.5x KV per kept layer) or "all" (K/V-corrected plans

@@ -5,7 +5,7 @@
     choice.plan      # RecomputePlan, or None = full prefill (no reuse)
 
 Rule for teacher-forced profiles (kvrelay.profiler.tf_run): candidates are the configs that meet the
-deployment's quality mode by their lower bounds: "target" (default; kvrelay.quality.target.TARGET:
+deployment's quality mode by their lower bounds: "target" (default; kvrelay.profiler.target.TARGET:
 retained gain >= 95%, teacher-forced top-1 >= 97%) or "strict" (top-1 >= 99%), and whose E layers the
 donors' pages carry (`e_layers`); "fewest" is then the cheapest by the profile's fitted prefill time.
 Rule for exact-agreement profiles (the older profiler; always strict): candidates are the profile's
