@@ -60,7 +60,7 @@ def run(args) -> int:
 def profiles_match(family) -> str:
     """How many of the checkout's profiles for this family were scored on the weights built here."""
     from kvrelay.model import fingerprint as fp
-    from kvrelay.profiler import profile_file
+    from kvrelay.model import profile_file
     from kvrelay.paths import profiles_dir
     files = [f for _, _, f in profile_file.pairs_in(profiles_dir(), family.name)]
     if not files:
@@ -100,7 +100,7 @@ def model_lines(family) -> list[str]:
     """One line per model of a registered family: kind, size, weights digest, profiles, source dir."""
     from kvrelay.families import user
     from kvrelay.paths import profiles_dir
-    from kvrelay.profiler import profile_file
+    from kvrelay.model import profile_file
     manifest = family.manifest()
     weights = manifest.get("weights", {})
     pairs = profile_file.pairs_in(profiles_dir(), family.name)

@@ -142,7 +142,7 @@ def store_shortfall(dep, need: int) -> str:
 
 
 def _profiles_present(dep) -> list[str]:
-    from kvrelay.profiler import profile_file
+    from kvrelay.model import profile_file
     from kvrelay.paths import profiles_dir
     names = set(dep.model_names)
     return [f"{s}__{r}" for s, r, _ in profile_file.pairs_in(profiles_dir(dep.profiles_dir), dep.family)
@@ -237,7 +237,7 @@ def _plan_mixed(args, url: str | None) -> MixedPlan:
     out_dir = Path(args.out or Path("loadtest-results") / time.strftime("%Y%m%d-%H%M%S")).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.plan:
-        from kvrelay.profiler import profile_file
+        from kvrelay.model import profile_file
         from kvrelay.serving import deployment as dp
         profile_file.write_fixed(out_dir / "profiles", dep.family, dp.identities(dep), args.plan,
                                  f"kvrelay loadtest --plan {args.plan}")

@@ -33,7 +33,7 @@ from pathlib import Path
 from kvrelay.errors import KvRelayError
 from kvrelay.loadtest import goodput_stats as gs
 from kvrelay.model.plan import RecomputePlan
-from kvrelay.profiler import profile_file
+from kvrelay.model import profile_file
 
 MODES = ("full", "plan", "reuse")
 FULL_FRACTIONS = (0.35, 0.65, 0.95, 1.25)

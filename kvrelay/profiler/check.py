@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from kvrelay.profiler import evaldata
-from kvrelay.profiler import profile_file
+from kvrelay.model import profile_file
 from kvrelay.errors import KvRelayError
 
 

@@ -208,7 +208,7 @@ def _tf_line(data: dict) -> str:
 
 
 def _plan_text(c: dict) -> str:
-    from kvrelay.profiler.profile_file import plan_of
+    from kvrelay.model.profile_file import plan_of
     return str(plan_of(c))
 
 
@@ -219,7 +219,8 @@ def _profile_tf(args) -> int:
     from kvrelay.errors import KvRelayError
     from kvrelay.families import load_family
     from kvrelay.paths import profiles_dir
-    from kvrelay.profiler import profile_file, tf_run
+    from kvrelay.model import profile_file
+    from kvrelay.profiler import tf_run
 
     if not args.family:
         raise KvRelayError("kvrelay profile needs --family (e.g. --family smol-lora --sender base --receiver code)")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kvrelay.profiler import profile_file
+from kvrelay.model import profile_file
 from kvrelay.errors import KvRelayError
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from kvrelay.errors import KvRelayError
 from kvrelay.model.plan import RecomputePlan
-from kvrelay.profiler import profile_file
+from kvrelay.model import profile_file
 from kvrelay.profiler import cases as cs
 from kvrelay.profiler import target as tg
 

@@ -198,7 +198,7 @@ def _setup(family, sender, receiver, split, samples, kind, context_tokens, seed,
            slo_s, latency, cacheblend, domains) -> _Setup:
     from kvrelay import paths
     from kvrelay.profiler import evaldata
-    from kvrelay.profiler import profile_file
+    from kvrelay.model import profile_file
     from kvrelay.model import tokenizer as tk
     from kvrelay.engines import make_engine
     from kvrelay.errors import KvRelayError

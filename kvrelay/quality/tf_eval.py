@@ -18,7 +18,7 @@ import sys
 
 from kvrelay.errors import KvRelayError
 from kvrelay.model.plan import RecomputePlan
-from kvrelay.profiler import profile_file
+from kvrelay.model import profile_file
 from kvrelay.profiler import scores
 from kvrelay.profiler import target as tg
 

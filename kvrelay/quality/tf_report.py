@@ -14,7 +14,7 @@ import json
 import sys
 
 from kvrelay.paths import profiles_dir
-from kvrelay.profiler import profile_file
+from kvrelay.model import profile_file
 from kvrelay.profiler import target as tg
 
 

@@ -29,7 +29,7 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvrelay.profiler import profile_file
+from kvrelay.model import profile_file
 from kvrelay.errors import KvRelayError
 from kvrelay.model.plan import RecomputePlan
 

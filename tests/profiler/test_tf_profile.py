@@ -6,7 +6,8 @@ import pytest
 
 from kvrelay.cli import main
 from kvrelay.model.plan import RecomputePlan
-from kvrelay.profiler import profile_file, teacher
+from kvrelay.model import profile_file
+from kvrelay.profiler import teacher
 from kvrelay.serving.selector import NO_PLAN, Selector
 
 ARGS = ["profile", "--family", "tiny", "--sender", "base", "--receiver", "code", "--samples", "3",

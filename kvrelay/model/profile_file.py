@@ -35,7 +35,9 @@ meets_strict, prefill_s_fit (fitted cost, what selection goes by) and, where tim
 prefill_speedup; beside them criticality,
 frontier_time (quality vs measured prefill time) and selected (the cheapest plan meeting the target).
 
-No torch import here: the online selector reads these files.
+No torch import here: the online selector reads these files. The schema is model-layer vocabulary
+(like recompute plans): the profiler writes profiles, while serving's selector, `kvrelay models list`,
+the load tests and the eval read them, so none of those has to reach into the profiler.
 """
 from __future__ import annotations
 
