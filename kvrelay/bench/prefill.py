@@ -18,6 +18,8 @@ import random
 import statistics
 import sys
 
+from kvrelay.model.plan import RecomputePlan
+
 FRACTIONS = (0.10, 0.25, 0.50)
 
 
@@ -34,16 +36,6 @@ def add_arguments(p):
     p.add_argument("--store", default=None,
                    help="also time re-prefill from a page store, with and without pipelining: redis (a temporary "
                         "local redis-server), redis://host:port/db, or memory[:SIZE]")
-
-
-def plan_for(fraction: float, num_layers: int):
-    """One contiguous group of round(fraction * L) layers, starting at an even layer >= 2 (so it starts
-    from the donor's E, the realistic and costlier case) and placed mid-model."""
-    from kvrelay.model.plan import RecomputePlan
-    n = max(1, round(fraction * num_layers))
-    start = max(2, (num_layers - n) // 2 // 2 * 2)
-    start = min(start, (num_layers - n) // 2 * 2)
-    return RecomputePlan(((start, start + n),))
 
 
 def run(args) -> int:
@@ -124,7 +116,7 @@ class _Bench:
         if longest > self.R.max_model_len:
             raise KvRelayError(f"length {max(lengths)} + suffix exceeds the model's {self.R.max_model_len}-token limit")
         self.L = self.R.num_layers
-        self.plans = {f: plan_for(f, self.L) for f in FRACTIONS}
+        self.plans = {f: RecomputePlan.mid_model(f, self.L) for f in FRACTIONS}
         self.rng = random.Random()
         self.one = SamplingParams(max_tokens=1, ignore_eos=True)
         self.store_kinds = [(mode, f) for mode in ("store", "pipelined") for f in FRACTIONS] if st is not None else []

@@ -100,7 +100,6 @@ def run_server(args) -> int:
 
 def run_in_process(args) -> int:
     from kvrelay.model.engine_api import EngineConfig
-    from kvrelay.bench.prefill import plan_for
     from kvrelay.model.engine_api import Request, SamplingParams
     from kvrelay.engines import make_engine
     from kvrelay.errors import KvRelayError
@@ -121,7 +120,8 @@ def run_in_process(args) -> int:
     S = make_engine(args.family, sender, cfg)
     R = make_engine(args.family, receiver,
                      EngineConfig(prefix_caching=False))
-    plan = RecomputePlan.parse(args.plan).validate(R.num_layers) if args.plan else plan_for(0.25, R.num_layers)
+    plan = RecomputePlan.parse(args.plan).validate(R.num_layers) if args.plan else \
+        RecomputePlan.mid_model(0.25, R.num_layers)
     sp = SamplingParams(max_tokens=args.max_tokens)
     print(f"family {fam.name} ({fam.fingerprint}); context {len(ctx)} tokens; donor {sender!r} -> receiver {receiver!r}",
           file=sys.stderr)
