@@ -81,10 +81,16 @@ def rebuild_report(before: dict, after: dict) -> str:
 
 if __name__ == "__main__":
     # `python -m kvrelay.families.cli --family NAME`: the same command without importing the other
-    # subcommands' modules (usable while those are missing or broken).
+    # subcommands' modules (usable while those are missing or broken) nor kvrelay.cli, the layer above.
+    import argparse
     import sys
 
-    import kvrelay.cli as _cli
+    from kvrelay.errors import KvRelayError
 
-    _cli.COMMANDS = [c for c in _cli.COMMANDS if c[1].startswith("kvrelay.families.")]
-    sys.exit(_cli.main(["models", "build", *sys.argv[1:]]))
+    _p = argparse.ArgumentParser(prog="python -m kvrelay.families.cli", description=__doc__.splitlines()[0])
+    add_arguments(_p)
+    try:
+        sys.exit(run(_p.parse_args()))
+    except KvRelayError as e:
+        print(f"kvrelay: error: {e}", file=sys.stderr)
+        sys.exit(2)
