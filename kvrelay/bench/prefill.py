@@ -17,7 +17,10 @@ import json
 import random
 import statistics
 import sys
+import time
 
+from kvrelay.errors import KvRelayError
+from kvrelay.families import family_models
 from kvrelay.model.plan import RecomputePlan
 
 FRACTIONS = (0.10, 0.25, 0.50)
@@ -39,7 +42,6 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from kvrelay.errors import KvRelayError
     try:
         lengths = [int(x) for x in args.lengths.split(",")]
     except ValueError:
@@ -95,11 +97,8 @@ class _Bench:
     """One sender -> receiver pair, timed at one context length at a time."""
 
     def __init__(self, family, lengths, suffix, device, dtype, sender, receiver, st, synthetic_overrides):
-        from kvrelay.model.engine_api import EngineConfig
-        from kvrelay.model.engine_api import SamplingParams
         from kvrelay.engines import make_engine
-        from kvrelay.families import family_models
-        from kvrelay.errors import KvRelayError
+        from kvrelay.model.engine_api import EngineConfig, SamplingParams
 
         self.family, self.suffix, self.device, self.st = family, suffix, device, st
         self.dtype = dtype or ("float32" if device == "cpu" else "bfloat16")
@@ -130,10 +129,7 @@ class _Bench:
 
     def _timed_store(self, rid, q, plan, pipelined) -> tuple[float, float]:
         """Wall clock: lookup + fetch (or stream) of what the plan needs + the re-prefill (first token)."""
-        import time
-
         from kvrelay.model.engine_api import Request
-        from kvrelay.errors import KvRelayError
         R, S, st = self.R, self.S, self.st
         t0 = time.perf_counter()
         blocks = st.lookup(STORE_TENANT, R.fingerprint, q, R.page_format.block_size).get(S.model_id, 0)
@@ -148,8 +144,6 @@ class _Bench:
 
     def measure(self, n: int, repeats: int, bar) -> dict:
         """Medians at context length n: full prefill, re-prefill per fraction (and from the store)."""
-        import time
-
         from kvrelay.model.engine_api import Request
         ctx = self._tokens(n)
         pages = self.S.generate([Request("donor", ctx + self._tokens(self.suffix), self.one,

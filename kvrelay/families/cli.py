@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from kvrelay.families.registry import FAMILY_NAMES
+from kvrelay.families.registry import FAMILY_NAMES, build_family, is_built, load_family
 
 
 def add_arguments(parser) -> None:
@@ -50,8 +50,6 @@ def summary_lines(family) -> list[str]:
 
 
 def run(args) -> int:
-    from kvrelay.families.registry import build_family, is_built, load_family
-
     already = is_built(args.family) and not args.force
     before = load_family(args.family).manifest().get("weights", {}) if is_built(args.family) else {}
     t0 = time.monotonic()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import fcntl
 import hashlib
 import importlib
 import json
@@ -29,6 +30,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 from kvrelay.errors import FamilyChanged, FamilyNotBuilt, KvRelayError, StaleFamily
@@ -158,8 +160,6 @@ def is_built(name: str) -> bool:
 @contextlib.contextmanager
 def _lock(path: Path):
     """An exclusive inter-process lock (two test sessions building the same family wait, not clash)."""
-    import fcntl
-
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
         try:
@@ -175,7 +175,6 @@ def _lock(path: Path):
 
 def _version() -> str:
     try:
-        from importlib.metadata import version
         return version("kvrelay")
     except Exception:  # not installed (running from a bare checkout)
         return "unknown"

@@ -31,9 +31,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvrelay.errors import KvRelayError
+from kvrelay.families import family_spec
 from kvrelay.loadtest import goodput_stats as gs
-from kvrelay.model.plan import RecomputePlan
+from kvrelay.loadtest import report
+from kvrelay.loadtest import workload as wl
+from kvrelay.loadtest.goodput_bound import run_subprocess
+from kvrelay.loadtest.workload import GENERIC_QUESTIONS, Request, Schedule
 from kvrelay.model import profile_file
+from kvrelay.model import tokenizer as tk
+from kvrelay.model.plan import RecomputePlan
+from kvrelay.paths import profiles_dir
+from kvrelay.server.launch import resolve, start
+from kvrelay.serving import deployment as dp
+from kvrelay.serving.selector import Selector
 
 MODES = ("full", "plan", "reuse")
 FULL_FRACTIONS = (0.35, 0.65, 0.95, 1.25)
@@ -75,8 +85,6 @@ def choose_pairs(dep, ids: dict, requested: str | None, context_tokens: int, log
     ordered pair whose profile the selector would reuse and that was scored with the flip model
     (its plan's exact agreement predicted, kvrelay.profiler.flips); when no profile of the family
     is, every pair the selector would reuse."""
-    from kvrelay.paths import profiles_dir
-    from kvrelay.serving.selector import Selector
     sel = Selector(profiles_dir(dep.profiles_dir), dep.family, quality_target=dep.quality_target,
                    quality_mode=dep.quality_mode)
     wanted = parse_pairs(requested, dep.model_names) if requested else \
@@ -113,7 +121,6 @@ def serving_deployment(dep, ids: dict, models: list[str], sharing: bool, longest
                        profiles_dir: str | None = None):
     """The pair servers: only the models measured, each engine on every core (one request computes
     at a time in this scenario), room for a few longest prompts, no prefix cache."""
-    from kvrelay.serving import deployment as dp
     cpus = os.cpu_count() or 1
     ms = [dp.ModelDeployment(m, device=dep.model(m).device, dtype=dep.model(m).dtype, threads=cpus,
                              kv_cache_bytes=_per_token_bytes(ids[m]) * (longest + 64) * CONCURRENT_SEQUENCES)
@@ -126,14 +133,12 @@ def serving_deployment(dep, ids: dict, models: list[str], sharing: bool, longest
 # --- requests ------------------------------------------------------------------------------------
 
 def _workload(dep, pool, source, merge, model, requests):
-    from kvrelay.loadtest import workload as wl
     spec = wl.WorkloadSpec(family=dep.family, models=(model,), requests=max(1, len(requests)), contexts=len(pool),
                            context_tokens=(32, 32), max_tokens=(1, 1), warmup=0)
     return wl.Workload(spec, pool, requests, merge_context=merge, context_source=source)
 
 
 def poisson(pool, model: str, rate: float, n: int, max_tokens: int, tenant: str, seed: str):
-    from kvrelay.loadtest.workload import Request
     rng = random.Random(seed)
     t, out = 0.0, []
     for i in range(n):
@@ -206,9 +211,6 @@ class Scenario:
 
     # pool of contexts and the prompts the bound is measured on
     def build_pool(self):
-        from kvrelay.model import tokenizer as tk
-        from kvrelay.loadtest import workload as wl
-        from kvrelay.families import family_spec
         lo, hi = self.st.context_tokens
         fam = family_spec(self.dep.family)
         if fam.synthetic:
@@ -226,7 +228,6 @@ class Scenario:
         self.log(f"pool: {len(pool)} contexts of {min(toks)}-{max(toks)} tokens ({self.source})")
 
     def bound(self, pair: Pair) -> dict:
-        from kvrelay.loadtest.goodput_bound import run_subprocess
         order = sorted(range(len(self.prompts)), key=lambda i: len(self.prompts[i]))
         k = self.st.bound_prompts
         pick = [order[len(order) // 2]] if k == 1 else sorted({order[0], order[len(order) // 2], order[-1]})[:k]
@@ -241,7 +242,6 @@ class Scenario:
 
     def _state(self, server, model, requests):
         from kvrelay.loadtest import users as lu
-        from kvrelay.loadtest.workload import Schedule
         wl = _workload(self.dep, self.pool, self.source, self.merge, model, requests)
         return lu.LoadState(wl, Schedule(requests, self.st.point_seconds), grpc_url=server.grpc_url,
                             http_url=server.http_url, timeout_s=self.st.timeout_s)
@@ -253,7 +253,6 @@ class Scenario:
     def idle(self, server, pair: Pair, mode: str, tenant: str, reference: dict | None = None) -> tuple[dict, dict]:
         """Each context once, one at a time: the idle point (rate 0, with its agreement when given
         full prefill's texts) and the texts per context."""
-        from kvrelay.loadtest.workload import Request
         reqs = [Request(-1 - i, c.id, pair.receiver, c.questions[0], self.st.max_tokens, None, tenant)
                 for i, c in enumerate(self.pool)]
         recs = sequential(self._state(server, pair.receiver, reqs), reqs, self.log, f"{mode} {pair.receiver} idle pass")
@@ -262,7 +261,6 @@ class Scenario:
         return gs.point_stats(recs, 0.0, window, reference), {r["context_id"]: r["text"] for r in recs}
 
     def store_phase(self, server, senders: list[str]):
-        from kvrelay.loadtest.workload import GENERIC_QUESTIONS, Request
         for s in senders:
             reqs = [Request(-1 - i, c.id, s, GENERIC_QUESTIONS[0], 1, None, f"goodput-{s}")
                     for i, c in enumerate(self.pool)]
@@ -293,8 +291,6 @@ class Scenario:
 
 
 def run(args) -> int:
-    from kvrelay.loadtest import report
-    from kvrelay.server.launch import resolve, start
     log = lambda m: print(f"kvrelay: {m}", file=sys.stderr, flush=True)
     if args.resummarize:
         summary = resummarize(Path(args.resummarize), args.slo_ttft)
@@ -302,7 +298,6 @@ def run(args) -> int:
         return 1 if summary["errors"] else 0
     t_start = time.monotonic()
     dep, _ = resolve(family=args.family, deployment=args.deployment)
-    from kvrelay.serving import deployment as dp
     ids = dp.identities(dep)
     st = settings_from(args, min(i.max_model_len for i in ids.values()))
     out_dir = Path(args.out or Path("loadtest-results") / time.strftime("goodput-%Y%m%d-%H%M%S")).resolve()
@@ -392,7 +387,6 @@ def run(args) -> int:
 def resummarize(out_dir: Path, slo_ttft: float | None = None) -> dict:
     """The summary of an earlier run recomputed from its measured points (the SLO, goodputs, ratios
     and plots), e.g. with --slo-ttft, without measuring again."""
-    from kvrelay.loadtest import report
     path = Path(out_dir) / "summary.json"
     try:
         old = json.loads(path.read_text(encoding="utf-8"))

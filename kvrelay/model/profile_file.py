@@ -47,6 +47,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 from kvrelay.errors import KvRelayError
@@ -341,7 +342,6 @@ def now_utc() -> str:
 
 def kvrelay_version() -> str:
     try:
-        from importlib.metadata import version
         return version("kvrelay")
     except Exception:
         return "unknown"

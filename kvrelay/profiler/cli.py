@@ -12,7 +12,16 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+import time
+from pathlib import Path
 
+from kvrelay.errors import KvRelayError
+from kvrelay.families import load_family
+from kvrelay.model import profile_file
+from kvrelay.model.profile_file import plan_of
+from kvrelay.paths import profiles_dir
+from kvrelay.profiler import layers
+from kvrelay.profiler.evaldata import DATASET_KINDS
 from kvrelay.profiler.options import LAYERS_CONTEXT, PROFILE_CONTEXT, TF_CONTEXT, parse_context_tokens
 
 ACTIONS = ("plot", "check", "layers")
@@ -76,8 +85,6 @@ def _command(args) -> str:
 
 
 def run(args) -> int:
-    from kvrelay.errors import KvRelayError
-
     action, rest = (args.action[0], args.action[1:]) if args.action else (None, [])
     if action is not None and action not in ACTIONS:
         raise KvRelayError(f"unknown profile action {action!r}; use `kvrelay profile --family F --sender S "
@@ -117,12 +124,6 @@ def run(args) -> int:
 
 def _layers(args, rest) -> int:
     """The per-layer picture (DroidSpeak Fig. 7) of one pair or every ordered pair of a family."""
-    from pathlib import Path
-
-    from kvrelay.errors import KvRelayError
-    from kvrelay.paths import profiles_dir
-    from kvrelay.profiler import layers
-
     if rest:
         raise KvRelayError(f"`kvrelay profile layers` takes no file argument, got {' '.join(rest)}")
     if not args.family:
@@ -150,7 +151,6 @@ def _layers(args, rest) -> int:
 def _profile(args) -> int:
     if args.metric == "teacher-forced":
         return _profile_tf(args)
-    from kvrelay.errors import KvRelayError
     from kvrelay.profiler.run import Settings, profile
 
     missing = [f"--{k}" for k in ("family", "sender", "receiver", "out") if not getattr(args, k)]
@@ -159,7 +159,6 @@ def _profile(args) -> int:
                            "(e.g. --family smol --sender base --receiver code --out profiles/smol/base__code.json)")
     if not args.out.endswith(".json"):
         raise KvRelayError(f"--out must be a .json file, got {args.out!r}")
-    from kvrelay.profiler.evaldata import DATASET_KINDS
     if args.kind not in DATASET_KINDS:
         raise KvRelayError(f"--kind must be one of {', '.join(DATASET_KINDS)}, got {args.kind!r}")
     st = Settings(family=args.family, sender=args.sender, receiver=args.receiver, stride=args.stride,
@@ -208,18 +207,10 @@ def _tf_line(data: dict) -> str:
 
 
 def _plan_text(c: dict) -> str:
-    from kvrelay.model.profile_file import plan_of
     return str(plan_of(c))
 
 
 def _profile_tf(args) -> int:
-    import time
-    from pathlib import Path
-
-    from kvrelay.errors import KvRelayError
-    from kvrelay.families import load_family
-    from kvrelay.paths import profiles_dir
-    from kvrelay.model import profile_file
     from kvrelay.profiler import tf_run
 
     if not args.family:

@@ -1,6 +1,8 @@
 """`kvrelay repo`: write the Triton model repository for a deployment (what the Dockerfile runs)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def add_arguments(p):
     g = p.add_mutually_exclusive_group(required=True)
@@ -11,8 +13,6 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from pathlib import Path
-
     from kvrelay.server.launch import resolve
     from kvrelay.server.triton_repo import generate
     dep, _ = resolve(family=args.family, deployment=args.deployment, store=args.store)

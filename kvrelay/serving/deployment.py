@@ -12,8 +12,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from kvrelay.errors import KvRelayError
+from kvrelay.families import family_spec, user
 from kvrelay.model.kv_format import DTYPES, PageFormat
 from kvrelay.units import parse_bytes
+
 
 @dataclass(slots=True)
 class ModelDeployment:
@@ -88,7 +90,6 @@ class Deployment:
 
 def for_family(family: str, **overrides) -> Deployment:
     """Every model of the family on the CPU with default settings."""
-    from kvrelay.families import family_spec
     return Deployment(family=family, models=[ModelDeployment(m) for m in family_spec(family).models], **overrides)
 
 
@@ -108,7 +109,6 @@ def load(path: str | Path) -> Deployment:
         raise KvRelayError(f"{path}: 'family' must be a family's name or a [family] table (name, base, variants)")
     defaults = raw.pop("defaults", {})
     models_raw = raw.pop("models", None)
-    from kvrelay.families import family_spec
     known = list(family_spec(raw["family"]).models)
     names = list(models_raw) if models_raw else known
     models = []
@@ -149,7 +149,6 @@ def _register_family(path: Path, table: dict) -> str:
                                "VNAME = \"DIR\" (in TOML, the deployment's own keys go before its first [table])")
     here = path.resolve().parent
     resolve = lambda d: str((here / Path(d).expanduser()).resolve())
-    from kvrelay.families import user
     user.ensure_registered(name, resolve(base), {v: resolve(d) for v, d in variants.items()})
     return name
 
@@ -193,7 +192,6 @@ class ModelIdentity:
 
 
 def identities(dep: Deployment) -> dict[str, ModelIdentity]:
-    from kvrelay.families import family_spec
     fam = family_spec(dep.family)
     out = {}
     for m in dep.models:

@@ -25,12 +25,12 @@ from __future__ import annotations
 import bisect
 import logging
 import threading
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvrelay.model import profile_file
 from kvrelay.errors import KvRelayError
+from kvrelay.model import profile_file
 from kvrelay.model.plan import RecomputePlan
 
 log = logging.getLogger("kvrelay.serving.selector")
@@ -130,7 +130,6 @@ class OnlineLatency:
     first-order model. predict() is None until `min_samples` prefills were seen."""
 
     def __init__(self, window: int = 256, min_samples: int = 3):
-        from collections import deque
         self.samples: deque = deque(maxlen=window)
         self.min_samples = min_samples
         self._lock = threading.Lock()
