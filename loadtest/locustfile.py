@@ -75,12 +75,12 @@ def _init(environment, **_):
     if host.hostname not in ("127.0.0.1", "localhost", "::1"):
         sys.exit(f"kvrelay locustfile: --host {environment.host}: load tests only target this machine")
     from kvrelay.serving import deployment as dp
-    from kvrelay.model import engines
+    from kvrelay.families import family_models
     if o.kvrelay_deployment:
         dep = dp.load(o.kvrelay_deployment)
         family, models = dep.family, dep.model_names
     else:
-        family, models = o.kvrelay_family, engines.family_models(o.kvrelay_family)
+        family, models = o.kvrelay_family, family_models(o.kvrelay_family)
     spec = wl.WorkloadSpec(family=family, models=tuple(models), requests=o.kvrelay_requests,
                            contexts=o.kvrelay_contexts, context_tokens=_range(o.kvrelay_context_tokens),
                            max_tokens=_range(o.kvrelay_max_tokens), zipf_s=o.kvrelay_zipf,

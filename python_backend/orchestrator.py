@@ -19,11 +19,13 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from kvrelay.serving import deployment as dp
 from kvrelay.errors import KvRelayError
+from kvrelay.serving import deployment as dp
 from kvrelay.serving.engine_runner import EngineFailure
-from kvrelay.serving.orchestrator import ClientGone, Reply, ServeRequest
+from kvrelay.serving.orchestrator import ClientGone, Orchestrator, Reply, ServeRequest
+from kvrelay.serving.unary_channel import UnaryClient, UnaryServer
 from kvrelay.triton import tensors
+from kvrelay.triton.prometheus import Metrics
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 log = logging.getLogger("kvrelay.triton.orchestrator")
@@ -37,13 +39,9 @@ class TritonPythonModel:
         self.dep = dp.Deployment.from_json(Path(p["deployment"]).read_text(encoding="utf-8"))
         self.pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="orchestrate")
         if self.decoupled:
-            from kvrelay.serving.orchestrator import Orchestrator
-            from kvrelay.serving.unary_channel import UnaryServer
-            from kvrelay.triton.prometheus import Metrics
             self.core = Orchestrator(self.dep, metrics=Metrics())
             self.unary = UnaryServer(self.core, p["core_address"], Path(p["core_key"]))
         else:
-            from kvrelay.serving.unary_channel import UnaryClient
             self.client = UnaryClient(p["core_address"], Path(p["core_key"]))
 
     def execute(self, requests):

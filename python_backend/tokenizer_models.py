@@ -6,14 +6,14 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from kvrelay.serving import deployment as dp
+from kvrelay.families import family_spec
 from kvrelay.model import tokenizer as tk
+from kvrelay.serving import deployment as dp
 from kvrelay.triton import tensors
 
 
 def _tokenizer(args):
     dep = dp.Deployment.from_json(Path(tensors.params(args)["deployment"]).read_text(encoding="utf-8"))
-    from kvrelay.model.spec import family_spec
     d = family_spec(dep.family).tokenizer_dir()
     # random-weight families have no tokenizer: they take token ids as text, "12 7 99 ..."
     return (tk.load(d) if d is not None else None), dep

@@ -33,7 +33,7 @@ def main(out: Path) -> int:
     from peft import LoraConfig, get_peft_model
 
     from kvrelay.families import corpora, finetune, sources
-    from kvrelay.quality import cases
+    from kvrelay.profiler import cases
 
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

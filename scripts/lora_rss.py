@@ -20,8 +20,8 @@ from pathlib import Path
 from kvrelay import paths
 from kvrelay.bench.adapters import random_adapters
 from kvrelay.families import user
-from kvrelay.loadtest import procstats
-from kvrelay.model.spec import family_spec
+from kvrelay.server import procstats
+from kvrelay.families import family_spec
 from kvrelay.server import client
 
 

@@ -26,7 +26,7 @@ from kvrelay.model.engine_api import DonorKV, EngineConfig, PrefillInfo, Request
 from kvrelay.errors import KvRelayError, PlanError
 from kvrelay.model import checkpoint as ck
 from kvrelay.model.kv_format import DTYPES, KVPages, PageFormat, block_hashes, dtype_name, shared_blocks
-from kvrelay.model.spec import ModelSpec
+from kvrelay.model.spec import ModelSpec, read_hf_config
 from kvrelay.model.plan import RecomputePlan
 
 from .attention import DecodeAttention, DenseAttention, PagedKVPool, PrefillAttention
@@ -172,7 +172,6 @@ class TorchEngine:
         return list(self._resident)
 
     def _hf_config(self) -> dict:
-        from kvrelay.model.spec import read_hf_config
         if self.model_dir is None:
             raise KvRelayError(f"{self.name}: random weights take no adapters (no config.json to check them against)")
         return read_hf_config(self.model_dir)

@@ -19,6 +19,12 @@ import statistics
 import sys
 import time
 
+from kvrelay.bench.adapters import random_adapters
+from kvrelay.errors import KvRelayError
+from kvrelay.families import family_spec
+from kvrelay.model import tokenizer
+from kvrelay.model.checkpoint import adapter_dir
+
 BATCHES = "1,8,32"
 
 
@@ -35,7 +41,6 @@ def add_arguments(p):
 
 
 def _ints(text: str, what: str) -> list[int]:
-    from kvrelay.errors import KvRelayError
     try:
         vals = [int(x) for x in text.split(",")]
     except ValueError:
@@ -46,7 +51,6 @@ def _ints(text: str, what: str) -> list[int]:
 
 
 def run(args) -> int:
-    from kvrelay.errors import KvRelayError
     batches = _ints(args.batches, "--batches")
     if args.adapters < 1 or args.prompt < 1 or args.tokens < 2 or args.repeats < 1:
         raise KvRelayError("--adapters, --prompt and --repeats must be >= 1, --tokens >= 2")
@@ -64,12 +68,7 @@ def bench(family: str, batches: list[int], n_adapters: int = 8, prompt: int = 12
     import torch
 
     from kvrelay.backends.torch_engine.engine import TorchEngine
-    from kvrelay.model.checkpoint import adapter_dir
-    from kvrelay.bench.adapters import random_adapters
-    from kvrelay.errors import KvRelayError
     from kvrelay.model.engine_api import EngineConfig
-    from kvrelay.model.spec import family_spec
-    from kvrelay.model import tokenizer
 
     fam = family_spec(family)
     if fam.synthetic:

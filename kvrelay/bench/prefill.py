@@ -17,6 +17,11 @@ import json
 import random
 import statistics
 import sys
+import time
+
+from kvrelay.errors import KvRelayError
+from kvrelay.families import family_models
+from kvrelay.model.plan import RecomputePlan
 
 FRACTIONS = (0.10, 0.25, 0.50)
 
@@ -36,18 +41,7 @@ def add_arguments(p):
                         "local redis-server), redis://host:port/db, or memory[:SIZE]")
 
 
-def plan_for(fraction: float, num_layers: int):
-    """One contiguous group of round(fraction * L) layers, starting at an even layer >= 2 (so it starts
-    from the donor's E, the realistic and costlier case) and placed mid-model."""
-    from kvrelay.model.plan import RecomputePlan
-    n = max(1, round(fraction * num_layers))
-    start = max(2, (num_layers - n) // 2 // 2 * 2)
-    start = min(start, (num_layers - n) // 2 * 2)
-    return RecomputePlan(((start, start + n),))
-
-
 def run(args) -> int:
-    from kvrelay.errors import KvRelayError
     try:
         lengths = [int(x) for x in args.lengths.split(",")]
     except ValueError:
@@ -103,10 +97,8 @@ class _Bench:
     """One sender -> receiver pair, timed at one context length at a time."""
 
     def __init__(self, family, lengths, suffix, device, dtype, sender, receiver, st, synthetic_overrides):
-        from kvrelay.model.engine_api import EngineConfig
-        from kvrelay.model.engine_api import SamplingParams
-        from kvrelay.model.engines import family_models, make_engine
-        from kvrelay.errors import KvRelayError
+        from kvrelay.engines import make_engine
+        from kvrelay.model.engine_api import EngineConfig, SamplingParams
 
         self.family, self.suffix, self.device, self.st = family, suffix, device, st
         self.dtype = dtype or ("float32" if device == "cpu" else "bfloat16")
@@ -123,7 +115,7 @@ class _Bench:
         if longest > self.R.max_model_len:
             raise KvRelayError(f"length {max(lengths)} + suffix exceeds the model's {self.R.max_model_len}-token limit")
         self.L = self.R.num_layers
-        self.plans = {f: plan_for(f, self.L) for f in FRACTIONS}
+        self.plans = {f: RecomputePlan.mid_model(f, self.L) for f in FRACTIONS}
         self.rng = random.Random()
         self.one = SamplingParams(max_tokens=1, ignore_eos=True)
         self.store_kinds = [(mode, f) for mode in ("store", "pipelined") for f in FRACTIONS] if st is not None else []
@@ -137,10 +129,7 @@ class _Bench:
 
     def _timed_store(self, rid, q, plan, pipelined) -> tuple[float, float]:
         """Wall clock: lookup + fetch (or stream) of what the plan needs + the re-prefill (first token)."""
-        import time
-
         from kvrelay.model.engine_api import Request
-        from kvrelay.errors import KvRelayError
         R, S, st = self.R, self.S, self.st
         t0 = time.perf_counter()
         blocks = st.lookup(STORE_TENANT, R.fingerprint, q, R.page_format.block_size).get(S.model_id, 0)
@@ -155,8 +144,6 @@ class _Bench:
 
     def measure(self, n: int, repeats: int, bar) -> dict:
         """Medians at context length n: full prefill, re-prefill per fraction (and from the store)."""
-        import time
-
         from kvrelay.model.engine_api import Request
         ctx = self._tokens(n)
         pages = self.S.generate([Request("donor", ctx + self._tokens(self.suffix), self.one,

@@ -1,15 +1,17 @@
 """Model families: a base model and fine-tuned variants sharing one architecture and tokenizer.
 
-    from kvrelay.families import load_family, ensure_built
+    from kvrelay.families import load_family, ensure_built, family_spec
     fam = ensure_built("tiny")          # builds into $KVRELAY_HOME/families/tiny on first use
     fam.model_dir("code")               # a Hugging Face model dir
+    family_spec("tiny").model("code")   # its identity (kvrelay.model.spec.ModelSpec); synthetic families too
 
 Families: "tiny" (random-init Llama for tests), "smol" (SmolLM2-135M-Instruct + top-layer fine-tunes),
 "smol-quick" (the same recipe, small enough for the first-run demo) and "smol-lora" (four PEFT LoRA
 fine-tunes over every layer, merged).
 Importing this package does not import torch.
 """
-from kvrelay.families.registry import (FAMILY_NAMES, Family, build_family, ensure_built, is_built,
-                                       load_family)
+from kvrelay.families.registry import (FAMILY_NAMES, Family, build_family, ensure_built, family_models, family_spec,
+                                       is_built, load_family)
 
-__all__ = ["FAMILY_NAMES", "Family", "build_family", "ensure_built", "is_built", "load_family"]
+__all__ = ["FAMILY_NAMES", "Family", "build_family", "ensure_built", "family_models", "family_spec", "is_built",
+           "load_family"]

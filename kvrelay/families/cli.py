@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 
-from kvrelay.families.registry import FAMILY_NAMES
+from kvrelay.families.registry import FAMILY_NAMES, build_family, is_built, load_family
 
 
 def add_arguments(parser) -> None:
@@ -50,8 +50,6 @@ def summary_lines(family) -> list[str]:
 
 
 def run(args) -> int:
-    from kvrelay.families.registry import build_family, is_built, load_family
-
     already = is_built(args.family) and not args.force
     before = load_family(args.family).manifest().get("weights", {}) if is_built(args.family) else {}
     t0 = time.monotonic()
@@ -81,10 +79,16 @@ def rebuild_report(before: dict, after: dict) -> str:
 
 if __name__ == "__main__":
     # `python -m kvrelay.families.cli --family NAME`: the same command without importing the other
-    # subcommands' modules (usable while those are missing or broken).
+    # subcommands' modules (usable while those are missing or broken) nor kvrelay.cli, the layer above.
+    import argparse
     import sys
 
-    import kvrelay.cli as _cli
+    from kvrelay.errors import KvRelayError
 
-    _cli.COMMANDS = [c for c in _cli.COMMANDS if c[1].startswith("kvrelay.families.")]
-    sys.exit(_cli.main(["models", "build", *sys.argv[1:]]))
+    _p = argparse.ArgumentParser(prog="python -m kvrelay.families.cli", description=__doc__.splitlines()[0])
+    add_arguments(_p)
+    try:
+        sys.exit(run(_p.parse_args()))
+    except KvRelayError as e:
+        print(f"kvrelay: error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -2,6 +2,10 @@
 directories (full HF checkpoints or PEFT LoRA adapters over the base); nothing is copied."""
 from __future__ import annotations
 
+from kvrelay.errors import KvRelayError
+from kvrelay.families import user
+from kvrelay.families.cli_list import model_lines
+
 
 def add_arguments(p) -> None:
     p.add_argument("name", help="the family's name, then used as --family NAME in every command")
@@ -14,7 +18,6 @@ def add_arguments(p) -> None:
 
 
 def parse_variants(items: list[str]) -> dict[str, str]:
-    from kvrelay.errors import KvRelayError
     out: dict[str, str] = {}
     for item in items:
         name, sep, d = item.partition("=")
@@ -27,8 +30,6 @@ def parse_variants(items: list[str]) -> dict[str, str]:
 
 
 def run(args) -> int:
-    from kvrelay.families import user
-    from kvrelay.families.cli_list import model_lines
     fam = user.register(args.name, args.base, parse_variants(args.variant), replace=args.replace)
     print(f"family {fam.name} registered: {fam.root}  (fingerprint {fam.fingerprint}; nothing copied)")
     for line in model_lines(fam):

@@ -3,20 +3,20 @@ registered family each model's kind (base, full, LoRA r/alpha/targets), size, we
 profiles that match it, or which file changed since it was registered."""
 from __future__ import annotations
 
+from kvrelay.errors import FamilyChanged, FamilyNotBuilt, KvRelayError, StaleFamily
+from kvrelay.families import user
+from kvrelay.families.cli import summary_lines
+from kvrelay.families.registry import FAMILY_NAMES, load_family, registered_names
+from kvrelay.model import fingerprint as fp
+from kvrelay.model import profile_file, synthetic
+from kvrelay.paths import family_dir, profiles_dir
+
 
 def add_arguments(parser) -> None:
     parser.add_argument("--verbose", "-v", action="store_true", help="also list each built family's models")
 
 
 def run(args) -> int:
-    from kvrelay.errors import FamilyNotBuilt, KvRelayError, StaleFamily
-    from kvrelay.model import synthetic
-    from kvrelay.families.cli import summary_lines
-    from kvrelay.families.registry import FAMILY_NAMES, load_family
-    from kvrelay.paths import family_dir
-
-    from kvrelay.errors import FamilyChanged
-    from kvrelay.families.registry import registered_names
     mine = registered_names()
     w = max(map(len, FAMILY_NAMES + tuple(synthetic.SYNTHETIC) + tuple(mine)))
     for name in FAMILY_NAMES:
@@ -59,9 +59,6 @@ def run(args) -> int:
 
 def profiles_match(family) -> str:
     """How many of the checkout's profiles for this family were scored on the weights built here."""
-    from kvrelay.model import fingerprint as fp
-    from kvrelay.profiler import profile_file
-    from kvrelay.paths import profiles_dir
     files = [f for _, _, f in profile_file.pairs_in(profiles_dir(), family.name)]
     if not files:
         return "none (kvrelay profile)"
@@ -98,9 +95,6 @@ def _size(n: int) -> str:
 
 def model_lines(family) -> list[str]:
     """One line per model of a registered family: kind, size, weights digest, profiles, source dir."""
-    from kvrelay.families import user
-    from kvrelay.paths import profiles_dir
-    from kvrelay.profiler import profile_file
     manifest = family.manifest()
     weights = manifest.get("weights", {})
     pairs = profile_file.pairs_in(profiles_dir(), family.name)

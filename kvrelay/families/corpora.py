@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import glob
+import gzip
 import hashlib
 import os
 import sysconfig
@@ -56,7 +57,6 @@ class Document:
 def _read(path: Path) -> str | None:
     try:
         if path.suffix == ".gz":
-            import gzip
             with gzip.open(path, "rb") as f:
                 return f.read().decode("utf-8", errors="replace")
         return path.read_text(encoding="utf-8", errors="replace")

@@ -1,18 +1,21 @@
 """Training and evaluation helpers shared by the family builders (torch imported here only)."""
 from __future__ import annotations
 
+import json
 import math
 import random
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from kvrelay.errors import KvRelayError
 from kvrelay.families import corpora
 from kvrelay.families.corpora import Document
-from kvrelay.errors import KvRelayError
+from kvrelay.families.sources import quiet_transformers
 
 
 def token_blocks(tokenizer, docs: list[Document], n_blocks: int, block_len: int, seed: int) -> torch.Tensor:
@@ -188,11 +191,6 @@ def train_top_layers(model, n_layers: int) -> tuple[int, int]:
 
 def save_model(model, tokenizer, out_dir) -> None:
     """A standard HF model dir: fp32 config.json + model.safetensors, tokenizer files incl. tokenizer.json."""
-    import json
-    from pathlib import Path
-
-    from kvrelay.families.sources import quiet_transformers
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with quiet_transformers():
@@ -209,9 +207,6 @@ def save_model(model, tokenizer, out_dir) -> None:
 def write_eval(model_dir, model_name: str, domain: str | None, losses: dict[str, dict[str, float]],
                n_blocks: int, block_len: int) -> None:
     """eval.json: held-out loss (nats/token) per domain for each compared model (the base, the variant)."""
-    import json
-    from pathlib import Path
-
     doc = {"model": model_name, "domain": domain, "metric": "mean next-token cross-entropy, nats/token",
            "split": "heldout", "blocks_per_domain": n_blocks, "block_len": block_len, "heldout_loss": losses}
     if domain is not None:
@@ -221,8 +216,6 @@ def write_eval(model_dir, model_name: str, domain: str | None, losses: dict[str,
 
 def require_improvement(family: str, variant: str, domain: str, base_loss: float, variant_loss: float) -> None:
     """Fail the build loudly when a fine-tune does not beat its base on its own domain."""
-    from kvrelay.errors import KvRelayError
-
     if not variant_loss < base_loss:
         raise KvRelayError(f"family {family!r}: fine-tuned model {variant!r} does not beat the base on held-out "
                            f"{domain} text (loss {variant_loss:.4f} vs base {base_loss:.4f}); the family was not written")

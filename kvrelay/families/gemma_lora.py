@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from kvrelay.families import corpora
+from kvrelay.families import corpora, smol_lora, sources
 
 NAME = "gemma-lora"
 BASE = "base"
@@ -44,16 +44,12 @@ SEED = 4040
 
 
 def lora_recipe():
-    from kvrelay.families import smol_lora, sources
-
     minutes = float(os.environ.get("KVRELAY_GEMMA_MAX_MINUTES") or MAX_MINUTES)
     return smol_lora.LoraRecipe(NAME, sources.GEMMA3_270M, VARIANTS, MAX_STEPS, minutes, EVAL_BLOCKS, BLOCK_LEN,
                                 batch=BATCH, seed=SEED, bos=True)
 
 
 def check_sources() -> None:
-    from kvrelay.families import smol_lora, sources
-
     sources.gemma_gguf_path()
     for d in VARIANTS:
         corpora.check_source(d)
@@ -62,6 +58,4 @@ def check_sources() -> None:
 
 def build(workdir: Path, progress: bool = True) -> dict:
     """Write the models into workdir/<model>; return per-model build info for family.json."""
-    from kvrelay.families import smol_lora
-
     return smol_lora.build_lora(workdir, lora_recipe(), progress)

@@ -10,12 +10,18 @@ an interrupted build never leaves a directory that load_family accepts. No torch
 A *registered* family (kvrelay models add, or a deployment's [family] table; kvrelay.families.user)
 has the same layout, but each <model>/ holds only symlinks to the user's files (nothing copied), and
 family.json records every file's size, mtime and sha256: load_family refuses the family, naming the
-file, when one changed after registration. Built and registered families install alike (_swap_in).
+file, when one changed after registration (verify_files). Built and registered families install alike
+(_swap_in).
+
+family_spec(name) is any family by name as the rest of kvrelay reads it: a built or registered one
+from its family.json, or a synthetic one (kvrelay.model.synthetic), as a kvrelay.model.spec.FamilySpec.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
+import fcntl
+import hashlib
 import importlib
 import json
 import os
@@ -24,9 +30,12 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 from kvrelay.errors import FamilyChanged, FamilyNotBuilt, KvRelayError, StaleFamily
+from kvrelay.model import synthetic
+from kvrelay.model.spec import FamilySpec, ModelSpec
 from kvrelay.paths import family_dir
 
 FAMILY_NAMES: tuple[str, ...] = ("tiny", "smol", "smol-quick", "smol-lora", "gemma-lora")
@@ -79,7 +88,6 @@ def registered_names() -> list[str]:
 
 def _check_name(name: str) -> None:
     if name not in FAMILY_NAMES and not is_registered(name):
-        from kvrelay.model import synthetic
         if synthetic.is_synthetic(name):
             raise KvRelayError(f"{name!r} is a synthetic family (random weights drawn at load time): there is "
                                "nothing to build or load from disk")
@@ -125,8 +133,7 @@ def load_family(name: str) -> Family:
         raise KvRelayError(f"{manifest_path} does not describe family {name!r} with its base first; "
                            f"rebuild: kvrelay models build --family {name} --force")
     if manifest.get("kind") == "registered":
-        from kvrelay.families import user
-        user.verify_files(name, manifest)   # FamilyChanged naming the file
+        verify_files(name, manifest)   # FamilyChanged naming the file
         return Family(name=name, root=root, base=base, models={m: root / m for m in names},
                       fingerprint=fingerprint)
     built, current = manifest.get("recipe", 1), recipe(name)
@@ -153,8 +160,6 @@ def is_built(name: str) -> bool:
 @contextlib.contextmanager
 def _lock(path: Path):
     """An exclusive inter-process lock (two test sessions building the same family wait, not clash)."""
-    import fcntl
-
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
         try:
@@ -170,7 +175,6 @@ def _lock(path: Path):
 
 def _version() -> str:
     try:
-        from importlib.metadata import version
         return version("kvrelay")
     except Exception:  # not installed (running from a bare checkout)
         return "unknown"
@@ -269,8 +273,6 @@ def write_json_atomic(path: Path, obj) -> None:
 
 
 def _manifest(name: str, builder, tmp: Path, info: dict, seconds: float) -> dict:
-    from kvrelay.model.spec import ModelSpec
-
     models = list(builder.MODELS)
     specs = {m: ModelSpec.from_dir(m, tmp / m, name) for m in models}
     fps = {m: s.fingerprint for m, s in specs.items()}
@@ -300,3 +302,77 @@ def ensure_built(name: str) -> Family:
         return load_family(name)
     except FamilyNotBuilt:
         return build_family(name)
+
+
+def family_spec(name: str) -> FamilySpec:
+    """A family by name, synthetic or built (FamilyNotBuilt naming the build command if not on disk)."""
+    if synthetic.is_synthetic(name):
+        return FamilySpec(name, True, tuple(synthetic.spec(name)[1]))
+    fam = load_family(name)
+    return FamilySpec(name, False, tuple(fam.models), dict(fam.models))
+
+
+def family_models(family: str) -> list[str]:
+    """Model names of a family, base first."""
+    return list(family_spec(family).models)
+
+
+# --- a registered family's files ----------------------------------------------------------------
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def changed_files(manifest: dict) -> list[tuple[str, str, str]]:
+    """[(model, path, why)] for every recorded file that is missing or whose content changed; files
+    whose size and mtime are as recorded are not read."""
+    out, shas = [], {}
+    for m, files in manifest.get("files", {}).items():
+        for link, rec in files.items():
+            p = Path(rec["path"])
+            try:
+                st = p.stat()
+            except OSError:
+                out.append((m, rec["path"], "missing"))
+                continue
+            if (st.st_size, st.st_mtime_ns) == (rec["size"], rec["mtime_ns"]):
+                continue
+            if p not in shas:
+                shas[p] = sha256_file(p)
+            if shas[p] != rec["sha256"]:
+                out.append((m, rec["path"], f"changed (sha256 {rec['sha256'][:12]} -> {shas[p][:12]}, "
+                                            f"{rec['size']} -> {st.st_size} bytes)"))
+    return out
+
+
+def verify_files(name: str, manifest: dict) -> None:
+    """FamilyChanged, naming the first changed file, if any registered file changed. A file only
+    touched (same content, new mtime) has its stamp refreshed so it is not hashed again."""
+    bad = changed_files(manifest)
+    if bad:
+        m, path, why = bad[0]
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise FamilyChanged(f"family {name!r}: {path} (model {m!r}) is {why} since it was registered on "
+                            f"{manifest.get('created', '?')}{more}; its weights digests and profiles describe the "
+                            f"old files. Register it again: kvrelay models add {name} --base ... --replace "
+                            f"(or kvrelay models remove {name})")
+    _refresh_stamps(name, manifest)
+
+
+def _refresh_stamps(name: str, manifest: dict) -> None:
+    stale = False
+    for files in manifest.get("files", {}).values():
+        for rec in files.values():
+            st = Path(rec["path"]).stat()
+            if (st.st_size, st.st_mtime_ns) != (rec["size"], rec["mtime_ns"]):
+                rec["size"], rec["mtime_ns"], stale = st.st_size, st.st_mtime_ns, True
+    if stale:
+        try:
+            with family_lock(name):
+                write_json_atomic(family_dir(name) / MANIFEST, manifest)
+        except OSError:
+            pass   # a read-only registry: hash again next time

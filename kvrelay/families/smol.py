@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvrelay.families import corpora
+from kvrelay.families import corpora, sources
 
 NAME = "smol"
 BASE = "base"
@@ -54,8 +54,6 @@ def budget() -> tuple[float, int]:
 
 
 def check_sources() -> None:
-    from kvrelay.families import sources
-
     sources.gguf_path()
     for d in corpora.FIRST_DOMAINS:
         corpora.check_source(d)

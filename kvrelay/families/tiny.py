@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kvrelay.families import corpora
+from kvrelay.families import corpora, sources
 
 NAME = "tiny"
 BASE = "base"
@@ -30,8 +30,6 @@ SEED = 1234
 
 
 def check_sources() -> None:
-    from kvrelay.families import sources
-
     sources.gguf_path()
     for d in BASE_MIX:
         corpora.check_source(d)

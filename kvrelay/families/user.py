@@ -8,12 +8,13 @@ base), and every error names the file and the field. Nothing is copied: the fami
 per model, a directory of symlinks that is a complete HF model dir (a LoRA variant's: the base's
 config, tokenizer and weights beside the adapter's files, merged when an engine loads it) and a
 family.json recording each file's size, mtime and sha256, so a file changed afterwards is noticed
-(verify_files) rather than served under stale digests and profiles.
+(kvrelay.families.registry.verify_files, when the family is loaded) rather than served under stale
+digests and profiles.
 """
 from __future__ import annotations
 
 import datetime
-import hashlib
+import json
 import os
 import re
 import sys
@@ -21,8 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvrelay.errors import FamilyChanged, KvRelayError
+from kvrelay.families import registry
 from kvrelay.model import checkpoint as ck
 from kvrelay.model import fingerprint as fp
+from kvrelay.model import synthetic
+from kvrelay.model.architectures import check_supported
+from kvrelay.model.spec import ModelSpec
 
 BASE = "base"
 FORMAT = 1
@@ -58,7 +63,6 @@ def _dir(d, what: str) -> Path:
 
 
 def _config(d: Path) -> dict:
-    from kvrelay.model.architectures import check_supported
     path = d / "config.json"
     cfg = ck.read_json(path, "a Hugging Face model directory has config.json")
     check_supported(cfg, str(path))
@@ -95,7 +99,6 @@ def _same_architecture(base_dir: Path, base_cfg: dict, d: Path, cfg: dict) -> No
 
 
 def _same_tokenizer(base_dir: Path, d: Path) -> None:
-    import json
     if not (d / "tokenizer.json").is_file():
         return   # the family's tokenizer is the base's
     try:
@@ -139,9 +142,7 @@ def validate(name: str, base: str | Path, variants: dict[str, str | Path]) -> li
     """Every model of the family checked; [base Source, variant Sources...] with their view links."""
     if not _NAME.match(name):
         raise KvRelayError(f"family name {name!r}: use letters, digits, '-' and '_' (at most 64, first a letter or digit)")
-    from kvrelay.families.registry import FAMILY_NAMES
-    from kvrelay.model import synthetic
-    if name in FAMILY_NAMES or synthetic.is_synthetic(name):
+    if name in registry.FAMILY_NAMES or synthetic.is_synthetic(name):
         raise KvRelayError(f"family name {name!r} is taken by a family kvrelay provides; choose another")
     for v in variants:
         if not _NAME.match(v) or v == BASE:
@@ -179,18 +180,10 @@ def validate(name: str, base: str | Path, variants: dict[str, str | Path]) -> li
 
 # --- registration ------------------------------------------------------------------------------
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _record(path: Path, shas: dict) -> dict:
     st = path.stat()
     if path not in shas:
-        shas[path] = _sha256(path)
+        shas[path] = registry.sha256_file(path)
     return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": shas[path]}
 
 
@@ -200,9 +193,6 @@ def definition(sources: list[Source]) -> dict:
 
 def register(name: str, base: str | Path, variants: dict[str, str | Path], replace: bool = False):
     """Validate, then register family `name` atomically (under its lock); returns the Family."""
-    from kvrelay.families import registry
-    from kvrelay.model.spec import ModelSpec
-
     sources = validate(name, base, variants)
     if registry.family_dir(name).exists() and not replace:
         where = registry.family_dir(name)
@@ -243,7 +233,6 @@ def register(name: str, base: str | Path, variants: dict[str, str | Path], repla
 def ensure_registered(name: str, base: str | Path, variants: dict[str, str | Path]):
     """A deployment's [family]: the registered family if it is this definition and unchanged, else
     registered (again) from it."""
-    from kvrelay.families import registry
     if registry.is_registered(name):
         try:
             fam = registry.load_family(name)
@@ -257,59 +246,7 @@ def ensure_registered(name: str, base: str | Path, variants: dict[str, str | Pat
     return register(name, base, variants, replace=True)
 
 
-# --- after registration ------------------------------------------------------------------------
-
-def changed_files(manifest: dict) -> list[tuple[str, str, str]]:
-    """[(model, path, why)] for every recorded file that is missing or whose content changed; files
-    whose size and mtime are as recorded are not read."""
-    out, shas = [], {}
-    for m, files in manifest.get("files", {}).items():
-        for link, rec in files.items():
-            p = Path(rec["path"])
-            try:
-                st = p.stat()
-            except OSError:
-                out.append((m, rec["path"], "missing"))
-                continue
-            if (st.st_size, st.st_mtime_ns) == (rec["size"], rec["mtime_ns"]):
-                continue
-            if p not in shas:
-                shas[p] = _sha256(p)
-            if shas[p] != rec["sha256"]:
-                out.append((m, rec["path"], f"changed (sha256 {rec['sha256'][:12]} -> {shas[p][:12]}, "
-                                            f"{rec['size']} -> {st.st_size} bytes)"))
-    return out
-
-
-def verify_files(name: str, manifest: dict) -> None:
-    """FamilyChanged, naming the first changed file, if any registered file changed. A file only
-    touched (same content, new mtime) has its stamp refreshed so it is not hashed again."""
-    bad = changed_files(manifest)
-    if bad:
-        m, path, why = bad[0]
-        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise FamilyChanged(f"family {name!r}: {path} (model {m!r}) is {why} since it was registered on "
-                            f"{manifest.get('created', '?')}{more}; its weights digests and profiles describe the "
-                            f"old files. Register it again: kvrelay models add {name} --base ... --replace "
-                            f"(or kvrelay models remove {name})")
-    _refresh_stamps(name, manifest)
-
-
-def _refresh_stamps(name: str, manifest: dict) -> None:
-    from kvrelay.families import registry
-    stale = False
-    for files in manifest.get("files", {}).values():
-        for rec in files.values():
-            st = Path(rec["path"]).stat()
-            if (st.st_size, st.st_mtime_ns) != (rec["size"], rec["mtime_ns"]):
-                rec["size"], rec["mtime_ns"], stale = st.st_size, st.st_mtime_ns, True
-    if stale:
-        try:
-            with registry.family_lock(name):
-                registry.write_json_atomic(registry.family_dir(name) / registry.MANIFEST, manifest)
-        except OSError:
-            pass   # a read-only registry: hash again next time
-
+# --- listing ------------------------------------------------------------------------------------
 
 def describe(manifest: dict, model: str) -> str:
     """`kind` of one model for `models list`: base, full, or LoRA r/alpha/targets."""

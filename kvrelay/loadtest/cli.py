@@ -13,22 +13,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from kvrelay.errors import KvRelayError
+from kvrelay.loadtest import report
+from kvrelay.loadtest import workload as wl
+from kvrelay.model import profile_file
+from kvrelay.paths import profiles_dir
+from kvrelay.units import parse_bytes, parse_range
+
 if TYPE_CHECKING:
-    from kvrelay.serving.deployment import Deployment
     from kvrelay.loadtest.workload import Workload, WorkloadSpec
+    from kvrelay.serving.deployment import Deployment
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 
 def _range(text: str) -> tuple[int, int]:
-    from kvrelay.errors import KvRelayError
-    from kvrelay.units import parse_range
     try:
         return parse_range(text, minimum=1)
     except KvRelayError as e:
@@ -90,7 +96,6 @@ def _log(msg: str) -> None:
 
 
 def _check_url(url: str) -> str:
-    from kvrelay.errors import KvRelayError
     url = url.split("://", 1)[-1].rstrip("/")
     host, _, port = url.rpartition(":")
     if not host or not port.isdigit():
@@ -98,27 +103,6 @@ def _check_url(url: str) -> str:
     if host not in LOOPBACK:
         raise KvRelayError(f"--url {url}: load tests only target this machine (127.0.0.1, localhost, ::1)")
     return url
-
-
-def write_fixed_profiles(dep, plan_text: str, root: Path) -> list[str]:
-    """A profile per ordered pair of the deployment's models whose only frontier point is `plan`
-    (quality 100 by fiat): the selector then always picks that plan. Returns the pair names."""
-    from kvrelay.serving import deployment as dp
-    from kvrelay.profiler import profile_file
-    from kvrelay.model.plan import RecomputePlan
-    ids = dp.identities(dep)
-    out = []
-    for s in dep.model_names:
-        for r in dep.model_names:
-            if s == r:
-                continue
-            L = ids[r].num_layers
-            plan = RecomputePlan.parse(plan_text).validate(L)
-            profile_file.save(profile_file.fixed(dep.family, s, r, ids[s].fingerprint, ids[r].fingerprint, L, plan,
-                                                 f"kvrelay loadtest --plan {plan_text}"),
-                              profile_file.path_for(root, dep.family, s, r))
-            out.append(f"{s}__{r}")
-    return out
 
 
 def _pages_needed(dep, workload) -> int:
@@ -131,7 +115,6 @@ def _pages_needed(dep, workload) -> int:
 
 def _memory_store_bytes(dep) -> int | None:
     """The size of the deployment's in-memory store (0: the default size), None for another store."""
-    from kvrelay.units import parse_bytes
     kind, _, size = dep.store.partition(":")
     return None if kind != "memory" else parse_bytes(size) if size else 0
 
@@ -163,8 +146,6 @@ def store_shortfall(dep, need: int) -> str:
 
 
 def _profiles_present(dep) -> list[str]:
-    from kvrelay.profiler import profile_file
-    from kvrelay.paths import profiles_dir
     names = set(dep.model_names)
     return [f"{s}__{r}" for s, r, _ in profile_file.pairs_in(profiles_dir(dep.profiles_dir), dep.family)
             if s in names and r in names]
@@ -174,8 +155,6 @@ def _interrupts_stop_cleanly() -> None:
     """Ctrl-C and SIGTERM end a run cleanly (servers stopped, even when the shell started us with
     SIGINT ignored). Under gevent the handler runs in the hub, so the interrupt is thrown into the
     main greenlet, where the run's cleanup waits, never into a user's greenlet."""
-    import signal
-
     import gevent
     main = gevent.getcurrent()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -199,7 +178,6 @@ def run(args) -> int:
 
 
 def _validate_goodput(args) -> None:
-    from kvrelay.errors import KvRelayError
     if args.url or args.mode:
         raise KvRelayError("the goodput scenario starts its own servers: no --url or --mode")
     if args.plan and args.profiles:
@@ -208,7 +186,6 @@ def _validate_goodput(args) -> None:
 
 def _validate_mixed(args) -> str | None:
     """Defaults filled in and the arguments checked against each other; the server URL, if any."""
-    from kvrelay.errors import KvRelayError
     args.contexts = args.contexts or 12
     args.context_tokens = args.context_tokens or (2048, 4000)
     args.max_tokens = args.max_tokens or (8, 16)
@@ -249,17 +226,16 @@ class MixedPlan:
 
 
 def _plan_mixed(args, url: str | None) -> MixedPlan:
-    from kvrelay.errors import KvRelayError
-    from kvrelay.loadtest import workload as wl
-    from kvrelay.server.serve import resolve
+    from kvrelay.server.launch import resolve
 
-    dep, _ = resolve(argparse.Namespace(family=args.family, deployment=args.deployment, store=args.store,
-                                        no_sharing=False, workdir=None))
+    dep, _ = resolve(family=args.family, deployment=args.deployment, store=args.store)
     warnings: list[str] = []
     out_dir = Path(args.out or Path("loadtest-results") / time.strftime("%Y%m%d-%H%M%S")).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.plan:
-        write_fixed_profiles(dep, args.plan, out_dir / "profiles")
+        from kvrelay.serving import deployment as dp
+        profile_file.write_fixed(out_dir / "profiles", dep.family, dp.identities(dep), args.plan,
+                                 f"kvrelay loadtest --plan {args.plan}")
         dep.profiles_dir = str(out_dir / "profiles")
         warnings.append(f"recompute plan fixed by --plan {args.plan} for every pair (not a measured profile)")
     if args.profiles:
@@ -319,7 +295,6 @@ def _run_mixed(args, url: str | None, plan: MixedPlan) -> dict:
 
 
 def _report_mixed(args, url: str | None, plan: MixedPlan, runs: dict) -> int:
-    from kvrelay.loadtest import report
     dep, out_dir, warnings = plan.dep, plan.out_dir, plan.warnings
     modes = {m: report.summarize(r.records, r.window_s) for m, r in runs.items()}
     comparison = report.compare(modes)

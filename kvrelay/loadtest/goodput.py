@@ -31,8 +31,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvrelay.errors import KvRelayError
-from kvrelay.model.plan import RecomputePlan
+from kvrelay.families import family_spec
 from kvrelay.loadtest import goodput_stats as gs
+from kvrelay.loadtest import report
+from kvrelay.loadtest import workload as wl
+from kvrelay.loadtest.goodput_bound import run_subprocess
+from kvrelay.loadtest.workload import GENERIC_QUESTIONS, Request, Schedule
+from kvrelay.model import profile_file
+from kvrelay.model import tokenizer as tk
+from kvrelay.model.plan import RecomputePlan
+from kvrelay.paths import profiles_dir
+from kvrelay.server.launch import resolve, start
+from kvrelay.serving import deployment as dp
+from kvrelay.serving.selector import Selector
 
 MODES = ("full", "plan", "reuse")
 FULL_FRACTIONS = (0.35, 0.65, 0.95, 1.25)
@@ -74,8 +85,6 @@ def choose_pairs(dep, ids: dict, requested: str | None, context_tokens: int, log
     ordered pair whose profile the selector would reuse and that was scored with the flip model
     (its plan's exact agreement predicted, kvrelay.profiler.flips); when no profile of the family
     is, every pair the selector would reuse."""
-    from kvrelay.paths import profiles_dir
-    from kvrelay.serving.selector import Selector
     sel = Selector(profiles_dir(dep.profiles_dir), dep.family, quality_target=dep.quality_target,
                    quality_mode=dep.quality_mode)
     wanted = parse_pairs(requested, dep.model_names) if requested else \
@@ -112,7 +121,6 @@ def serving_deployment(dep, ids: dict, models: list[str], sharing: bool, longest
                        profiles_dir: str | None = None):
     """The pair servers: only the models measured, each engine on every core (one request computes
     at a time in this scenario), room for a few longest prompts, no prefix cache."""
-    from kvrelay.serving import deployment as dp
     cpus = os.cpu_count() or 1
     ms = [dp.ModelDeployment(m, device=dep.model(m).device, dtype=dep.model(m).dtype, threads=cpus,
                              kv_cache_bytes=_per_token_bytes(ids[m]) * (longest + 64) * CONCURRENT_SEQUENCES)
@@ -125,14 +133,12 @@ def serving_deployment(dep, ids: dict, models: list[str], sharing: bool, longest
 # --- requests ------------------------------------------------------------------------------------
 
 def _workload(dep, pool, source, merge, model, requests):
-    from kvrelay.loadtest import workload as wl
     spec = wl.WorkloadSpec(family=dep.family, models=(model,), requests=max(1, len(requests)), contexts=len(pool),
                            context_tokens=(32, 32), max_tokens=(1, 1), warmup=0)
     return wl.Workload(spec, pool, requests, merge_context=merge, context_source=source)
 
 
 def poisson(pool, model: str, rate: float, n: int, max_tokens: int, tenant: str, seed: str):
-    from kvrelay.loadtest.workload import Request
     rng = random.Random(seed)
     t, out = 0.0, []
     for i in range(n):
@@ -205,9 +211,6 @@ class Scenario:
 
     # pool of contexts and the prompts the bound is measured on
     def build_pool(self):
-        from kvrelay.model import tokenizer as tk
-        from kvrelay.loadtest import workload as wl
-        from kvrelay.model.spec import family_spec
         lo, hi = self.st.context_tokens
         fam = family_spec(self.dep.family)
         if fam.synthetic:
@@ -225,7 +228,6 @@ class Scenario:
         self.log(f"pool: {len(pool)} contexts of {min(toks)}-{max(toks)} tokens ({self.source})")
 
     def bound(self, pair: Pair) -> dict:
-        from kvrelay.loadtest.goodput_bound import run_subprocess
         order = sorted(range(len(self.prompts)), key=lambda i: len(self.prompts[i]))
         k = self.st.bound_prompts
         pick = [order[len(order) // 2]] if k == 1 else sorted({order[0], order[len(order) // 2], order[-1]})[:k]
@@ -240,7 +242,6 @@ class Scenario:
 
     def _state(self, server, model, requests):
         from kvrelay.loadtest import users as lu
-        from kvrelay.loadtest.workload import Schedule
         wl = _workload(self.dep, self.pool, self.source, self.merge, model, requests)
         return lu.LoadState(wl, Schedule(requests, self.st.point_seconds), grpc_url=server.grpc_url,
                             http_url=server.http_url, timeout_s=self.st.timeout_s)
@@ -252,7 +253,6 @@ class Scenario:
     def idle(self, server, pair: Pair, mode: str, tenant: str, reference: dict | None = None) -> tuple[dict, dict]:
         """Each context once, one at a time: the idle point (rate 0, with its agreement when given
         full prefill's texts) and the texts per context."""
-        from kvrelay.loadtest.workload import Request
         reqs = [Request(-1 - i, c.id, pair.receiver, c.questions[0], self.st.max_tokens, None, tenant)
                 for i, c in enumerate(self.pool)]
         recs = sequential(self._state(server, pair.receiver, reqs), reqs, self.log, f"{mode} {pair.receiver} idle pass")
@@ -261,7 +261,6 @@ class Scenario:
         return gs.point_stats(recs, 0.0, window, reference), {r["context_id"]: r["text"] for r in recs}
 
     def store_phase(self, server, senders: list[str]):
-        from kvrelay.loadtest.workload import GENERIC_QUESTIONS, Request
         for s in senders:
             reqs = [Request(-1 - i, c.id, s, GENERIC_QUESTIONS[0], 1, None, f"goodput-{s}")
                     for i, c in enumerate(self.pool)]
@@ -292,16 +291,13 @@ class Scenario:
 
 
 def run(args) -> int:
-    from kvrelay.loadtest import report
-    from kvrelay.server.serve import resolve, start
     log = lambda m: print(f"kvrelay: {m}", file=sys.stderr, flush=True)
     if args.resummarize:
         summary = resummarize(Path(args.resummarize), args.slo_ttft)
         print(json.dumps(summary, indent=1) if args.json else text_report(summary))
         return 1 if summary["errors"] else 0
     t_start = time.monotonic()
-    dep, _ = resolve(argparse_ns(args))
-    from kvrelay.serving import deployment as dp
+    dep, _ = resolve(family=args.family, deployment=args.deployment)
     ids = dp.identities(dep)
     st = settings_from(args, min(i.max_model_len for i in ids.values()))
     out_dir = Path(args.out or Path("loadtest-results") / time.strftime("goodput-%Y%m%d-%H%M%S")).resolve()
@@ -309,8 +305,8 @@ def run(args) -> int:
     if args.profiles:
         dep.profiles_dir = str(Path(args.profiles).resolve())
     if args.plan:  # families without measured profiles (llama8b-random on a GPU host): one imposed plan
-        from kvrelay.loadtest.cli import write_fixed_profiles
-        write_fixed_profiles(dep, args.plan, out_dir / "profiles-fixed")
+        profile_file.write_fixed(out_dir / "profiles-fixed", dep.family, ids, args.plan,
+                                 f"kvrelay loadtest --plan {args.plan}")
         dep.profiles_dir = str(out_dir / "profiles-fixed")
         log(f"recompute plan fixed by --plan {args.plan} for every pair (not a measured profile)")
     sc = Scenario(dep, st, out_dir, log, progress=not args.no_progress)
@@ -352,9 +348,8 @@ def run(args) -> int:
     for mode in [m for m in st.modes if m != "full"]:
         profiles = None
         if mode == "reuse":
-            from kvrelay.loadtest.cli import write_fixed_profiles
-            sub = dataclasses.replace(dep, models=[dep.model(m) for m in involved])
-            write_fixed_profiles(sub, "none", out_dir / "profiles-full-reuse")
+            profile_file.write_fixed(out_dir / "profiles-full-reuse", dep.family, {m: ids[m] for m in involved},
+                                     "none", "kvrelay loadtest --plan none")
             profiles = str(out_dir / "profiles-full-reuse")
         server = serve(serving_deployment(dep, ids, involved, True, sc.longest, int(pages * 1.2), profiles), mode)
         try:
@@ -392,7 +387,6 @@ def run(args) -> int:
 def resummarize(out_dir: Path, slo_ttft: float | None = None) -> dict:
     """The summary of an earlier run recomputed from its measured points (the SLO, goodputs, ratios
     and plots), e.g. with --slo-ttft, without measuring again."""
-    from kvrelay.loadtest import report
     path = Path(out_dir) / "summary.json"
     try:
         old = json.loads(path.read_text(encoding="utf-8"))
@@ -425,12 +419,6 @@ def _fill_event_rates(out_dir: Path, results: dict, full_modes: dict) -> None:
                 own = [x for x in recs if x.get("mode") == mode and x.get("point") == i and x.get("model") == receiver
                        and (mode == "full" or x.get("pair") == name)]
                 p.update(gs.event_rates(own))
-
-
-def argparse_ns(args):
-    import argparse
-    return argparse.Namespace(family=args.family, deployment=args.deployment, store=None, no_sharing=False,
-                              workdir=None)
 
 
 def summarize(results: dict, full_modes: dict, st: Settings, out_dir: Path) -> dict:

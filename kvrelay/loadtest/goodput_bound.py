@@ -21,20 +21,21 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
+
+import torch
+
+from kvrelay.engines import make_engine
+from kvrelay.errors import KvRelayError
+from kvrelay.model.engine_api import EngineConfig, Request, SamplingParams
+from kvrelay.model.plan import RecomputePlan
+from kvrelay.serving import deployment as dp
 
 
 def measure(family: str, sender: str, receiver: str, plan: str, prompts: list[list[int]], max_tokens: int,
             repeats: int = 1, device: str = "cpu", dtype: str = "float32") -> dict:
-    import torch
-
-    from kvrelay.serving import deployment as dp
-    from kvrelay.model.engine_api import EngineConfig
-    from kvrelay.model.engine_api import Request, SamplingParams
-    from kvrelay.model.engines import make_engine
-    from kvrelay.model.plan import RecomputePlan
-
     torch.set_num_threads(os.cpu_count() or 1)
     longest = max(len(p) for p in prompts) + max_tokens + 16
     chosen = RecomputePlan.parse(plan)
@@ -74,9 +75,6 @@ def measure(family: str, sender: str, receiver: str, plan: str, prompts: list[li
 
 def run_subprocess(spec: dict, timeout_s: float = 3600) -> dict:
     """measure() in a fresh Python process (torch threads of its own, memory returned at exit)."""
-    import subprocess
-
-    from kvrelay.errors import KvRelayError
     p = subprocess.run([sys.executable, "-m", "kvrelay.loadtest.goodput_bound"], input=json.dumps(spec),
                        capture_output=True, text=True, timeout=timeout_s)
     if p.returncode != 0:

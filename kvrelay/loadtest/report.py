@@ -23,6 +23,8 @@ import math
 import random
 from collections import Counter
 
+from kvrelay.profiler.scores import token_f1
+
 MODES = ("off", "on")
 MODE_LABEL = {"off": "sharing off", "on": "sharing on"}
 SUMMARY_KEYS = ("requests", "ok", "errors", "window_s", "requests_per_s", "output_tokens_per_s", "ttft_ms",
@@ -89,7 +91,6 @@ def quality(off: list[dict], on: list[dict], sample: int | None = 64, seed: int 
     ones whose KV differs), a seeded sample of at most `sample`; exact-match rate and token F1 (x100).
     `all_requests` gives the same over every request both runs answered (a consistency check:
     outputs not served by reuse should agree exactly)."""
-    from kvrelay.quality.scores import token_f1
     a = {r["index"]: r for r in off if r.get("ok")}
     pairs = [(a[r["index"]], r) for r in on if r.get("ok") and r["index"] in a]
 

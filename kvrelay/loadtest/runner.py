@@ -25,6 +25,7 @@ from locust.stats import PERCENTILES_TO_REPORT, StatsCSVFileWriter, stats_histor
 from kvrelay.errors import KvRelayError
 from kvrelay.loadtest import users as lu
 from kvrelay.loadtest.workload import Schedule, Workload
+from kvrelay.server.launch import start
 
 
 @dataclass
@@ -159,7 +160,6 @@ def make_state(workload: Workload, opts: RunOptions, http_url: str, grpc_url: st
 
 def run_both(dep, workload: Workload, opts: RunOptions, out_dir: Path, modes=("off", "on"), log=None) -> dict:
     """For each mode: a fresh server (own workdir, repository, in-memory store), the same workload."""
-    from kvrelay.server.serve import start
     log = log or (lambda m: print(f"kvrelay: {m}", file=sys.stderr))
     out: dict[str, ModeRun] = {}
     for mode in modes:

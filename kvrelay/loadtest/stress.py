@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvrelay.errors import KvRelayError
-from kvrelay.loadtest import procstats
+from kvrelay.server import procstats
+from kvrelay.server.client import _info, _inputs, _message, _text
 
 KINDS = ("http", "grpc", "grpc-stream", "http-stream")
 QUESTIONS = ("Summarise the text above.", "What is this about?", "Name one function above.",
@@ -127,13 +128,11 @@ class _Client:
             _check(info, n, hang_up)
             out.ok, out.route = True, str(info.get("kv_route", "")).split(":")[0]
         except Exception as e:  # every failure is a finding: keep its message
-            from kvrelay.server.client import _message
             out.error = f"{kind}: {_norm(_message(e))}"
         out.latency_s = time.perf_counter() - t0
         return out
 
     def _unary(self, kind, question, n, kw) -> dict:
-        from kvrelay.server.client import _info, _inputs, _text
         if kind == "http":
             res = self.http.infer("ensemble", _inputs(self.httpmod, question, n, **kw))
         else:
@@ -141,7 +140,6 @@ class _Client:
         return {**_info(res), "text": _text(res)}
 
     def _grpc_stream(self, question, n, kw, hang_up, t0) -> tuple[dict, float | None]:
-        from kvrelay.server.client import _info, _inputs, _message, _text
         q: queue.Queue = queue.Queue()
         ttft, info, text, complete = None, {}, "", False
         self.grpc.start_stream(callback=lambda result, error: q.put((result, error)))

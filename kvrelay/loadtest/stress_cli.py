@@ -11,11 +11,16 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
+import urllib.request
 from pathlib import Path
+
+from kvrelay.errors import KvRelayError
+from kvrelay.loadtest.cli import _check_url, _range
+from kvrelay.model.synthetic import is_synthetic
+from kvrelay.server import procstats
 
 
 def add_arguments(p):
-    from kvrelay.loadtest.cli import _range
     g = p.add_mutually_exclusive_group()
     g.add_argument("--family", help="start a server for this family with defaults (default: tiny)")
     g.add_argument("--deployment", help="start a server for this deployment TOML (deploy/*.toml)")
@@ -40,13 +45,10 @@ def add_arguments(p):
 
 def _contexts(family: str, n: int):
     from kvrelay.loadtest import stress
-    from kvrelay.model.synthetic import is_synthetic
     return stress.token_contexts(n) if is_synthetic(family) else stress.source_contexts(n)
 
 
 def _target(url: str, grpc_url: str | None) -> tuple[str, str]:
-    from kvrelay.errors import KvRelayError
-    from kvrelay.loadtest.cli import _check_url
     http = _check_url(url)
     host, port = http.rsplit(":", 1)
     grpc = _check_url(grpc_url) if grpc_url else f"{host}:{int(port) + 1}"
@@ -57,10 +59,7 @@ def _target(url: str, grpc_url: str | None) -> tuple[str, str]:
 
 def _served(http_url: str) -> tuple[str, list[str]]:
     """(family, models) of a running server, from the deployment its orchestrator reads."""
-    import urllib.request
-
     from kvrelay.serving import deployment as dp
-    from kvrelay.errors import KvRelayError
     try:
         with urllib.request.urlopen(f"http://{http_url}/v2/models/orchestrator_stream/config", timeout=10) as r:
             cfg = json.load(r)
@@ -73,8 +72,7 @@ def _served(http_url: str) -> tuple[str, list[str]]:
 
 
 def run(args) -> int:
-    from kvrelay.errors import KvRelayError
-    from kvrelay.loadtest import procstats, stress
+    from kvrelay.loadtest import stress
     if args.grpc_url and not args.url:
         raise KvRelayError("--grpc-url only goes with --url")
     if args.url and args.store:
@@ -92,12 +90,12 @@ def run(args) -> int:
             family, models = _served(http)
             pid = procstats.server_pid_for_port(int(http.rsplit(":", 1)[1]))
         else:
-            from kvrelay.server.serve import resolve, start
+            from kvrelay.server.launch import resolve, start
             if args.store == "redis":
                 from kvrelay.store.redis_server import RedisServer
                 redis = RedisServer()
                 args.store = redis.url
-            dep, _ = resolve(args)
+            dep, _ = resolve(family=args.family, deployment=args.deployment, store=args.store)
             workdir = Path(tempfile.mkdtemp(prefix="kvrelay-stress-"))
             print(f"kvrelay: starting a server for {dep.family} ({', '.join(dep.model_names)}), store {dep.store}; "
                   f"log {workdir / 'tritonserver.log'}", file=sys.stderr)

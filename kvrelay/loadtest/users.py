@@ -26,6 +26,7 @@ from locust import HttpUser, User, constant
 from locust.exception import StopUser
 
 from kvrelay.loadtest.workload import Request, Schedule, Workload
+from kvrelay.server import client
 
 
 def _grpc_gevent() -> None:
@@ -79,7 +80,6 @@ def make_record(r: Request, start_s: float, latency_s: float, *, text: str = "",
 # --- one request, outside Locust (also used for the warm-up) ---------------------------------------
 
 def send_grpc(state: LoadState, r: Request, streaming: bool = True) -> dict:
-    from kvrelay.server import client
     text, ctx = state.workload.payload(r)
     t0 = time.time()
     try:
@@ -95,7 +95,6 @@ def send_grpc(state: LoadState, r: Request, streaming: bool = True) -> dict:
 
 
 def send_http(state: LoadState, r: Request) -> dict:
-    from kvrelay.server import client
     text, ctx = state.workload.payload(r)
     t0 = time.time()
     try:

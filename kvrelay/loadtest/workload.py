@@ -7,7 +7,7 @@ loop (every user sends its next request as soon as its last one is answered) or 
 rate. Everything is drawn from `random.Random(seed)`, so two runs with the same spec (sharing off,
 then on) send exactly the same requests in the same order.
 
-Contexts (1k-4k tokens by default) come from `kvrelay.quality.evaldata` (long-context tasks built from the
+Contexts (1k-4k tokens by default) come from `kvrelay.profiler.evaldata` (long-context tasks built from the
 held-out corpus part), falling back to held-out corpus documents cut to length; for synthetic
 (random-weight, tokenizer-less) families they are random token ids written as text.
 
@@ -22,6 +22,9 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from kvrelay.errors import KvRelayError
+from kvrelay.families import corpora, family_spec
+from kvrelay.model import tokenizer as tk
+from kvrelay.profiler import evaldata
 
 GENERIC_QUESTIONS = (
     "Summarise the text above in one sentence.",
@@ -185,7 +188,6 @@ def warmup_sequence(spec: WorkloadSpec, contexts: list[Context]) -> list[Request
 
 def build(spec: WorkloadSpec, log=None) -> Workload:
     """The workload for a family: contexts (pool + warm-up) and both request sequences."""
-    from kvrelay.model.spec import family_spec
     spec.validate()
     log = log or (lambda msg: print(f"kvrelay: {msg}", file=sys.stderr))
     n_warm = 1 if spec.warmup else 0
@@ -215,8 +217,6 @@ def _fit(spec: WorkloadSpec, max_len: int) -> tuple[int, int]:
 
 def tokenizer(family: str):
     """The family's tokenizer (shared by its models), or None for a synthetic family."""
-    from kvrelay.model import tokenizer as tk
-    from kvrelay.model.spec import family_spec
     d = family_spec(family).tokenizer_dir()
     return tk.load(d) if d is not None else None
 
@@ -236,10 +236,9 @@ def random_contexts(n: int, tokens: tuple[int, int], vocab: int, seed: int) -> l
 
 
 def text_contexts(tok, n: int, tokens: tuple[int, int], seed: int, log) -> tuple[list[Context], str]:
-    """Contexts from kvrelay.quality.evaldata's held-out long-context tasks; held-out corpus documents cut
+    """Contexts from kvrelay.profiler.evaldata's held-out long-context tasks; held-out corpus documents cut
     to length if evaldata cannot build them."""
     try:
-        from kvrelay.quality import evaldata
         samples = evaldata.build(tok, "mixed", "heldout", n=n, context_tokens=tokens, seed=seed)
         return [Context(i, s.context, len(tok.encode(s.context, add_special_tokens=False)),
                         (s.question,) + GENERIC_QUESTIONS, s.id) for i, s in enumerate(samples)], "evaldata heldout (mixed)"
@@ -249,7 +248,6 @@ def text_contexts(tok, n: int, tokens: tuple[int, int], seed: int, log) -> tuple
 
 
 def corpus_contexts(tok, n: int, tokens: tuple[int, int], seed: int) -> list[Context]:
-    from kvrelay.families import corpora
     rng = random.Random(f"kvrelay-loadtest-corpus:{seed}")
     docs = {d: corpora.load_split(d, "heldout") for d in corpora.FIRST_DOMAINS}
     docs = {d: v for d, v in docs.items() if v}

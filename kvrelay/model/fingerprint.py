@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from kvrelay.errors import FingerprintMismatch, KvRelayError
+from kvrelay.model import checkpoint as ck
 
 ARCH_FIELDS = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size",
                "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size")
@@ -52,8 +53,6 @@ def require_same(donor_model: str, donor_fp: str, receiver_model: str, receiver_
 def weight_files(model_dir: Path) -> list[Path]:
     """The files a model's weights come from, by name: its checkpoint's (single or sharded
     safetensors, or .bin) and, for a LoRA variant's directory, its adapter's."""
-    from kvrelay.model import checkpoint as ck
-
     model_dir = Path(model_dir)
     try:
         files = ck.weight_files(model_dir)

@@ -34,6 +34,15 @@ class RecomputePlan:
         return cls(((0, num_layers),))
 
     @classmethod
+    def mid_model(cls, fraction: float, num_layers: int) -> "RecomputePlan":
+        """One contiguous group of round(fraction * L) layers, starting at an even layer >= 2 (so it starts
+        from the donor's E, the realistic and costlier case) and placed mid-model."""
+        n = max(1, round(fraction * num_layers))
+        start = max(2, (num_layers - n) // 2 // 2 * 2)
+        start = min(start, (num_layers - n) // 2 * 2)
+        return cls(((start, start + n),))
+
+    @classmethod
     def parse(cls, text: str) -> "RecomputePlan":
         """'' or 'none' -> no recompute; '4-8,20-24' -> groups [4,8) and [20,24); a '+kv' suffix
         turns on K/V correction at the reused layers."""

@@ -1,24 +1,30 @@
 """One identity per model: what the engine, the deployment, the page store's keys, the profiler and
 the load tests all read, computed in one place.
 
-    fam = family_spec("smol")            # built on disk, or synthetic (real shapes, random weights)
+    fam = kvrelay.families.family_spec("smol")   # built on disk, or synthetic (real shapes, random weights)
     spec = fam.model("code")
     spec.model_id                        # "code@<weights digest>": keys pages to these exact weights
     spec.fingerprint                     # architecture + tokenizer: who may share KV with whom
     spec.page_format(16, "float32")      # the KV page layout of this model
 
 If two of these were computed apart and drifted, store keys would stop matching without an error.
-No torch import here.
+The identity lives here; finding a family's models by name (on disk or synthetic) is the families
+layer's (kvrelay.families.family_spec). No torch import here (page_format imports the page layout,
+which needs torch, when called).
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from kvrelay.model import fingerprint as fp
 from kvrelay.errors import KvRelayError
-from kvrelay.model.kv_format import PageFormat
+from kvrelay.model import fingerprint as fp
+from kvrelay.model import synthetic
+
+if TYPE_CHECKING:
+    from kvrelay.model.kv_format import PageFormat
 
 DEFAULT_MAX_LEN = 4096   # for configs that do not say (max_position_embeddings)
 
@@ -86,6 +92,7 @@ class ModelSpec:
         return int(self.hf_config.get("max_position_embeddings", DEFAULT_MAX_LEN))
 
     def page_format(self, block_size: int, dtype: str, e_layers: tuple[int, ...] | None = None) -> PageFormat:
+        from kvrelay.model.kv_format import PageFormat   # torch: lazy, the identity is read without it
         return PageFormat.for_model(*kv_shape(self.hf_config), block_size, dtype, e_layers)
 
 
@@ -115,20 +122,9 @@ class FamilySpec:
         return self._specs[name]
 
     def _random(self, name: str, overrides: dict) -> ModelSpec:
-        from kvrelay.model import synthetic
         hf, seeds = synthetic.spec(self.name, **overrides)
         return ModelSpec.random(self.name, name, hf, seeds[name])
 
     def tokenizer_dir(self) -> Path | None:
         """Where the family's (shared) tokenizer is; None for synthetic families (token ids as text)."""
         return None if self.synthetic else self.dirs[self.base]
-
-
-def family_spec(name: str) -> FamilySpec:
-    """A family by name, synthetic or built (FamilyNotBuilt naming the build command if not on disk)."""
-    from kvrelay.model import synthetic
-    if synthetic.is_synthetic(name):
-        return FamilySpec(name, True, tuple(synthetic.spec(name)[1]))
-    from kvrelay.families import load_family
-    fam = load_family(name)
-    return FamilySpec(name, False, tuple(fam.models), dict(fam.models))

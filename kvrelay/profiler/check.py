@@ -13,21 +13,19 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from kvrelay.quality import evaldata
-from kvrelay.profiler import profile_file
+from tqdm import tqdm
+
+from kvrelay.engines import make_engine
 from kvrelay.errors import KvRelayError
+from kvrelay.families import load_family
+from kvrelay.model import profile_file
+from kvrelay.model import tokenizer as tk
+from kvrelay.model.spec import ModelSpec
+from kvrelay.profiler import evaldata, scoring
 
 
 def check(profile_path: str | Path, samples: int | None = None, threshold: float = 0.05, seed: int | None = None,
           quality_target: float = 0.01, batch: int = 16, progress: bool = True, record: bool = False) -> dict:
-    from tqdm import tqdm
-
-    from kvrelay.model import tokenizer as tk
-    from kvrelay.model.engines import make_engine
-    from kvrelay.model.spec import ModelSpec
-    from kvrelay.families import load_family
-    from kvrelay.profiler import scoring
-
     if not 0 < threshold < 1:
         raise KvRelayError(f"--threshold is a relative quality drop in (0, 1), got {threshold}")
     prof = profile_file.load(profile_path)

@@ -12,12 +12,20 @@ from __future__ import annotations
 import json
 import shlex
 import sys
+import time
+from pathlib import Path
+
+from kvrelay.errors import KvRelayError
+from kvrelay.families import load_family
+from kvrelay.model import profile_file
+from kvrelay.model.profile_file import plan_of
+from kvrelay.paths import profiles_dir
+from kvrelay.profiler import layers
+from kvrelay.profiler.evaldata import DATASET_KINDS
+from kvrelay.profiler.options import LAYERS_CONTEXT, PROFILE_CONTEXT, TF_CONTEXT, parse_context_tokens
 
 ACTIONS = ("plot", "check", "layers")
-PROFILE_CONTEXT = "1024-4096"   # default --context-tokens of the exact-agreement profiler
-TF_CONTEXT = "512-768"          # ... of the teacher-forced one
 METRICS = ("teacher-forced", "exact")
-LAYERS_CONTEXT = "256-384"      # ... of `layers`: ~1000 positions in 3 samples, 30 forwards a pair each
 
 
 def add_arguments(p):
@@ -26,7 +34,7 @@ def add_arguments(p):
                         "`layers`: the per-layer picture (reuse one layer, compute the rest) of a family's pairs")
     p.add_argument("--metric", default="teacher-forced", choices=METRICS,
                    help="teacher-forced (default): plans scored on every position of a reference continuation, "
-                        "judged by the quality target (kvrelay.quality.target); exact: the strict mode's older "
+                        "judged by the quality target (kvrelay.profiler.target); exact: the strict mode's older "
                         "profiler (greedy tokens generated and compared with the receiver's own)")
     p.add_argument("--family", help="model family (profile)")
     p.add_argument("--all-pairs", action="store_true",
@@ -67,15 +75,6 @@ def add_arguments(p):
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def parse_context_tokens(text: str) -> tuple[int, int]:
-    from kvrelay.errors import KvRelayError
-    from kvrelay.units import parse_range
-    try:
-        return parse_range(text, minimum=32)
-    except KvRelayError:
-        raise KvRelayError(f"--context-tokens must be N or LO-HI with 32 <= LO <= HI, got {text!r}") from None
-
-
 def _command(args) -> str:
     parts = ["kvrelay", "profile", "--metric", "exact", "--family", args.family, "--sender", args.sender, "--receiver", args.receiver,
              "--stride", str(args.stride), "--samples", str(args.samples or 8), "--context-tokens",
@@ -86,8 +85,6 @@ def _command(args) -> str:
 
 
 def run(args) -> int:
-    from kvrelay.errors import KvRelayError
-
     action, rest = (args.action[0], args.action[1:]) if args.action else (None, [])
     if action is not None and action not in ACTIONS:
         raise KvRelayError(f"unknown profile action {action!r}; use `kvrelay profile --family F --sender S "
@@ -127,12 +124,6 @@ def run(args) -> int:
 
 def _layers(args, rest) -> int:
     """The per-layer picture (DroidSpeak Fig. 7) of one pair or every ordered pair of a family."""
-    from pathlib import Path
-
-    from kvrelay.errors import KvRelayError
-    from kvrelay.paths import profiles_dir
-    from kvrelay.profiler import layers
-
     if rest:
         raise KvRelayError(f"`kvrelay profile layers` takes no file argument, got {' '.join(rest)}")
     if not args.family:
@@ -160,7 +151,6 @@ def _layers(args, rest) -> int:
 def _profile(args) -> int:
     if args.metric == "teacher-forced":
         return _profile_tf(args)
-    from kvrelay.errors import KvRelayError
     from kvrelay.profiler.run import Settings, profile
 
     missing = [f"--{k}" for k in ("family", "sender", "receiver", "out") if not getattr(args, k)]
@@ -169,7 +159,6 @@ def _profile(args) -> int:
                            "(e.g. --family smol --sender base --receiver code --out profiles/smol/base__code.json)")
     if not args.out.endswith(".json"):
         raise KvRelayError(f"--out must be a .json file, got {args.out!r}")
-    from kvrelay.quality.evaldata import DATASET_KINDS
     if args.kind not in DATASET_KINDS:
         raise KvRelayError(f"--kind must be one of {', '.join(DATASET_KINDS)}, got {args.kind!r}")
     st = Settings(family=args.family, sender=args.sender, receiver=args.receiver, stride=args.stride,
@@ -218,18 +207,11 @@ def _tf_line(data: dict) -> str:
 
 
 def _plan_text(c: dict) -> str:
-    from kvrelay.profiler.profile_file import plan_of
     return str(plan_of(c))
 
 
 def _profile_tf(args) -> int:
-    import time
-    from pathlib import Path
-
-    from kvrelay.errors import KvRelayError
-    from kvrelay.families import load_family
-    from kvrelay.paths import profiles_dir
-    from kvrelay.profiler import profile_file, tf_run
+    from kvrelay.profiler import tf_run
 
     if not args.family:
         raise KvRelayError("kvrelay profile needs --family (e.g. --family smol-lora --sender base --receiver code)")

@@ -22,6 +22,10 @@ import time
 from pathlib import Path
 
 from kvrelay.errors import KvRelayError
+from kvrelay.families import family_spec
+from kvrelay.families.sources import quiet_transformers
+from kvrelay.model import tokenizer as tk
+from kvrelay.profiler import evaldata
 
 SUFFIX = ".layers.json"
 
@@ -30,7 +34,6 @@ def _load(model_dir: Path):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from kvrelay.families.sources import quiet_transformers
     with quiet_transformers():
         m = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     return m.eval()
@@ -99,10 +102,6 @@ def measure(family: str, samples: int = 3, context_tokens: tuple[int, int] = (25
     """{(sender, receiver): per-layer result} for `pairs` (default: every ordered pair)."""
     import torch
     from tqdm.auto import tqdm
-
-    from kvrelay.model import tokenizer as tk
-    from kvrelay.model.spec import family_spec
-    from kvrelay.quality import evaldata
 
     fam = family_spec(family)
     if fam.synthetic:

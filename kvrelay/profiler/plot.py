@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kvrelay.profiler import profile_file
 from kvrelay.errors import KvRelayError
+from kvrelay.model import profile_file
+from kvrelay.profiler import target as tg
 
 
 def default_png(profile_path: str | Path) -> Path:
@@ -90,8 +91,6 @@ def plot(profile_path: str | Path, out: str | Path | None = None) -> Path:
 def _plot_tf(plt, d: dict, out: Path) -> Path:
     """Teacher-forced profile: retained gain and top-1 agreement (with intervals) against layers
     recomputed and against measured prefill time, plain plans beside K/V-corrected ones."""
-    from kvrelay.quality import target as tg
-
     L = d["num_layers"]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8), dpi=110)
     style = {False: ("tab:blue", "o", "plain (DroidSpeak)"), True: ("tab:orange", "s", "K/V-corrected")}

@@ -13,15 +13,21 @@ from there; the partial file is removed once the profile is written.
 """
 from __future__ import annotations
 
+import json
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvrelay.quality import evaldata
-from kvrelay.profiler import profile_file
+from tqdm import tqdm
+
+from kvrelay.engines import make_engine
 from kvrelay.errors import KvRelayError
+from kvrelay.families import load_family
+from kvrelay.model import profile_file
+from kvrelay.model import tokenizer as tk
 from kvrelay.model.plan import RecomputePlan
+from kvrelay.profiler import evaldata, flips, scoring
 
 METRIC_NAME = "prefix_agreement"
 METRIC_VERSION = 2   # 2: gaps and gap shifts recorded for the flip model (older partials do not resume)
@@ -83,7 +89,6 @@ def _meta(st: Settings, s_fp: str, r_fp: str, L: int, cap: int, plans, samples) 
 
 
 def _load_partial(path: Path, meta: dict) -> dict:
-    import json
     if not path.exists():
         return {"meta": meta, "samples": {}}
     try:
@@ -101,13 +106,6 @@ def _load_partial(path: Path, meta: dict) -> dict:
 
 def profile(st: Settings, out: str | Path, *, progress: bool = True, fresh: bool = False, command: str = "") -> dict:
     """Run (or continue) the profile of st.sender -> st.receiver and write it to `out`."""
-    from tqdm import tqdm
-
-    from kvrelay.model import tokenizer as tk
-    from kvrelay.model.engines import make_engine
-    from kvrelay.families import load_family
-    from kvrelay.profiler import flips, scoring
-
     st.validate()
     t0 = time.time()
     out = Path(out)
@@ -176,7 +174,6 @@ def _mean(xs) -> float:
 def _flip_model(recs: list[dict]) -> dict | None:
     """The near-tie density over every reference gap of the profile, or None for results that
     predate the flip model."""
-    from kvrelay.profiler import flips
     if not all("gaps" in r["full"] for r in recs):
         return None
     gaps = [g for r in recs for g in r["full"]["gaps"]]
@@ -187,7 +184,6 @@ def _flip_model(recs: list[dict]) -> dict | None:
 
 
 def _config(p: RecomputePlan, per: list[dict], model: dict | None, tokens: int) -> dict:
-    from kvrelay.profiler import flips
     c = {"plan": p.to_list(), "layers_recomputed": p.num_recomputed}
     for k in ("quality", "task", "f1", "top1", "kl", "prefill_s"):
         c["task_quality" if k == "task" else k] = round(_mean(x[k] for x in per), 4 if k != "kl" else 6)

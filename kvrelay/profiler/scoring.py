@@ -10,10 +10,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from kvrelay.quality import scores
 from kvrelay.model import tokenizer as tk
-from kvrelay.quality.evaldata import Sample
-from kvrelay.profiler import flips
+from kvrelay.model.engine_api import EngineConfig, Request, SamplingParams
+from kvrelay.model.kv_format import PageFormat
+from kvrelay.model.spec import kv_shape, read_hf_config
+from kvrelay.profiler import flips, scores
+from kvrelay.profiler.evaldata import Sample
 
 SENDER_QUESTION = "Summarise the text above."
 SUFFIX_ALLOWANCE = 96      # tokens for the question part of a prompt (sizing the KV cache)
@@ -44,10 +46,6 @@ def prepare(tok, sample: Sample) -> Prepared:
 def engine_config(model_dir, max_context: int, max_tokens: int, concurrent: int):
     """An EngineConfig without prefix caching (every run does its work; repeats are not answered
     from cache), with a KV pool sized for `concurrent` sequences of this length."""
-    from kvrelay.model.engine_api import EngineConfig
-    from kvrelay.model.kv_format import PageFormat
-    from kvrelay.model.spec import kv_shape, read_hf_config
-
     cfg = EngineConfig(prefix_caching=False)
     fmt = PageFormat.for_model(*kv_shape(read_hf_config(model_dir)), cfg.block_size, cfg.dtype)
     per_seq = math.ceil((max_context + SUFFIX_ALLOWANCE + max_tokens) / cfg.block_size) + 1
@@ -56,7 +54,6 @@ def engine_config(model_dir, max_context: int, max_tokens: int, concurrent: int)
 
 
 def _sp(max_tokens: int, n_logits: int):
-    from kvrelay.model.engine_api import SamplingParams
     return SamplingParams(max_tokens=max_tokens, temperature=0.0, return_logits=min(n_logits, max_tokens))
 
 
@@ -67,12 +64,10 @@ def _output(tok, o) -> Output:
 
 def sender_pages(S, prep: Prepared, rid: str = "donor"):
     """The sender prefills the context (plus its own question) once; its pages serve every plan."""
-    from kvrelay.model.engine_api import Request, SamplingParams
     return S.generate([Request(rid, prep.sender_prompt, SamplingParams(max_tokens=1), export_pages=True)])[rid].pages
 
 
 def run_full(R, tok, prep: Prepared, max_tokens: int, n_logits: int, rid: str = "full") -> Output:
-    from kvrelay.model.engine_api import Request
     o = _output(tok, R.generate([Request(rid, prep.prompt, _sp(max_tokens, n_logits))])[rid])
     o.layers_recomputed = R.num_layers
     return o
@@ -82,7 +77,6 @@ def run_plans(R, tok, prep: Prepared, pages, plans, max_tokens: int, n_logits: i
               on_done=None) -> list[Output]:
     """Re-prefill the receiver's prompt from `pages` under each plan; `batch` requests at a time
     decode together (prefill is timed per request either way). on_done(i, output) after each."""
-    from kvrelay.model.engine_api import Request
     outs: list[Output] = []
     for lo in range(0, len(plans), max(1, batch)):
         chunk = plans[lo: lo + max(1, batch)]

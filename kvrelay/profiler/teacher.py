@@ -1,10 +1,10 @@
 """Teacher-forced scoring of recompute plans: every reference position counts for every plan.
 
-Per case (kvrelay.quality.cases): the prompt is context + question + reference. The sender and the
+Per case (kvrelay.profiler.cases): the prompt is context + question + reference. The sender and the
 receiver each prefill it once (their own full prefills: the two ends of the retained-gain scale,
 and the sender's pages of the context); each plan then re-prefills the receiver's prompt from the
 sender's context pages and returns logits at every reference position (SamplingParams.prompt_logits),
-compared with the receiver's own (kvrelay.quality.target.CaseSums). Prefill time is measured apart,
+compared with the receiver's own (kvrelay.profiler.target.CaseSums). Prefill time is measured apart,
 on the prompt a served request prefills (context + question, no reference).
 
 The search (`candidate_plans`) is guided by per-layer criticality measured on the same runs: how far
@@ -24,8 +24,8 @@ from kvrelay.model.engine_api import EngineConfig, Request, SamplingParams
 from kvrelay.model.kv_format import PageFormat
 from kvrelay.model.plan import RecomputePlan
 from kvrelay.model.spec import kv_shape, read_hf_config
-from kvrelay.quality.cases import Case
-from kvrelay.quality.target import CaseSums
+from kvrelay.profiler.cases import Case
+from kvrelay.profiler.target import CaseSums
 
 QUESTION_ALLOWANCE = 64
 

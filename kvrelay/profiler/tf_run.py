@@ -1,5 +1,5 @@
 """The teacher-forced profiler (the default `kvrelay profile`): plans scored on every reference
-position, with intervals, judged by the quality target of kvrelay.quality.target.
+position, with intervals, judged by the quality target of kvrelay.profiler.target.
 
 One pair: cases from the receiver's own domain (or the profile part of a user's --data file) ->
 both models' full prefills (baselines, pages, per-layer criticality) -> the criticality-guided
@@ -14,17 +14,24 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+from tqdm import tqdm
+
+from kvrelay.engines import make_engine
 from kvrelay.errors import KvRelayError
+from kvrelay.families import corpora, load_family
+from kvrelay.model import profile_file
+from kvrelay.model import tokenizer as tk
 from kvrelay.model.plan import RecomputePlan
-from kvrelay.profiler import profile_file
-from kvrelay.quality import cases as cs
-from kvrelay.quality import target as tg
+from kvrelay.profiler import cases as cs
+from kvrelay.profiler import target as tg
+from kvrelay.profiler import teacher
 
 METRIC_NAME = "teacher_forced"
 METRIC_DESCRIPTION = ("Teacher-forced on a fixed reference continuation per context (the receiver's own domain "
                       "text, a dataset's answer, or the receiver's own greedy output): per config, KL(receiver "
                       "full prefill || plan), top-1 agreement with the receiver's argmax and NLL of the reference "
-                      "at every reference position; retained gain as in kvrelay.quality.target; intervals by "
+                      "at every reference position; retained gain as in kvrelay.profiler.target; intervals by "
                       "bootstrap over contexts (90%, so _ci[0] is a 95% lower bound). quality = 100 x the retained "
                       "gain's lower bound (the frontier's axis); meets_target / meets_strict judge the lower bounds.")
 MAX_ABS_QUALITY = 1000.0
@@ -62,7 +69,6 @@ class TFSettings:
 
 def receiver_domains(fam, receiver: str) -> tuple[str, ...]:
     """The corpus domains a variant was tuned on (family.json build info), else every domain."""
-    from kvrelay.families import corpora
     tuned = (fam.manifest().get("build", {}).get(receiver) or {}).get("corpus")
     return tuple(tuned.split("+")) if tuned else tuple(d for d in corpora.DOMAINS)
 
@@ -107,7 +113,6 @@ def fit_cost(configs: list[dict], full_s: float, num_layers: int) -> None:
     """Prefill seconds ~ a + b x layers recomputed + c x [K/V corrected], least squares over the timed
     configs and full prefill, written to each config as `prefill_s_fit`: single timings on a shared
     CPU wobble by more than a layer's cost, the fit does not (selection goes by it)."""
-    import numpy as np
     rows = [(1.0, num_layers, 0.0, full_s)] + [(1.0, c["layers_recomputed"], float(c["kv_correction"]), c["prefill_s"])
                                                for c in configs if c.get("prefill_s")]
     X = np.array([r[:3] for r in rows])
@@ -129,13 +134,6 @@ def cheapest(configs: list[dict], key: str = "meets_target") -> dict | None:
 
 def profile(st: TFSettings, out: str | Path | None, *, progress: bool = True, command: str = "") -> dict:
     """Profile st.sender -> st.receiver; write the profile to `out` (None: return it only)."""
-    from tqdm import tqdm
-
-    from kvrelay.families import load_family
-    from kvrelay.model import tokenizer as tk
-    from kvrelay.model.engines import make_engine
-    from kvrelay.profiler import teacher
-
     st.validate()
     t0 = time.time()
     fam = load_family(st.family)

@@ -22,6 +22,18 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvrelay import paths
+from kvrelay.errors import KvRelayError
+from kvrelay.families import load_family
+from kvrelay.model import profile_file
+from kvrelay.model import tokenizer as tk
+from kvrelay.model.plan import RecomputePlan
+from kvrelay.paths import profiles_dir
+from kvrelay.profiler import evaldata
+from kvrelay.profiler.evaldata import DATASET_KINDS, SPLITS
+from kvrelay.profiler.options import TF_CONTEXT, parse_context_tokens
+from kvrelay.serving.selector import LatencyModel, Selector
+
 METHODS = ("full_prefill", "full_reuse", "selected", "cacheblend")
 
 
@@ -68,10 +80,6 @@ def _mean(xs):
 
 
 def _run_tf(args) -> int:
-    from kvrelay.errors import KvRelayError
-    from kvrelay.families import load_family
-    from kvrelay.paths import profiles_dir
-    from kvrelay.profiler.cli import TF_CONTEXT, parse_context_tokens
     from kvrelay.profiler.tf_run import TFSettings
     from kvrelay.quality import tf_eval
 
@@ -111,9 +119,6 @@ def _run_tf(args) -> int:
 def run(args) -> int:
     if args.metric == "teacher-forced":
         return _run_tf(args)
-    from kvrelay.errors import KvRelayError
-    from kvrelay.quality.evaldata import DATASET_KINDS, SPLITS
-    from kvrelay.profiler.cli import parse_context_tokens
 
     if not (args.sender and args.receiver):
         raise KvRelayError("--metric generation needs --sender and --receiver")
@@ -132,7 +137,6 @@ def run(args) -> int:
     ctx = parse_context_tokens(args.context_tokens) if args.context_tokens else None
     latency = None
     if args.bench:
-        from kvrelay.serving.selector import LatencyModel
         try:
             latency = LatencyModel.from_bench(json.loads(Path(args.bench).read_text()))
         except (OSError, ValueError) as e:
@@ -196,15 +200,8 @@ class _Setup:
 
 def _setup(family, sender, receiver, split, samples, kind, context_tokens, seed, profiles_dir, quality_target, queued,
            slo_s, latency, cacheblend, domains) -> _Setup:
-    from kvrelay import paths
-    from kvrelay.quality import evaldata
-    from kvrelay.profiler import profile_file
-    from kvrelay.model import tokenizer as tk
-    from kvrelay.model.engines import make_engine
-    from kvrelay.errors import KvRelayError
-    from kvrelay.families import load_family
+    from kvrelay.engines import make_engine
     from kvrelay.profiler import scoring
-    from kvrelay.serving.selector import Selector
 
     fam = load_family(family)
     for m in (sender, receiver):
@@ -244,7 +241,6 @@ def _setup(family, sender, receiver, split, samples, kind, context_tokens, seed,
 
 def _warm_up(st: _Setup) -> None:
     """First calls pay allocation and kernel selection costs: not in any method's timings."""
-    from kvrelay.model.plan import RecomputePlan
     from kvrelay.profiler import scoring
     warm = st.preps[0]
     w_pages = scoring.sender_pages(st.S, warm, "warm-s")
@@ -254,7 +250,6 @@ def _warm_up(st: _Setup) -> None:
 
 def _measure(st: _Setup, prep, agree_tokens: int, repeats: int) -> dict:
     """One sample through every method: {method: scores}."""
-    from kvrelay.model.plan import RecomputePlan
     from kvrelay.profiler import cacheblend as cb
     from kvrelay.profiler import scoring
     R, tok, s, plan = st.R, st.tok, prep.sample, st.plan

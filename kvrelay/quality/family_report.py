@@ -14,7 +14,8 @@ import sys
 from pathlib import Path
 
 from kvrelay.paths import profiles_dir
-from kvrelay.profiler import layers, profile_file
+from kvrelay.model import profile_file
+from kvrelay.profiler import layers
 
 AGREE_MIN = 97.0     # the bar: the selected plan agrees on >= 97% of the receiver's tokens
 TASK_POINTS = 1.0    # ... and is within 1 task point of the receiver's own full prefill

@@ -16,11 +16,18 @@ from __future__ import annotations
 
 import sys
 
+from tqdm import tqdm
+
+from kvrelay.engines import make_engine
 from kvrelay.errors import KvRelayError
+from kvrelay.families import family_spec, load_family
+from kvrelay.model import profile_file
+from kvrelay.model import tokenizer as tk
+from kvrelay.model.engine_api import Request, SamplingParams
 from kvrelay.model.plan import RecomputePlan
-from kvrelay.profiler import profile_file
-from kvrelay.quality import scores
-from kvrelay.quality import target as tg
+from kvrelay.profiler import scores, teacher, tf_run
+from kvrelay.profiler import target as tg
+from kvrelay.serving.selector import Selector
 
 TASK_TOKENS = 32
 
@@ -36,8 +43,6 @@ def _closest(prof) -> RecomputePlan | None:
 
 
 def _task(R, tok, prep, base, plan) -> float:
-    from kvrelay.model import tokenizer as tk
-    from kvrelay.model.engine_api import Request, SamplingParams
     req = Request("task", prep.served_prompt, SamplingParams(max_tokens=TASK_TOKENS, temperature=0.0),
                   donor=None if plan is None else base.pages, plan=plan)
     text = tk.decode(tok, R.generate([req])["task"].output_tokens)
@@ -47,15 +52,6 @@ def _task(R, tok, prep, base, plan) -> float:
 
 def evaluate_pair(st, prof_dir, *, quality_mode="target", repeats=2, progress=False) -> dict:
     """st: a kvrelay.profiler.tf_run.TFSettings (its samples / data / seed pick the held-out cases)."""
-    from tqdm import tqdm
-
-    from kvrelay.families import load_family
-    from kvrelay.model import tokenizer as tk
-    from kvrelay.model.engines import make_engine
-    from kvrelay.model.spec import family_spec
-    from kvrelay.profiler import teacher, tf_run
-    from kvrelay.serving.selector import Selector
-
     fam = load_family(st.family)
     spec = family_spec(st.family)
     s_spec, r_spec = spec.model(st.sender), spec.model(st.receiver)

@@ -14,8 +14,8 @@ import json
 import sys
 
 from kvrelay.paths import profiles_dir
-from kvrelay.profiler import profile_file
-from kvrelay.quality import target as tg
+from kvrelay.model import profile_file
+from kvrelay.profiler import target as tg
 
 
 def _slack(c: dict) -> float:

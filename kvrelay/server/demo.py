@@ -9,8 +9,18 @@ one receiver's full prefill with its re-prefill directly in the engine.
 """
 from __future__ import annotations
 
+import inspect
 import sys
+import tempfile
+import textwrap
 import time
+import urllib.request
+from pathlib import Path
+
+from kvrelay.errors import KvRelayError
+from kvrelay.families import ensure_built
+from kvrelay.model import tokenizer as tk
+from kvrelay.model.plan import RecomputePlan
 
 DEFAULT_FAMILY = "smol-quick"
 DEFAULT_QUESTION = "What does this text describe, in one sentence?"
@@ -31,20 +41,16 @@ def add_arguments(p):
 
 
 def default_context() -> str:
-    import inspect
-    import textwrap
     return inspect.getsource(textwrap)
 
 
 def run(args) -> int:
-    from kvrelay.errors import KvRelayError
     if args.max_tokens < 1 or args.context_tokens < 16:
         raise KvRelayError("--max-tokens must be >= 1 and --context-tokens >= 16")
     return run_in_process(args) if args.in_process else run_server(args)
 
 
 def _context(args) -> str:
-    from kvrelay.errors import KvRelayError
     if not args.context_file:
         return default_context()
     try:
@@ -57,15 +63,9 @@ def _context(args) -> str:
 
 
 def run_server(args) -> int:
-    import tempfile
-    import urllib.request
-    from pathlib import Path
-
     from kvrelay.server import client
+    from kvrelay.server.launch import start
     from kvrelay.serving import deployment as dp
-    from kvrelay.model import tokenizer as tk
-    from kvrelay.families import ensure_built
-    from kvrelay.server.serve import start
 
     fam = ensure_built(args.family)
     names = list(fam.models)
@@ -99,14 +99,8 @@ def run_server(args) -> int:
 
 
 def run_in_process(args) -> int:
-    from kvrelay.model.engine_api import EngineConfig
-    from kvrelay.bench.prefill import plan_for
-    from kvrelay.model.engine_api import Request, SamplingParams
-    from kvrelay.model.engines import make_engine
-    from kvrelay.errors import KvRelayError
-    from kvrelay.families import ensure_built
-    from kvrelay.model.plan import RecomputePlan
-    from kvrelay.model import tokenizer as tk
+    from kvrelay.engines import make_engine
+    from kvrelay.model.engine_api import EngineConfig, Request, SamplingParams
 
     fam = ensure_built(args.family)
     names = list(fam.models)
@@ -121,7 +115,8 @@ def run_in_process(args) -> int:
     S = make_engine(args.family, sender, cfg)
     R = make_engine(args.family, receiver,
                      EngineConfig(prefix_caching=False))
-    plan = RecomputePlan.parse(args.plan).validate(R.num_layers) if args.plan else plan_for(0.25, R.num_layers)
+    plan = RecomputePlan.parse(args.plan).validate(R.num_layers) if args.plan else \
+        RecomputePlan.mid_model(0.25, R.num_layers)
     sp = SamplingParams(max_tokens=args.max_tokens)
     print(f"family {fam.name} ({fam.fingerprint}); context {len(ctx)} tokens; donor {sender!r} -> receiver {receiver!r}",
           file=sys.stderr)

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import sys
 
+from kvrelay.errors import KvRelayError
+
 
 def add_arguments(p):
     p.add_argument("question", help="the request's own text (question)")
@@ -20,7 +22,6 @@ def add_arguments(p):
 
 def run(args) -> int:
     from kvrelay.server import client
-    from kvrelay.errors import KvRelayError
     context = None
     if args.context_file:
         try:

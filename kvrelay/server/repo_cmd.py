@@ -1,6 +1,8 @@
 """`kvrelay repo`: write the Triton model repository for a deployment (what the Dockerfile runs)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 
 def add_arguments(p):
     g = p.add_mutually_exclusive_group(required=True)
@@ -11,11 +13,9 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from pathlib import Path
-
-    from kvrelay.server.serve import resolve
+    from kvrelay.server.launch import resolve
     from kvrelay.server.triton_repo import generate
-    dep, _ = resolve(args)
+    dep, _ = resolve(family=args.family, deployment=args.deployment, store=args.store)
     generate(dep, Path(args.out))
     print(f"wrote {args.out} ({', '.join(dep.model_names)})")
     return 0

@@ -20,55 +20,19 @@ def add_arguments(p):
                                      "<family>-<http port>, so two servers on one machine never share one)")
 
 
-def resolve(args):
-    """(Deployment, workdir) from --family/--deployment/--store/--no-sharing."""
-    from kvrelay.serving import deployment as dp
-    from kvrelay.paths import home
-    if args.deployment:
-        dep = dp.load(args.deployment)
-    else:
-        family = args.family or "tiny"
-        _ensure_family(family)
-        dep = dp.for_family(family)
-    if getattr(args, "store", None):
-        dep.store = args.store
-    if getattr(args, "no_sharing", False):
-        dep.sharing = False
-    _ensure_family(dep.family)
-    from pathlib import Path
-    port = getattr(args, "http_port", None)
-    workdir = Path(args.workdir) if getattr(args, "workdir", None) else \
-        home() / "serve" / (f"{dep.family}-{port}" if port else dep.family)
-    return dp.validate(dep), workdir
-
-
-def _ensure_family(family: str) -> None:
-    from kvrelay.model.synthetic import is_synthetic
-    if not is_synthetic(family):
-        from kvrelay.families import ensure_built
-        ensure_built(family)
-
-
-def start(dep, workdir, **ports):
-    from kvrelay.server.triton_repo import generate
-    from kvrelay.server.tritonserver import TritonServer
-    server = TritonServer(workdir / "repository", workdir, **ports)
-    server.check_ports()   # before generate(), which replaces the repository another server may be using
-    generate(dep, workdir / "repository")
-    return server.start()
-
-
 def _interrupt(*_):
     raise KeyboardInterrupt
 
 
 def run(args) -> int:
+    from kvrelay.server.launch import resolve
     from kvrelay.server.supervisor import Supervised
     # Ctrl-C / SIGTERM while models load stop cleanly (TritonServer.start cleans up on the interrupt),
     # also when the shell started us with SIGINT ignored (a background job of a script).
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, _interrupt)
-    dep, workdir = resolve(args)
+    dep, workdir = resolve(family=args.family, deployment=args.deployment, store=args.store,
+                           no_sharing=args.no_sharing, http_port=args.http_port, workdir=args.workdir)
     print(f"kvrelay: starting tritonserver for family {dep.family} ({', '.join(dep.model_names)}), "
           f"store {dep.store}, sharing {'on' if dep.sharing else 'off'}", file=sys.stderr)
     sup = Supervised(dep, workdir, host=args.host, http_port=args.http_port, grpc_port=args.grpc_port,

@@ -16,7 +16,8 @@ import time
 from collections import deque
 
 from kvrelay.errors import KvRelayError
-from kvrelay.loadtest import procstats
+from kvrelay.server import procstats
+from kvrelay.server.launch import start
 
 log = logging.getLogger("kvrelay.server.supervisor")
 MAX_RESTARTS = 5           # within RESTART_WINDOW_S; more is a crash loop: give up and say so
@@ -24,7 +25,7 @@ RESTART_WINDOW_S = 300.0
 
 
 class Supervised:
-    """A started TritonServer (kvrelay.server.serve.start) and what it must keep running."""
+    """A started TritonServer (kvrelay.server.launch.start) and what it must keep running."""
 
     def __init__(self, dep, workdir, say=None, **ports):
         self.dep, self.workdir, self.ports = dep, workdir, ports
@@ -34,7 +35,6 @@ class Supervised:
         self.restarts: deque[float] = deque()
 
     def start(self) -> "Supervised":
-        from kvrelay.server.serve import start
         self.server = start(self.dep, self.workdir, **self.ports)
         # fix the ports: a restart must come back where clients look for it
         self.ports = dict(http_port=self.server.http_port, grpc_port=self.server.grpc_port,

@@ -6,6 +6,7 @@ import our packages; LD_LIBRARY_PATH = this interpreter's LIBDIR.
 """
 from __future__ import annotations
 
+import ctypes
 import glob
 import os
 import shutil
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import sysconfig
 import time
+import urllib.request
 from pathlib import Path
 
 from kvrelay.errors import KvRelayError
@@ -134,7 +136,6 @@ class TritonServer:
                                        f"or choose another port") from None
 
     def wait_ready(self, timeout_s: float) -> None:
-        import urllib.request
         t0 = time.time()
         while time.time() - t0 < timeout_s:
             if self.proc.poll() is not None:
@@ -201,7 +202,6 @@ class TritonServer:
 
 def _die_with_parent() -> None:
     """In the child, before exec: SIGKILL when the thread that started it exits (prctl PR_SET_PDEATHSIG)."""
-    import ctypes
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)
 
 

@@ -12,8 +12,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from kvrelay.errors import KvRelayError
+from kvrelay.families import family_spec, user
+from kvrelay.model import checkpoint as ck
 from kvrelay.model.kv_format import DTYPES, PageFormat
 from kvrelay.units import parse_bytes
+
 
 @dataclass(slots=True)
 class ModelDeployment:
@@ -33,7 +36,7 @@ class Deployment:
     profiles_dir: str = ""               # "" = the checkout's profiles/
     block_size: int = 16
     quality_target: float = 0.01         # selector, exact-agreement profiles: within 1% of the receiver's own
-    quality_mode: str = "target"         # selector, teacher-forced profiles: "target" (kvrelay.quality.target:
+    quality_mode: str = "target"         # selector, teacher-forced profiles: "target" (kvrelay.profiler.target:
                                          # retained gain >= 95%, top-1 >= 97%) or "strict" (top-1 >= 99%)
     e_layers: str = "even"               # where engines keep E for donors: "even" (every 2nd layer: plain plans'
                                          # group starts; 1.5x KV per kept layer) or "all" (K/V-corrected plans
@@ -94,7 +97,6 @@ class Deployment:
 
 def for_family(family: str, **overrides) -> Deployment:
     """Every model of the family on the CPU with default settings."""
-    from kvrelay.model.spec import family_spec
     return Deployment(family=family, models=[ModelDeployment(m) for m in family_spec(family).models], **overrides)
 
 
@@ -114,7 +116,6 @@ def load(path: str | Path) -> Deployment:
         raise KvRelayError(f"{path}: 'family' must be a family's name or a [family] table (name, base, variants)")
     defaults = raw.pop("defaults", {})
     models_raw = raw.pop("models", None)
-    from kvrelay.model.spec import family_spec
     known = list(family_spec(raw["family"]).models)
     names = list(models_raw) if models_raw else known
     models = []
@@ -155,7 +156,6 @@ def _register_family(path: Path, table: dict) -> str:
                                "VNAME = \"DIR\" (in TOML, the deployment's own keys go before its first [table])")
     here = path.resolve().parent
     resolve = lambda d: str((here / Path(d).expanduser()).resolve())
-    from kvrelay.families import user
     user.ensure_registered(name, resolve(base), {v: resolve(d) for v, d in variants.items()})
     return name
 
@@ -203,7 +203,6 @@ class ModelIdentity:
 
 
 def identities(dep: Deployment) -> dict[str, ModelIdentity]:
-    from kvrelay.model.spec import family_spec
     fam = family_spec(dep.family)
     out = {}
     for m in dep.models:
@@ -218,8 +217,6 @@ def engine_groups(dep: Deployment) -> dict[str, list[str]]:
     the deployment's models it serves. One per model, except with lora = "unmerged", where the
     family's base serves itself (if deployed) and every LoRA variant as an adapter; full fine-tunes
     keep engines of their own. Members of a group must agree on device and dtype."""
-    from kvrelay.model import checkpoint as ck
-    from kvrelay.model.spec import family_spec
     if dep.lora == "merged":
         return {m.name: [m.name] for m in dep.models}
     fam = family_spec(dep.family)

@@ -19,12 +19,16 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
-from kvrelay.serving import deployment as dp
-from kvrelay.model.engine_api import PrefillInfo, Request, RequestOutput, SamplingParams
+from kvrelay.engines import make_engine
 from kvrelay.errors import KvRelayError
+from kvrelay.model.engine_api import EngineConfig, PrefillInfo, Request, RequestOutput, SamplingParams
 from kvrelay.model.kv_format import KVPages
+from kvrelay.paths import profiles_dir
+from kvrelay.serving import deployment as dp
 from kvrelay.serving.engine_runner import EngineFailure, EngineRunner
 from kvrelay.serving.router import Decision, Router
+from kvrelay.serving.selector import OnlineLatency, Selector
+from kvrelay.store import open_store
 
 log = logging.getLogger("kvrelay.orchestrator")
 CANCEL_POLL_S = 0.5        # how often a request waiting on its engine asks whether the client left ...
@@ -88,9 +92,6 @@ class NoMetrics:
 class Orchestrator:
     def __init__(self, dep: dp.Deployment, engines: dict | None = None, metrics=None, store=None, selector=None):
         """engines: name -> Engine (default: built from the deployment); store/selector likewise."""
-        from kvrelay.paths import profiles_dir
-        from kvrelay.serving.selector import OnlineLatency, Selector
-        from kvrelay.store import open_store
         self.dep = dep
         self.ids = dp.identities(dep)
         self.store = store if store is not None else open_store(dep.store)
@@ -292,8 +293,6 @@ def build_engines(dep: dp.Deployment) -> dict:
     """Model name -> its engine (dp.engine_groups: with unmerged LoRA, variants share the base's,
     whose KV cache is the largest of their kv_cache_bytes: one pool, set once, however many
     adapters share it)."""
-    from kvrelay.model.engine_api import EngineConfig
-    from kvrelay.model.engines import make_engine
     ids = dp.identities(dep)   # the engines' pages are the identities' page formats (E layers included)
     out = {}
     for m in dep.models:

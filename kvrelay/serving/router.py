@@ -14,16 +14,17 @@ orchestrator runs engines and forwards outputs; it decides nothing about routes.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from kvrelay.serving import routes
-from kvrelay.model.engine_api import PrefillInfo
 from kvrelay.errors import KvRelayError
+from kvrelay.model.engine_api import PrefillInfo
 from kvrelay.model.kv_format import KVPages, block_hashes
 from kvrelay.model.plan import RecomputePlan
+from kvrelay.serving import routes
 
 log = logging.getLogger("kvrelay.router")
 COALESCE_ROUNDS = 3        # in-flight prefills a request waits for, one after another, before prefilling itself
@@ -159,7 +160,6 @@ class Router:
     def flush(self, timeout_s: float = 60.0) -> None:
         """Wait until every publish submitted so far is done (two workers: a later no-op task may
         finish before an earlier put)."""
-        import concurrent.futures
         with self._lock:
             pending = list(self._pending)
         concurrent.futures.wait(pending, timeout=timeout_s)

@@ -5,7 +5,7 @@
     choice.plan      # RecomputePlan, or None = full prefill (no reuse)
 
 Rule for teacher-forced profiles (kvrelay.profiler.tf_run): candidates are the configs that meet the
-deployment's quality mode by their lower bounds: "target" (default; kvrelay.quality.target.TARGET:
+deployment's quality mode by their lower bounds: "target" (default; kvrelay.profiler.target.TARGET:
 retained gain >= 95%, teacher-forced top-1 >= 97%) or "strict" (top-1 >= 99%), and whose E layers the
 donors' pages carry (`e_layers`); "fewest" is then the cheapest by the profile's fitted prefill time.
 Rule for exact-agreement profiles (the older profiler; always strict): candidates are the profile's
@@ -25,12 +25,12 @@ from __future__ import annotations
 import bisect
 import logging
 import threading
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvrelay.profiler import profile_file
 from kvrelay.errors import KvRelayError
+from kvrelay.model import profile_file
 from kvrelay.model.plan import RecomputePlan
 
 log = logging.getLogger("kvrelay.serving.selector")
@@ -130,7 +130,6 @@ class OnlineLatency:
     first-order model. predict() is None until `min_samples` prefills were seen."""
 
     def __init__(self, window: int = 256, min_samples: int = 3):
-        from collections import deque
         self.samples: deque = deque(maxlen=window)
         self.min_samples = min_samples
         self._lock = threading.Lock()

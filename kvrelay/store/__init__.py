@@ -9,10 +9,14 @@ See kvrelay.store.base for the interface and its guarantees, redis_store for the
 """
 from __future__ import annotations
 
+import os
 import re
+import secrets
+from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from kvrelay.errors import KvRelayError
+from kvrelay.paths import home
 from kvrelay.units import parse_bytes
 
 from .base import PageStore, StoreUnavailable, StreamedPages
@@ -26,11 +30,6 @@ DEFAULT_MEMORY_BYTES = 1 << 30
 def page_secret(key_file: str | None) -> bytes:
     """The secret every page's MAC is keyed with: the given file, else $KVRELAY_HOME/page-key, made
     (32 random bytes, mode 0600) on first use. Servers sharing one Redis need the same file."""
-    import os
-    import secrets
-    from pathlib import Path
-
-    from kvrelay.paths import home
     path = Path(key_file) if key_file else home() / "page-key"
     if not key_file and not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,9 @@ from __future__ import annotations
 import json
 from collections import Counter
 
+from kvrelay.errors import KvRelayError
+from kvrelay.store.redis_store import _esc, redact
+
 
 def add_arguments(p):
     p.add_argument("--store", required=True, help="redis://host:port/db (the deployment's page store)")
@@ -25,7 +28,6 @@ def add_arguments(p):
 
 def scan(r, prefix: str) -> dict:
     """Classify every key under `prefix`. Reads keys, TTLs and value sizes; writes nothing."""
-    from kvrelay.store.redis_store import _esc
     kinds, no_ttl, nbytes = Counter(), Counter(), Counter()
     markers: dict[str, str] = {}
     values: list[tuple[str, str, str, int]] = []     # (key, marker, write id, ttl)
@@ -81,7 +83,6 @@ def scan(r, prefix: str) -> dict:
 
 
 def run(args) -> int:
-    from kvrelay.errors import KvRelayError
     try:
         import redis
     except ImportError:
@@ -89,7 +90,6 @@ def run(args) -> int:
     if not args.store.startswith(("redis://", "rediss://")):
         raise KvRelayError(f"--store {args.store}: only a Redis store can be inspected from outside its server "
                            "(an in-memory store: see the server's /metrics, kvrelay_store_*)")
-    from kvrelay.store.redis_store import redact
     try:
         r = redis.Redis.from_url(args.store.split("?", 1)[0], socket_timeout=5, socket_connect_timeout=5)
         s = scan(r, args.prefix)

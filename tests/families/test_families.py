@@ -308,7 +308,8 @@ def test_cli_list_counts_an_unreadable_profile_instead_of_crashing(families_cli,
     import kvrelay.paths
     shutil.copytree(kvrelay.paths.profiles_dir() / "tiny", tmp_path / "tiny")
     (tmp_path / "tiny" / "base__broken.json").write_text("not json")
-    monkeypatch.setattr(kvrelay.paths, "profiles_dir", lambda configured=None: tmp_path)
+    from kvrelay.families import cli_list
+    monkeypatch.setattr(cli_list, "profiles_dir", lambda configured=None: tmp_path)
     assert families_cli(["models", "list"]) == 0
     line = next(l for l in capsys.readouterr().out.splitlines() if "profiles:" in l)
     assert "1 unreadable" in line, line

@@ -3,7 +3,7 @@ fiat, so a test knows which layers the orchestrator recomputes), and `make_profi
 measured-looking profile."""
 import copy
 
-from kvrelay.profiler import profile_file as pf
+from kvrelay.model import profile_file as pf
 
 
 def write_profile(root, family, sender, receiver, fingerprint, num_layers, plan, more=()):

@@ -77,7 +77,7 @@ def test_an_earlier_run_is_resummarized_at_another_slo_without_measuring(result)
 
 def test_by_default_only_pairs_whose_plans_are_predicted_to_hold(tiny_family, tmp_path):
     from kvrelay.loadtest.goodput import choose_pairs
-    from kvrelay.profiler import profile_file as pf
+    from kvrelay.model import profile_file as pf
     from kvrelay.serving import deployment as dp
     for s, r in (("base", "code"), ("code", "base"), ("base", "legal")):
         write_profile(tmp_path, "tiny", s, r, tiny_family.fingerprint, 8, RecomputePlan(((2, 4),)))

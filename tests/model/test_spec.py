@@ -2,9 +2,10 @@
 import pytest
 
 from kvrelay.serving import deployment as dp
-from kvrelay.model.engines import make_engine
+from kvrelay.engines import make_engine
 from kvrelay.errors import KvRelayError
-from kvrelay.model.spec import ModelSpec, family_spec
+from kvrelay.families import family_spec
+from kvrelay.model.spec import ModelSpec
 
 SMALL = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
              num_key_value_heads=2, head_dim=16, vocab_size=512)

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from kvrelay.profiler import profile_file as pf
+from kvrelay.model import profile_file as pf
 from kvrelay.errors import KvRelayError
 from kvrelay.model.plan import RecomputePlan
 

@@ -6,7 +6,8 @@ import pytest
 
 from kvrelay.cli import main
 from kvrelay.model.plan import RecomputePlan
-from kvrelay.profiler import profile_file, teacher
+from kvrelay.model import profile_file
+from kvrelay.profiler import teacher
 from kvrelay.serving.selector import NO_PLAN, Selector
 
 ARGS = ["profile", "--family", "tiny", "--sender", "base", "--receiver", "code", "--samples", "3",
@@ -47,7 +48,7 @@ def test_profile_file_has_intervals_targets_and_a_plot(tf_profile):
 
 
 def test_selector_serves_the_profiles_selected_plan_and_respects_mode_and_e_layers(tf_profile, tmp_path, tiny_family):
-    from kvrelay.model.spec import family_spec
+    from kvrelay.families import family_spec
     root, out = tf_profile
     spec = family_spec("tiny")
     fp = spec.model("base").fingerprint

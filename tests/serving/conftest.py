@@ -7,7 +7,7 @@ import pytest
 
 from kvrelay.serving import deployment as dp
 from kvrelay.model.plan import RecomputePlan
-from kvrelay.server.serve import start
+from kvrelay.server.launch import start
 from kvrelay.server.tritonserver import shm_regions, stub_pids
 
 from helpers.profiles import write_profile

@@ -4,7 +4,7 @@ import pytest
 
 from kvrelay.model.engine_api import EngineConfig, Request, SamplingParams
 from kvrelay.model.plan import RecomputePlan
-from kvrelay.profiler import profile_file as pf
+from kvrelay.model import profile_file as pf
 from kvrelay.serving.orchestrator import Orchestrator, ServeRequest
 from kvrelay.store import MemoryStore
 

@@ -64,7 +64,7 @@ def test_a_plan_that_matched_by_luck_is_not_chosen(tmp_path):
     data["configs"] = [{"plan": [[26, 30]], "layers_recomputed": 4, "quality": 100.0, "quality_bound": 85.0},
                        {"plan": [[24, 30]], "layers_recomputed": 6, "quality": 100.0, "quality_bound": 99.9},
                        {"plan": [], "layers_recomputed": 0, "quality": 100.0, "quality_bound": 40.0}]
-    from kvrelay.profiler import profile_file as pf
+    from kvrelay.model import profile_file as pf
     data["frontier"] = pf.pareto_frontier(data["configs"])
     write(tmp_path, data)
     c = Selector(tmp_path, "tiny").choose("base", "code", FP, FP, context_tokens=1024, queued=3)

@@ -15,7 +15,8 @@ import urllib.request
 
 import pytest
 
-from kvrelay.loadtest import procstats, stress
+from kvrelay.loadtest import stress
+from kvrelay.server import procstats
 from kvrelay.server.supervisor import Supervised
 
 from .conftest import Running, deployment

@@ -10,7 +10,7 @@ from kvrelay.model.plan import RecomputePlan
 @pytest.fixture(scope="module")
 def engines(tiny_family):
     from kvrelay.model.engine_api import EngineConfig
-    from kvrelay.model.engines import make_engine
+    from kvrelay.engines import make_engine
     cfg = lambda: EngineConfig(block_size=16, kv_cache_bytes=32 << 20, prefix_caching=False)
     return make_engine("tiny", "base", cfg()), make_engine("tiny", "code", cfg())
 

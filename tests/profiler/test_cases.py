@@ -4,7 +4,7 @@ import json
 import pytest
 
 from kvrelay.cli import main
-from kvrelay.quality import cases as cs
+from kvrelay.profiler import cases as cs
 
 
 def _write(tmp_path, lines, name="d.jsonl"):

@@ -23,6 +23,8 @@ import re
 import string
 from collections import Counter
 
+from kvrelay.errors import KvRelayError
+
 _PUNCT = set(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
@@ -104,7 +106,6 @@ def text_metric(name: str):
     try:
         return TEXT_METRICS[name]
     except KeyError:
-        from kvrelay.errors import KvRelayError
         raise KvRelayError(f"unknown metric {name!r}; known: {', '.join(TEXT_METRICS)}") from None
 
 

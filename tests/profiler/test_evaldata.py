@@ -2,7 +2,7 @@
 import pytest
 
 from kvrelay.families import corpora
-from kvrelay.quality import evaldata
+from kvrelay.profiler import evaldata
 from kvrelay.errors import KvRelayError
 
 CTX = (96, 160)

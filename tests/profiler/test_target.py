@@ -1,8 +1,8 @@
 """The quality target's statistics: retained gain's two bases, bootstrap lower bounds, the judgement."""
 import pytest
 
-from kvrelay.quality import target as tg
-from kvrelay.quality.target import CaseSums
+from kvrelay.profiler import target as tg
+from kvrelay.profiler.target import CaseSums
 
 
 def _cases(n, kl, nll, top1, positions=64, wobble=0.0):

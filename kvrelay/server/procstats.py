@@ -9,6 +9,8 @@ import glob
 import os
 from dataclasses import asdict, dataclass
 
+from kvrelay.server.tritonserver import stub_pids
+
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -48,7 +50,6 @@ def stub_model(cmdline: list[bytes]) -> str:
 
 def server_tree(server_pid: int) -> list[Proc]:
     """The server and every live stub of its process group (stubs run in the server's session)."""
-    from kvrelay.server.tritonserver import stub_pids
     out = []
     st = _stat(server_pid)
     if st and st[0] != "Z":

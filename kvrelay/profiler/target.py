@@ -1,6 +1,6 @@
 """The quality target a plan must meet to be served, and the statistics it is judged by.
 
-Teacher-forced on a fixed reference continuation (kvrelay.quality.cases), every position of every
+Teacher-forced on a fixed reference continuation (kvrelay.profiler.cases), every position of every
 case counts for every plan. Per case the scorer sums, over its reference positions:
   kl     KL(receiver's full prefill || plan), nats
   nll    negative log-likelihood of the reference under the plan

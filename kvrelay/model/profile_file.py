@@ -35,7 +35,9 @@ meets_strict, prefill_s_fit (fitted cost, what selection goes by) and, where tim
 prefill_speedup; beside them criticality,
 frontier_time (quality vs measured prefill time) and selected (the cheapest plan meeting the target).
 
-No torch import here: the online selector reads these files.
+No torch import here: the online selector reads these files. The schema is model-layer vocabulary
+(like recompute plans): the profiler writes profiles, while serving's selector, `kvrelay models list`,
+the load tests and the eval read them, so none of those has to reach into the profiler.
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 from kvrelay.errors import KvRelayError
@@ -101,6 +104,23 @@ def fixed(family: str, sender: str, receiver: str, sender_fp: str, receiver_fp: 
                       "full_reuse": {"layers_recomputed": 0, "quality": 0.0}},
         "command": command, "kvrelay_version": kvrelay_version(), "created": now_utc(),
     }
+
+
+def write_fixed(root: str | Path, family: str, models: dict, plan_text: str, command: str) -> list[str]:
+    """A fixed profile (see `fixed`) of `plan_text` under `root` for every ordered pair of `models`
+    (name -> identity with .fingerprint and .num_layers: a kvrelay.model.spec.ModelSpec or a
+    deployment's ModelIdentity). Returns the pair names (sender__receiver)."""
+    out = []
+    for s in models:
+        for r in models:
+            if s == r:
+                continue
+            L = models[r].num_layers
+            plan = RecomputePlan.parse(plan_text).validate(L)
+            save(fixed(family, s, r, models[s].fingerprint, models[r].fingerprint, L, plan, command),
+                 path_for(root, family, s, r))
+            out.append(f"{s}__{r}")
+    return out
 
 
 def partial_path(out: str | Path) -> Path:
@@ -322,7 +342,6 @@ def now_utc() -> str:
 
 def kvrelay_version() -> str:
     try:
-        from importlib.metadata import version
         return version("kvrelay")
     except Exception:
         return "unknown"

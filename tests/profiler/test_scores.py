@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from kvrelay.quality import scores as M
+from kvrelay.profiler import scores as M
 
 
 def test_token_f1_hand_cases():
