@@ -3,10 +3,15 @@
 
 For N in (1, 32): a family of the SmolLM2 base (smol-lora's, `kvrelay models build smol-lora`) and
 N random rank-16 all-linear PEFT adapters (kvrelay.bench.adapters) is registered, served by
-`kvrelay serve` with lora = "unmerged" (max_loras 8), and every adapter is asked once over HTTP; then
+`kvrelay serve` with lora = "unmerged" (max_loras 8), and every adapter is asked once over HTTP
+(the ensemble, `variant_name` = the adapter, as tensorrtllm_backend's lora_task_id picks one); then
 the RSS of tritonserver and every stub is read from /proc. Prints one JSON object.
 
-    .venv/bin/python scripts/lora_rss.py [--adapters 32] [--http-port 8600]
+    .venv/bin/python scripts/lora_rss.py [--adapters 32] [--http-port 8600] [--entry-points]
+
+--entry-points keeps variant_entry_points on: each adapter then also has a Triton model of its own
+name, whose preprocessing stub holds a tokenizer (~353 MiB each, measured), which is why a fleet of
+adapters is served with it off.
 """
 from __future__ import annotations
 
@@ -25,11 +30,12 @@ from kvrelay.families import family_spec
 from kvrelay.server import client
 
 
-def measure(n: int, adapters: list[Path], base: Path, port: int, max_tokens: int) -> dict:
+def measure(n: int, adapters: list[Path], base: Path, port: int, max_tokens: int, entry_points: bool) -> dict:
     name = f"lora-rss-{n}"
     user.ensure_registered(name, str(base), {f"a{i:02d}": str(d) for i, d in enumerate(adapters[:n])})
     toml = paths.home() / f"{name}.toml"
-    toml.write_text(f'family = "{name}"\nlora = "unmerged"\nmax_loras = 8\n')
+    toml.write_text(f'family = "{name}"\nlora = "unmerged"\nmax_loras = 8\n'
+                    f'variant_entry_points = {str(entry_points).lower()}\n')
     log = open(paths.home() / f"{name}.log", "w")
     t0 = time.time()
     proc = subprocess.Popen([sys.executable, "-m", "kvrelay.cli", "serve", "--deployment", str(toml),
@@ -72,11 +78,13 @@ def main() -> int:
     p.add_argument("--adapters", type=int, default=32)
     p.add_argument("--http-port", type=int, default=8600)
     p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--entry-points", action="store_true",
+                   help="also serve each adapter under its own Triton model name (a preprocessing stub each)")
     a = p.parse_args()
     base = family_spec("smol-lora").dirs["base"]
     adapters = random_adapters(base, a.adapters, 16, key="smol-lora")
-    one = measure(1, adapters, base, a.http_port, a.max_tokens)
-    many = measure(a.adapters, adapters, base, a.http_port + 10, a.max_tokens)
+    one = measure(1, adapters, base, a.http_port, a.max_tokens, a.entry_points)
+    many = measure(a.adapters, adapters, base, a.http_port + 10, a.max_tokens, a.entry_points)
     print(json.dumps({"one": one, "many": many, "rss_ratio": round(many["rss_mib"] / one["rss_mib"], 3)}, indent=1))
     return 0
 
