@@ -114,11 +114,6 @@ class DecodeAttention:
         self.table = torch.tensor([t[:nb] + [t[0]] * (nb - min(len(t), nb)) for t in tables], dtype=torch.long, device=dev)
         self.pos = torch.tensor(pos, device=dev)
         self._masks = {None: visible(self.pos, nb * B, None)[:, None, None, :]}   # [S, 1, 1, T]
-        # gather indices that read the pool straight into [2, S, H, nb, B, D] (contiguous, so a free
-        # view as [2, S, H, T, D]): one copy per layer, where indexing blocks then permuting made two
-        H = pool.fmt.kv_shape[2]
-        self._idx = (self.table[:, None, :, None], torch.arange(H, device=dev)[None, :, None, None],
-                     torch.arange(B, device=dev)[None, None, None, :])
 
     def mask(self, window: int | None) -> torch.Tensor:
         if window not in self._masks:
@@ -127,8 +122,8 @@ class DecodeAttention:
 
     def __call__(self, layer, q, k, v, window=None, scale=None):
         self.pool.write_kv(layer, self.blocks, self.offs, k, v)
-        kv = self.pool.kv[:, layer].permute(1, 0, 2, 3, 4)[(slice(None), *self._idx)]   # [2, S, H, nb, B, D]
-        kv = kv.flatten(3, 4)                                   # [2, S, H, nb*B, D], a view
+        kv = self.pool.kv[self.table, layer]                    # [S, nb, 2, H, B, D]
+        kv = kv.permute(2, 0, 3, 1, 4, 5).flatten(3, 4)         # [2, S, H, nb*B, D]
         o = _sdpa(q[:, :, None, :], kv[0], kv[1], mask=self.mask(window), scale=scale)  # q [S, Hq, 1, D]
         return o[:, :, 0, :]                                    # [S, Hq, D]
 
