@@ -135,7 +135,7 @@ def _read(r, decoupled: bool) -> ServeRequest:
         top_k=tensors.scalar(r, "top_k", int, 0), seed=tensors.scalar(r, "random_seed", int, None),
         stop_ids=tensors.ints(r, "stop_ids"), bad_ids=tensors.ints(r, "bad_ids"),
         min_tokens=tensors.scalar(r, "min_length", int, 0), end_id=tensors.scalar(r, "end_id", int, None),
-        request_id=tensors.scalar(r, "request_id", str, ""),
+        request_id=tensors.scalar(r, "request_id", str, ""), lora_path=tensors.scalar(r, "lora_path", str, ""),
         entry=tensors.scalar(r, "entry", str, "") or ("ensemble_stream" if decoupled else "ensemble"))
 
 

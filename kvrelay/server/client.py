@@ -23,7 +23,7 @@ class Result:
 
 
 def _inputs(mod, text, max_tokens, model=None, context=None, stream=None, temperature=None, top_p=None,
-            seed=None, stop_words=None, request_id=None, tenant=None):
+            seed=None, stop_words=None, request_id=None, tenant=None, lora_path=None):
     def inp(name, value, dtype):
         arr = np.array(value if isinstance(value, list) else [value], dtype=dtype)
         i = mod.InferInput(name, list(arr.shape), {np.object_: "BYTES", np.int32: "INT32", np.int64: "INT64",
@@ -33,7 +33,8 @@ def _inputs(mod, text, max_tokens, model=None, context=None, stream=None, temper
     out = [inp("text_input", text.encode(), np.object_), inp("max_tokens", max_tokens, np.int32)]
     for name, v, dt in (("variant_name", model, np.object_), ("context", context, np.object_), ("stream", stream, np.bool_),
                         ("temperature", temperature, np.float32), ("top_p", top_p, np.float32),
-                        ("random_seed", seed, np.int64), ("request_id", request_id, np.object_), ("tenant", tenant, np.object_)):
+                        ("random_seed", seed, np.int64), ("request_id", request_id, np.object_), ("tenant", tenant, np.object_),
+                        ("lora_path", lora_path, np.object_)):
         if v is not None:
             out.append(inp(name, v.encode() if isinstance(v, str) else v, dt))
     if stop_words:

@@ -18,6 +18,8 @@ def add_arguments(p):
     p.add_argument("--temperature", type=float)
     p.add_argument("--tenant")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--lora-path", help="a PEFT adapter directory on the server: serve it as --model from now on "
+                                       "(a deployment with lora = \"unmerged\")")
 
 
 def run(args) -> int:
@@ -28,7 +30,10 @@ def run(args) -> int:
             context = open(args.context_file, encoding="utf-8").read()
         except OSError as e:
             raise KvRelayError(f"cannot read --context-file: {e}") from None
-    kw = dict(model=args.model, context=context, temperature=args.temperature, tenant=args.tenant)
+    if args.lora_path and not args.model:
+        raise KvRelayError("--lora-path needs --model: the name the adapter is served under")
+    kw = dict(model=args.model, context=context, temperature=args.temperature, tenant=args.tenant,
+              lora_path=args.lora_path)
     if args.stream:
         url = args.url or "127.0.0.1:8001"
         r = client.stream(url, args.question, args.max_tokens,

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 from kvrelay.engines import make_engine
+from kvrelay.families import family_spec
 from kvrelay.errors import KvRelayError
 from kvrelay.model.engine_api import EngineConfig, PrefillInfo, Request, RequestOutput, SamplingParams
 from kvrelay.model.kv_format import KVPages
@@ -57,6 +58,8 @@ class ServeRequest:
     top_k: int = 0
     request_id: str = ""
     entry: str = "ensemble"              # the Triton entry point the client used (metrics label)
+    lora_path: str = ""                  # a PEFT adapter directory on the server: registered as `model` if new
+                                         # (lora = "unmerged"), as tensorrtllm_backend's lora_weights with a task id
 
 
 @dataclass(slots=True)
@@ -118,6 +121,41 @@ class Orchestrator:
                 by_engine[id(e)] = EngineRunner(e, threads=_threads(dep, name, n_cpu))
             self.runners[name] = by_engine[id(e)]
             self.adapter_of[name] = name if name in e.adapters else ""
+        self._base = family_spec(dep.family).base
+        self._runtime_adapters: dict[str, str] = {}
+        self._adapters_lock = threading.Lock()
+
+    # --- adapters registered while serving ----------------------------------------------------------
+
+    def add_adapter(self, name: str, directory: str) -> None:
+        """Serve the PEFT adapter in `directory` as variant `name` from now on (lora = "unmerged"):
+        checked against the base (clear errors, nothing registered), then a variant like the others,
+        with no profiles (full prefill) until it has some. The same name and directory again is a
+        no-op; another directory under a served name is refused. Not written to the family: gone
+        when the server stops (vLLM's /v1/load_lora_adapter does the same)."""
+        with self._adapters_lock:
+            known = self._runtime_adapters.get(name)
+            if known is not None:
+                if known != str(directory):
+                    raise KvRelayError(f"variant {name!r} is already served from {known}; pick another name")
+                return
+            if name in self.ids:
+                raise KvRelayError(f"variant {name!r} is one of the deployment's models; it cannot be replaced")
+            if self.dep.lora != "unmerged":
+                raise KvRelayError('adapters can be added while serving only with lora = "unmerged" in the deployment')
+            base = self.runners.get(self._base)
+            if base is None:
+                raise KvRelayError(f"the family's base {self._base!r} is not in this deployment; adapters run on its engine")
+            base.engine.add_adapter(name, directory)
+            me = self.ids[self._base]
+            ident = dp.ModelIdentity(name, base.engine.adapters[name], me.fingerprint, me.page_format, me.max_model_len)
+            # copy-on-write: the router and routes read these dicts on other threads without locks
+            self.ids = {**self.ids, name: ident}
+            self.router.ids = self.ids
+            self.runners = {**self.runners, name: base}
+            self.adapter_of = {**self.adapter_of, name: name}
+            self._runtime_adapters[name] = str(directory)
+        log.info("adapter %s registered from %s (%s)", name, directory, ident.model_id)
 
     # --- one request ------------------------------------------------------------------------------
 
@@ -135,6 +173,8 @@ class Orchestrator:
 
     def _serve(self, req: ServeRequest, sink: Sink) -> None:
         receiver = req.model or self.dep.models[0].name
+        if req.lora_path:
+            self.add_adapter(receiver, req.lora_path)
         if receiver not in self.ids:
             raise KvRelayError(f"unknown model {receiver!r}; this deployment serves {self.dep.model_names}")
         me = self.ids[receiver]

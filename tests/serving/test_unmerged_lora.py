@@ -32,6 +32,7 @@ def family(tmp_path_factory):
             toml.write_text(f'profiles_dir = "{root / "none"}"\n{extra}\n[family]\nname = "mine"\nbase = "base"\n'
                             '[family.variants]\nqv = "qv"\nall = "all"\nfull = "full"\n')
             return dp.load(toml)
+        deployment.root, deployment.base = root, base
         yield deployment, refs
 
 
@@ -93,3 +94,54 @@ def test_served_variants_decode_together_and_each_equals_its_merge(family):
             assert reply.finished and reply.model == m and reply.output_ids == want, m
     finally:
         core.close()
+
+
+def test_an_adapter_added_while_serving_is_servable_at_once_and_bad_ones_are_refused(family):
+    """ServeRequest.lora_path (the Triton input lora_path): the first request registers the adapter
+    under its variant name, later ones just name it; the base keeps serving meanwhile."""
+    deployment, refs = family
+    new = um.make_lora(deployment.base, deployment.root / "new", seed=7, target_modules=ALL)
+    ref = um.merged(deployment.base, new).eval()
+    core = Orchestrator(deployment(), store=MemoryStore(64 << 20))
+    try:
+        prompt = [1] + [3 + (11 * j) % 250 for j in range(30)]
+        x = torch.tensor([prompt])
+        want = ref.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False,
+                            pad_token_id=0)[0, x.shape[1]:].tolist()
+        errors, base_sink = [], Collect()
+
+        def base_load():
+            try:
+                for _ in range(3):
+                    core.serve(ServeRequest(tokens=prompt, max_tokens=6, model="base", tenant="b"), base_sink)
+            except Exception as e:          # noqa: BLE001 - any failure of the others is the bug
+                errors.append(e)
+
+        t = threading.Thread(target=base_load)
+        t.start()
+        first, again = Collect(), Collect()
+        core.serve(ServeRequest(tokens=prompt, max_tokens=6, model="new", tenant="t", lora_path=str(new)), first)
+        core.serve(ServeRequest(tokens=prompt, max_tokens=6, model="new", tenant="t"), again)
+        core.serve(ServeRequest(tokens=prompt, max_tokens=6, model="new", tenant="t", lora_path=str(new)), Collect())
+        t.join(120)
+        assert not errors and len(base_sink.replies) == 3
+        assert first.replies[-1].output_ids == want == again.replies[-1].output_ids
+        assert first.replies[-1].model == "new" and core.runners["new"] is core.runners["base"]
+        with pytest.raises(KvRelayError, match="already served from"):
+            core.serve(ServeRequest(tokens=prompt, max_tokens=2, model="new", lora_path=str(deployment.root / "qv")),
+                       Collect())
+        with pytest.raises(KvRelayError, match="one of the deployment's models"):
+            core.serve(ServeRequest(tokens=prompt, max_tokens=2, model="qv", lora_path=str(new)), Collect())
+        with pytest.raises(KvRelayError, match="adapter_config.json"):
+            core.serve(ServeRequest(tokens=prompt, max_tokens=2, model="bad", lora_path=str(deployment.root)),
+                       Collect())
+        with pytest.raises(KvRelayError, match="unknown model 'bad'"):      # nothing was registered
+            core.serve(ServeRequest(tokens=prompt, max_tokens=2, model="bad"), Collect())
+    finally:
+        core.close()
+    merged = Orchestrator(deployment(""), store=MemoryStore(16 << 20))
+    try:
+        with pytest.raises(KvRelayError, match='only with lora = "unmerged"'):
+            merged.serve(ServeRequest(tokens=[1, 5, 6], max_tokens=2, model="new", lora_path=str(new)), Collect())
+    finally:
+        merged.close()

@@ -5,6 +5,7 @@ answers what HF transformers generates on that variant (greedy, same prompt), to
 and with all four asked at once (decoded in one batch)."""
 from __future__ import annotations
 
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -21,6 +22,7 @@ ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 CONTEXT = " ".join(f"w{(11 * i) % 250}" for i in range(120))
 QUESTIONS = {"base": "w3 w4 w5", "qv": "w7 w8", "all": "w9 w10 w11 w12", "full": "w13"}
 MAX_TOKENS = 12
+LATE: dict = {}        # an adapter the server does not know at start (registered by a request)
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +40,10 @@ def served(tmp_path_factory):
                         'base = "base"\n[family.variants]\nqv = "qv"\nall = "all"\nfull = "full"\n')
         dep = dp.validate(dp.load(toml))
         refs = {"base": um.load(base), "qv": um.merged(base, qv), "all": um.merged(base, al), "full": um.load(full)}
+        late = um.make_lora(base, root / "late", seed=4, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"])
         r = Running(dep, root / "server")
         try:
+            LATE.update(dir=late, ref=um.merged(base, late))
             yield r.server, refs
         finally:
             r.close()
@@ -86,3 +90,21 @@ def test_all_variants_at_once_each_answer_their_own(served):
         got = dict(pool.map(ask, list(refs) * 2))
     for m, ref in refs.items():
         assert got[m].text == tk.decode(tok, _hf(ref, sum(tk.prompt_ids(tok, CONTEXT, QUESTIONS[m]), []))), m
+
+
+def test_an_adapter_registered_on_the_running_server_answers_within_seconds(served):
+    """The first request naming a new variant with lora_path (a directory on the server) registers it;
+    later requests name it alone, over either protocol. A bad directory is a clear error."""
+    server, _ = served
+    late, ref = LATE["dir"], LATE["ref"]
+    tok = um.tokenizer()
+    want = tk.decode(tok, _hf(ref, sum(tk.prompt_ids(tok, CONTEXT, "w20 w21"), [])))
+    t0 = time.perf_counter()
+    got = client.infer(server.http_url, "w20 w21", MAX_TOKENS, model="late", context=CONTEXT, lora_path=str(late))
+    first_s = time.perf_counter() - t0
+    assert got.info["variant"] == "late" and got.text == want
+    again = client.infer(server.grpc_url, "w20 w21", MAX_TOKENS, protocol="grpc", model="late", context=CONTEXT)
+    assert again.text == want
+    assert first_s < 30, first_s          # registration + the request; measured in docs/lora-serving.md
+    with pytest.raises(Exception, match="adapter_config.json"):
+        client.infer(server.http_url, "w1", 2, model="broken", lora_path=str(late.parent / "nowhere"))
