@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -23,17 +22,10 @@ import time
 from kvrelay import paths
 from kvrelay.bench.adapters import random_adapters
 from kvrelay.families import family_spec
-from kvrelay.server import client
+from kvrelay.server import client, launch
+from kvrelay.serving import deployment as dp
 
 CONTEXT = "kvrelay serves many fine-tuned variants of one model on shared hardware. " * 12
-
-
-def _ready(url: str) -> bool:
-    import tritonclient.http as http
-    try:
-        return http.InferenceServerClient(url).is_server_ready()
-    except Exception:          # not listening yet
-        return False
 
 
 def main() -> int:
@@ -45,17 +37,11 @@ def main() -> int:
     new = random_adapters(base, 1, 16, key="smol-lora-late")[0]
     toml = paths.home() / "lora-register.toml"
     toml.write_text('family = "smol-lora"\nlora = "unmerged"\nmax_loras = 8\nvariant_entry_points = false\n')
-    port, url = a.http_port, f"127.0.0.1:{a.http_port}"
-    log = open(paths.home() / "lora-register.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "kvrelay.cli", "serve", "--deployment", str(toml), "--http-port",
-                             str(port), "--grpc-port", str(port + 1), "--metrics-port", str(port + 2)],
-                            stdout=log, stderr=subprocess.STDOUT)
+    port = a.http_port
+    server = launch.start(dp.load(toml), paths.home() / "serve" / "lora-register", http_port=port,
+                          grpc_port=port + 1, metrics_port=port + 2)
+    url = server.http_url
     try:
-        t0 = time.time()
-        while not _ready(url):
-            if proc.poll() is not None or time.time() - t0 > 600:
-                raise SystemExit(f"server did not start; see {log.name}")
-            time.sleep(2)
         stop, done, failed = threading.Event(), [], []
 
         def load(i: int):
@@ -74,7 +60,7 @@ def main() -> int:
         for t in threads:
             t.start()
         time.sleep(20)                          # the load in its stride
-        ask = lambda m, **kw: client.stream(f"127.0.0.1:{port + 1}", "Summarise the text above.", a.max_tokens,
+        ask = lambda m, **kw: client.stream(server.grpc_url, "Summarise the text above.", a.max_tokens,
                                             model=m, context=CONTEXT, tenant="new", **kw)
         known = [ask("code") for _ in range(3)]
         first = ask("late", lora_path=str(new))
@@ -92,8 +78,7 @@ def main() -> int:
             "background": {"requests": len(done), "failed": len(failed), "errors": failed[:3]}}, indent=1))
         return 0 if not failed else 1
     finally:
-        proc.terminate()
-        proc.wait(60)
+        server.stop()
 
 
 if __name__ == "__main__":

@@ -17,17 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from kvrelay import paths
 from kvrelay.bench.adapters import random_adapters
-from kvrelay.families import user
-from kvrelay.server import procstats
-from kvrelay.families import family_spec
-from kvrelay.server import client
+from kvrelay.families import family_spec, user
+from kvrelay.server import client, launch, procstats
+from kvrelay.serving import deployment as dp
 
 
 def measure(n: int, adapters: list[Path], base: Path, port: int, max_tokens: int, entry_points: bool) -> dict:
@@ -36,17 +34,11 @@ def measure(n: int, adapters: list[Path], base: Path, port: int, max_tokens: int
     toml = paths.home() / f"{name}.toml"
     toml.write_text(f'family = "{name}"\nlora = "unmerged"\nmax_loras = 8\n'
                     f'variant_entry_points = {str(entry_points).lower()}\n')
-    log = open(paths.home() / f"{name}.log", "w")
     t0 = time.time()
-    proc = subprocess.Popen([sys.executable, "-m", "kvrelay.cli", "serve", "--deployment", str(toml),
-                             "--http-port", str(port), "--grpc-port", str(port + 1), "--metrics-port", str(port + 2)],
-                            stdout=log, stderr=subprocess.STDOUT)
-    url = f"127.0.0.1:{port}"
+    server = launch.start(dp.load(toml), paths.home() / "serve" / name, http_port=port, grpc_port=port + 1,
+                          metrics_port=port + 2)
+    url = server.http_url
     try:
-        while not _ready(url):
-            if proc.poll() is not None or time.time() - t0 > 600:
-                raise SystemExit(f"server for {name} did not start; see {log.name}")
-            time.sleep(2)
         started = time.time() - t0
         t1 = time.time()
         answers = {}
@@ -55,22 +47,13 @@ def measure(n: int, adapters: list[Path], base: Path, port: int, max_tokens: int
                              context="kvrelay serves many fine-tuned variants of one model. " * 20)
             answers[f"a{i:02d}"] = r.info["output_tokens"]
         asked = time.time() - t1
-        tree = procstats.server_tree(procstats.server_pid_for_port(port))
+        tree = procstats.server_tree(server.proc.pid)
         return {"adapters": n, "start_s": round(started, 1), "ask_all_s": round(asked, 1),
                 "rss_mib": round(sum(p.rss_mib for p in tree), 1),
                 "processes": {p.name: round(p.rss_mib, 1) for p in tree},
                 "answered": sum(1 for v in answers.values() if v == max_tokens)}
     finally:
-        proc.terminate()
-        proc.wait(60)
-
-
-def _ready(url: str) -> bool:
-    import tritonclient.http as http
-    try:
-        return http.InferenceServerClient(url).is_server_ready()
-    except Exception:          # not listening yet
-        return False
+        server.stop()
 
 
 def main() -> int:
