@@ -3,6 +3,7 @@ cache across models (DroidSpeak layer-selective re-prefill).
 
 Each subcommand lives in its own module and is imported only when used, so `kvrelay --help` stays
 fast (torch takes seconds to import)."""
+
 from __future__ import annotations
 
 import argparse
@@ -13,24 +14,51 @@ from importlib.metadata import PackageNotFoundError, version
 from kvrelay.errors import KvRelayError
 
 # (command path, module, help). Each module has `add_arguments(parser)` and `run(args) -> int`.
-GROUPS = {("models",): "build, register and list model families", ("bench",): "benchmarks that print figures",
-          ("store",): "inspect a page store"}
+GROUPS = {
+    ("models",): "build, register and list model families",
+    ("bench",): "benchmarks that print figures",
+    ("store",): "inspect a page store",
+}
 COMMANDS = [
     (("models", "build"), "kvrelay.families.cli", "build a model family's weights (cached outside git)"),
     (("models", "list"), "kvrelay.families.cli_list", "list model families and whether they are built"),
-    (("models", "add"), "kvrelay.families.cli_add", "register a family from your own model directories (checkpoints, PEFT LoRA adapters)"),
+    (
+        ("models", "add"),
+        "kvrelay.families.cli_add",
+        "register a family from your own model directories (checkpoints, PEFT LoRA adapters)",
+    ),
     (("models", "remove"), "kvrelay.families.cli_remove", "forget a family registered with `models add`"),
     (("bench", "prefill"), "kvrelay.bench.prefill", "full prefill vs. layer-selective re-prefill timings"),
-    (("bench", "decode"), "kvrelay.bench.decode", "batched decode vs. HF generate; LoRA adapters unmerged, one vs. mixed"),
-    (("demo",), "kvrelay.server.demo", "the main job: a real server, a donor answers, other variants reuse its KV (--in-process: no server)"),
+    (
+        ("bench", "decode"),
+        "kvrelay.bench.decode",
+        "batched decode vs. HF generate; LoRA adapters unmerged, one vs. mixed",
+    ),
+    (
+        ("demo",),
+        "kvrelay.server.demo",
+        "the main job: a real server, a donor answers, other variants reuse its KV (--in-process: no server)",
+    ),
     (("serve",), "kvrelay.server.serve", "run tritonserver with the family's models, orchestrator and page store"),
     (("query",), "kvrelay.server.query", "send one request to a running server; print text and KV reuse"),
     (("repo",), "kvrelay.server.repo_cmd", "write the Triton model repository for a deployment"),
-    (("profile",), "kvrelay.profiler.cli", "offline profile of a (sender, receiver) pair; `profile plot`, `profile check`"),
+    (
+        ("profile",),
+        "kvrelay.profiler.cli",
+        "offline profile of a (sender, receiver) pair; `profile plot`, `profile check`",
+    ),
     (("eval",), "kvrelay.quality.evaluate", "quality and prefill time: full prefill vs. full reuse vs. selected plan"),
-    (("loadtest",), "kvrelay.loadtest.cli", "Locust load test: the same workload with sharing off and on; throughput ratio"),
+    (
+        ("loadtest",),
+        "kvrelay.loadtest.cli",
+        "Locust load test: the same workload with sharing off and on; throughput ratio",
+    ),
     (("store", "stats"), "kvrelay.store.stats_cli", "keys, bytes, tenants and orphans of a Redis page store"),
-    (("stress",), "kvrelay.loadtest.stress_cli", "many concurrent mixed clients (HTTP, gRPC, streaming, hang-ups); errors, server RSS"),
+    (
+        ("stress",),
+        "kvrelay.loadtest.stress_cli",
+        "many concurrent mixed clients (HTTP, gRPC, streaming, hang-ups); errors, server RSS",
+    ),
 ]
 
 
@@ -43,8 +71,9 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     root = _Parser(prog="kvrelay", description=__doc__.split("\n\n")[0].replace("\n", " "))
     root.add_argument("--version", action="version", version=f"kvrelay {_version()}")
-    groups: dict[tuple, argparse._SubParsersAction] = {(): root.add_subparsers(dest="cmd", required=True, parser_class=_Parser,
-                                                                               metavar="COMMAND")}
+    groups: dict[tuple, argparse._SubParsersAction] = {
+        (): root.add_subparsers(dest="cmd", required=True, parser_class=_Parser, metavar="COMMAND")
+    }
     parents: dict[tuple, argparse.ArgumentParser] = {}
     for path, module, help_ in COMMANDS:
         for i in range(1, len(path)):

@@ -8,6 +8,7 @@ kvrelay.model.spec.ModelSpec) and kvrelay.backends implements the engine interfa
 (kvrelay.model.engine_api) for it, so neither the model layer nor the backend knows about families.
 Importing this module imports the torch backend (torch).
 """
+
 from __future__ import annotations
 
 from kvrelay.backends.torch_engine.engine import TorchEngine

@@ -1,4 +1,5 @@
 """Where built artefacts live: outside git, under $KVRELAY_HOME (default ~/.cache/kvrelay)."""
+
 from __future__ import annotations
 
 import os

@@ -9,6 +9,7 @@ All four user kinds share the load unless named on the command line, e.g.
 The run ends by itself once the request sequence (--kvrelay-requests, --kvrelay-duration) is done.
 For sharing off vs. on side by side on fresh servers, use `kvrelay loadtest` instead.
 """
+
 from __future__ import annotations
 
 import json
@@ -76,15 +77,24 @@ def _init(environment, **_):
         sys.exit(f"kvrelay locustfile: --host {environment.host}: load tests only target this machine")
     from kvrelay.serving import deployment as dp
     from kvrelay.families import family_models
+
     if o.kvrelay_deployment:
         dep = dp.load(o.kvrelay_deployment)
         family, models = dep.family, dep.model_names
     else:
         family, models = o.kvrelay_family, family_models(o.kvrelay_family)
-    spec = wl.WorkloadSpec(family=family, models=tuple(models), requests=o.kvrelay_requests,
-                           contexts=o.kvrelay_contexts, context_tokens=_range(o.kvrelay_context_tokens),
-                           max_tokens=_range(o.kvrelay_max_tokens), zipf_s=o.kvrelay_zipf,
-                           rate=o.kvrelay_rate or None, seed=o.kvrelay_seed, warmup=o.kvrelay_warmup)
+    spec = wl.WorkloadSpec(
+        family=family,
+        models=tuple(models),
+        requests=o.kvrelay_requests,
+        contexts=o.kvrelay_contexts,
+        context_tokens=_range(o.kvrelay_context_tokens),
+        max_tokens=_range(o.kvrelay_max_tokens),
+        zipf_s=o.kvrelay_zipf,
+        rate=o.kvrelay_rate or None,
+        seed=o.kvrelay_seed,
+        warmup=o.kvrelay_warmup,
+    )
     _workload = wl.build(spec)
 
 
@@ -94,9 +104,16 @@ def _start(environment, **_):
     host = urlparse(environment.host or "http://127.0.0.1:8000")
     http_url = f"{host.hostname}:{host.port or 80}"
     grpc_url = o.kvrelay_grpc or f"{host.hostname}:{(host.port or 8000) + 1}"
-    state = lu.LoadState(_workload, wl.Schedule(_workload.requests, o.kvrelay_duration), grpc_url=grpc_url,
-                         http_url=http_url, timeout_s=o.kvrelay_timeout)
-    protocol = "grpc-stream" if any(issubclass(c, lu.TritonGrpcStreamUser) for c in environment.user_classes) else "http"
+    state = lu.LoadState(
+        _workload,
+        wl.Schedule(_workload.requests, o.kvrelay_duration),
+        grpc_url=grpc_url,
+        http_url=http_url,
+        timeout_s=o.kvrelay_timeout,
+    )
+    protocol = (
+        "grpc-stream" if any(issubclass(c, lu.TritonGrpcStreamUser) for c in environment.user_classes) else "http"
+    )
     for r in _workload.warmup_requests:  # excluded from Locust's stats: sent directly
         rec = lu.send_direct(state, r, protocol)
         if not rec["ok"]:

@@ -9,6 +9,7 @@
 No BLS: Triton 2.51's Python backend frees numpy arrays of BLS responses without the GIL, which
 corrupted the heap of a multi-threaded orchestrator under concurrent load (issue 10).
 """
+
 from __future__ import annotations
 
 import json
@@ -29,7 +30,7 @@ from kvrelay.triton.prometheus import Metrics
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 log = logging.getLogger("kvrelay.triton.orchestrator")
-WORKERS = 64               # requests in flight per process (each waits on its engine on a thread)
+WORKERS = 64  # requests in flight per process (each waits on its engine on a thread)
 
 
 class TritonPythonModel:
@@ -129,14 +130,23 @@ def _read(r, decoupled: bool) -> ServeRequest:
     stream = decoupled and bool(tensors.scalar(r, "stream", bool, False))
     _refuse_unsupported(r)
     return ServeRequest(
-        tokens=tensors.ints(r, "input_ids", required=True), max_tokens=tensors.scalar(r, "max_tokens", int, required=True),
-        model=tensors.scalar(r, "model", str, ""), stream=stream, tenant=tensors.scalar(r, "tenant", str, "") or "default",
-        temperature=tensors.scalar(r, "temperature", float, 0.0), top_p=tensors.scalar(r, "top_p", float, 1.0),
-        top_k=tensors.scalar(r, "top_k", int, 0), seed=tensors.scalar(r, "random_seed", int, None),
-        stop_ids=tensors.ints(r, "stop_ids"), bad_ids=tensors.ints(r, "bad_ids"),
-        min_tokens=tensors.scalar(r, "min_length", int, 0), end_id=tensors.scalar(r, "end_id", int, None),
-        request_id=tensors.scalar(r, "request_id", str, ""), lora_path=tensors.scalar(r, "lora_path", str, ""),
-        entry=tensors.scalar(r, "entry", str, "") or ("ensemble_stream" if decoupled else "ensemble"))
+        tokens=tensors.ints(r, "input_ids", required=True),
+        max_tokens=tensors.scalar(r, "max_tokens", int, required=True),
+        model=tensors.scalar(r, "model", str, ""),
+        stream=stream,
+        tenant=tensors.scalar(r, "tenant", str, "") or "default",
+        temperature=tensors.scalar(r, "temperature", float, 0.0),
+        top_p=tensors.scalar(r, "top_p", float, 1.0),
+        top_k=tensors.scalar(r, "top_k", int, 0),
+        seed=tensors.scalar(r, "random_seed", int, None),
+        stop_ids=tensors.ints(r, "stop_ids"),
+        bad_ids=tensors.ints(r, "bad_ids"),
+        min_tokens=tensors.scalar(r, "min_length", int, 0),
+        end_id=tensors.scalar(r, "end_id", int, None),
+        request_id=tensors.scalar(r, "request_id", str, ""),
+        lora_path=tensors.scalar(r, "lora_path", str, ""),
+        entry=tensors.scalar(r, "entry", str, "") or ("ensemble_stream" if decoupled else "ensemble"),
+    )
 
 
 def _refuse_unsupported(r) -> None:
@@ -152,13 +162,15 @@ def _refuse_unsupported(r) -> None:
 
 def _tensors(reply: Reply) -> list:
     i32 = lambda v: np.array([v], np.int32)
-    return [tensors.tensor("output_ids", np.asarray(reply.output_ids, np.int32)),
-            tensors.tensor("prev_len", i32(reply.prev_len)),
-            tensors.tensor("kv_reused_layers", i32(reply.reused_layers)),
-            tensors.tensor("kv_recomputed_layers", i32(reply.recomputed_layers)),
-            tensors.tensor("kv_reused_tokens", i32(reply.reused_tokens)),
-            tensors.tensor("kv_donor_model", reply.donor),
-            tensors.tensor("kv_route", reply.route),
-            tensors.tensor("output_tokens", i32(reply.output_tokens)),
-            tensors.tensor("first_token_time_ns", np.array([reply.first_token_time_ns], np.int64)),
-            tensors.tensor("variant", reply.model)]
+    return [
+        tensors.tensor("output_ids", np.asarray(reply.output_ids, np.int32)),
+        tensors.tensor("prev_len", i32(reply.prev_len)),
+        tensors.tensor("kv_reused_layers", i32(reply.reused_layers)),
+        tensors.tensor("kv_recomputed_layers", i32(reply.recomputed_layers)),
+        tensors.tensor("kv_reused_tokens", i32(reply.reused_tokens)),
+        tensors.tensor("kv_donor_model", reply.donor),
+        tensors.tensor("kv_route", reply.route),
+        tensors.tensor("output_tokens", i32(reply.output_tokens)),
+        tensors.tensor("first_token_time_ns", np.array([reply.first_token_time_ns], np.int64)),
+        tensors.tensor("variant", reply.model),
+    ]

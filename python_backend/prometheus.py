@@ -1,4 +1,5 @@
 """kvrelay's Triton custom metrics (pb_utils.MetricFamily), exported on the server's /metrics."""
+
 from __future__ import annotations
 
 import threading
@@ -11,19 +12,28 @@ class Metrics:
         # MetricFamily is attached to pb_utils only once the stub runs a model, not at import
         f = lambda name, doc: pb_utils.MetricFamily(name=name, description=doc, kind=pb_utils.MetricFamily.COUNTER)
         self._fams = {
-            "requests": f("kvrelay_requests_total", "Requests by entry point (model), receiver, KV route (full, "
-                                                    "prefix, restore, reuse) and donor"),
+            "requests": f(
+                "kvrelay_requests_total",
+                "Requests by entry point (model), receiver, KV route (full, prefix, restore, reuse) and donor",
+            ),
             "hits": f("kvrelay_store_hits_total", "Page-store hits used, by donor -> receiver"),
-            "full": f("kvrelay_full_prefill_total", "Requests prefilled without cross-model reuse, by receiver and reason"),
+            "full": f(
+                "kvrelay_full_prefill_total", "Requests prefilled without cross-model reuse, by receiver and reason"
+            ),
             "recomputed": f("kvrelay_layers_recomputed_total", "Layers recomputed in re-prefill, by donor -> receiver"),
             "reused": f("kvrelay_layers_reused_total", "Layers whose KV was reused, by donor -> receiver"),
             "bytes": f("kvrelay_kv_bytes_moved_total", "KV/E bytes moved between store and engines, by direction"),
-            "prefill_s": f("kvrelay_prefill_seconds_total", "Prefill seconds, by kind (full, prefix, reprefill, restore) "
-                                                            "and receiver"),
+            "prefill_s": f(
+                "kvrelay_prefill_seconds_total",
+                "Prefill seconds, by kind (full, prefix, reprefill, restore) and receiver",
+            ),
             "prefill_n": f("kvrelay_prefill_count_total", "Prefills, by kind and receiver (divide seconds by this)"),
             "store_errors": f("kvrelay_store_errors_total", "Page-store failures that fell back to full prefill"),
-            "rejected": f("kvrelay_pages_rejected_total", "Stored pages dropped and recomputed, by reason (auth: "
-                                                          "corrupt, moved or forged; non_finite; malformed; incomplete)"),
+            "rejected": f(
+                "kvrelay_pages_rejected_total",
+                "Stored pages dropped and recomputed, by reason (auth: "
+                "corrupt, moved or forged; non_finite; malformed; incomplete)",
+            ),
         }
         self._metrics: dict = {}
         self._lock = threading.Lock()

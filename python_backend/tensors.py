@@ -2,6 +2,7 @@
 
 Bad input raises BadInput, which the models turn into an INVALID_ARG response.
 """
+
 from __future__ import annotations
 
 import json
@@ -38,7 +39,7 @@ def scalar(request, name, kind, default=None, required=False):
     v = a.reshape(-1)[0]
     try:
         if kind is str:
-            return (v.decode("utf-8") if isinstance(v, bytes) else str(v))
+            return v.decode("utf-8") if isinstance(v, bytes) else str(v)
         if kind is bool:
             return bool(v)
         if kind is int:

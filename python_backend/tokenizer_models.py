@@ -1,4 +1,5 @@
 """Triton pre/postprocessing: the family's tokenizer (shared by every variant: same fingerprint)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -49,28 +50,35 @@ class Preprocessing:
                 if not text.strip() and not context.strip():
                     raise tensors.BadInput("text_input is empty")
                 if len(text) + len(context) > self.dep.max_input_chars:
-                    raise tensors.BadInput(f"input is {len(text) + len(context)} characters; the limit is "
-                                      f"{self.dep.max_input_chars}")
+                    raise tensors.BadInput(
+                        f"input is {len(text) + len(context)} characters; the limit is {self.dep.max_input_chars}"
+                    )
                 ctx, q = self._prompt(context, text)
-                out.append(pb_utils.InferenceResponse([
-                    tensors.tensor("input_ids", np.asarray(ctx + q, np.int32)),
-                    tensors.tensor("context_len", np.array([len(ctx)], np.int32)),
-                    tensors.tensor("stop_ids", np.asarray(self._words(r, "stop_words"), np.int32)),
-                    tensors.tensor("bad_ids", np.asarray(self._words(r, "bad_words"), np.int32)),
-                    tensors.tensor("model", self._variant(tensors.scalar(r, "variant_name", str, ""))),
-                    tensors.tensor("entry", self.variant)]))
+                out.append(
+                    pb_utils.InferenceResponse(
+                        [
+                            tensors.tensor("input_ids", np.asarray(ctx + q, np.int32)),
+                            tensors.tensor("context_len", np.array([len(ctx)], np.int32)),
+                            tensors.tensor("stop_ids", np.asarray(self._words(r, "stop_words"), np.int32)),
+                            tensors.tensor("bad_ids", np.asarray(self._words(r, "bad_words"), np.int32)),
+                            tensors.tensor("model", self._variant(tensors.scalar(r, "variant_name", str, ""))),
+                            tensors.tensor("entry", self.variant),
+                        ]
+                    )
+                )
             except tensors.BadInput as e:
                 out.append(tensors.error_response(str(e)))
         return out
-
 
     def _words(self, r, name: str) -> list[int]:
         """Each word tokenized, -1 between them (tensorrtllm_backend sends a [1, n] tensor too)."""
         ids: list[int] = []
         words = tensors.strings(r, name)
         if len(words) > MAX_WORDS or sum(map(len, words)) > MAX_WORDS_CHARS:
-            raise tensors.BadInput(f"{name}: at most {MAX_WORDS} words of {MAX_WORDS_CHARS} characters in all, got "
-                              f"{len(words)} words of {sum(map(len, words))} characters")
+            raise tensors.BadInput(
+                f"{name}: at most {MAX_WORDS} words of {MAX_WORDS_CHARS} characters in all, got "
+                f"{len(words)} words of {sum(map(len, words))} characters"
+            )
         for w in words:
             if w:
                 ids += self._encode(w) + [-1]
@@ -79,12 +87,14 @@ class Preprocessing:
     def _variant(self, asked: str) -> str:
         """The variant: the entry point's own, or the `variant_name` input ("" = the deployment's first)."""
         if self.variant and asked not in ("", self.variant):
-            raise tensors.BadInput(f"this entry point serves {self.variant!r} only; send to model {asked!r} instead "
-                              f"(or to 'ensemble' with variant_name={asked!r})")
+            raise tensors.BadInput(
+                f"this entry point serves {self.variant!r} only; send to model {asked!r} instead "
+                f"(or to 'ensemble' with variant_name={asked!r})"
+            )
         return self.variant or asked
 
 
-MAX_WORDS, MAX_WORDS_CHARS = 64, 4096      # stop_words / bad_words: a list, not a document
+MAX_WORDS, MAX_WORDS_CHARS = 64, 4096  # stop_words / bad_words: a list, not a document
 
 
 class Postprocessing:
@@ -102,6 +112,10 @@ class Postprocessing:
             if self.tok is None:
                 text = " ".join(map(str, ids[prev:]))
             else:
-                text = tk.decode(self.tok, ids)[len(tk.decode(self.tok, ids[:prev])):] if prev else tk.decode(self.tok, ids)
+                text = (
+                    tk.decode(self.tok, ids)[len(tk.decode(self.tok, ids[:prev])) :]
+                    if prev
+                    else tk.decode(self.tok, ids)
+                )
             out.append(pb_utils.InferenceResponse([tensors.tensor("text_output", text)]))
         return out

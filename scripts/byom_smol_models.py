@@ -11,6 +11,7 @@ Training is a few seeded AdamW steps (STEPS) so the recipe runs in minutes on 2 
 adapters move the model measurably (held-out loss printed), not to a useful fine-tune.
 Usage: python scripts/byom_smol_models.py OUT
 """
+
 from __future__ import annotations
 
 import copy
@@ -57,8 +58,10 @@ def main(out: Path) -> int:
         else:
             model.merge_and_unload().save_pretrained(out / name, safe_serialization=True)
             tok.save_pretrained(out / name)
-        print(f"{name}: {kind}, {lora['target_modules']} r {lora['r']}, {STEPS} steps; held-out {domain} loss "
-              f"{base_loss:.3f} -> {loss:.3f} ({time.perf_counter() - t:.0f} s)")
+        print(
+            f"{name}: {kind}, {lora['target_modules']} r {lora['r']}, {STEPS} steps; held-out {domain} loss "
+            f"{base_loss:.3f} -> {loss:.3f} ({time.perf_counter() - t:.0f} s)"
+        )
     rows = cases.domain_cases(tok, ("code", "legal"), "heldout", DATA_CASES, DATA_CONTEXT_TOKENS, DATA_ANSWER_TOKENS)
     with open(out / "data.jsonl", "w", encoding="utf-8") as f:
         for c in rows:

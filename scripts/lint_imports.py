@@ -10,6 +10,7 @@ kvrelay/backends -> backends/, kvrelay/triton -> python_backend/), puts it first
 runs lint-imports from the same environment on the checkout's pyproject.toml. Exit status: 0 when
 every contract is kept, 1 when one is broken, 2 when the layout could not be staged.
 """
+
 from __future__ import annotations
 
 import os
@@ -56,9 +57,17 @@ def lint_imports_exe() -> str:
 
 def run(dest: Path, args: list[str], root: Path = ROOT) -> subprocess.CompletedProcess:
     """lint-imports over the layout staged at dest, with the checkout's contracts."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(dest), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    return subprocess.run([lint_imports_exe(), "--no-cache", "--no-logo", *args, str(root / "pyproject.toml")],
-                          cwd=dest, env=env, capture_output=True, text=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(dest), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    }
+    return subprocess.run(
+        [lint_imports_exe(), "--no-cache", "--no-logo", *args, str(root / "pyproject.toml")],
+        cwd=dest,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
 
 
 def main(argv: list[str]) -> int:

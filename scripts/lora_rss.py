@@ -13,6 +13,7 @@ the RSS of tritonserver and every stub is read from /proc. Prints one JSON objec
 name, whose preprocessing stub holds a tokenizer (~353 MiB each, measured), which is why a fleet of
 adapters is served with it off.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,26 +33,37 @@ def measure(n: int, adapters: list[Path], base: Path, port: int, max_tokens: int
     name = f"lora-rss-{n}"
     user.ensure_registered(name, str(base), {f"a{i:02d}": str(d) for i, d in enumerate(adapters[:n])})
     toml = paths.home() / f"{name}.toml"
-    toml.write_text(f'family = "{name}"\nlora = "unmerged"\nmax_loras = 8\n'
-                    f'variant_entry_points = {str(entry_points).lower()}\n')
+    toml.write_text(
+        f'family = "{name}"\nlora = "unmerged"\nmax_loras = 8\nvariant_entry_points = {str(entry_points).lower()}\n'
+    )
     t0 = time.time()
-    server = launch.start(dp.load(toml), paths.home() / "serve" / name, http_port=port, grpc_port=port + 1,
-                          metrics_port=port + 2)
+    server = launch.start(
+        dp.load(toml), paths.home() / "serve" / name, http_port=port, grpc_port=port + 1, metrics_port=port + 2
+    )
     url = server.http_url
     try:
         started = time.time() - t0
         t1 = time.time()
         answers = {}
         for i in range(n):
-            r = client.infer(url, "Summarise the text above.", max_tokens, model=f"a{i:02d}",
-                             context="kvrelay serves many fine-tuned variants of one model. " * 20)
+            r = client.infer(
+                url,
+                "Summarise the text above.",
+                max_tokens,
+                model=f"a{i:02d}",
+                context="kvrelay serves many fine-tuned variants of one model. " * 20,
+            )
             answers[f"a{i:02d}"] = r.info["output_tokens"]
         asked = time.time() - t1
         tree = procstats.server_tree(server.proc.pid)
-        return {"adapters": n, "start_s": round(started, 1), "ask_all_s": round(asked, 1),
-                "rss_mib": round(sum(p.rss_mib for p in tree), 1),
-                "processes": {p.name: round(p.rss_mib, 1) for p in tree},
-                "answered": sum(1 for v in answers.values() if v == max_tokens)}
+        return {
+            "adapters": n,
+            "start_s": round(started, 1),
+            "ask_all_s": round(asked, 1),
+            "rss_mib": round(sum(p.rss_mib for p in tree), 1),
+            "processes": {p.name: round(p.rss_mib, 1) for p in tree},
+            "answered": sum(1 for v in answers.values() if v == max_tokens),
+        }
     finally:
         server.stop()
 
@@ -61,8 +73,11 @@ def main() -> int:
     p.add_argument("--adapters", type=int, default=32)
     p.add_argument("--http-port", type=int, default=8600)
     p.add_argument("--max-tokens", type=int, default=8)
-    p.add_argument("--entry-points", action="store_true",
-                   help="also serve each adapter under its own Triton model name (a preprocessing stub each)")
+    p.add_argument(
+        "--entry-points",
+        action="store_true",
+        help="also serve each adapter under its own Triton model name (a preprocessing stub each)",
+    )
     a = p.parse_args()
     base = family_spec("smol-lora").dirs["base"]
     adapters = random_adapters(base, a.adapters, 16, key="smol-lora")

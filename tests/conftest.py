@@ -1,5 +1,6 @@
 """Shared fixtures. Models come from the real families (tiny, built once into the cache), and for the
 real-model family a SmolLM2 pair that is cheap enough for CI (see smol_pair_dirs)."""
+
 from __future__ import annotations
 
 import os
@@ -21,6 +22,7 @@ def rng():
 @pytest.fixture(scope="session")
 def tiny_family():
     from kvrelay.families import ensure_built
+
     return ensure_built("tiny")
 
 
@@ -31,11 +33,13 @@ def _smol_pair_dirs() -> tuple[Path, Path]:
     pretrained base converted from the GGUF wheel, and a receiver made from it by a few real
     fine-tuning steps on code, cached under $KVRELAY_HOME so later runs are instant."""
     from kvrelay.families import is_built, load_family
+
     if is_built("smol"):
         fam = load_family("smol")
         return fam.model_dir("base"), fam.model_dir("code")
     from kvrelay.families import finetune, sources
     from kvrelay.paths import home
+
     root = home() / "test-fixtures" / "smol-pair"
     base, tuned = root / "base", root / "tuned"
     if not (tuned / "config.json").exists():
@@ -49,7 +53,7 @@ def _smol_pair_dirs() -> tuple[Path, Path]:
     return base, tuned
 
 
-FAMILY_CONTEXT = {"tiny": 200, "smol": 96}   # context tokens per exactness case: fast, several blocks
+FAMILY_CONTEXT = {"tiny": 200, "smol": 96}  # context tokens per exactness case: fast, several blocks
 
 
 @pytest.fixture(scope="session", params=["tiny", "smol"])
@@ -57,6 +61,7 @@ def pair(request):
     """(family name, sender engine, receiver engine) for both families."""
     from kvrelay.model.engine_api import EngineConfig
     from kvrelay.backends.torch_engine.engine import TorchEngine
+
     if request.param == "tiny":
         fam = request.getfixturevalue("tiny_family")
         s_dir, r_dir = fam.model_dir("base"), fam.model_dir("code")

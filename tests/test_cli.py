@@ -1,4 +1,5 @@
 """The top-level command line: a command is required (with the list shown), --version, group help."""
+
 import subprocess
 import sys
 

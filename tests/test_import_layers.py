@@ -2,6 +2,7 @@
 siblings) hold over the whole installed package, and they do catch a violation: the same contracts
 over the same staged layout with one upward import, and with one cycle, added (scripts/lint_imports.py
 stages kvrelay/, backends/ and python_backend/ as the package is installed)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -24,7 +25,9 @@ def lint():
 
 
 def _modules(lint) -> int:
-    return sum(1 for folder in lint.package_dirs().values() for p in folder.rglob("*.py") if "__pycache__" not in p.parts)
+    return sum(
+        1 for folder in lint.package_dirs().values() for p in folder.rglob("*.py") if "__pycache__" not in p.parts
+    )
 
 
 def _edit(top: Path, rel: str, add: str) -> None:
@@ -65,7 +68,7 @@ def test_an_upward_import_breaks_the_layers_contract(lint, tmp_path):
 
 
 def test_an_import_cycle_breaks_the_acyclic_contract(lint, tmp_path):
-    top = lint.stage(tmp_path)   # families.user imports registry; registry importing user closes a cycle
+    top = lint.stage(tmp_path)  # families.user imports registry; registry importing user closes a cycle
     _edit(top, "families/registry.py", "\n\ndef _cycle():\n    from kvrelay.families import user\n    return user\n")
     p = lint.run(tmp_path, [])
     assert p.returncode == 1, p.stdout + p.stderr

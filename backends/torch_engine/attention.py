@@ -7,6 +7,7 @@ block ids); token at position p lives in block table[p // B], slot p % B.
 Sliding-window layers keep every position in the pool (exact, simplest: pages and export are the
 same for every layer); their attention masks to the window, in prefill, prefill-extend and decode.
 """
+
 from __future__ import annotations
 
 import torch
@@ -41,8 +42,8 @@ class PagedKVPool:
 
     def gather(self, layer: int, table: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V of one sequence's first `length` tokens: [H, length, D] each."""
-        kv = self.kv[table, layer]                             # [nb, 2, H, B, D]
-        kv = kv.permute(1, 2, 0, 3, 4).flatten(2, 3)           # [2, H, nb*B, D]
+        kv = self.kv[table, layer]  # [nb, 2, H, B, D]
+        kv = kv.permute(1, 2, 0, 3, 4).flatten(2, 3)  # [2, H, nb*B, D]
         return kv[0, :, :length], kv[1, :, :length]
 
 
@@ -53,8 +54,9 @@ def _sdpa(q, k, v, mask=None, causal=False, scale=None):
     if squeeze:
         q, k, v = q[None], k[None], v[None]
     gqa = q.shape[-3] != k.shape[-3]
-    o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask,
-                                       is_causal=causal, enable_gqa=gqa, scale=scale)
+    o = F.scaled_dot_product_attention(
+        q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=causal, enable_gqa=gqa, scale=scale
+    )
     return o[0] if squeeze else o
 
 
@@ -87,9 +89,9 @@ class PrefillAttention:
 
     def __call__(self, layer, q, k, v, window=None, scale=None):
         self.pool.write_kv(layer, self.blocks, self.offs, k, v)
-        q = q.transpose(0, 1)                                   # [H, n, D]
+        q = q.transpose(0, 1)  # [H, n, D]
         if window is not None and window >= self.start + self.n:
-            window = None                                       # the window covers everything: plain causal
+            window = None  # the window covers everything: plain causal
         if self.start == 0 and window is None:  # nothing cached before: attend to the fresh k, v directly
             o = _sdpa(q, k.transpose(0, 1), v.transpose(0, 1), causal=True, scale=scale)
         elif self.start == 0:
@@ -97,7 +99,7 @@ class PrefillAttention:
         else:
             K, V = self.pool.gather(layer, self.table, self.start + self.n)
             o = _sdpa(q, K, V, mask=self.mask(window), scale=scale)
-        return o.transpose(0, 1)                                # [n, H, D]
+        return o.transpose(0, 1)  # [n, H, D]
 
 
 class DecodeAttention:
@@ -111,9 +113,11 @@ class DecodeAttention:
         self.blocks = torch.tensor([t[p // B] for t, p in zip(tables, pos)], dtype=torch.long, device=dev)
         self.offs = torch.tensor([p % B for p in pos], dtype=torch.long, device=dev)
         nb = max((n + B - 1) // B for n in lengths)
-        self.table = torch.tensor([t[:nb] + [t[0]] * (nb - min(len(t), nb)) for t in tables], dtype=torch.long, device=dev)
+        self.table = torch.tensor(
+            [t[:nb] + [t[0]] * (nb - min(len(t), nb)) for t in tables], dtype=torch.long, device=dev
+        )
         self.pos = torch.tensor(pos, device=dev)
-        self._masks = {None: visible(self.pos, nb * B, None)[:, None, None, :]}   # [S, 1, 1, T]
+        self._masks = {None: visible(self.pos, nb * B, None)[:, None, None, :]}  # [S, 1, 1, T]
 
     def mask(self, window: int | None) -> torch.Tensor:
         if window not in self._masks:
@@ -122,10 +126,10 @@ class DecodeAttention:
 
     def __call__(self, layer, q, k, v, window=None, scale=None):
         self.pool.write_kv(layer, self.blocks, self.offs, k, v)
-        kv = self.pool.kv[self.table, layer]                    # [S, nb, 2, H, B, D]
-        kv = kv.permute(2, 0, 3, 1, 4, 5).flatten(3, 4)         # [2, S, H, nb*B, D]
+        kv = self.pool.kv[self.table, layer]  # [S, nb, 2, H, B, D]
+        kv = kv.permute(2, 0, 3, 1, 4, 5).flatten(3, 4)  # [2, S, H, nb*B, D]
         o = _sdpa(q[:, :, None, :], kv[0], kv[1], mask=self.mask(window), scale=scale)  # q [S, Hq, 1, D]
-        return o[:, :, 0, :]                                    # [S, Hq, D]
+        return o[:, :, 0, :]  # [S, Hq, D]
 
 
 class DenseAttention:

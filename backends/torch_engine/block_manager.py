@@ -4,6 +4,7 @@ Full blocks are registered under their chain hash once computed; a later sequenc
 hash the same shares them (ref-counted). Blocks nobody references stay cached in LRU order and are
 evicted only when a fresh block is needed.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict, deque
@@ -17,8 +18,8 @@ class BlockManager:
         self.ref = [0] * num_blocks
         self.hash_of: list[bytes | None] = [None] * num_blocks
         self.by_hash: dict[bytes, int] = {}
-        self.free: deque[int] = deque(range(num_blocks))      # never used or evicted: no content
-        self.lru: OrderedDict[int, None] = OrderedDict()       # cached content, ref 0, oldest first
+        self.free: deque[int] = deque(range(num_blocks))  # never used or evicted: no content
+        self.lru: OrderedDict[int, None] = OrderedDict()  # cached content, ref 0, oldest first
 
     @property
     def num_available(self) -> int:

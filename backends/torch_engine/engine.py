@@ -9,6 +9,7 @@ running sequence together whatever its adapter (backends/torch_engine/lora.py).
 thread: it admits queued requests (prefill or re-prefill, then the first token) and then decodes one
 token for every running sequence together.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -33,7 +34,7 @@ from .attention import DecodeAttention, DenseAttention, PagedKVPool, PrefillAtte
 from .block_manager import BlockManager
 from .config import ModelConfig
 from .lora import LoraBatch, LoraWeights, load_lora
-from .model import LlamaModel, load_weights, random_init, read_safetensors
+from .model import LlamaModel, load_weights, random_init
 from .sampler import sample
 from .weights import read_weights
 
@@ -43,18 +44,18 @@ log = logging.getLogger("kvrelay.engine")
 @dataclass(slots=True, eq=False)  # identity: a sequence is itself, not its contents
 class Sequence:
     req: Request
-    tokens: list[int]                   # prompt + generated so far
+    tokens: list[int]  # prompt + generated so far
     table: list[int] = field(default_factory=list)
-    hashes: list[bytes] = field(default_factory=list)   # chain hashes of registered full blocks
-    salt: bytes = b""                   # prefix-cache scope of its blocks: the request's cache_salt, + donor and
-    derived: str = ""                   # plan when the KV is hybrid ("" = exact own KV)
+    hashes: list[bytes] = field(default_factory=list)  # chain hashes of registered full blocks
+    salt: bytes = b""  # prefix-cache scope of its blocks: the request's cache_salt, + donor and
+    derived: str = ""  # plan when the KV is hybrid ("" = exact own KV)
     output: list[int] = field(default_factory=list)
     generator: torch.Generator | None = None
     prefill_sent: bool = False
     first_token_time_ns: int = 0
     admitted_at: int = 0
-    model_id: str = ""                  # the weights it runs: the base's, or its adapter's
-    lora: LoraWeights | None = None     # its adapter while admitted (pinned resident)
+    model_id: str = ""  # the weights it runs: the base's, or its adapter's
+    lora: LoraWeights | None = None  # its adapter while admitted (pinned resident)
 
     @property
     def prompt_len(self) -> int:
@@ -62,34 +63,51 @@ class Sequence:
 
 
 class TorchEngine:
-    def __init__(self, name: str, model_cfg: ModelConfig, model: LlamaModel, fingerprint: str,
-                 config: EngineConfig, model_dir: Path | None = None, weights_id: str = ""):
+    def __init__(
+        self,
+        name: str,
+        model_cfg: ModelConfig,
+        model: LlamaModel,
+        fingerprint: str,
+        config: EngineConfig,
+        model_dir: Path | None = None,
+        weights_id: str = "",
+    ):
         self.name, self.cfg, self.model, self.fingerprint, self.config = name, model_cfg, model, fingerprint, config
         self.model_dir = model_dir  # None for random weights
-        self.weights = weights_id   # digest of the weights, or random-<family>-seed<n>
+        self.weights = weights_id  # digest of the weights, or random-<family>-seed<n>
         self.model_id = f"{name}@{weights_id}" if weights_id else name  # identity of these exact weights
         self.num_layers = model_cfg.num_layers
         self.device = torch.device(config.device)
         self.max_model_len = config.max_model_len or model_cfg.max_position_embeddings
-        self.page_format = PageFormat.for_model(model_cfg.num_layers, model_cfg.num_kv_heads, model_cfg.head_dim,
-                                                model_cfg.hidden_size, config.block_size, config.dtype, config.e_layers)
+        self.page_format = PageFormat.for_model(
+            model_cfg.num_layers,
+            model_cfg.num_kv_heads,
+            model_cfg.head_dim,
+            model_cfg.hidden_size,
+            config.block_size,
+            config.dtype,
+            config.e_layers,
+        )
         num_blocks = config.kv_cache_bytes // self.page_format.page_bytes
         if num_blocks < 2:
-            raise KvRelayError(f"kv_cache_bytes={config.kv_cache_bytes} holds {num_blocks} blocks of "
-                               f"{self.page_format.page_bytes} bytes; give the engine more cache")
+            raise KvRelayError(
+                f"kv_cache_bytes={config.kv_cache_bytes} holds {num_blocks} blocks of "
+                f"{self.page_format.page_bytes} bytes; give the engine more cache"
+            )
         self.pool = PagedKVPool(self.page_format, num_blocks, self.device)
         self.blocks = BlockManager(num_blocks)
-        self._inbox: deque[Sequence] = deque()       # filled by add_request from any thread
+        self._inbox: deque[Sequence] = deque()  # filled by add_request from any thread
         self._aborts: deque[str] = deque()
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._admissions = 0
-        self._active: set[str] = set()              # request ids queued or running
+        self._active: set[str] = set()  # request ids queued or running
         # LoRA adapters: registered (name -> adapter on disk, its model id), resident (LRU), pins
         self._adapters: dict[str, tuple[ck.LoraAdapter, str]] = {}
         self._resident: OrderedDict[str, LoraWeights] = OrderedDict()
         self._pins: Counter[str] = Counter()
-        self._adapters_lock = threading.Lock()      # register / remove come from other threads
+        self._adapters_lock = threading.Lock()  # register / remove come from other threads
 
     # --- construction ---------------------------------------------------------------------------
 
@@ -111,8 +129,9 @@ class TorchEngine:
         return cls.from_spec(ModelSpec.from_dir(name, model_dir), config)
 
     @classmethod
-    def with_adapters(cls, base: ModelSpec, variants: list[ModelSpec], config: EngineConfig | None = None
-                      ) -> "TorchEngine":
+    def with_adapters(
+        cls, base: ModelSpec, variants: list[ModelSpec], config: EngineConfig | None = None
+    ) -> "TorchEngine":
         """The base's engine with each variant's PEFT adapter registered under the variant's name and
         model id (so its pages and profiles are the merged model's). A full fine-tune has no adapter:
         an error naming it (it needs an engine of its own)."""
@@ -120,8 +139,10 @@ class TorchEngine:
         for v in variants:
             d = ck.adapter_dir(v.model_dir)
             if d is None:
-                raise KvRelayError(f"{v.name}: {v.model_dir} holds no PEFT adapter (adapter_config.json); a full "
-                                   "fine-tune is served by an engine of its own")
+                raise KvRelayError(
+                    f"{v.name}: {v.model_dir} holds no PEFT adapter (adapter_config.json); a full "
+                    "fine-tune is served by an engine of its own"
+                )
             engine.add_adapter(v.name, d, v.model_id)
         return engine
 
@@ -219,8 +240,10 @@ class TorchEngine:
         request.sampling.validate(self.max_model_len)
         total = len(toks) + request.sampling.max_tokens
         if total > self.max_model_len:
-            raise KvRelayError(f"prompt ({len(toks)} tokens) + max_tokens ({request.sampling.max_tokens}) = "
-                               f"{total} exceeds the model's context limit of {self.max_model_len} tokens")
+            raise KvRelayError(
+                f"prompt ({len(toks)} tokens) + max_tokens ({request.sampling.max_tokens}) = "
+                f"{total} exceeds the model's context limit of {self.max_model_len} tokens"
+            )
         need = -(-total // self.page_format.block_size)
         if need > self.blocks.num_blocks:
             raise KvRelayError(f"request needs {need} KV blocks; this engine's cache holds {self.blocks.num_blocks}")
@@ -233,8 +256,10 @@ class TorchEngine:
             with self._adapters_lock:
                 reg = self._adapters.get(request.adapter)
                 if reg is None:
-                    raise KvRelayError(f"no adapter {request.adapter!r} on {self.name!r}; registered: "
-                                       f"{sorted(self._adapters) or 'none'}")
+                    raise KvRelayError(
+                        f"no adapter {request.adapter!r} on {self.name!r}; registered: "
+                        f"{sorted(self._adapters) or 'none'}"
+                    )
                 model_id = reg[1]
         gen = None
         if request.sampling.seed is not None:
@@ -244,8 +269,10 @@ class TorchEngine:
 
     def _check_donor(self, donor: DonorKV, plan: RecomputePlan | None) -> None:
         if getattr(donor, "derived_from", ""):
-            raise KvRelayError(f"pages from {donor.producer!r} were themselves derived from {donor.derived_from!r}; "
-                               "only a model's own KV can be a donor")
+            raise KvRelayError(
+                f"pages from {donor.producer!r} were themselves derived from {donor.derived_from!r}; "
+                "only a model's own KV can be a donor"
+            )
         fp.require_same(donor.producer, donor.fingerprint, self.name, self.fingerprint)
         if not donor.format.compatible_with(self.page_format):
             raise KvRelayError(f"donor pages {donor.format} do not fit this engine's pages {self.page_format}")
@@ -259,13 +286,17 @@ class TorchEngine:
     def _check_payload(self, donor: DonorKV, plan: RecomputePlan) -> None:
         reused = plan.kv_layers_needed(self.num_layers)
         if hasattr(donor, "has_layers") and not donor.has_layers(reused):
-            raise PlanError(f"plan {plan} reuses layers {reused}, but pages from {donor.producer!r} carry KV "
-                            f"only for layers {list(donor.layers)}")
+            raise PlanError(
+                f"plan {plan} reuses layers {reused}, but pages from {donor.producer!r} carry KV "
+                f"only for layers {list(donor.layers)}"
+            )
         missing = [a for a in plan.e_layers_needed(self.num_layers) if a not in donor.format.e_layers]
         if missing:
             what = "starts recomputing or corrects K/V" if plan.correct_kv else "starts recomputing"
-            raise PlanError(f"plan {plan} {what} at layers {missing}, but pages from "
-                            f"{donor.producer!r} carry E only for layers {list(donor.format.e_layers)}")
+            raise PlanError(
+                f"plan {plan} {what} at layers {missing}, but pages from "
+                f"{donor.producer!r} carry E only for layers {list(donor.format.e_layers)}"
+            )
 
     def abort(self, request_id: str) -> None:
         self._aborts.append(request_id)
@@ -288,8 +319,8 @@ class TorchEngine:
                 break
             try:
                 if not self._pin_adapter(seq):
-                    break                              # every adapter slot busy: wait for one
-            except KvRelayError as e:                  # removed, or its files went bad, since it was queued
+                    break  # every adapter slot busy: wait for one
+            except KvRelayError as e:  # removed, or its files went bad, since it was queued
                 self.waiting.popleft()
                 self._finish(seq)
                 outputs.append(RequestOutput(seq.req.request_id, [], list(seq.output), True, "abort", error=str(e)))
@@ -362,7 +393,7 @@ class TorchEngine:
         seq.table = cached + self.blocks.allocate(-(-len(toks) // B) - len(cached))
         h = self._run(seq, toks[start:], start, 0, self.num_layers, capture_e=True)
         self._register(seq, hashes)
-        return PrefillInfo(prompt_tokens=len(toks), cached_tokens=start), h[-self._tail(seq):]
+        return PrefillInfo(prompt_tokens=len(toks), cached_tokens=start), h[-self._tail(seq) :]
 
     def _scope(self, seq: Sequence) -> bytes:
         """The prefix-cache scope of a sequence's own KV: its request's salt, and its adapter's
@@ -396,28 +427,41 @@ class TorchEngine:
         lo, n_reuse = len(hit) * B, n_reuse_blocks * B
         needs_payload = bool(plan.kv_layers_needed(L)) or bool(plan.e_layers_needed(L))
         if lo < n_reuse and needs_payload and not _carries_payload(donor):  # -> full prefill in _prefill
-            raise KvRelayError(f"the hybrid KV of {donor.producer} + plan {plan} is no longer cached here "
-                               f"({len(hit)} of {n_reuse_blocks} blocks) and no donor pages came with the request")
+            raise KvRelayError(
+                f"the hybrid KV of {donor.producer} + plan {plan} is no longer cached here "
+                f"({len(hit)} of {n_reuse_blocks} blocks) and no donor pages came with the request"
+            )
         if lo < n_reuse:
             for a, b in plan.groups:  # recompute groups first: they need only E, not the donor's KV
-                h = self.model.embed(self._tensor(toks[lo:n_reuse])) if a == 0 else \
-                    donor.e_layer(a)[lo:n_reuse].to(self.device, self.pool.kv.dtype)
+                h = (
+                    self.model.embed(self._tensor(toks[lo:n_reuse]))
+                    if a == 0
+                    else donor.e_layer(a)[lo:n_reuse].to(self.device, self.pool.kv.dtype)
+                )
                 self._run(seq, None, lo, a, b, h=h)
             if plan.correct_kv:
                 self._correct_kv(seq, donor, plan.reused_layers(L), toks, lo, n_reuse)
         reused = set(plan.kv_layers_needed(L)) if lo < n_reuse else set()
-        fresh = torch.tensor(seq.table[len(hit):n_reuse_blocks], dtype=torch.long, device=self.device)
+        fresh = torch.tensor(seq.table[len(hit) : n_reuse_blocks], dtype=torch.long, device=self.device)
 
         def load_layer(layer, _h):  # donor KV of a reused layer, fetched just before the suffix needs it
             if layer in reused:
-                self.pool.kv[fresh, layer] = donor.kv_layer(layer)[len(hit):n_reuse_blocks].to(self.device, self.pool.kv.dtype)
+                self.pool.kv[fresh, layer] = donor.kv_layer(layer)[len(hit) : n_reuse_blocks].to(
+                    self.device, self.pool.kv.dtype
+                )
 
         h = self._run(seq, toks[n_reuse:], n_reuse, 0, L, on_enter=load_layer)
         self._register(seq, hashes)
-        info = PrefillInfo(prompt_tokens=len(toks), cached_tokens=len(hit) * B, reused_tokens=n_reuse,
-                           donor=donor.producer, reused_layers=L - plan.num_recomputed,
-                           recomputed_layers=plan.num_recomputed, plan=str(plan))
-        return info, h[-self._tail(seq):]
+        info = PrefillInfo(
+            prompt_tokens=len(toks),
+            cached_tokens=len(hit) * B,
+            reused_tokens=n_reuse,
+            donor=donor.producer,
+            reused_layers=L - plan.num_recomputed,
+            recomputed_layers=plan.num_recomputed,
+            plan=str(plan),
+        )
+        return info, h[-self._tail(seq) :]
 
     def _correct_kv(self, seq: Sequence, donor: DonorKV, layers: list[int], toks: list[int], lo: int, hi: int) -> None:
         """K/V correction: each reused layer's K, V over positions [lo, hi) rebuilt from the donor's E
@@ -426,25 +470,35 @@ class TorchEngine:
         blocks, offs = self.pool.slots(seq.table, lo, hi)
         positions = torch.arange(lo, hi, device=self.device)
         for l in layers:
-            h = self.model.embed(self._tensor(toks[lo:hi])) if l == 0 else \
-                donor.e_layer(l)[lo:hi].to(self.device, self.pool.kv.dtype)
-            k, v = self.model.layers[l].project_kv(h, *self.model.rope(positions, l),   # each layer's own RoPE
-                                                   lora=LoraBatch.single(seq.lora, hi - lo))
+            h = (
+                self.model.embed(self._tensor(toks[lo:hi]))
+                if l == 0
+                else donor.e_layer(l)[lo:hi].to(self.device, self.pool.kv.dtype)
+            )
+            k, v = self.model.layers[l].project_kv(
+                h,
+                *self.model.rope(positions, l),  # each layer's own RoPE
+                lora=LoraBatch.single(seq.lora, hi - lo),
+            )
             self.pool.write_kv(l, blocks, offs, k, v)
 
-    def _run(self, seq: Sequence, tokens, start: int, first: int, last: int, h=None, capture_e=False,
-             on_enter=None) -> torch.Tensor:
+    def _run(
+        self, seq: Sequence, tokens, start: int, first: int, last: int, h=None, capture_e=False, on_enter=None
+    ) -> torch.Tensor:
         """Layers [first, last) over the sequence's tokens at positions start.. (h given or embedded)."""
         if h is None:
             h = self.model.embed(self._tensor(tokens))
         n = h.shape[0]
         attn = PrefillAttention(self.pool, seq.table, start, n)
         if capture_e:
+
             def on_enter(layer, x):
                 self.pool.write_e(layer, attn.blocks, attn.offs, x)
+
         positions = torch.arange(start, start + n, device=self.device)
-        return self.model.run_layers(h, positions, attn, first, last, on_enter=on_enter,
-                                     lora=LoraBatch.single(seq.lora, n))
+        return self.model.run_layers(
+            h, positions, attn, first, last, on_enter=on_enter, lora=LoraBatch.single(seq.lora, n)
+        )
 
     # --- decode ---------------------------------------------------------------------------------
 
@@ -464,8 +518,7 @@ class TorchEngine:
         def capture_e(layer, x):
             self.pool.write_e(layer, attn.blocks, attn.offs, x)
 
-        h = self.model.run_layers(h, positions, attn, 0, self.num_layers, on_enter=capture_e,
-                                  lora=_segments(seqs))
+        h = self.model.run_layers(h, positions, attn, 0, self.num_layers, on_enter=capture_e, lora=_segments(seqs))
         logits = self.model.logits(h)
         outs = []
         for i, s in enumerate(seqs):
@@ -497,17 +550,25 @@ class TorchEngine:
         stops = set(sp.stop_token_ids) | (set() if sp.ignore_eos else set(self.cfg.eos_token_ids))
         early = len(seq.output) < sp.min_tokens
         banned = self._banned(seq, stops if early else ())
-        tok = sample(logits.index_fill(0, torch.tensor(banned, device=logits.device), float("-inf")) if banned
-                     else logits, sp.temperature, sp.top_p, sp.top_k, seq.generator)
+        tok = sample(
+            logits.index_fill(0, torch.tensor(banned, device=logits.device), float("-inf")) if banned else logits,
+            sp.temperature,
+            sp.top_p,
+            sp.top_k,
+            seq.generator,
+        )
         if not seq.output:
             seq.first_token_time_ns = time.time_ns()
         seq.tokens.append(tok)
         seq.output.append(tok)
-        out = RequestOutput(seq.req.request_id, [tok], list(seq.output), False,
-                            first_token_time_ns=seq.first_token_time_ns)
+        out = RequestOutput(
+            seq.req.request_id, [tok], list(seq.output), False, first_token_time_ns=seq.first_token_time_ns
+        )
         if len(seq.output) <= sp.return_logits:
             out.logits = [logits.float().cpu().clone()]
-        stopped = not early and (tok in stops or any(s and tuple(seq.output[-len(s):]) == s for s in sp.stop_sequences))
+        stopped = not early and (
+            tok in stops or any(s and tuple(seq.output[-len(s) :]) == s for s in sp.stop_sequences)
+        )
         if stopped or len(seq.output) >= sp.max_tokens:
             out.finished, out.finish_reason = True, "stop" if stopped else "length"
             self._finish(seq)
@@ -520,7 +581,7 @@ class TorchEngine:
         out = seq.output
         banned = set(stops)
         for b in seq.req.sampling.bad_sequences:
-            if b and (len(b) == 1 or tuple(out[-(len(b) - 1):]) == tuple(b[:-1])):
+            if b and (len(b) == 1 or tuple(out[-(len(b) - 1) :]) == tuple(b[:-1])):
                 banned.add(b[-1])
         return sorted(banned)
 
@@ -551,7 +612,7 @@ class TorchEngine:
         full = len(seq.tokens) // B  # every token of seq.tokens has its KV in the cache by now
         if hashes is None:
             parent = seq.hashes[-1] if seq.hashes else b""
-            hashes = seq.hashes + block_hashes(seq.tokens[len(seq.hashes) * B: full * B], B, seq.salt, parent)
+            hashes = seq.hashes + block_hashes(seq.tokens[len(seq.hashes) * B : full * B], B, seq.salt, parent)
         for i in range(len(seq.hashes), min(full, len(hashes))):
             self.blocks.register(seq.table[i], hashes[i])
         seq.hashes = list(hashes[:full])
@@ -566,8 +627,16 @@ class TorchEngine:
         if seq.derived:
             fmt = PageFormat(**{**fmt.to_dict(), "e_layers": ()})
             e = e[:, :0]
-        return KVPages(fmt, seq.model_id, self.fingerprint, seq.req.prompt_tokens[: n * B], self.pool.kv[idx].clone(),
-                       e, block_hashes(seq.req.prompt_tokens[: n * B], B), seq.derived)
+        return KVPages(
+            fmt,
+            seq.model_id,
+            self.fingerprint,
+            seq.req.prompt_tokens[: n * B],
+            self.pool.kv[idx].clone(),
+            e,
+            block_hashes(seq.req.prompt_tokens[: n * B], B),
+            seq.derived,
+        )
 
     # --- helpers --------------------------------------------------------------------------------
 
@@ -582,7 +651,9 @@ class TorchEngine:
     def forward_dense(self, tokens: list[int]) -> torch.Tensor:
         """Logits at every position with no cache at all (the unpaged reference)."""
         h = self.model.embed(self._tensor(tokens))
-        h = self.model.run_layers(h, torch.arange(len(tokens), device=self.device), DenseAttention(), 0, self.num_layers)
+        h = self.model.run_layers(
+            h, torch.arange(len(tokens), device=self.device), DenseAttention(), 0, self.num_layers
+        )
         return self.model.logits(h)
 
     @property

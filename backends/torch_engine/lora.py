@@ -12,6 +12,7 @@ base once plus each distinct adapter once. Rows with no segment run the base alo
 The weights are exact to PEFT's: merging (W + s B A, merge_and_unload) and this unmerged sum agree to
 float rounding (tested: same greedy tokens, logits within 1e-4).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,22 +24,33 @@ from kvrelay.model import checkpoint as ck
 from .weights import lora_tensors
 
 # PEFT projection -> (our fused linear, its part: row block within the fused output)
-FUSED = {"q_proj": ("qkv", 0), "k_proj": ("qkv", 1), "v_proj": ("qkv", 2), "o_proj": ("o", 0),
-         "gate_proj": ("gate_up", 0), "up_proj": ("gate_up", 1), "down_proj": ("down", 0)}
+FUSED = {
+    "q_proj": ("qkv", 0),
+    "k_proj": ("qkv", 1),
+    "v_proj": ("qkv", 2),
+    "o_proj": ("o", 0),
+    "gate_proj": ("gate_up", 0),
+    "up_proj": ("gate_up", 1),
+    "down_proj": ("down", 0),
+}
 
 
 @dataclass(eq=False)
 class LoraWeights:
     """One adapter, resident: per layer, fused linear -> (A [R, in], B [out, R], scale folded in B)."""
+
     name: str
-    model_id: str                     # name@weights digest: the identity its KV pages carry
+    model_id: str  # name@weights digest: the identity its KV pages carry
     layers: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]
-    rank: int                         # the adapter's r (largest, with rank_pattern)
+    rank: int  # the adapter's r (largest, with rank_pattern)
 
     @property
     def nbytes(self) -> int:
-        return sum(a.numel() * a.element_size() + b.numel() * b.element_size()
-                   for layer in self.layers for a, b in layer.values())
+        return sum(
+            a.numel() * a.element_size() + b.numel() * b.element_size()
+            for layer in self.layers
+            for a, b in layer.values()
+        )
 
 
 def _part_rows(layer, linear: str) -> list[int]:
@@ -51,8 +63,9 @@ def _part_rows(layer, linear: str) -> list[int]:
     return [getattr(layer, linear).out_features]
 
 
-def load_lora(name: str, model_id: str, adapter: ck.LoraAdapter, model, dtype: torch.dtype,
-              device: torch.device) -> LoraWeights:
+def load_lora(
+    name: str, model_id: str, adapter: ck.LoraAdapter, model, dtype: torch.dtype, device: torch.device
+) -> LoraWeights:
     """An adapter read from disk into the fused layout of `model` (a DecoderModel)."""
     tensors = lora_tensors(adapter)
     by_layer: dict[int, dict[str, list]] = {}
@@ -70,7 +83,7 @@ def load_lora(name: str, model_id: str, adapter: ck.LoraAdapter, model, dtype: t
             B = torch.zeros(sum(rows), A.shape[0])
             col = 0
             for part, a, b in parts:
-                B[offsets[part]: offsets[part] + rows[part], col: col + a.shape[0]] = b
+                B[offsets[part] : offsets[part] + rows[part], col : col + a.shape[0]] = b
                 col += a.shape[0]
             fused[linear] = (A.to(device, dtype).contiguous(), B.to(device, dtype).contiguous())
         layers.append(fused)
@@ -91,8 +104,9 @@ class LoraBatch:
     def single(cls, weights: LoraWeights | None, n: int) -> "LoraBatch | None":
         return None if weights is None else cls([(weights, 0, n)])
 
-    def __call__(self, layer: int, linear: str, x: torch.Tensor, y: torch.Tensor,
-                 rows: slice | None = None) -> torch.Tensor:
+    def __call__(
+        self, layer: int, linear: str, x: torch.Tensor, y: torch.Tensor, rows: slice | None = None
+    ) -> torch.Tensor:
         n = x.shape[0]
         for w, lo, hi in self.segments:
             ab = w.layers[layer].get(linear)

@@ -6,6 +6,7 @@ Attention is delegated to an `attn(layer, q, k, v, **kw)` callable so the same l
 prefill, paged prefill-extend and batched decode (backends/torch_engine/attention.py); kw carries a
 sliding layer's window and a non-default softmax scale.
 """
+
 from __future__ import annotations
 
 import json
@@ -98,8 +99,8 @@ class DecoderLayer(nn.Module):
         self.o = nn.Linear(self.nq * self.hd, cfg.hidden_size, bias=cfg.o_bias)
         self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
         self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
-        self.ln1 = RMSNorm(cfg.hidden_size, eps, off)        # before attention
-        self.ln2 = RMSNorm(cfg.hidden_size, eps, off)        # before the MLP
+        self.ln1 = RMSNorm(cfg.hidden_size, eps, off)  # before attention
+        self.ln2 = RMSNorm(cfg.hidden_size, eps, off)  # before the MLP
         self.q_norm = RMSNorm(self.hd, eps, off) if cfg.qk_norm else None
         self.k_norm = RMSNorm(self.hd, eps, off) if cfg.qk_norm else None
         self.attn_out_norm = RMSNorm(cfg.hidden_size, eps, off) if cfg.sandwich_norms else None
@@ -108,7 +109,7 @@ class DecoderLayer(nn.Module):
         self.attn_kw = {}
         if self.window is not None:
             self.attn_kw["window"] = self.window
-        if cfg.attn_scale is not None and cfg.attn_scale != self.hd ** -0.5:
+        if cfg.attn_scale is not None and cfg.attn_scale != self.hd**-0.5:
             self.attn_kw["scale"] = cfg.attn_scale
 
     def _k(self, k, cos, sin):
@@ -122,7 +123,9 @@ class DecoderLayer(nn.Module):
 
     def _qkv(self, h, cos, sin, lora=None):
         T = h.shape[0]
-        q, k, v = self._linear("qkv", self.ln1(h), lora).split([self.nq * self.hd, self.nkv * self.hd, self.nkv * self.hd], -1)
+        q, k, v = self._linear("qkv", self.ln1(h), lora).split(
+            [self.nq * self.hd, self.nkv * self.hd, self.nkv * self.hd], -1
+        )
         q = q.view(T, self.nq, self.hd)
         if self.q_norm is not None:
             q = self.q_norm(q)
@@ -172,11 +175,15 @@ class DecoderModel(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed.weight
         # float32 whatever the model's dtype (built under another default dtype, .float() keeps it so)
-        self.register_buffer("inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling),
-                             persistent=False)
+        self.register_buffer(
+            "inv_freq", rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling), persistent=False
+        )
         if any(l.rope_key == "local" for l in self.layers):
-            self.register_buffer("inv_freq_local", rope_inv_freq(cfg.head_dim, cfg.local_rope_theta,
-                                                                 cfg.local_rope_scaling), persistent=False)
+            self.register_buffer(
+                "inv_freq_local",
+                rope_inv_freq(cfg.head_dim, cfg.local_rope_theta, cfg.local_rope_scaling),
+                persistent=False,
+            )
         self.uniform_rope = not hasattr(self, "inv_freq_local")
 
     def _rope(self, positions: torch.Tensor, key: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -215,15 +222,21 @@ class DecoderModel(nn.Module):
         return x.float()
 
 
-LlamaModel = DecoderModel   # the name callers used when Llama was the only architecture
+LlamaModel = DecoderModel  # the name callers used when Llama was the only architecture
 
 
 # --- weights -----------------------------------------------------------------------------------
 
+
 def read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
+
     index = model_dir / "model.safetensors.index.json"
-    files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    files = (
+        sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+        if index.exists()
+        else ["model.safetensors"]
+    )
     state: dict[str, torch.Tensor] = {}
     for f in files:
         if not (model_dir / f).exists():
@@ -234,13 +247,20 @@ def read_safetensors(model_dir: Path) -> dict[str, torch.Tensor]:
 
 def _layer_names(cfg: ModelConfig) -> dict[str, str]:
     """Our parameter (within a layer) -> the HF checkpoint's name, for this architecture's layout."""
-    names = {"o.weight": "self_attn.o_proj.weight", "down.weight": "mlp.down_proj.weight",
-             "ln1.weight": "input_layernorm.weight"}
-    if cfg.sandwich_norms:   # Gemma: post_attention_layernorm is on the attention *output*
-        names.update({"attn_out_norm.weight": "post_attention_layernorm.weight",
-                      "ln2.weight": "pre_feedforward_layernorm.weight",
-                      "mlp_out_norm.weight": "post_feedforward_layernorm.weight"})
-    else:                    # Llama, Qwen2, Mistral: post_attention_layernorm is the MLP's input norm
+    names = {
+        "o.weight": "self_attn.o_proj.weight",
+        "down.weight": "mlp.down_proj.weight",
+        "ln1.weight": "input_layernorm.weight",
+    }
+    if cfg.sandwich_norms:  # Gemma: post_attention_layernorm is on the attention *output*
+        names.update(
+            {
+                "attn_out_norm.weight": "post_attention_layernorm.weight",
+                "ln2.weight": "pre_feedforward_layernorm.weight",
+                "mlp_out_norm.weight": "post_feedforward_layernorm.weight",
+            }
+        )
+    else:  # Llama, Qwen2, Mistral: post_attention_layernorm is the MLP's input norm
         names["ln2.weight"] = "post_attention_layernorm.weight"
     if cfg.qk_norm:
         names.update({"q_norm.weight": "self_attn.q_norm.weight", "k_norm.weight": "self_attn.k_norm.weight"})
@@ -270,7 +290,7 @@ def load_weights(model: DecoderModel, sd: dict[str, torch.Tensor], model_dir: Pa
             if not cfg.tie_word_embeddings:
                 model.lm_head.weight.copy_(get("lm_head.weight"))
             elif "lm_head.weight" in sd:
-                used.add("lm_head.weight")   # some exports write the tied head out as well
+                used.add("lm_head.weight")  # some exports write the tied head out as well
             for i, layer in enumerate(model.layers):
                 p = f"model.layers.{i}."
                 layer.qkv.weight.copy_(torch.cat([get(p + f"self_attn.{n}_proj.weight") for n in "qkv"]))
@@ -282,13 +302,16 @@ def load_weights(model: DecoderModel, sd: dict[str, torch.Tensor], model_dir: Pa
                 for ours, theirs in names.items():
                     layer.get_parameter(ours).copy_(get(p + theirs))
     except KeyError as e:
-        raise KvRelayError(f"{model_dir}: weight {e.args[0]} missing; not a {cfg.model_type} checkpoint of "
-                           "this config") from None
+        raise KvRelayError(
+            f"{model_dir}: weight {e.args[0]} missing; not a {cfg.model_type} checkpoint of this config"
+        ) from None
     unused = sorted(k for k in sd if k not in used and not k.endswith("rotary_emb.inv_freq"))
     if unused:
-        raise KvRelayError(f"{model_dir}: {len(unused)} weights have no place in a {cfg.model_type} model of this "
-                           f"config (e.g. {', '.join(unused[:3])}); the checkpoint is not the architecture its "
-                           "config.json names")
+        raise KvRelayError(
+            f"{model_dir}: {len(unused)} weights have no place in a {cfg.model_type} model of this "
+            f"config (e.g. {', '.join(unused[:3])}); the checkpoint is not the architecture its "
+            "config.json names"
+        )
 
 
 def random_init(model: DecoderModel, seed: int) -> None:

@@ -7,6 +7,7 @@ W += scale * B @ A per adapted projection, in fp32, exactly as PEFT's merge_and_
 The engine then casts to its configured dtype when it copies the tensors in. Which files to read
 and every LoRA setting come from kvrelay.model.checkpoint, the one reader of their layout.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,7 +21,8 @@ from kvrelay.model.spec import read_hf_config
 def _load_file(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
-        ck.safetensors_header(path)   # a truncated file is a clear error, not a safetensors panic
+
+        ck.safetensors_header(path)  # a truncated file is a clear error, not a safetensors panic
         return load_file(str(path))
     ck.bin_tensors(path)
     return torch.load(path, map_location="cpu", weights_only=True)
@@ -51,8 +53,10 @@ def lora_tensors(adapter: ck.LoraAdapter) -> dict[ck.LoraModule, tuple[torch.Ten
     out = {}
     for m in adapter.modules:
         prefix = f"base_model.model.{m.hf_name}"
-        out[m] = (_float(prefix + ".lora_A.weight", tensors[prefix + ".lora_A.weight"], adapter.weights),
-                  _float(prefix + ".lora_B.weight", tensors[prefix + ".lora_B.weight"], adapter.weights))
+        out[m] = (
+            _float(prefix + ".lora_A.weight", tensors[prefix + ".lora_A.weight"], adapter.weights),
+            _float(prefix + ".lora_B.weight", tensors[prefix + ".lora_B.weight"], adapter.weights),
+        )
     return out
 
 
@@ -61,8 +65,10 @@ def merge_lora(state: dict[str, torch.Tensor], adapter: ck.LoraAdapter) -> dict[
     for m, (a, b) in lora_tensors(adapter).items():
         w = state[m.hf_name + ".weight"]
         if w.shape != (b.shape[0], a.shape[1]):
-            raise ck.CheckpointError(f"{adapter.weights}: base_model.model.{m.hf_name} ({list(b.shape)} x "
-                                     f"{list(a.shape)}) does not fit the base's {m.hf_name}.weight {list(w.shape)}")
+            raise ck.CheckpointError(
+                f"{adapter.weights}: base_model.model.{m.hf_name} ({list(b.shape)} x "
+                f"{list(a.shape)}) does not fit the base's {m.hf_name}.weight {list(w.shape)}"
+            )
         state[m.hf_name + ".weight"] = w + (b @ a) * m.scale
     return state
 

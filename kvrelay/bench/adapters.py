@@ -4,6 +4,7 @@ adapters than a family has (decode with 8 or 32 distinct adapters): written as P
 $KVRELAY_HOME/bench-adapters. Speed does not depend on the values; B is small so that outputs stay
 a perturbation of the base's, as a trained adapter's are.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,11 +18,13 @@ from kvrelay.model.spec import read_hf_config
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def random_adapter(base_dir: Path, out: Path, rank: int = 16, alpha: int = 32, seed: int = 0,
-                   targets: tuple[str, ...] = ALL_LINEAR) -> Path:
+def random_adapter(
+    base_dir: Path, out: Path, rank: int = 16, alpha: int = 32, seed: int = 0, targets: tuple[str, ...] = ALL_LINEAR
+) -> Path:
     """One adapter over the base at base_dir (its config.json gives the shapes); kept if present."""
     import torch
     from safetensors.torch import save_file
+
     out = Path(out)
     if (out / "adapter_model.safetensors").is_file():
         return out
@@ -32,21 +35,34 @@ def random_adapter(base_dir: Path, out: Path, rank: int = 16, alpha: int = 32, s
         for proj in targets:
             n_out, n_in = ck.projection_shape(cfg, proj)
             name = f"base_model.model.model.layers.{layer}.{ck.PROJECTIONS[proj]}.{proj}"
-            tensors[name + ".lora_A.weight"] = torch.randn(rank, n_in, generator=g) / n_in ** 0.5
+            tensors[name + ".lora_A.weight"] = torch.randn(rank, n_in, generator=g) / n_in**0.5
             tensors[name + ".lora_B.weight"] = torch.randn(n_out, rank, generator=g) * 0.002
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(tmp / "adapter_model.safetensors"))
-    (tmp / ck.ADAPTER_CONFIG).write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "lora_dropout": 0.0,
-        "target_modules": list(targets), "bias": "none", "base_model_name_or_path": None,
-        "inference_mode": True}, indent=1))
-    tmp.rename(out)                   # whole or absent, as builds are
+    (tmp / ck.ADAPTER_CONFIG).write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "task_type": "CAUSAL_LM",
+                "r": rank,
+                "lora_alpha": alpha,
+                "lora_dropout": 0.0,
+                "target_modules": list(targets),
+                "bias": "none",
+                "base_model_name_or_path": None,
+                "inference_mode": True,
+            },
+            indent=1,
+        )
+    )
+    tmp.rename(out)  # whole or absent, as builds are
     return out
 
 
 def random_adapters(base_dir: Path, n: int, rank: int = 16, key: str = "") -> list[Path]:
     """n adapters over base_dir, cached per (key, rank, index)."""
     root = paths.home() / "bench-adapters" / (key or Path(base_dir).name)
-    return [random_adapter(base_dir, root / f"r{rank}-{i:02d}", rank=rank, alpha=2 * rank, seed=1000 + i)
-            for i in range(n)]
+    return [
+        random_adapter(base_dir, root / f"r{rank}-{i:02d}", rank=rank, alpha=2 * rank, seed=1000 + i) for i in range(n)
+    ]

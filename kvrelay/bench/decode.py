@@ -12,6 +12,7 @@ drift on a shared machine hits each alike; medians are reported.
 Adapters: the family's own LoRA variants first, then random ones at the same rank and targets
 (kvrelay.bench.adapters) when --adapters asks for more.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,11 @@ BATCHES = "1,8,32"
 
 
 def add_arguments(p):
-    p.add_argument("--family", default="smol-lora", help="a built LoRA family (smol-lora, gemma-lora, or one "
-                                                          "registered with `models add`)")
+    p.add_argument(
+        "--family",
+        default="smol-lora",
+        help="a built LoRA family (smol-lora, gemma-lora, or one registered with `models add`)",
+    )
     p.add_argument("--variant", help="the variant measured alone (default: the family's first LoRA variant)")
     p.add_argument("--batches", default=BATCHES, help=f"batch sizes, comma-separated (default {BATCHES})")
     p.add_argument("--adapters", type=int, default=8, help="distinct adapters in the mixed batch (default 8)")
@@ -54,8 +58,9 @@ def run(args) -> int:
     batches = _ints(args.batches, "--batches")
     if args.adapters < 1 or args.prompt < 1 or args.tokens < 2 or args.repeats < 1:
         raise KvRelayError("--adapters, --prompt and --repeats must be >= 1, --tokens >= 2")
-    result = bench(args.family, batches, args.adapters, args.prompt, args.tokens, args.repeats,
-                   args.variant, progress=True)   # progress on stderr, the result on stdout
+    result = bench(
+        args.family, batches, args.adapters, args.prompt, args.tokens, args.repeats, args.variant, progress=True
+    )  # progress on stderr, the result on stdout
     if args.json:
         print(json.dumps(result, indent=1))
     else:
@@ -63,8 +68,16 @@ def run(args) -> int:
     return 0
 
 
-def bench(family: str, batches: list[int], n_adapters: int = 8, prompt: int = 128, tokens: int = 32,
-          repeats: int = 3, variant: str | None = None, progress: bool = False) -> dict:
+def bench(
+    family: str,
+    batches: list[int],
+    n_adapters: int = 8,
+    prompt: int = 128,
+    tokens: int = 32,
+    repeats: int = 3,
+    variant: str | None = None,
+    progress: bool = False,
+) -> dict:
     import torch
 
     from kvrelay.backends.torch_engine.engine import TorchEngine
@@ -81,16 +94,21 @@ def bench(family: str, batches: list[int], n_adapters: int = 8, prompt: int = 12
     if variant not in loras:
         raise KvRelayError(f"--variant {variant!r} is not a LoRA variant of {family!r}; those are {loras}")
     blocks = max(batches) * (-(-(prompt + tokens) // 16) + 1) + 8
-    cfg = EngineConfig(kv_cache_bytes=blocks * base.page_format(16, "float32").page_bytes,
-                       max_num_seqs=max(batches), max_loras=n_adapters,
-                       max_prefill_tokens=max(batches) * (prompt + tokens), prefix_caching=False)
+    cfg = EngineConfig(
+        kv_cache_bytes=blocks * base.page_format(16, "float32").page_bytes,
+        max_num_seqs=max(batches),
+        max_loras=n_adapters,
+        max_prefill_tokens=max(batches) * (prompt + tokens),
+        prefix_caching=False,
+    )
     engine = TorchEngine.with_adapters(base, [fam.model(variant)], cfg)
     others = [m for m in loras if m != variant][: n_adapters - 1]
     for m in others:
         engine.add_adapter(m, adapter_dir(fam.model(m).model_dir), fam.model(m).model_id)
     names = [variant, *others]
-    rank = max(int(json.loads((adapter_dir(fam.model(variant).model_dir) / "adapter_config.json")
-                              .read_text()).get("r", 16)), 1)
+    rank = max(
+        int(json.loads((adapter_dir(fam.model(variant).model_dir) / "adapter_config.json").read_text()).get("r", 16)), 1
+    )
     for i, d in enumerate(random_adapters(base.model_dir, n_adapters - len(names), rank, key=family)):
         engine.add_adapter(f"random-{i}", d)
         names.append(f"random-{i}")
@@ -100,35 +118,52 @@ def bench(family: str, batches: list[int], n_adapters: int = 8, prompt: int = 12
     g = torch.Generator().manual_seed(0)
     vocab = base.vocab_size
     start = tokenizer.start_ids(tokenizer.load(fam.tokenizer_dir()))
-    runs: dict[int, dict[str, list[float]]] = {b: {k: [] for k in ("hf", "merged", "single", "mixed")}
-                                              for b in batches}
-    for rep in range(repeats + 1):                     # repeat 0 warms up every path
+    runs: dict[int, dict[str, list[float]]] = {b: {k: [] for k in ("hf", "merged", "single", "mixed")} for b in batches}
+    for rep in range(repeats + 1):  # repeat 0 warms up every path
         for b in batches:
-            prompts = [start + torch.randint(100, vocab - 1, (prompt - len(start),), generator=g).tolist()
-                       for _ in range(b)]
-            timed = {"hf": _hf_decode(hf, prompts, tokens),
-                     "merged": _engine_decode(merged, prompts, [""] * b, tokens),
-                     "single": _engine_decode(engine, prompts, [variant] * b, tokens),
-                     "mixed": _engine_decode(engine, prompts, [names[i % len(names)] for i in range(b)], tokens)}
+            prompts = [
+                start + torch.randint(100, vocab - 1, (prompt - len(start),), generator=g).tolist() for _ in range(b)
+            ]
+            timed = {
+                "hf": _hf_decode(hf, prompts, tokens),
+                "merged": _engine_decode(merged, prompts, [""] * b, tokens),
+                "single": _engine_decode(engine, prompts, [variant] * b, tokens),
+                "mixed": _engine_decode(engine, prompts, [names[i % len(names)] for i in range(b)], tokens),
+            }
             if rep:
                 for k, v in timed.items():
                     runs[b][k].append(v)
             if progress:
-                print(f"bench decode: repeat {rep}{' (warm-up)' if not rep else ''} batch {b}: "
-                      + ", ".join(f"{k} {v:.1f} tok/s" for k, v in timed.items()), file=sys.stderr, flush=True)
+                print(
+                    f"bench decode: repeat {rep}{' (warm-up)' if not rep else ''} batch {b}: "
+                    + ", ".join(f"{k} {v:.1f} tok/s" for k, v in timed.items()),
+                    file=sys.stderr,
+                    flush=True,
+                )
     per = {}
     for b in batches:
         med = {k: statistics.median(v) for k, v in runs[b].items()}
-        per[str(b)] = {**{f"{k}_tokens_per_s": round(v, 2) for k, v in med.items()},
-                       "vs_hf": round(med["single"] / med["hf"], 3),
-                       "merged_vs_hf": round(med["merged"] / med["hf"], 3),
-                       "mixed_over_single": round(med["mixed"] / med["single"], 3),
-                       "distinct_adapters_mixed": min(b, len(names))}
-    return {"family": family, "variant": variant, "adapters": names, "rank": rank, "prompt_tokens": prompt,
-            "new_tokens": tokens, "repeats": repeats, "threads": torch.get_num_threads(),
-            "dtype": "float32", "batches": per,
-            "vs_hf": {b: v["vs_hf"] for b, v in per.items()},
-            "mixed_over_single": {b: v["mixed_over_single"] for b, v in per.items() if int(b) > 1}}
+        per[str(b)] = {
+            **{f"{k}_tokens_per_s": round(v, 2) for k, v in med.items()},
+            "vs_hf": round(med["single"] / med["hf"], 3),
+            "merged_vs_hf": round(med["merged"] / med["hf"], 3),
+            "mixed_over_single": round(med["mixed"] / med["single"], 3),
+            "distinct_adapters_mixed": min(b, len(names)),
+        }
+    return {
+        "family": family,
+        "variant": variant,
+        "adapters": names,
+        "rank": rank,
+        "prompt_tokens": prompt,
+        "new_tokens": tokens,
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+        "dtype": "float32",
+        "batches": per,
+        "vs_hf": {b: v["vs_hf"] for b, v in per.items()},
+        "mixed_over_single": {b: v["mixed_over_single"] for b, v in per.items() if int(b) > 1},
+    }
 
 
 def _fields(cfg) -> dict:
@@ -138,6 +173,7 @@ def _fields(cfg) -> dict:
 def _hf_model(model_dir):
     import torch
     from transformers import AutoModelForCausalLM
+
     return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
 
 
@@ -157,8 +193,15 @@ def _hf_decode(model, prompts, tokens: int) -> float:
 
     ids, clock = torch.tensor(prompts), Clock()
     with torch.inference_mode():
-        model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0,
-                       max_new_tokens=tokens, min_new_tokens=tokens, stopping_criteria=StoppingCriteriaList([clock]))
+        model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            pad_token_id=0,
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            stopping_criteria=StoppingCriteriaList([clock]),
+        )
     if len(clock.times) != tokens:
         raise RuntimeError(f"generate ran {len(clock.times)} steps, not {tokens}")
     return len(prompts) * (tokens - 1) / (clock.times[-1] - clock.times[0])
@@ -167,6 +210,7 @@ def _hf_decode(model, prompts, tokens: int) -> float:
 def _engine_decode(engine, prompts, adapters, tokens: int) -> float:
     """Admit every request in one step (prefill + first token), then time the decode steps."""
     from kvrelay.model.engine_api import Request, SamplingParams
+
     sp = SamplingParams(max_tokens=tokens, ignore_eos=True)
     for i, (p, a) in enumerate(zip(prompts, adapters)):
         engine.add_request(Request(f"d{time.monotonic_ns()}-{i}", p, sp, adapter=a))
@@ -180,11 +224,17 @@ def _engine_decode(engine, prompts, adapters, tokens: int) -> float:
 
 
 def _table(r: dict) -> None:
-    print(f"decode, {r['family']}/{r['variant']} (rank {r['rank']}), prompt {r['prompt_tokens']} + "
-          f"{r['new_tokens']} tokens, {r['threads']} threads, median of {r['repeats']}; tokens/s")
-    print(f"{'batch':>5} {'HF generate':>12} {'engine merged':>14} {'unmerged':>9} {'mixed':>7} "
-          f"{'vs_hf':>6} {'mixed/single':>13}")
+    print(
+        f"decode, {r['family']}/{r['variant']} (rank {r['rank']}), prompt {r['prompt_tokens']} + "
+        f"{r['new_tokens']} tokens, {r['threads']} threads, median of {r['repeats']}; tokens/s"
+    )
+    print(
+        f"{'batch':>5} {'HF generate':>12} {'engine merged':>14} {'unmerged':>9} {'mixed':>7} "
+        f"{'vs_hf':>6} {'mixed/single':>13}"
+    )
     for b, v in r["batches"].items():
-        print(f"{b:>5} {v['hf_tokens_per_s']:>12.1f} {v['merged_tokens_per_s']:>14.1f} {v['single_tokens_per_s']:>9.1f} "
-              f"{v['mixed_tokens_per_s']:>7.1f} {v['vs_hf']:>6.2f} {v['mixed_over_single']:>13.2f}"
-              f"  ({v['distinct_adapters_mixed']} adapters)")
+        print(
+            f"{b:>5} {v['hf_tokens_per_s']:>12.1f} {v['merged_tokens_per_s']:>14.1f} {v['single_tokens_per_s']:>9.1f} "
+            f"{v['mixed_tokens_per_s']:>7.1f} {v['vs_hf']:>6.2f} {v['mixed_over_single']:>13.2f}"
+            f"  ({v['distinct_adapters_mixed']} adapters)"
+        )

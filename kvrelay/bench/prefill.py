@@ -11,6 +11,7 @@ the group start's E): (c) `fetch` everything, then re-prefill; (d) `stream` (pip
 section 4.3): recompute starts as soon as the E arrived while the reused layers' KV streams in.
 `--store redis` starts a temporary redis-server on a free loopback port for the run.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,9 +37,12 @@ def add_arguments(p):
     p.add_argument("--suffix", type=int, default=32, help="question tokens after the shared context")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per point (median reported)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.add_argument("--store", default=None,
-                   help="also time re-prefill from a page store, with and without pipelining: redis (a temporary "
-                        "local redis-server), redis://host:port/db, or memory[:SIZE]")
+    p.add_argument(
+        "--store",
+        default=None,
+        help="also time re-prefill from a page store, with and without pipelining: redis (a temporary "
+        "local redis-server), redis://host:port/db, or memory[:SIZE]",
+    )
 
 
 def run(args) -> int:
@@ -48,8 +52,18 @@ def run(args) -> int:
         raise KvRelayError(f"--lengths must be comma-separated integers, got {args.lengths!r}") from None
     if any(n < 16 for n in lengths) or args.repeats < 1 or args.suffix < 1:
         raise KvRelayError("--lengths must be >= 16, --repeats and --suffix >= 1")
-    result = bench(args.family, lengths, args.repeats, args.suffix, args.device, args.dtype,
-                   args.sender, args.receiver, progress=not args.json, store=args.store)
+    result = bench(
+        args.family,
+        lengths,
+        args.repeats,
+        args.suffix,
+        args.device,
+        args.dtype,
+        args.sender,
+        args.receiver,
+        progress=not args.json,
+        store=args.store,
+    )
     if args.json:
         print(json.dumps(result, indent=1))
     else:
@@ -57,21 +71,36 @@ def run(args) -> int:
     return 0
 
 
-def bench(family, lengths, repeats=3, suffix=32, device="cpu", dtype=None, sender=None, receiver=None,
-          progress=False, store=None, **synthetic_overrides) -> dict:
+def bench(
+    family,
+    lengths,
+    repeats=3,
+    suffix=32,
+    device="cpu",
+    dtype=None,
+    sender=None,
+    receiver=None,
+    progress=False,
+    store=None,
+    **synthetic_overrides,
+) -> dict:
     if store is None:
-        return _bench(family, lengths, repeats, suffix, device, dtype, sender, receiver, progress, None,
-                      **synthetic_overrides)
+        return _bench(
+            family, lengths, repeats, suffix, device, dtype, sender, receiver, progress, None, **synthetic_overrides
+        )
     from kvrelay.store import open_store
+
     server = None
     if store == "redis":
         from kvrelay.store.redis_server import RedisServer
+
         server = RedisServer()
         store = server.url
     try:
         with open_store(store) as st:
-            return _bench(family, lengths, repeats, suffix, device, dtype, sender, receiver, progress, st,
-                          **synthetic_overrides)
+            return _bench(
+                family, lengths, repeats, suffix, device, dtype, sender, receiver, progress, st, **synthetic_overrides
+            )
     finally:
         if server is not None:
             server.stop()
@@ -80,14 +109,16 @@ def bench(family, lengths, repeats=3, suffix=32, device="cpu", dtype=None, sende
 STORE_TENANT = "bench"
 
 
-def _bench(family, lengths, repeats, suffix, device, dtype, sender, receiver, progress, st,
-           **synthetic_overrides) -> dict:
+def _bench(
+    family, lengths, repeats, suffix, device, dtype, sender, receiver, progress, st, **synthetic_overrides
+) -> dict:
     """engines -> per length: the sender's pages, then timed repeats of every kind -> result."""
     from tqdm import tqdm
 
     b = _Bench(family, lengths, suffix, device, dtype, sender, receiver, st, synthetic_overrides)
-    bar = tqdm(total=len(lengths) * (len(b.kinds) * repeats + 1), desc=f"bench {family}", disable=not progress,
-               file=sys.stderr)
+    bar = tqdm(
+        total=len(lengths) * (len(b.kinds) * repeats + 1), desc=f"bench {family}", disable=not progress, file=sys.stderr
+    )
     per_len = {n: b.measure(n, repeats, bar) for n in lengths}
     bar.close()
     return b.result(per_len, repeats)
@@ -107,8 +138,9 @@ class _Bench:
         if self.sender == self.receiver:
             raise KvRelayError("--sender and --receiver must differ")
         longest = max(lengths) + suffix + 1
-        cfg = lambda caching, kv_bytes: EngineConfig(device=device, dtype=self.dtype, prefix_caching=caching,
-                                                     max_model_len=None, kv_cache_bytes=kv_bytes)
+        cfg = lambda caching, kv_bytes: EngineConfig(
+            device=device, dtype=self.dtype, prefix_caching=caching, max_model_len=None, kv_cache_bytes=kv_bytes
+        )
         self.S = make_engine(family, self.sender, cfg(True, 2 << 30), **synthetic_overrides)
         kv_bytes = self.S.page_format.page_bytes * (2 * (longest // self.S.page_format.block_size + 2))
         self.R = make_engine(family, self.receiver, cfg(False, kv_bytes), **synthetic_overrides)
@@ -130,6 +162,7 @@ class _Bench:
     def _timed_store(self, rid, q, plan, pipelined) -> tuple[float, float]:
         """Wall clock: lookup + fetch (or stream) of what the plan needs + the re-prefill (first token)."""
         from kvrelay.model.engine_api import Request
+
         R, S, st = self.R, self.S, self.st
         t0 = time.perf_counter()
         blocks = st.lookup(STORE_TENANT, R.fingerprint, q, R.page_format.block_size).get(S.model_id, 0)
@@ -145,9 +178,11 @@ class _Bench:
     def measure(self, n: int, repeats: int, bar) -> dict:
         """Medians at context length n: full prefill, re-prefill per fraction (and from the store)."""
         from kvrelay.model.engine_api import Request
+
         ctx = self._tokens(n)
-        pages = self.S.generate([Request("donor", ctx + self._tokens(self.suffix), self.one,
-                                         export_pages=True)])["donor"].pages
+        pages = self.S.generate([Request("donor", ctx + self._tokens(self.suffix), self.one, export_pages=True)])[
+            "donor"
+        ].pages
         bar.update(1)
         times: dict = {k: [] for k in self.kinds}
         fetch_times: dict = {f: [] for f in FRACTIONS}
@@ -166,20 +201,28 @@ class _Bench:
                     if mode == "store":
                         fetch_times[f].append(fetch_s)
                 else:
-                    req = Request(f"{kind}-{r}", q, self.one) if kind == "full" else \
-                        Request(f"{kind}-{r}", q, self.one, donor=pages, plan=self.plans[kind])
+                    req = (
+                        Request(f"{kind}-{r}", q, self.one)
+                        if kind == "full"
+                        else Request(f"{kind}-{r}", q, self.one, donor=pages, plan=self.plans[kind])
+                    )
                     times[kind].append(self._timed(req))
                 bar.update(1)
         full = statistics.median(times["full"])
-        out = {"full_s": full,
-               "reprefill_s": {str(f): statistics.median(times[f]) for f in FRACTIONS},
-               "speedup": {str(f): full / statistics.median(times[f]) for f in FRACTIONS}}
+        out = {
+            "full_s": full,
+            "reprefill_s": {str(f): statistics.median(times[f]) for f in FRACTIONS},
+            "speedup": {str(f): full / statistics.median(times[f]) for f in FRACTIONS},
+        }
         if self.st is not None:
             out["store"] = {
                 "put_s": put_s,
-                **{f"{mode}_s": {str(f): statistics.median(times[(mode, f)]) for f in FRACTIONS}
-                   for mode in ("store", "pipelined")},
-                "fetch_s": {str(f): statistics.median(fetch_times[f]) for f in FRACTIONS}}
+                **{
+                    f"{mode}_s": {str(f): statistics.median(times[(mode, f)]) for f in FRACTIONS}
+                    for mode in ("store", "pipelined")
+                },
+                "fetch_s": {str(f): statistics.median(fetch_times[f]) for f in FRACTIONS},
+            }
         return out
 
     def result(self, per_len: dict, repeats: int) -> dict:
@@ -190,15 +233,21 @@ class _Bench:
             by = lambda key: {str(f): {str(n): v["store"][key][str(f)] for n, v in per_len.items()} for f in FRACTIONS}
             extra = {
                 "store": getattr(st, "url", type(st).__name__),
-                "reprefill_store_s": by("store_s"),          # lookup + fetch, then re-prefill (end to end)
+                "reprefill_store_s": by("store_s"),  # lookup + fetch, then re-prefill (end to end)
                 "reprefill_pipelined_s": by("pipelined_s"),  # lookup + stream overlapped with re-prefill
-                "store_fetch_s": by("fetch_s"),              # lookup + fetch alone
+                "store_fetch_s": by("fetch_s"),  # lookup + fetch alone
                 "store_put_s": {str(n): v["store"]["put_s"] for n, v in per_len.items()},
                 "store_stats": st.stats(),
             }
         return {
-            "family": self.family, "sender": self.sender, "receiver": self.receiver, "device": self.device,
-            "dtype": self.dtype, "num_layers": self.L, "suffix_tokens": self.suffix, "repeats": repeats,
+            "family": self.family,
+            "sender": self.sender,
+            "receiver": self.receiver,
+            "device": self.device,
+            "dtype": self.dtype,
+            "num_layers": self.L,
+            "suffix_tokens": self.suffix,
+            "repeats": repeats,
             "plans": {str(f): str(p) for f, p in plans.items()},
             "layers_recomputed": {str(f): p.num_recomputed for f, p in plans.items()},
             "full_s": {str(n): v["full_s"] for n, v in per_len.items()},
@@ -212,18 +261,25 @@ class _Bench:
 
 def print_table(r: dict) -> None:
     fr = list(r["plans"])
-    print(f"{r['family']}: {r['sender']} -> {r['receiver']} on {r['device']} ({r['dtype']}), "
-          f"{r['num_layers']} layers, +{r['suffix_tokens']} question tokens, median of {r['repeats']}")
-    print("context  full_s   " + "  ".join(f"re@{float(f):.0%}({r['layers_recomputed'][f]}L)  x" .ljust(22) for f in fr))
+    print(
+        f"{r['family']}: {r['sender']} -> {r['receiver']} on {r['device']} ({r['dtype']}), "
+        f"{r['num_layers']} layers, +{r['suffix_tokens']} question tokens, median of {r['repeats']}"
+    )
+    print("context  full_s   " + "  ".join(f"re@{float(f):.0%}({r['layers_recomputed'][f]}L)  x".ljust(22) for f in fr))
     for n, full in r["full_s"].items():
         cells = "  ".join(f"{r['reprefill_s'][f][n]:8.4f}  {r['speedup'][f][n]:5.2f}x".ljust(22) for f in fr)
         print(f"{n:>7}  {full:7.4f}  {cells}")
     print(f"speedup at 25% of layers recomputed, {r['speedup_25_at']} tokens: {r['speedup_25']:.2f}x")
     if "reprefill_store_s" in r:
-        print(f"re-prefill from the page store ({r['store']}), end to end incl. lookup + load: "
-              "fetch-then-compute / pipelined (fetch alone)")
+        print(
+            f"re-prefill from the page store ({r['store']}), end to end incl. lookup + load: "
+            "fetch-then-compute / pipelined (fetch alone)"
+        )
         print("context  " + "  ".join(f"re@{float(f):.0%}".ljust(28) for f in fr))
         for n in r["full_s"]:
-            cells = "  ".join(f"{r['reprefill_store_s'][f][n]:7.4f} / {r['reprefill_pipelined_s'][f][n]:7.4f} "
-                              f"({r['store_fetch_s'][f][n]:.4f})".ljust(28) for f in fr)
+            cells = "  ".join(
+                f"{r['reprefill_store_s'][f][n]:7.4f} / {r['reprefill_pipelined_s'][f][n]:7.4f} "
+                f"({r['store_fetch_s'][f][n]:.4f})".ljust(28)
+                for f in fr
+            )
             print(f"{n:>7}  {cells}")

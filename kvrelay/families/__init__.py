@@ -10,8 +10,25 @@ Families: "tiny" (random-init Llama for tests), "smol" (SmolLM2-135M-Instruct + 
 fine-tunes over every layer, merged).
 Importing this package does not import torch.
 """
-from kvrelay.families.registry import (FAMILY_NAMES, Family, build_family, ensure_built, family_models, family_spec,
-                                       is_built, load_family)
 
-__all__ = ["FAMILY_NAMES", "Family", "build_family", "ensure_built", "family_models", "family_spec", "is_built",
-           "load_family"]
+from kvrelay.families.registry import (
+    FAMILY_NAMES,
+    Family,
+    build_family,
+    ensure_built,
+    family_models,
+    family_spec,
+    is_built,
+    load_family,
+)
+
+__all__ = [
+    "FAMILY_NAMES",
+    "Family",
+    "build_family",
+    "ensure_built",
+    "family_models",
+    "family_spec",
+    "is_built",
+    "load_family",
+]

@@ -1,4 +1,5 @@
 """`kvrelay models build --family NAME`: build a model family's weights offline."""
+
 from __future__ import annotations
 
 import time
@@ -7,11 +8,15 @@ from kvrelay.families.registry import FAMILY_NAMES, build_family, is_built, load
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--family", required=True, choices=FAMILY_NAMES,
-                        help="family to build: tiny (test models, 53 s on 2 quiet cores), smol (SmolLM2-135M + fine-tunes, "
-                             "19 min), smol-quick (SmolLM2-135M + quick fine-tunes, the demo's, 156 s), smol-lora "
-                             "(SmolLM2-135M + four LoRA fine-tunes over every layer, about 18 min) or gemma-lora "
-                             "(Gemma-3-270m + three LoRA fine-tunes over every layer)")
+    parser.add_argument(
+        "--family",
+        required=True,
+        choices=FAMILY_NAMES,
+        help="family to build: tiny (test models, 53 s on 2 quiet cores), smol (SmolLM2-135M + fine-tunes, "
+        "19 min), smol-quick (SmolLM2-135M + quick fine-tunes, the demo's, 156 s), smol-lora "
+        "(SmolLM2-135M + four LoRA fine-tunes over every layer, about 18 min) or gemma-lora "
+        "(Gemma-3-270m + three LoRA fine-tunes over every layer)",
+    )
     parser.add_argument("--force", action="store_true", help="rebuild even if the family is already built")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
 
@@ -27,15 +32,23 @@ def summary_lines(family) -> list[str]:
         b = build.get(m, {})
         parts = [f"  {m:<6} {d}"]
         if m == family.base and b.get("steps"):
-            parts.append(f"({b.get('steps')} steps from random init on {b.get('corpus', '?')}, {b.get('seconds', '?')} s)")
+            parts.append(
+                f"({b.get('steps')} steps from random init on {b.get('corpus', '?')}, {b.get('seconds', '?')} s)"
+            )
         elif m == family.base:
             parts.append(f"(pretrained, converted in {b.get('seconds', '?')} s)")
         else:
-            layers = f", layers {b['trained_layers'][0]}-{b['trained_layers'][1] - 1} trained" if b.get("trained_layers") else ""
+            layers = (
+                f", layers {b['trained_layers'][0]}-{b['trained_layers'][1] - 1} trained"
+                if b.get("trained_layers")
+                else ""
+            )
             if b.get("lora"):
                 lora = b["lora"]
-                layers = (f", LoRA r={lora['r']} alpha={lora['lora_alpha']} on {'/'.join(lora['target_modules'])} "
-                          f"of every layer, merged")
+                layers = (
+                    f", LoRA r={lora['r']} alpha={lora['lora_alpha']} on {'/'.join(lora['target_modules'])} "
+                    f"of every layer, merged"
+                )
             parts.append(f"({b.get('steps', '?')} steps on {b.get('corpus', '?')}{layers}, {b.get('seconds', '?')} s)")
         if weights.get(m):
             parts.append(f"weights {weights[m]}")
@@ -73,8 +86,10 @@ def rebuild_report(before: dict, after: dict) -> str:
     other = [f"{m} {before.get(m, '-')} -> {after[m]}" for m in after if m not in same]
     if not other:
         return f"  rebuild reproduced the previous build: all {len(same)} weights digests equal"
-    return (f"  rebuild differs from the previous build for {len(other)} of {len(after)} models: {'; '.join(other)} "
-            "(profiles scored on the old weights are reported by `kvrelay models list` and the selector)")
+    return (
+        f"  rebuild differs from the previous build for {len(other)} of {len(after)} models: {'; '.join(other)} "
+        "(profiles scored on the old weights are reported by `kvrelay models list` and the selector)"
+    )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """`kvrelay models add NAME --base DIR [--variant VNAME=DIR ...]`: register a family from your own
 directories (full HF checkpoints or PEFT LoRA adapters over the base); nothing is copied."""
+
 from __future__ import annotations
 
 from kvrelay.errors import KvRelayError
@@ -9,11 +10,21 @@ from kvrelay.families.cli_list import model_lines
 
 def add_arguments(p) -> None:
     p.add_argument("name", help="the family's name, then used as --family NAME in every command")
-    p.add_argument("--base", required=True, metavar="DIR", help="the base model: a Hugging Face model directory "
-                   "(config.json, model.safetensors or shards with an index, or pytorch_model.bin; tokenizer.json)")
-    p.add_argument("--variant", action="append", default=[], metavar="VNAME=DIR",
-                   help="a variant: a full checkpoint of the base's architecture, or a PEFT LoRA adapter directory "
-                        "(adapter_config.json + adapter_model.safetensors/.bin) over the base; repeat for each")
+    p.add_argument(
+        "--base",
+        required=True,
+        metavar="DIR",
+        help="the base model: a Hugging Face model directory "
+        "(config.json, model.safetensors or shards with an index, or pytorch_model.bin; tokenizer.json)",
+    )
+    p.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="VNAME=DIR",
+        help="a variant: a full checkpoint of the base's architecture, or a PEFT LoRA adapter directory "
+        "(adapter_config.json + adapter_model.safetensors/.bin) over the base; repeat for each",
+    )
     p.add_argument("--replace", action="store_true", help="replace a family already registered under NAME")
 
 

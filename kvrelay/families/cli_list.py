@@ -1,6 +1,7 @@
 """`kvrelay models list`: each model family, built, registered or not, and where it lives; for a
 registered family each model's kind (base, full, LoRA r/alpha/targets), size, weights digest and the
 profiles that match it, or which file changed since it was registered."""
+
 from __future__ import annotations
 
 from kvrelay.errors import FamilyChanged, FamilyNotBuilt, KvRelayError, StaleFamily
@@ -31,8 +32,10 @@ def run(args) -> int:
         except KvRelayError as e:
             print(f"{name:<{w}} {'broken: ' + str(e):<10} {family_dir(name)}")
             continue
-        print(f"{name:<{w}} {'built':<10} {family.root}  (models: {', '.join(family.models)}; "
-              f"fingerprint {family.fingerprint})")
+        print(
+            f"{name:<{w}} {'built':<10} {family.root}  (models: {', '.join(family.models)}; "
+            f"fingerprint {family.fingerprint})"
+        )
         print(f"{'':<{w}} profiles: {profiles_match(family)}")
         if args.verbose:
             for line in summary_lines(family):
@@ -46,14 +49,18 @@ def run(args) -> int:
         except KvRelayError as e:
             print(f"{name:<{w}} {'broken: ' + str(e):<10} {family_dir(name)}")
             continue
-        print(f"{name:<{w}} {'registered':<10} {family.root}  (models: {', '.join(family.models)}; "
-              f"fingerprint {family.fingerprint})")
+        print(
+            f"{name:<{w}} {'registered':<10} {family.root}  (models: {', '.join(family.models)}; "
+            f"fingerprint {family.fingerprint})"
+        )
         print(f"{'':<{w}} profiles: {profiles_match(family)}")
         for line in model_lines(family):
             print(line)
     for name, spec in synthetic.SYNTHETIC.items():
-        print(f"{name:<{w}} {'synthetic':<10} nothing on disk: random weights drawn at load time, for GPU "
-              f"throughput runs (models: {', '.join(spec['models'])})")
+        print(
+            f"{name:<{w}} {'synthetic':<10} nothing on disk: random weights drawn at load time, for GPU "
+            f"throughput runs (models: {', '.join(spec['models'])})"
+        )
     return 0
 
 
@@ -79,11 +86,17 @@ def profiles_match(family) -> str:
             unknown += 1
     other = len(files) - same - verified - unknown - broken
     same += verified
-    return (f"{len(files)} pairs: {same} match these weights" + (f" ({verified} verified by `profile check --record`)"
-                                                                 if verified else "")
-            + f", {other} scored on other weights, {unknown} without weights digests"
-            + (f", {broken} unreadable (`kvrelay profile plot FILE` names the problem)" if broken else "")
-            + (" (`kvrelay profile check PROFILE --record` re-scores one on these weights and records it)" if same < len(files) else ""))
+    return (
+        f"{len(files)} pairs: {same} match these weights"
+        + (f" ({verified} verified by `profile check --record`)" if verified else "")
+        + f", {other} scored on other weights, {unknown} without weights digests"
+        + (f", {broken} unreadable (`kvrelay profile plot FILE` names the problem)" if broken else "")
+        + (
+            " (`kvrelay profile check PROFILE --record` re-scores one on these weights and records it)"
+            if same < len(files)
+            else ""
+        )
+    )
 
 
 def _size(n: int) -> str:
@@ -112,6 +125,8 @@ def model_lines(family) -> list[str]:
             match += profile_file.weights_status(d, (weights.get(s), weights.get(r))) in ("scored", "verified")
         prof = f"{match} of {len(mine)} profiles match" if mine else "no profiles"
         size = _size(src.get("bytes", 0)) + (" adapter" if src.get("kind") == "lora" else "")
-        lines.append(f"  {m:<{w}} {user.describe(manifest, m)}; {size}; weights {weights.get(m, '?')}; {prof}; "
-                     f"{src.get('dir', '?')}")
+        lines.append(
+            f"  {m:<{w}} {user.describe(manifest, m)}; {size}; weights {weights.get(m, '?')}; {prof}; "
+            f"{src.get('dir', '?')}"
+        )
     return lines

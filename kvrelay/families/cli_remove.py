@@ -1,4 +1,5 @@
 """`kvrelay models remove NAME`: forget a registered family (its symlinks and family.json; your files stay)."""
+
 from __future__ import annotations
 
 from kvrelay.families.registry import remove_family

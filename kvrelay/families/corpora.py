@@ -12,6 +12,7 @@ assigns each document to exactly one of "train" (fine-tuning), "profile" and "he
 (evaluation) by a stable hash of its name, so a document never moves between parts from one run,
 process or machine to the next.
 """
+
 from __future__ import annotations
 
 import functools
@@ -46,7 +47,7 @@ def code_root() -> Path:
 
 @dataclass(frozen=True)
 class Document:
-    name: str   # "<domain>:<path relative to the source root>", stable across machines
+    name: str  # "<domain>:<path relative to the source root>", stable across machines
     text: str
 
     @property
@@ -83,8 +84,10 @@ def _collect(domain: str, paths: list[tuple[str, Path]]) -> list[Document]:
 def _code_paths() -> list[tuple[str, Path]]:
     root = code_root()
     if not root.is_dir():
-        raise SourceMissing(f"corpus 'code': the Python standard library sources are not at {root} "
-                            "(reinstall Python with its .py sources, e.g. apt-get install libpython3.11-stdlib)")
+        raise SourceMissing(
+            f"corpus 'code': the Python standard library sources are not at {root} "
+            "(reinstall Python with its .py sources, e.g. apt-get install libpython3.11-stdlib)"
+        )
     out = []
     for dirpath, dirnames, filenames in os.walk(root):
         # Third-party packages installed into the interpreter are not the standard library.
@@ -94,8 +97,9 @@ def _code_paths() -> list[tuple[str, Path]]:
                 p = Path(dirpath) / f
                 out.append((p.relative_to(root).as_posix(), p))
     if not out:
-        raise SourceMissing(f"corpus 'code': no *.py files under {root} "
-                            "(the interpreter ships without its standard library sources)")
+        raise SourceMissing(
+            f"corpus 'code': no *.py files under {root} (the interpreter ships without its standard library sources)"
+        )
     return out
 
 
@@ -103,8 +107,10 @@ def _docs_paths() -> list[tuple[str, Path]]:
     root = Path(DOCS_SOURCES)
     files = sorted(root.rglob("*.rst.txt")) if root.is_dir() else []
     if not files:
-        raise SourceMissing(f"corpus 'docs': no Python documentation sources (*.rst.txt) under {root}; "
-                            "run: apt-get install python3.11-doc")
+        raise SourceMissing(
+            f"corpus 'docs': no Python documentation sources (*.rst.txt) under {root}; "
+            "run: apt-get install python3.11-doc"
+        )
     return [(p.relative_to(root).as_posix(), p) for p in files]
 
 
@@ -113,9 +119,11 @@ def _package_doc_paths(domain: str, pattern: str, what: str) -> list[tuple[str, 
     files = [Path(p) for p in sorted(glob.glob(pattern))]
     files = [p for p in files if p.is_file()]
     if not files:
-        raise SourceMissing(f"corpus {domain!r}: no package {what} match {pattern} "
-                            "(the system image strips /usr/share/doc; on Debian/Ubuntu remove the "
-                            "path-exclude for /usr/share/doc in /etc/dpkg/dpkg.cfg.d/ and reinstall packages)")
+        raise SourceMissing(
+            f"corpus {domain!r}: no package {what} match {pattern} "
+            "(the system image strips /usr/share/doc; on Debian/Ubuntu remove the "
+            "path-exclude for /usr/share/doc in /etc/dpkg/dpkg.cfg.d/ and reinstall packages)"
+        )
     return [(f"{p.parent.name}/{p.name}", p) for p in files]
 
 
@@ -151,8 +159,12 @@ def _load_cached(domain: str, key: tuple) -> tuple[Document, ...]:
 
 def _source_key(domain: str) -> tuple:
     # The cache is keyed by where the sources are, so pointing a source elsewhere (tests) re-reads.
-    return {"code": lambda: (str(code_root()),), "docs": lambda: (str(DOCS_SOURCES),),
-            "legal": lambda: (LEGAL_GLOB,), "changelog": lambda: (CHANGELOG_GLOB,)}[domain]()
+    return {
+        "code": lambda: (str(code_root()),),
+        "docs": lambda: (str(DOCS_SOURCES),),
+        "legal": lambda: (LEGAL_GLOB,),
+        "changelog": lambda: (CHANGELOG_GLOB,),
+    }[domain]()
 
 
 def load_documents(domain: str) -> list[Document]:

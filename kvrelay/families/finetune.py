@@ -1,4 +1,5 @@
 """Training and evaluation helpers shared by the family builders (torch imported here only)."""
+
 from __future__ import annotations
 
 import json
@@ -42,7 +43,7 @@ def token_blocks(tokenizer, docs: list[Document], n_blocks: int, block_len: int,
             start = rng.randrange(0, len(text) - window_chars)
             nl = text.find("\n", start)
             start = nl + 1 if 0 <= nl < start + window_chars // 2 else start
-            text = text[start:start + window_chars]
+            text = text[start : start + window_chars]
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         stream.extend(ids[: block_len * 2])
         if eos is not None:
@@ -53,8 +54,11 @@ def token_blocks(tokenizer, docs: list[Document], n_blocks: int, block_len: int,
 def mixed_blocks(tokenizer, domains: list[str], part: str, n_blocks: int, block_len: int, seed: int) -> torch.Tensor:
     """Blocks drawn evenly from several domains, rows interleaved in a seeded order."""
     per = [n_blocks // len(domains) + (1 if k < n_blocks % len(domains) else 0) for k in range(len(domains))]
-    rows = [token_blocks(tokenizer, corpora.load_split(d, part), n, block_len, seed + 17 * k)
-            for k, (d, n) in enumerate(zip(domains, per)) if n]
+    rows = [
+        token_blocks(tokenizer, corpora.load_split(d, part), n, block_len, seed + 17 * k)
+        for k, (d, n) in enumerate(zip(domains, per))
+        if n
+    ]
     out = torch.cat(rows)
     g = torch.Generator().manual_seed(seed)
     return out[torch.randperm(len(out), generator=g)]
@@ -80,13 +84,13 @@ def mean_loss(model, blocks: torch.Tensor, batch_size: int = 4, progress: bool =
     model.eval()
     total, count = 0.0, 0
     try:
-        for b in tqdm(range(0, len(blocks), batch_size), desc=desc, disable=not progress,
-                      file=sys.stderr, leave=False):
-            x = blocks[b:b + batch_size]
+        for b in tqdm(range(0, len(blocks), batch_size), desc=desc, disable=not progress, file=sys.stderr, leave=False):
+            x = blocks[b : b + batch_size]
             logits = model(input_ids=x).logits[:, :-1].float()
             tgt = x[:, 1:]
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
-                                                     reduction="sum")
+            loss = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1), reduction="sum"
+            )
             total += loss.item()
             count += tgt.numel()
     finally:
@@ -99,7 +103,7 @@ class TrainResult:
     steps: int
     seconds: float
     first_loss: float
-    last_loss: float       # mean of the last few steps' training losses
+    last_loss: float  # mean of the last few steps' training losses
     tokens: int
 
 
@@ -107,9 +111,21 @@ class BuildBudgetExceeded(KvRelayError):
     """A build ran past its safety time limit (it is never cut short silently)."""
 
 
-def train(model, blocks: torch.Tensor, *, max_steps: int, batch_size: int, lr: float, seed: int,
-          max_seconds: float | None = None, warmup: int = 5, weight_decay: float = 0.0,
-          min_lr_ratio: float = 0.1, progress: bool = True, desc: str = "train") -> TrainResult:
+def train(
+    model,
+    blocks: torch.Tensor,
+    *,
+    max_steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    max_seconds: float | None = None,
+    warmup: int = 5,
+    weight_decay: float = 0.0,
+    min_lr_ratio: float = 0.1,
+    progress: bool = True,
+    desc: str = "train",
+) -> TrainResult:
     """Full-weight AdamW training with linear warmup and cosine decay.
 
     Batches are rows of `blocks` in seeded order (cycled when exhausted). A build is defined by its
@@ -122,8 +138,12 @@ def train(model, blocks: torch.Tensor, *, max_steps: int, batch_size: int, lr: f
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95), eps=1e-8)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, 0.95),
+        eps=1e-8,
+    )
     total = max_steps
     perm = torch.randperm(len(blocks), generator=g)
     cursor = 0
@@ -137,7 +157,8 @@ def train(model, blocks: torch.Tensor, *, max_steps: int, batch_size: int, lr: f
                 raise BuildBudgetExceeded(
                     f"{desc}: {step} of {total} steps after {max_seconds / 60:.0f} minutes, the build's time limit. "
                     "A build is defined by its step count, so it stops here rather than save other weights; "
-                    "run it on a quieter machine or raise the limit (see the family's module docstring)")
+                    "run it on a quieter machine or raise the limit (see the family's module docstring)"
+                )
             idx = []
             while len(idx) < batch_size:
                 if cursor >= len(perm):
@@ -167,8 +188,13 @@ def train(model, blocks: torch.Tensor, *, max_steps: int, batch_size: int, lr: f
     opt.zero_grad(set_to_none=True)
     del opt
     tail = losses[-5:]
-    return TrainResult(steps=step, seconds=round(time.monotonic() - t0, 1), first_loss=round(losses[0], 4),
-                       last_loss=round(sum(tail) / len(tail), 4), tokens=step * batch_size * blocks.shape[1])
+    return TrainResult(
+        steps=step,
+        seconds=round(time.monotonic() - t0, 1),
+        first_loss=round(losses[0], 4),
+        last_loss=round(sum(tail) / len(tail), 4),
+        tokens=step * batch_size * blocks.shape[1],
+    )
 
 
 def train_top_layers(model, n_layers: int) -> tuple[int, int]:
@@ -204,11 +230,19 @@ def save_model(model, tokenizer, out_dir) -> None:
             raise RuntimeError(f"save_pretrained did not write {out_dir / f}")
 
 
-def write_eval(model_dir, model_name: str, domain: str | None, losses: dict[str, dict[str, float]],
-               n_blocks: int, block_len: int) -> None:
+def write_eval(
+    model_dir, model_name: str, domain: str | None, losses: dict[str, dict[str, float]], n_blocks: int, block_len: int
+) -> None:
     """eval.json: held-out loss (nats/token) per domain for each compared model (the base, the variant)."""
-    doc = {"model": model_name, "domain": domain, "metric": "mean next-token cross-entropy, nats/token",
-           "split": "heldout", "blocks_per_domain": n_blocks, "block_len": block_len, "heldout_loss": losses}
+    doc = {
+        "model": model_name,
+        "domain": domain,
+        "metric": "mean next-token cross-entropy, nats/token",
+        "split": "heldout",
+        "blocks_per_domain": n_blocks,
+        "block_len": block_len,
+        "heldout_loss": losses,
+    }
     if domain is not None:
         doc["improvement"] = round(losses["base"][domain] - losses[model_name][domain], 4)
     (Path(model_dir) / "eval.json").write_text(json.dumps(doc, indent=2) + "\n")
@@ -217,5 +251,7 @@ def write_eval(model_dir, model_name: str, domain: str | None, losses: dict[str,
 def require_improvement(family: str, variant: str, domain: str, base_loss: float, variant_loss: float) -> None:
     """Fail the build loudly when a fine-tune does not beat its base on its own domain."""
     if not variant_loss < base_loss:
-        raise KvRelayError(f"family {family!r}: fine-tuned model {variant!r} does not beat the base on held-out "
-                           f"{domain} text (loss {variant_loss:.4f} vs base {base_loss:.4f}); the family was not written")
+        raise KvRelayError(
+            f"family {family!r}: fine-tuned model {variant!r} does not beat the base on held-out "
+            f"{domain} text (loss {variant_loss:.4f} vs base {base_loss:.4f}); the family was not written"
+        )

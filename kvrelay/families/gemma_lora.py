@@ -22,6 +22,7 @@ sized to this model on a CPU: each step costs ~14 s at 4 x 128 tokens on one bus
 262144-token vocabulary makes the LM head as costly as the layers), against 3.9 s for SmolLM2 at
 4 x 256. KVRELAY_GEMMA_MAX_MINUTES overrides the per-variant safety limit (it changes no weights).
 """
+
 from __future__ import annotations
 
 import os
@@ -36,7 +37,7 @@ MODELS = (BASE,) + VARIANTS
 RECIPE = 1
 
 MAX_STEPS = 30
-MAX_MINUTES = 30.0       # a safety net only
+MAX_MINUTES = 30.0  # a safety net only
 EVAL_BLOCKS = 8
 BLOCK_LEN = 128
 BATCH = 4
@@ -45,8 +46,18 @@ SEED = 4040
 
 def lora_recipe():
     minutes = float(os.environ.get("KVRELAY_GEMMA_MAX_MINUTES") or MAX_MINUTES)
-    return smol_lora.LoraRecipe(NAME, sources.GEMMA3_270M, VARIANTS, MAX_STEPS, minutes, EVAL_BLOCKS, BLOCK_LEN,
-                                batch=BATCH, seed=SEED, bos=True)
+    return smol_lora.LoraRecipe(
+        NAME,
+        sources.GEMMA3_270M,
+        VARIANTS,
+        MAX_STEPS,
+        minutes,
+        EVAL_BLOCKS,
+        BLOCK_LEN,
+        batch=BATCH,
+        seed=SEED,
+        bos=True,
+    )
 
 
 def check_sources() -> None:

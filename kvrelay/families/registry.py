@@ -16,6 +16,7 @@ file, when one changed after registration (verify_files). Built and registered f
 family_spec(name) is any family by name as the rest of kvrelay reads it: a built or registered one
 from its family.json, or a synthetic one (kvrelay.model.synthetic), as a kvrelay.model.spec.FamilySpec.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,9 +40,13 @@ from kvrelay.model.spec import FamilySpec, ModelSpec
 from kvrelay.paths import family_dir
 
 FAMILY_NAMES: tuple[str, ...] = ("tiny", "smol", "smol-quick", "smol-lora", "gemma-lora")
-_BUILDERS = {"tiny": "kvrelay.families.tiny", "smol": "kvrelay.families.smol",
-             "smol-quick": "kvrelay.families.smol_quick", "smol-lora": "kvrelay.families.smol_lora",
-             "gemma-lora": "kvrelay.families.gemma_lora"}
+_BUILDERS = {
+    "tiny": "kvrelay.families.tiny",
+    "smol": "kvrelay.families.smol",
+    "smol-quick": "kvrelay.families.smol_quick",
+    "smol-lora": "kvrelay.families.smol_lora",
+    "gemma-lora": "kvrelay.families.gemma_lora",
+}
 MANIFEST = "family.json"
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 FORMAT = 1
@@ -50,17 +55,18 @@ FORMAT = 1
 @dataclass(frozen=True)
 class Family:
     name: str
-    root: Path                 # family_dir(name)
-    base: str                  # name of the base model
-    models: dict[str, Path]    # model name -> HF model dir, base first
-    fingerprint: str           # kvrelay.model.spec.ModelSpec.fingerprint of every model (all equal)
+    root: Path  # family_dir(name)
+    base: str  # name of the base model
+    models: dict[str, Path]  # model name -> HF model dir, base first
+    fingerprint: str  # kvrelay.model.spec.ModelSpec.fingerprint of every model (all equal)
 
     def model_dir(self, name: str) -> Path:
         try:
             return self.models[name]
         except KeyError:
-            raise KvRelayError(f"family {self.name!r} has no model {name!r}; "
-                               f"its models: {', '.join(self.models)}") from None
+            raise KvRelayError(
+                f"family {self.name!r} has no model {name!r}; its models: {', '.join(self.models)}"
+            ) from None
 
     @property
     def variants(self) -> list[str]:
@@ -89,20 +95,26 @@ def registered_names() -> list[str]:
 def _check_name(name: str) -> None:
     if name not in FAMILY_NAMES and not is_registered(name):
         if synthetic.is_synthetic(name):
-            raise KvRelayError(f"{name!r} is a synthetic family (random weights drawn at load time): there is "
-                               "nothing to build or load from disk")
+            raise KvRelayError(
+                f"{name!r} is a synthetic family (random weights drawn at load time): there is "
+                "nothing to build or load from disk"
+            )
         mine = registered_names()
-        raise KvRelayError(f"unknown model family {name!r}; known families: {', '.join(FAMILY_NAMES)}, "
-                           f"synthetic {', '.join(synthetic.SYNTHETIC)}"
-                           + (f", registered {', '.join(mine)}" if mine else "")
-                           + "; register your own with: kvrelay models add NAME --base DIR --variant VNAME=DIR")
+        raise KvRelayError(
+            f"unknown model family {name!r}; known families: {', '.join(FAMILY_NAMES)}, "
+            f"synthetic {', '.join(synthetic.SYNTHETIC)}"
+            + (f", registered {', '.join(mine)}" if mine else "")
+            + "; register your own with: kvrelay models add NAME --base DIR --variant VNAME=DIR"
+        )
 
 
 def _builder(name: str):
     _check_name(name)
     if name not in _BUILDERS:
-        raise KvRelayError(f"family {name!r} is registered from your directories, not built by kvrelay: "
-                           f"re-register it with `kvrelay models add {name} ... --replace`")
+        raise KvRelayError(
+            f"family {name!r} is registered from your directories, not built by kvrelay: "
+            f"re-register it with `kvrelay models add {name} ... --replace`"
+        )
     return importlib.import_module(_BUILDERS[name])
 
 
@@ -128,24 +140,30 @@ def load_family(name: str) -> Family:
         manifest = json.loads(manifest_path.read_text())
         base, names, fingerprint = manifest["base"], list(manifest["models"]), manifest["fingerprint"]
     except (ValueError, KeyError, TypeError) as e:
-        raise KvRelayError(f"{manifest_path} is unreadable ({e}); rebuild: kvrelay models build --family {name} --force")
+        raise KvRelayError(
+            f"{manifest_path} is unreadable ({e}); rebuild: kvrelay models build --family {name} --force"
+        )
     if manifest.get("name") != name or not names or names[0] != base:
-        raise KvRelayError(f"{manifest_path} does not describe family {name!r} with its base first; "
-                           f"rebuild: kvrelay models build --family {name} --force")
+        raise KvRelayError(
+            f"{manifest_path} does not describe family {name!r} with its base first; "
+            f"rebuild: kvrelay models build --family {name} --force"
+        )
     if manifest.get("kind") == "registered":
-        verify_files(name, manifest)   # FamilyChanged naming the file
-        return Family(name=name, root=root, base=base, models={m: root / m for m in names},
-                      fingerprint=fingerprint)
+        verify_files(name, manifest)  # FamilyChanged naming the file
+        return Family(name=name, root=root, base=base, models={m: root / m for m in names}, fingerprint=fingerprint)
     built, current = manifest.get("recipe", 1), recipe(name)
     if built != current:
-        raise _not_built(name, f"{root} was built with recipe {built}, this kvrelay builds recipe {current}",
-                         StaleFamily)
+        raise _not_built(
+            name, f"{root} was built with recipe {built}, this kvrelay builds recipe {current}", StaleFamily
+        )
     models = {m: root / m for m in names}
     for m, d in models.items():
         missing = [f for f in MODEL_FILES if not (d / f).is_file()]
         if missing:
-            raise FamilyNotBuilt(f"model family {name!r} is incomplete: {d} lacks {', '.join(missing)}; "
-                                 f"run: kvrelay models build --family {name} --force")
+            raise FamilyNotBuilt(
+                f"model family {name!r} is incomplete: {d} lacks {', '.join(missing)}; "
+                f"run: kvrelay models build --family {name} --force"
+            )
     return Family(name=name, root=root, base=base, models=models, fingerprint=fingerprint)
 
 
@@ -245,13 +263,15 @@ def remove_family(name: str) -> Path:
     """Remove a registered family's directory (symlinks and family.json; the user's files stay)."""
     if not is_registered(name):
         if name in FAMILY_NAMES:
-            raise KvRelayError(f"{name!r} is a family kvrelay builds, not one you registered; its weights are in "
-                               f"{family_dir(name)} (delete that directory to free the space)")
+            raise KvRelayError(
+                f"{name!r} is a family kvrelay builds, not one you registered; its weights are in "
+                f"{family_dir(name)} (delete that directory to free the space)"
+            )
         _check_name(name)
     root = family_dir(name)
     with family_lock(name):
         gone = root.parent / f".{name}.old-{os.getpid()}"
-        root.rename(gone)        # atomic: the family is gone for every reader at once
+        root.rename(gone)  # atomic: the family is gone for every reader at once
         shutil.rmtree(gone, ignore_errors=True)
     return root
 
@@ -319,6 +339,7 @@ def family_models(family: str) -> list[str]:
 
 # --- a registered family's files ----------------------------------------------------------------
 
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -344,8 +365,13 @@ def changed_files(manifest: dict) -> list[tuple[str, str, str]]:
             if p not in shas:
                 shas[p] = sha256_file(p)
             if shas[p] != rec["sha256"]:
-                out.append((m, rec["path"], f"changed (sha256 {rec['sha256'][:12]} -> {shas[p][:12]}, "
-                                            f"{rec['size']} -> {st.st_size} bytes)"))
+                out.append(
+                    (
+                        m,
+                        rec["path"],
+                        f"changed (sha256 {rec['sha256'][:12]} -> {shas[p][:12]}, {rec['size']} -> {st.st_size} bytes)",
+                    )
+                )
     return out
 
 
@@ -356,10 +382,12 @@ def verify_files(name: str, manifest: dict) -> None:
     if bad:
         m, path, why = bad[0]
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise FamilyChanged(f"family {name!r}: {path} (model {m!r}) is {why} since it was registered on "
-                            f"{manifest.get('created', '?')}{more}; its weights digests and profiles describe the "
-                            f"old files. Register it again: kvrelay models add {name} --base ... --replace "
-                            f"(or kvrelay models remove {name})")
+        raise FamilyChanged(
+            f"family {name!r}: {path} (model {m!r}) is {why} since it was registered on "
+            f"{manifest.get('created', '?')}{more}; its weights digests and profiles describe the "
+            f"old files. Register it again: kvrelay models add {name} --base ... --replace "
+            f"(or kvrelay models remove {name})"
+        )
     _refresh_stamps(name, manifest)
 
 
@@ -375,4 +403,4 @@ def _refresh_stamps(name: str, manifest: dict) -> None:
             with family_lock(name):
                 write_json_atomic(family_dir(name) / MANIFEST, manifest)
         except OSError:
-            pass   # a read-only registry: hash again next time
+            pass  # a read-only registry: hash again next time

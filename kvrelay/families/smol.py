@@ -20,6 +20,7 @@ build fails if a variant does not beat the base on its own domain.
 KVRELAY_SMOL_MAX_MINUTES (the per-variant time limit) and KVRELAY_SMOL_MAX_STEPS override the
 defaults (recorded in family.json; other steps give other weights).
 """
+
 from __future__ import annotations
 
 import os
@@ -39,12 +40,12 @@ BATCH = 4
 LR = 1e-4
 WARMUP = 5
 WEIGHT_DECAY = 0.01
-MAX_MINUTES = 60.0        # a safety net: about 5 minutes per variant on 2 quiet cores
+MAX_MINUTES = 60.0  # a safety net: about 5 minutes per variant on 2 quiet cores
 MAX_STEPS = 100
 EVAL_BLOCKS = 20
 SEED = 2024
-TRAINED_TOP_LAYERS = {"code": 4, "docs": 6, "legal": 8}   # different teams, different depths
-RECIPE = 2   # 1: full fine-tunes; a family built with another recipe is rebuilt
+TRAINED_TOP_LAYERS = {"code": 4, "docs": 6, "legal": 8}  # different teams, different depths
+RECIPE = 2  # 1: full fine-tunes; a family built with another recipe is rebuilt
 
 
 def budget() -> tuple[float, int]:
@@ -62,6 +63,7 @@ def check_sources() -> None:
 @dataclass(frozen=True)
 class Recipe:
     """What a SmolLM2 family trains: variant name (= its corpus domain) -> top layers trained."""
+
     name: str
     trained_top_layers: dict
     max_minutes: float
@@ -74,8 +76,9 @@ class Recipe:
 def build(workdir: Path, progress: bool = True) -> dict:
     """Write the models into workdir/<model>; return per-model build info for family.json."""
     max_minutes, max_steps = budget()
-    return build_recipe(workdir, Recipe(NAME, TRAINED_TOP_LAYERS, max_minutes, max_steps, EVAL_BLOCKS,
-                                        corpora.FIRST_DOMAINS), progress)
+    return build_recipe(
+        workdir, Recipe(NAME, TRAINED_TOP_LAYERS, max_minutes, max_steps, EVAL_BLOCKS, corpora.FIRST_DOMAINS), progress
+    )
 
 
 def build_recipe(workdir: Path, recipe: Recipe, progress: bool = True) -> dict:
@@ -84,29 +87,63 @@ def build_recipe(workdir: Path, recipe: Recipe, progress: bool = True) -> dict:
     from kvrelay.families import finetune
 
     name = recipe.name
-    tok, model, evaluate, info = convert_base(workdir, name, recipe.eval_domains, recipe.eval_blocks, BLOCK_LEN,
-                                              progress)
+    tok, model, evaluate, info = convert_base(
+        workdir, name, recipe.eval_domains, recipe.eval_blocks, BLOCK_LEN, progress
+    )
     base_state = {k: v.clone() for k, v in model.state_dict().items()}
     for k, variant in enumerate(recipe.trained_top_layers):
         model.load_state_dict(base_state)
         seed = SEED + 100 * (k + 1)
         trained = finetune.train_top_layers(model, recipe.trained_top_layers[variant])
-        blocks = finetune.token_blocks(tok, corpora.load_split(variant, "train"), recipe.max_steps * BATCH,
-                                       BLOCK_LEN, seed)
-        res = finetune.train(model, blocks, max_steps=recipe.max_steps, batch_size=BATCH, lr=recipe.lr, seed=seed,
-                             warmup=WARMUP, weight_decay=WEIGHT_DECAY, max_seconds=recipe.max_minutes * 60,
-                             progress=progress, desc=f"{name}/{variant} fine-tune")
-        var_eval, eval_s = finish_variant(workdir, name, variant, model, tok, evaluate, info, recipe.eval_blocks,
-                                          BLOCK_LEN)
-        info[variant] = dict(seconds=res.seconds, eval_seconds=eval_s, steps=res.steps, corpus=variant, parent=BASE,
-                             trained_layers=list(trained), lr=recipe.lr, batch=BATCH, block_len=BLOCK_LEN, tokens=res.tokens,
-                             max_minutes=recipe.max_minutes, max_steps=recipe.max_steps,
-                             train_loss=[res.first_loss, res.last_loss], heldout_loss=var_eval)
+        blocks = finetune.token_blocks(
+            tok, corpora.load_split(variant, "train"), recipe.max_steps * BATCH, BLOCK_LEN, seed
+        )
+        res = finetune.train(
+            model,
+            blocks,
+            max_steps=recipe.max_steps,
+            batch_size=BATCH,
+            lr=recipe.lr,
+            seed=seed,
+            warmup=WARMUP,
+            weight_decay=WEIGHT_DECAY,
+            max_seconds=recipe.max_minutes * 60,
+            progress=progress,
+            desc=f"{name}/{variant} fine-tune",
+        )
+        var_eval, eval_s = finish_variant(
+            workdir, name, variant, model, tok, evaluate, info, recipe.eval_blocks, BLOCK_LEN
+        )
+        info[variant] = dict(
+            seconds=res.seconds,
+            eval_seconds=eval_s,
+            steps=res.steps,
+            corpus=variant,
+            parent=BASE,
+            trained_layers=list(trained),
+            lr=recipe.lr,
+            batch=BATCH,
+            block_len=BLOCK_LEN,
+            tokens=res.tokens,
+            max_minutes=recipe.max_minutes,
+            max_steps=recipe.max_steps,
+            train_loss=[res.first_loss, res.last_loss],
+            heldout_loss=var_eval,
+        )
     return info
 
 
-def convert_base(workdir: Path, name: str, eval_domains, eval_blocks: int, block_len: int, progress: bool,
-                 source=None, batch: int = BATCH, bos: bool = False):
+def convert_base(
+    workdir: Path,
+    name: str,
+    eval_domains,
+    eval_blocks: int,
+    block_len: int,
+    progress: bool,
+    source=None,
+    batch: int = BATCH,
+    bos: bool = False,
+):
     """The base converted from the GGUF (`source`, a sources.GgufSource: SmolLM2 by default) and saved to
     workdir/base, evaluated on held-out eval_domains in batches of `batch` rows (each row starting with
     BOS when `bos`: finetune.with_bos).
@@ -125,22 +162,31 @@ def convert_base(workdir: Path, name: str, eval_domains, eval_blocks: int, block
         heldout = {d: finetune.with_bos(b, tok.bos_token_id) for d, b in heldout.items()}
 
     def evaluate(m, label):
-        return {d: round(finetune.mean_loss(m, b, batch_size=batch, progress=progress,
-                                            desc=f"{name}/{label} eval {d}"), 4)
-                for d, b in heldout.items()}
+        return {
+            d: round(finetune.mean_loss(m, b, batch_size=batch, progress=progress, desc=f"{name}/{label} eval {d}"), 4)
+            for d, b in heldout.items()
+        }
 
     t = time.monotonic()
     base_eval = evaluate(model, BASE)
     finetune.write_eval(workdir / BASE, BASE, None, {BASE: base_eval}, eval_blocks, block_len)
-    info: dict[str, dict] = {BASE: dict(seconds=convert_s, eval_seconds=round(time.monotonic() - t, 1), steps=0,
-                                        corpus=None, parent=None,
-                                        init=f"{source.label} ({path.name}, dequantized to fp32)",
-                                        heldout_loss=base_eval)}
+    info: dict[str, dict] = {
+        BASE: dict(
+            seconds=convert_s,
+            eval_seconds=round(time.monotonic() - t, 1),
+            steps=0,
+            corpus=None,
+            parent=None,
+            init=f"{source.label} ({path.name}, dequantized to fp32)",
+            heldout_loss=base_eval,
+        )
+    }
     return tok, model, evaluate, info
 
 
-def finish_variant(workdir: Path, name: str, variant: str, model, tok, evaluate, info: dict, eval_blocks: int,
-                   block_len: int) -> tuple[dict, float]:
+def finish_variant(
+    workdir: Path, name: str, variant: str, model, tok, evaluate, info: dict, eval_blocks: int, block_len: int
+) -> tuple[dict, float]:
     """Evaluate a trained variant, fail the build unless it beats the base on its own domain, save it and
     its eval.json. Returns (held-out losses, eval seconds)."""
     from kvrelay.families import finetune
@@ -151,6 +197,7 @@ def finish_variant(workdir: Path, name: str, variant: str, model, tok, evaluate,
     eval_s = round(time.monotonic() - t, 1)
     finetune.require_improvement(name, variant, variant, base_eval[variant], var_eval[variant])
     finetune.save_model(model, tok, workdir / variant)
-    finetune.write_eval(workdir / variant, variant, variant, {BASE: base_eval, variant: var_eval}, eval_blocks,
-                        block_len)
+    finetune.write_eval(
+        workdir / variant, variant, variant, {BASE: base_eval, variant: var_eval}, eval_blocks, block_len
+    )
     return var_eval, eval_s

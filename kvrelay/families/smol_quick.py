@@ -10,6 +10,7 @@ English answers within minutes. The variants stay close to the base (they still 
 and differ in their top two layers, so reusing the base's KV and recomputing those layers restores
 each variant's own output. For measurements use `smol` (more steps, deeper fine-tunes).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -20,10 +21,10 @@ NAME = "smol-quick"
 BASE = smol.BASE
 VARIANTS = ("code", "docs")
 MODELS = (BASE,) + VARIANTS
-RECIPE = 2               # 1: lr 1e-4, so close to the base that full reuse matched every profiling token
+RECIPE = 2  # 1: lr 1e-4, so close to the base that full reuse matched every profiling token
 MAX_STEPS = 30
-LR = 3e-4                # about smol's per-weight budget (100 steps at 1e-4) in 30 steps
-MAX_MINUTES = 20.0         # a safety net: about a minute per variant on 2 quiet cores
+LR = 3e-4  # about smol's per-weight budget (100 steps at 1e-4) in 30 steps
+MAX_MINUTES = 20.0  # a safety net: about a minute per variant on 2 quiet cores
 EVAL_BLOCKS = 4
 
 

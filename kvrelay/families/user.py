@@ -11,6 +11,7 @@ family.json recording each file's size, mtime and sha256, so a file changed afte
 (kvrelay.families.registry.verify_files, when the family is loaded) rather than served under stale
 digests and profiles.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -32,21 +33,37 @@ from kvrelay.model.spec import ModelSpec
 BASE = "base"
 FORMAT = 1
 # files of a model dir that are neither config nor weights: the family's tokenizer and generation defaults
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                   "tokenizer.model", "added_tokens.json", "chat_template.jinja")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
 GENERATION = "generation_config.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
-ARCH_LABELS = {"model_type": "model_type", "num_hidden_layers": "num_hidden_layers (layers)",
-               "hidden_size": "hidden_size", "intermediate_size": "intermediate_size",
-               "num_attention_heads": "num_attention_heads (heads)", "num_key_value_heads": "num_key_value_heads (KV heads)",
-               "head_dim": "head_dim", "vocab_size": "vocab_size", "rope": "rope_theta / rope_scaling (RoPE)"}
+ARCH_LABELS = {
+    "model_type": "model_type",
+    "num_hidden_layers": "num_hidden_layers (layers)",
+    "hidden_size": "hidden_size",
+    "intermediate_size": "intermediate_size",
+    "num_attention_heads": "num_attention_heads (heads)",
+    "num_key_value_heads": "num_key_value_heads (KV heads)",
+    "head_dim": "head_dim",
+    "vocab_size": "vocab_size",
+    "rope": "rope_theta / rope_scaling (RoPE)",
+}
 
 
 @dataclass
 class Source:
     """One model as registered: its kind, the user's directory, and its view's files (link -> target)."""
+
     name: str
-    kind: str                          # base | full | lora
+    kind: str  # base | full | lora
     dir: Path
     links: dict[str, Path] = field(default_factory=dict)
     lora: dict | None = None
@@ -54,6 +71,7 @@ class Source:
 
 
 # --- validation --------------------------------------------------------------------------------
+
 
 def _dir(d, what: str) -> Path:
     p = Path(d).expanduser()
@@ -93,14 +111,16 @@ def _same_architecture(base_dir: Path, base_cfg: dict, d: Path, cfg: dict) -> No
     a, b = fp.architecture(base_cfg), fp.architecture(cfg)
     for k, label in ARCH_LABELS.items():
         if a.get(k) != b.get(k):
-            raise ck.CheckpointError(f"{d / 'config.json'}: field {label} is {b.get(k)!r}, the base's "
-                                     f"({base_dir / 'config.json'}) is {a.get(k)!r}: a variant must have the base's "
-                                     "architecture to share its KV cache")
+            raise ck.CheckpointError(
+                f"{d / 'config.json'}: field {label} is {b.get(k)!r}, the base's "
+                f"({base_dir / 'config.json'}) is {a.get(k)!r}: a variant must have the base's "
+                "architecture to share its KV cache"
+            )
 
 
 def _same_tokenizer(base_dir: Path, d: Path) -> None:
     if not (d / "tokenizer.json").is_file():
-        return   # the family's tokenizer is the base's
+        return  # the family's tokenizer is the base's
     try:
         a = json.loads((base_dir / "tokenizer.json").read_text(encoding="utf-8"))
         b = json.loads((d / "tokenizer.json").read_text(encoding="utf-8"))
@@ -108,9 +128,11 @@ def _same_tokenizer(base_dir: Path, d: Path) -> None:
         raise ck.CheckpointError(f"{d / 'tokenizer.json'}: not valid JSON ({e})") from None
     for section in fp.TOKENIZER_SECTIONS:
         if a.get(section) != b.get(section):
-            raise ck.CheckpointError(f"{d / 'tokenizer.json'}: field {section!r} differs from the base's "
-                                     f"({base_dir / 'tokenizer.json'}): the models must share one tokenizer (token "
-                                     "ids mean the same to every variant)")
+            raise ck.CheckpointError(
+                f"{d / 'tokenizer.json'}: field {section!r} differs from the base's "
+                f"({base_dir / 'tokenizer.json'}): the models must share one tokenizer (token "
+                "ids mean the same to every variant)"
+            )
 
 
 def _adapter_fits_base(adapter_dir: Path, cfg_value, base_dir: Path) -> None:
@@ -124,29 +146,38 @@ def _adapter_fits_base(adapter_dir: Path, cfg_value, base_dir: Path) -> None:
         if named.resolve() == base_dir:
             return
         try:
-            if fp.weights_digest(named) == fp.weights_digest(base_dir) and \
-                    fp.architecture(ck.read_json(named / "config.json")) == fp.architecture(ck.read_json(base_dir / "config.json")):
+            if fp.weights_digest(named) == fp.weights_digest(base_dir) and fp.architecture(
+                ck.read_json(named / "config.json")
+            ) == fp.architecture(ck.read_json(base_dir / "config.json")):
                 return
         except KvRelayError:
             pass
-        raise ck.CheckpointError(f"{path}: field 'base_model_name_or_path' is {str(cfg_value)!r}, a directory whose "
-                                 f"weights are not the base's ({base_dir}): the adapter was trained on another model")
+        raise ck.CheckpointError(
+            f"{path}: field 'base_model_name_or_path' is {str(cfg_value)!r}, a directory whose "
+            f"weights are not the base's ({base_dir}): the adapter was trained on another model"
+        )
     if str(cfg_value).rstrip("/").rsplit("/", 1)[-1] == base_dir.name:
         return
-    raise ck.CheckpointError(f"{path}: field 'base_model_name_or_path' is {str(cfg_value)!r}, not the base "
-                             f"{base_dir} (neither that directory nor a name ending in {base_dir.name!r}); if the "
-                             "adapter was trained on this base, set the field to the base directory")
+    raise ck.CheckpointError(
+        f"{path}: field 'base_model_name_or_path' is {str(cfg_value)!r}, not the base "
+        f"{base_dir} (neither that directory nor a name ending in {base_dir.name!r}); if the "
+        "adapter was trained on this base, set the field to the base directory"
+    )
 
 
 def validate(name: str, base: str | Path, variants: dict[str, str | Path]) -> list[Source]:
     """Every model of the family checked; [base Source, variant Sources...] with their view links."""
     if not _NAME.match(name):
-        raise KvRelayError(f"family name {name!r}: use letters, digits, '-' and '_' (at most 64, first a letter or digit)")
+        raise KvRelayError(
+            f"family name {name!r}: use letters, digits, '-' and '_' (at most 64, first a letter or digit)"
+        )
     if name in registry.FAMILY_NAMES or synthetic.is_synthetic(name):
         raise KvRelayError(f"family name {name!r} is taken by a family kvrelay provides; choose another")
     for v in variants:
         if not _NAME.match(v) or v == BASE:
-            raise KvRelayError(f"variant name {v!r}: use letters, digits, '-' and '_', and not {BASE!r} (the base's name)")
+            raise KvRelayError(
+                f"variant name {v!r}: use letters, digits, '-' and '_', and not {BASE!r} (the base's name)"
+            )
     base_dir = _dir(base, "base model")
     base_cfg = _config(base_dir)
     if not (base_dir / "tokenizer.json").is_file():
@@ -154,21 +185,32 @@ def validate(name: str, base: str | Path, variants: dict[str, str | Path]) -> li
     tok = _tokenizer_links(base_dir)
     weights, nbytes = _checkpoint(base_dir, base_cfg)
     gen = {GENERATION: base_dir / GENERATION} if (base_dir / GENERATION).is_file() else {}
-    out = [Source(BASE, "base", base_dir, {"config.json": base_dir / "config.json", **tok, **gen, **weights},
-                  nbytes=nbytes)]
+    out = [
+        Source(
+            BASE, "base", base_dir, {"config.json": base_dir / "config.json", **tok, **gen, **weights}, nbytes=nbytes
+        )
+    ]
     for v, d in variants.items():
         vdir = _dir(d, f"variant {v!r}")
         if ck.is_adapter(vdir):
             adapter = ck.read_adapter(vdir, base_cfg)
             _adapter_fits_base(vdir, adapter.config.get("base_model_name_or_path"), base_dir)
             ck.check_finite(ck.file_tensors(adapter.weights))
-            links = {"config.json": base_dir / "config.json", **tok, **gen, **weights,
-                     ck.ADAPTER_CONFIG: vdir / ck.ADAPTER_CONFIG, adapter.weights.name: adapter.weights}
+            links = {
+                "config.json": base_dir / "config.json",
+                **tok,
+                **gen,
+                **weights,
+                ck.ADAPTER_CONFIG: vdir / ck.ADAPTER_CONFIG,
+                adapter.weights.name: adapter.weights,
+            }
             out.append(Source(v, "lora", vdir, links, adapter.summary(), adapter.weights.stat().st_size))
         else:
             if not (vdir / "config.json").exists() and not any(vdir.glob("*.safetensors")):
-                raise ck.CheckpointError(f"{vdir}: variant {v!r} is neither a HF checkpoint (config.json + weights) "
-                                         f"nor a PEFT LoRA adapter ({ck.ADAPTER_CONFIG} + {ck.ADAPTER_WEIGHTS[0]})")
+                raise ck.CheckpointError(
+                    f"{vdir}: variant {v!r} is neither a HF checkpoint (config.json + weights) "
+                    f"nor a PEFT LoRA adapter ({ck.ADAPTER_CONFIG} + {ck.ADAPTER_WEIGHTS[0]})"
+                )
             cfg = _config(vdir)
             _same_architecture(base_dir, base_cfg, vdir, cfg)
             _same_tokenizer(base_dir, vdir)
@@ -179,6 +221,7 @@ def validate(name: str, base: str | Path, variants: dict[str, str | Path]) -> li
 
 
 # --- registration ------------------------------------------------------------------------------
+
 
 def _record(path: Path, shas: dict) -> dict:
     st = path.stat()
@@ -196,8 +239,9 @@ def register(name: str, base: str | Path, variants: dict[str, str | Path], repla
     sources = validate(name, base, variants)
     if registry.family_dir(name).exists() and not replace:
         where = registry.family_dir(name)
-        raise KvRelayError(f"family {name!r} is already registered ({where}); `kvrelay models remove {name}` first, "
-                           "or add --replace")
+        raise KvRelayError(
+            f"family {name!r} is already registered ({where}); `kvrelay models remove {name}` first, or add --replace"
+        )
 
     def fill(tmp: Path) -> dict:
         shas: dict[Path, str] = {}
@@ -208,19 +252,26 @@ def register(name: str, base: str | Path, variants: dict[str, str | Path], repla
             for link, target in s.links.items():
                 os.symlink(target, view / link)
             files[s.name] = {link: _record(target, shas) for link, target in s.links.items()}
-            specs[s.name] = ModelSpec.from_dir(s.name, view, name)   # writes the view's weights digest cache
+            specs[s.name] = ModelSpec.from_dir(s.name, view, name)  # writes the view's weights digest cache
         fps = {m: sp.fingerprint for m, sp in specs.items()}
         if len(set(fps.values())) != 1:
             raise KvRelayError(f"family {name!r}: models do not share one fingerprint: {fps}")
         return {
-            "format": FORMAT, "name": name, "kind": "registered", "base": BASE,
-            "models": [s.name for s in sources], "fingerprint": fps[BASE],
+            "format": FORMAT,
+            "name": name,
+            "kind": "registered",
+            "base": BASE,
+            "models": [s.name for s in sources],
+            "fingerprint": fps[BASE],
             "weights": {m: sp.weights for m, sp in specs.items()},
-            "sources": {s.name: {"kind": s.kind, "dir": str(s.dir), "bytes": s.nbytes,
-                                 **({"lora": s.lora} if s.lora else {})} for s in sources},
+            "sources": {
+                s.name: {"kind": s.kind, "dir": str(s.dir), "bytes": s.nbytes, **({"lora": s.lora} if s.lora else {})}
+                for s in sources
+            },
             "files": files,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "kvrelay_version": registry._version(), "python": sys.version.split()[0],
+            "kvrelay_version": registry._version(),
+            "python": sys.version.split()[0],
         }
 
     with registry.family_lock(name):
@@ -236,8 +287,10 @@ def ensure_registered(name: str, base: str | Path, variants: dict[str, str | Pat
     if registry.is_registered(name):
         try:
             fam = registry.load_family(name)
-            want = {BASE: {"kind": None, "dir": str(_dir(base, "base model"))},
-                    **{v: {"kind": None, "dir": str(_dir(d, f"variant {v!r}"))} for v, d in variants.items()}}
+            want = {
+                BASE: {"kind": None, "dir": str(_dir(base, "base model"))},
+                **{v: {"kind": None, "dir": str(_dir(d, f"variant {v!r}"))} for v, d in variants.items()},
+            }
             have = fam.manifest()["sources"]
             if list(have) == list(want) and all(have[m]["dir"] == want[m]["dir"] for m in want):
                 return fam
@@ -247,6 +300,7 @@ def ensure_registered(name: str, base: str | Path, variants: dict[str, str | Pat
 
 
 # --- listing ------------------------------------------------------------------------------------
+
 
 def describe(manifest: dict, model: str) -> str:
     """`kind` of one model for `models list`: base, full, or LoRA r/alpha/targets."""
@@ -263,6 +317,9 @@ def describe(manifest: dict, model: str) -> str:
             extra.append(f"alpha_pattern {lo['alpha_pattern']}")
         if lo.get("layers_to_transform") is not None:
             extra.append(f"layers {lo['layers_to_transform']}")
-        return (f"LoRA r={lo.get('r')} alpha={lo.get('lora_alpha')} on {','.join(lo.get('target_modules', []))}"
-                + (f" ({'; '.join(extra)})" if extra else "") + ", merged at load")
+        return (
+            f"LoRA r={lo.get('r')} alpha={lo.get('lora_alpha')} on {','.join(lo.get('target_modules', []))}"
+            + (f" ({'; '.join(extra)})" if extra else "")
+            + ", merged at load"
+        )
     return {"base": "base", "full": "full checkpoint"}.get(kind, kind)

@@ -19,6 +19,7 @@ latency curve. Here, for each (sender, receiver) pair:
 Every request goes through Locust users streaming over gRPC; each point is bounded by a request
 count and a time limit. Rates are fractions of each mode's in-process capacity 1 / (T + d).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -48,9 +49,15 @@ from kvrelay.serving.selector import Selector
 MODES = ("full", "plan", "reuse")
 FULL_FRACTIONS = (0.35, 0.65, 0.95, 1.25)
 SHARE_FRACTIONS = (0.35, 0.65, 0.95, 1.25, 1.6)
-QUICK = {"contexts": 2, "full_fractions": (0.5, 1.0, 1.5), "share_fractions": (0.5, 1.0, 1.5, 2.0),
-         "point_requests": 4, "point_seconds": 90.0, "bound_prompts": 1}
-CONCURRENT_SEQUENCES = 4       # KV cache room per receiver engine, in longest prompts
+QUICK = {
+    "contexts": 2,
+    "full_fractions": (0.5, 1.0, 1.5),
+    "share_fractions": (0.5, 1.0, 1.5, 2.0),
+    "point_requests": 4,
+    "point_seconds": 90.0,
+    "bound_prompts": 1,
+}
+CONCURRENT_SEQUENCES = 4  # KV cache room per receiver engine, in longest prompts
 
 
 @dataclass
@@ -66,7 +73,7 @@ class Pair:
         return f"{self.sender}->{self.receiver}"
 
     @property
-    def tenant(self) -> str:      # the sender's pages live under a tenant of their own
+    def tenant(self) -> str:  # the sender's pages live under a tenant of their own
         return f"goodput-{self.sender}"
 
 
@@ -85,10 +92,14 @@ def choose_pairs(dep, ids: dict, requested: str | None, context_tokens: int, log
     ordered pair whose profile the selector would reuse and that was scored with the flip model
     (its plan's exact agreement predicted, kvrelay.profiler.flips); when no profile of the family
     is, every pair the selector would reuse."""
-    sel = Selector(profiles_dir(dep.profiles_dir), dep.family, quality_target=dep.quality_target,
-                   quality_mode=dep.quality_mode)
-    wanted = parse_pairs(requested, dep.model_names) if requested else \
-        [(s, r) for s in dep.model_names for r in dep.model_names if s != r]
+    sel = Selector(
+        profiles_dir(dep.profiles_dir), dep.family, quality_target=dep.quality_target, quality_mode=dep.quality_mode
+    )
+    wanted = (
+        parse_pairs(requested, dep.model_names)
+        if requested
+        else [(s, r) for s in dep.model_names for r in dep.model_names if s != r]
+    )
     out = []
     for s, r in wanted:
         c = sel.choose(s, r, ids[s].fingerprint, ids[r].fingerprint, context_tokens=context_tokens)
@@ -101,8 +112,10 @@ def choose_pairs(dep, ids: dict, requested: str | None, context_tokens: int, log
         predicted = [p for p in out if sel.profile(p.sender, p.receiver).data.get("flip_model")]
         if predicted and len(predicted) < len(out):
             left = [p.name for p in out if p not in predicted]
-            log(f"pairs left out: {', '.join(left)} (profiles scored before the flip model: how often their "
-                "plans keep full prefill's text is not predicted; --pairs measures them anyway)")
+            log(
+                f"pairs left out: {', '.join(left)} (profiles scored before the flip model: how often their "
+                "plans keep full prefill's text is not predicted; --pairs measures them anyway)"
+            )
             out = predicted
     if not out:
         raise KvRelayError(f"no pair of {dep.family} has a profile the selector would reuse (see `kvrelay profile`)")
@@ -112,29 +125,60 @@ def choose_pairs(dep, ids: dict, requested: str | None, context_tokens: int, log
 
 # --- servers -------------------------------------------------------------------------------------
 
+
 def _per_token_bytes(identity) -> int:
     fmt = identity.page_format
     return fmt.page_bytes // fmt.block_size
 
 
-def serving_deployment(dep, ids: dict, models: list[str], sharing: bool, longest: int, store_bytes: int = 0,
-                       profiles_dir: str | None = None):
+def serving_deployment(
+    dep,
+    ids: dict,
+    models: list[str],
+    sharing: bool,
+    longest: int,
+    store_bytes: int = 0,
+    profiles_dir: str | None = None,
+):
     """The pair servers: only the models measured, each engine on every core (one request computes
     at a time in this scenario), room for a few longest prompts, no prefix cache."""
     cpus = os.cpu_count() or 1
-    ms = [dp.ModelDeployment(m, device=dep.model(m).device, dtype=dep.model(m).dtype, threads=cpus,
-                             kv_cache_bytes=_per_token_bytes(ids[m]) * (longest + 64) * CONCURRENT_SEQUENCES)
-          for m in models]
-    return dataclasses.replace(dep, models=ms, sharing=sharing, publish=sharing, prefix_caching=False,
-                               coalesce=False, store=f"memory:{max(store_bytes, 64 << 20) >> 20}MiB",
-                               profiles_dir=profiles_dir or dep.profiles_dir, shared_prefix_cache=False)
+    ms = [
+        dp.ModelDeployment(
+            m,
+            device=dep.model(m).device,
+            dtype=dep.model(m).dtype,
+            threads=cpus,
+            kv_cache_bytes=_per_token_bytes(ids[m]) * (longest + 64) * CONCURRENT_SEQUENCES,
+        )
+        for m in models
+    ]
+    return dataclasses.replace(
+        dep,
+        models=ms,
+        sharing=sharing,
+        publish=sharing,
+        prefix_caching=False,
+        coalesce=False,
+        store=f"memory:{max(store_bytes, 64 << 20) >> 20}MiB",
+        profiles_dir=profiles_dir or dep.profiles_dir,
+        shared_prefix_cache=False,
+    )
 
 
 # --- requests ------------------------------------------------------------------------------------
 
+
 def _workload(dep, pool, source, merge, model, requests):
-    spec = wl.WorkloadSpec(family=dep.family, models=(model,), requests=max(1, len(requests)), contexts=len(pool),
-                           context_tokens=(32, 32), max_tokens=(1, 1), warmup=0)
+    spec = wl.WorkloadSpec(
+        family=dep.family,
+        models=(model,),
+        requests=max(1, len(requests)),
+        contexts=len(pool),
+        context_tokens=(32, 32),
+        max_tokens=(1, 1),
+        warmup=0,
+    )
     return wl.Workload(spec, pool, requests, merge_context=merge, context_source=source)
 
 
@@ -151,6 +195,7 @@ def poisson(pool, model: str, rate: float, n: int, max_tokens: int, tenant: str,
 def sequential(state, requests, log, what: str) -> list[dict]:
     """One request at a time (idle points, reference texts, the senders' store phase)."""
     from kvrelay.loadtest import users as lu
+
     recs = []
     for r in requests:
         rec = lu.send_grpc(state, r, streaming=True)
@@ -162,6 +207,7 @@ def sequential(state, requests, log, what: str) -> list[dict]:
 
 
 # --- the scenario --------------------------------------------------------------------------------
+
 
 @dataclass
 class Settings:
@@ -185,22 +231,30 @@ def settings_from(args, max_len: int) -> Settings:
     max_tokens = args.max_tokens[1] if args.max_tokens else 12
     room = max_len - max_tokens - 64
     # the paper's long contexts: 4k-8k tokens where the window allows (smol: 8192), else its upper half
-    lo, hi = args.context_tokens or ((min(2048, room // 2), min(3072, room)) if quick else
-                                     (min(4096, room // 2), min(8000, room)))
+    lo, hi = args.context_tokens or (
+        (min(2048, room // 2), min(3072, room)) if quick else (min(4096, room // 2), min(8000, room))
+    )
     if lo > room:
         raise KvRelayError(f"contexts of {lo}+ tokens do not fit the models' {max_len}-token window")
     modes = tuple(m.strip() for m in (args.modes or ",".join(MODES)).split(","))
     if "full" not in modes or not set(modes) <= set(MODES):
         raise KvRelayError(f"--modes must include full and be drawn from {','.join(MODES)}, got {args.modes!r}")
     q = QUICK if quick else {}
-    return Settings(pairs=args.pairs, modes=modes, contexts=args.contexts or q.get("contexts", 6),
-                    context_tokens=(lo, min(hi, room)), max_tokens=max_tokens,
-                    full_fractions=q.get("full_fractions", FULL_FRACTIONS),
-                    share_fractions=q.get("share_fractions", SHARE_FRACTIONS),
-                    point_requests=args.point_requests or q.get("point_requests", 10),
-                    point_seconds=args.point_seconds or q.get("point_seconds", 300.0),
-                    bound_prompts=q.get("bound_prompts", 3), slo_ttft=args.slo_ttft, seed=args.seed,
-                    timeout_s=args.timeout)
+    return Settings(
+        pairs=args.pairs,
+        modes=modes,
+        contexts=args.contexts or q.get("contexts", 6),
+        context_tokens=(lo, min(hi, room)),
+        max_tokens=max_tokens,
+        full_fractions=q.get("full_fractions", FULL_FRACTIONS),
+        share_fractions=q.get("share_fractions", SHARE_FRACTIONS),
+        point_requests=args.point_requests or q.get("point_requests", 10),
+        point_seconds=args.point_seconds or q.get("point_seconds", 300.0),
+        bound_prompts=q.get("bound_prompts", 3),
+        slo_ttft=args.slo_ttft,
+        seed=args.seed,
+        timeout_s=args.timeout,
+    )
 
 
 class Scenario:
@@ -232,19 +286,34 @@ class Scenario:
         k = self.st.bound_prompts
         pick = [order[len(order) // 2]] if k == 1 else sorted({order[0], order[len(order) // 2], order[-1]})[:k]
         t0 = time.monotonic()
-        b = run_subprocess({"family": self.dep.family, "sender": pair.sender, "receiver": pair.receiver,
-                            "plan": pair.plan, "prompts": [self.prompts[i] for i in pick],
-                            "max_tokens": self.st.max_tokens})
-        self.log(f"{pair.name}: in-process F {b['full_prefill_s']:.2f}s, r {b['reprefill_s']:.2f}s "
-                 f"(plan {b['plan']}), r0 {b['full_reuse_s']:.2f}s, d {b['decode_s']:.2f}s: bound "
-                 f"{b['bound']:.2f} ({time.monotonic() - t0:.0f}s)")
+        b = run_subprocess(
+            {
+                "family": self.dep.family,
+                "sender": pair.sender,
+                "receiver": pair.receiver,
+                "plan": pair.plan,
+                "prompts": [self.prompts[i] for i in pick],
+                "max_tokens": self.st.max_tokens,
+            }
+        )
+        self.log(
+            f"{pair.name}: in-process F {b['full_prefill_s']:.2f}s, r {b['reprefill_s']:.2f}s "
+            f"(plan {b['plan']}), r0 {b['full_reuse_s']:.2f}s, d {b['decode_s']:.2f}s: bound "
+            f"{b['bound']:.2f} ({time.monotonic() - t0:.0f}s)"
+        )
         return b
 
     def _state(self, server, model, requests):
         from kvrelay.loadtest import users as lu
+
         wl = _workload(self.dep, self.pool, self.source, self.merge, model, requests)
-        return lu.LoadState(wl, Schedule(requests, self.st.point_seconds), grpc_url=server.grpc_url,
-                            http_url=server.http_url, timeout_s=self.st.timeout_s)
+        return lu.LoadState(
+            wl,
+            Schedule(requests, self.st.point_seconds),
+            grpc_url=server.grpc_url,
+            http_url=server.http_url,
+            timeout_s=self.st.timeout_s,
+        )
 
     def _keep(self, recs, **tags):
         for r in recs:
@@ -253,8 +322,10 @@ class Scenario:
     def idle(self, server, pair: Pair, mode: str, tenant: str, reference: dict | None = None) -> tuple[dict, dict]:
         """Each context once, one at a time: the idle point (rate 0, with its agreement when given
         full prefill's texts) and the texts per context."""
-        reqs = [Request(-1 - i, c.id, pair.receiver, c.questions[0], self.st.max_tokens, None, tenant)
-                for i, c in enumerate(self.pool)]
+        reqs = [
+            Request(-1 - i, c.id, pair.receiver, c.questions[0], self.st.max_tokens, None, tenant)
+            for i, c in enumerate(self.pool)
+        ]
         recs = sequential(self._state(server, pair.receiver, reqs), reqs, self.log, f"{mode} {pair.receiver} idle pass")
         self._keep(recs, mode=mode, pair=pair.name, point="idle")
         window = sum(r["latency_s"] for r in recs)
@@ -262,30 +333,47 @@ class Scenario:
 
     def store_phase(self, server, senders: list[str]):
         for s in senders:
-            reqs = [Request(-1 - i, c.id, s, GENERIC_QUESTIONS[0], 1, None, f"goodput-{s}")
-                    for i, c in enumerate(self.pool)]
+            reqs = [
+                Request(-1 - i, c.id, s, GENERIC_QUESTIONS[0], 1, None, f"goodput-{s}") for i, c in enumerate(self.pool)
+            ]
             sequential(self._state(server, s, reqs), reqs, self.log, f"store phase: {s}'s pages")
 
     def sweep(self, server, pair: Pair, mode: str, capacity: float, fractions, reference) -> list[dict]:
         from kvrelay.loadtest import runner as lr
+
         tenant = pair.tenant if mode != "full" else "goodput-full"
         points = []
         for i, f in enumerate(fractions):
             rate = capacity * f
             n = self.st.point_requests
-            reqs = poisson(self.pool, pair.receiver, rate, n, self.st.max_tokens, tenant,
-                           f"goodput:{self.st.seed}:{pair.name}:{mode}:{i}")
+            reqs = poisson(
+                self.pool,
+                pair.receiver,
+                rate,
+                n,
+                self.st.max_tokens,
+                tenant,
+                f"goodput:{self.st.seed}:{pair.name}:{mode}:{i}",
+            )
             state = self._state(server, pair.receiver, reqs)
-            opts = lr.RunOptions(protocol="grpc-stream", users=n, duration_s=self.st.point_seconds,
-                                 timeout_s=self.st.timeout_s, progress=self.progress, grace_s=self.st.timeout_s)
+            opts = lr.RunOptions(
+                protocol="grpc-stream",
+                users=n,
+                duration_s=self.st.point_seconds,
+                timeout_s=self.st.timeout_s,
+                progress=self.progress,
+                grace_s=self.st.timeout_s,
+            )
             label = f"{pair.sender}__{pair.receiver}_{mode}_{rate:.4f}rps"
             run = lr.run_mode(label, state, opts, self.out / "locust", self.log)
             self.files.append(run.files["html"])
             p = gs.point_stats(run.records, rate, run.window_s, reference if mode != "full" else None)
             self._keep(run.records, mode=mode, pair=pair.name, point=i, offered_rps=round(rate, 5))
-            self.log(f"{pair.name} {mode} @ {rate:.4f} req/s: achieved {p['achieved_rps']:.4f}, TTFT p90 "
-                     f"{p['ttft_s']['p90']}s, E2E p90 {p['e2e_s']['p90']}s, errors {p['errors']}, "
-                     f"routes {p['routes']}")
+            self.log(
+                f"{pair.name} {mode} @ {rate:.4f} req/s: achieved {p['achieved_rps']:.4f}, TTFT p90 "
+                f"{p['ttft_s']['p90']}s, E2E p90 {p['e2e_s']['p90']}s, errors {p['errors']}, "
+                f"routes {p['routes']}"
+            )
             points.append(p)
         return points
 
@@ -305,24 +393,34 @@ def run(args) -> int:
     if args.profiles:
         dep.profiles_dir = str(Path(args.profiles).resolve())
     if args.plan:  # families without measured profiles (llama8b-random on a GPU host): one imposed plan
-        profile_file.write_fixed(out_dir / "profiles-fixed", dep.family, ids, args.plan,
-                                 f"kvrelay loadtest --plan {args.plan}")
+        profile_file.write_fixed(
+            out_dir / "profiles-fixed", dep.family, ids, args.plan, f"kvrelay loadtest --plan {args.plan}"
+        )
         dep.profiles_dir = str(out_dir / "profiles-fixed")
         log(f"recompute plan fixed by --plan {args.plan} for every pair (not a measured profile)")
     sc = Scenario(dep, st, out_dir, log, progress=not args.no_progress)
     sc.build_pool()
     pairs = choose_pairs(dep, ids, st.pairs, sum(st.context_tokens) // 2, log)
     if dep.e_layers != "all" and any(RecomputePlan.parse(p.plan).correct_kv for p in pairs):
-        dep = dataclasses.replace(dep, e_layers="all")   # K/V-corrected plans read the donor's E at every layer
+        dep = dataclasses.replace(dep, e_layers="all")  # K/V-corrected plans read the donor's E at every layer
         ids = dp.identities(dep)
         log("K/V-corrected plans: engines keep E at every layer (e_layers = all)")
     bounds = {p.name: sc.bound(p) for p in pairs}
     receivers = list(dict.fromkeys(p.receiver for p in pairs))
     senders = list(dict.fromkeys(p.sender for p in pairs))
     involved = list(dict.fromkeys(senders + receivers))
-    results = {p.name: {"sender": p.sender, "receiver": p.receiver, "plan": p.plan,
-                        "layers_recomputed": p.layers_recomputed, "selector": p.reason,
-                        "bound": bounds[p.name], "modes": {}} for p in pairs}
+    results = {
+        p.name: {
+            "sender": p.sender,
+            "receiver": p.receiver,
+            "plan": p.plan,
+            "layers_recomputed": p.layers_recomputed,
+            "selector": p.reason,
+            "bound": bounds[p.name],
+            "modes": {},
+        }
+        for p in pairs
+    }
 
     def serve(d, what):
         t0 = time.monotonic()
@@ -339,8 +437,11 @@ def run(args) -> int:
             b = bounds[pair.name]
             idle, references[r] = sc.idle(server, pair, "full", "goodput-full")
             cap = 1.0 / (b["full_prefill_s"] + b["decode_s"])
-            full_modes[r] = {"idle": idle, "capacity_rps": round(cap, 5),
-                             "points": sc.sweep(server, pair, "full", cap, st.full_fractions, None)}
+            full_modes[r] = {
+                "idle": idle,
+                "capacity_rps": round(cap, 5),
+                "points": sc.sweep(server, pair, "full", cap, st.full_fractions, None),
+            }
     finally:
         server.stop()
 
@@ -348,8 +449,13 @@ def run(args) -> int:
     for mode in [m for m in st.modes if m != "full"]:
         profiles = None
         if mode == "reuse":
-            profile_file.write_fixed(out_dir / "profiles-full-reuse", dep.family, {m: ids[m] for m in involved},
-                                     "none", "kvrelay loadtest --plan none")
+            profile_file.write_fixed(
+                out_dir / "profiles-full-reuse",
+                dep.family,
+                {m: ids[m] for m in involved},
+                "none",
+                "kvrelay loadtest --plan none",
+            )
             profiles = str(out_dir / "profiles-full-reuse")
         server = serve(serving_deployment(dep, ids, involved, True, sc.longest, int(pages * 1.2), profiles), mode)
         try:
@@ -358,24 +464,36 @@ def run(args) -> int:
                 b = bounds[p.name]
                 idle, _ = sc.idle(server, p, mode, p.tenant, references[p.receiver])
                 cap = 1.0 / ((b["reprefill_s"] if mode == "plan" else b["full_reuse_s"]) + b["decode_s"])
-                results[p.name]["modes"][mode] = {"idle": idle, "capacity_rps": round(cap, 5), "points": sc.sweep(
-                    server, p, mode, cap, st.share_fractions, references[p.receiver])}
+                results[p.name]["modes"][mode] = {
+                    "idle": idle,
+                    "capacity_rps": round(cap, 5),
+                    "points": sc.sweep(server, p, mode, cap, st.share_fractions, references[p.receiver]),
+                }
         finally:
             server.stop()
 
     summary = summarize(results, full_modes, st, out_dir)
-    summary.update({
-        "family": dep.family, "scenario": "goodput",
-        "pool": {"contexts": len(sc.pool), "context_tokens": [min(c.tokens for c in sc.pool),
-                                                              max(c.tokens for c in sc.pool)],
-                 "source": sc.source, "max_tokens": st.max_tokens},
-        "settings": {**dataclasses.asdict(st), "quick": bool(args.quick)},
-        "run": {"cpus": os.cpu_count(), "wall_s": round(time.monotonic() - t_start, 1),
-                "loadavg_at_end": [round(x, 2) for x in os.getloadavg()]},
-        "out_dir": str(out_dir),
-        "files": {"requests": str(out_dir / "requests.jsonl"), "locust_html": sc.files},
-        "command": "kvrelay " + " ".join(sys.argv[1:]),
-    })
+    summary.update(
+        {
+            "family": dep.family,
+            "scenario": "goodput",
+            "pool": {
+                "contexts": len(sc.pool),
+                "context_tokens": [min(c.tokens for c in sc.pool), max(c.tokens for c in sc.pool)],
+                "source": sc.source,
+                "max_tokens": st.max_tokens,
+            },
+            "settings": {**dataclasses.asdict(st), "quick": bool(args.quick)},
+            "run": {
+                "cpus": os.cpu_count(),
+                "wall_s": round(time.monotonic() - t_start, 1),
+                "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
+            },
+            "out_dir": str(out_dir),
+            "files": {"requests": str(out_dir / "requests.jsonl"), "locust_html": sc.files},
+            "command": "kvrelay " + " ".join(sys.argv[1:]),
+        }
+    )
     with open(out_dir / "requests.jsonl", "w", encoding="utf-8") as f:
         for rec in sc.records:
             f.write(json.dumps(rec) + "\n")
@@ -416,8 +534,14 @@ def _fill_event_rates(out_dir: Path, results: dict, full_modes: dict) -> None:
     for name, mode, md, receiver in modes:
         for i, p in enumerate(md["points"]):
             if "arrival_rps" not in p:
-                own = [x for x in recs if x.get("mode") == mode and x.get("point") == i and x.get("model") == receiver
-                       and (mode == "full" or x.get("pair") == name)]
+                own = [
+                    x
+                    for x in recs
+                    if x.get("mode") == mode
+                    and x.get("point") == i
+                    and x.get("model") == receiver
+                    and (mode == "full" or x.get("pair") == name)
+                ]
                 p.update(gs.event_rates(own))
 
 
@@ -428,48 +552,66 @@ def summarize(results: dict, full_modes: dict, st: Settings, out_dir: Path) -> d
         res["modes"] = {"full": full, **res["modes"]}
         slo = {"ttft_s": st.slo_ttft, "how": "given (--slo-ttft)"} if st.slo_ttft else gs.slo_from_full(full)
         res["slo"] = slo
-        res["goodput"] = {m: gs.goodput(gs.envelope(gs.curve(d)), slo["ttft_s"], gs.kept_up(d)) if slo["ttft_s"]
-                          else {"rps": None}
-                          for m, d in res["modes"].items()}
+        res["goodput"] = {
+            m: gs.goodput(gs.envelope(gs.curve(d)), slo["ttft_s"], gs.kept_up(d)) if slo["ttft_s"] else {"rps": None}
+            for m, d in res["modes"].items()
+        }
         res["goodput_rps"] = {m: g["rps"] for m, g in res["goodput"].items()}
         f = res["goodput_rps"]["full"]
         res["goodput_ratio"] = round(res["goodput_rps"]["plan"] / f, 3) if f and "plan" in res["goodput_rps"] else None
-        res["reuse_goodput_ratio"] = round(res["goodput_rps"]["reuse"] / f, 3) \
-            if f and "reuse" in res["goodput_rps"] else None
-        res["bound_fraction"] = round(res["goodput_ratio"] / res["bound"]["bound"], 3) \
-            if res["goodput_ratio"] is not None else None
+        res["reuse_goodput_ratio"] = (
+            round(res["goodput_rps"]["reuse"] / f, 3) if f and "reuse" in res["goodput_rps"] else None
+        )
+        res["bound_fraction"] = (
+            round(res["goodput_ratio"] / res["bound"]["bound"], 3) if res["goodput_ratio"] is not None else None
+        )
         plan_points = res["modes"].get("plan", {}).get("points", [])
         compared = sum(p["agreement"]["compared"] for p in plan_points)
         exact = sum(p["agreement"]["exact"] for p in plan_points)
-        res["agreement"] = {"compared": compared, "exact": exact, "rate": round(exact / compared, 4) if compared else None}
+        res["agreement"] = {
+            "compared": compared,
+            "exact": exact,
+            "rate": round(exact / compared, 4) if compared else None,
+        }
         res["errors"] = sum(p["errors"] for d in res["modes"].values() for p in d["points"])
         errors += res["errors"]
-        res["plot"] = gs.plot_pair(f"{name}: plan {res['plan']} ({res['layers_recomputed']} layers recomputed), "
-                                   f"goodput ratio {res['goodput_ratio']}", res["modes"], slo["ttft_s"],
-                                   out_dir / f"goodput_{res['sender']}__{res['receiver']}.png")
+        res["plot"] = gs.plot_pair(
+            f"{name}: plan {res['plan']} ({res['layers_recomputed']} layers recomputed), "
+            f"goodput ratio {res['goodput_ratio']}",
+            res["modes"],
+            slo["ttft_s"],
+            out_dir / f"goodput_{res['sender']}__{res['receiver']}.png",
+        )
     ratios = {n: r["goodput_ratio"] for n, r in results.items() if r["goodput_ratio"] is not None}
     best = max(ratios, key=ratios.get) if ratios else None
-    return {"best_goodput_ratio": ratios[best] if best else None, "best_pair": best, "errors": errors,
-            "pairs": results}
+    return {"best_goodput_ratio": ratios[best] if best else None, "best_pair": best, "errors": errors, "pairs": results}
 
 
 def text_report(s: dict) -> str:
-    lines = [f"goodput ({s['family']}, {s['pool']['contexts']} contexts of {s['pool']['context_tokens'][0]}-"
-             f"{s['pool']['context_tokens'][1]} tokens, {s['pool']['max_tokens']} output tokens, "
-             f"{s['run']['wall_s'] / 60:.1f} min)",
-             f"{'pair':<16} {'plan':<8} {'SLO TTFT':>9} {'full':>8} {'plan':>8} {'reuse':>8} {'ratio':>6} "
-             f"{'bound':>6} {'frac':>5} {'agree':>6} {'errors':>6}"]
+    lines = [
+        f"goodput ({s['family']}, {s['pool']['contexts']} contexts of {s['pool']['context_tokens'][0]}-"
+        f"{s['pool']['context_tokens'][1]} tokens, {s['pool']['max_tokens']} output tokens, "
+        f"{s['run']['wall_s'] / 60:.1f} min)",
+        f"{'pair':<16} {'plan':<8} {'SLO TTFT':>9} {'full':>8} {'plan':>8} {'reuse':>8} {'ratio':>6} "
+        f"{'bound':>6} {'frac':>5} {'agree':>6} {'errors':>6}",
+    ]
     for name, r in s["pairs"].items():
         g = r["goodput_rps"]
         fmt = lambda v: "-" if v is None else f"{v:.4f}"
         lb = lambda m: "+" if r["goodput"].get(m, {}).get("lower_bound") else " "
         agree = r["agreement"]["rate"]
-        lines.append(f"{name:<16} {r['plan']:<8} {r['slo']['ttft_s'] or 0:>8.2f}s {fmt(g.get('full')):>7}{lb('full')}"
-                     f"{fmt(g.get('plan')):>8}{lb('plan')}{fmt(g.get('reuse')):>8}{lb('reuse')}"
-                     f"{r['goodput_ratio'] or 0:>6.2f} {r['bound']['bound']:>6.2f} {r['bound_fraction'] or 0:>5.2f} "
-                     f"{'-' if agree is None else f'{agree * 100:.0f}%':>6} {r['errors']:>6}")
-    lines.append("goodput in req/s at the SLO (+: the sweep never missed it, a lower bound); ratio = plan / full; "
-                 "bound = (F + d) / (r + d) in-process")
-    lines.append(f"best goodput ratio {s['best_goodput_ratio']} ({s['best_pair']}); errors {s['errors']}; "
-                 f"results in {s['out_dir']}")
+        lines.append(
+            f"{name:<16} {r['plan']:<8} {r['slo']['ttft_s'] or 0:>8.2f}s {fmt(g.get('full')):>7}{lb('full')}"
+            f"{fmt(g.get('plan')):>8}{lb('plan')}{fmt(g.get('reuse')):>8}{lb('reuse')}"
+            f"{r['goodput_ratio'] or 0:>6.2f} {r['bound']['bound']:>6.2f} {r['bound_fraction'] or 0:>5.2f} "
+            f"{'-' if agree is None else f'{agree * 100:.0f}%':>6} {r['errors']:>6}"
+        )
+    lines.append(
+        "goodput in req/s at the SLO (+: the sweep never missed it, a lower bound); ratio = plan / full; "
+        "bound = (F + d) / (r + d) in-process"
+    )
+    lines.append(
+        f"best goodput ratio {s['best_goodput_ratio']} ({s['best_pair']}); errors {s['errors']}; "
+        f"results in {s['out_dir']}"
+    )
     return "\n".join(lines)

@@ -20,6 +20,7 @@ Definitions (the goodput scenario, DroidSpeak section 5.1 / Fig 15):
                rate, marked lower_bound
 No Locust, torch or matplotlib at import.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -49,7 +50,9 @@ def point_stats(records: list[dict], offered_rps: float, window_s: float, refere
         "offered_rps": round(offered_rps, 5),
         "achieved_rps": round(len(ok) / window_s, 5) if window_s > 0 else 0.0,
         **event_rates(records),
-        "requests": len(records), "ok": len(ok), "errors": len(records) - len(ok),
+        "requests": len(records),
+        "ok": len(ok),
+        "errors": len(records) - len(ok),
         "error_messages": dict(errors.most_common(3)),
         "window_s": round(window_s, 2),
         "ttft_s": _pcts([r["ttft_s"] for r in ok]),
@@ -73,15 +76,18 @@ def rate_of(times: list[float]) -> float | None:
 
 def event_rates(records: list[dict]) -> dict:
     """The point's measured arrival rate (request starts) and completion rate (successful ends)."""
-    return {"arrival_rps": rate_of([r["start_s"] for r in records if r.get("start_s") is not None]),
-            "completion_rps": rate_of([r["start_s"] + r["latency_s"] for r in records
-                                       if r.get("ok") and r.get("start_s") is not None])}
+    return {
+        "arrival_rps": rate_of([r["start_s"] for r in records if r.get("start_s") is not None]),
+        "completion_rps": rate_of(
+            [r["start_s"] + r["latency_s"] for r in records if r.get("ok") and r.get("start_s") is not None]
+        ),
+    }
 
 
 def _kept_up(p: dict) -> bool:
     if p.get("arrival_rps") and p.get("completion_rps") is not None:
         return p["completion_rps"] >= KEPT_UP * p["arrival_rps"]
-    return p["achieved_rps"] >= KEPT_UP * p["offered_rps"]   # points measured before the event rates
+    return p["achieved_rps"] >= KEPT_UP * p["offered_rps"]  # points measured before the event rates
 
 
 def agreement(records: list[dict], reference: dict) -> dict:
@@ -125,7 +131,7 @@ def goodput(points: list[tuple[float, float | None]], slo_s: float, kept_up: lis
     return {"rps": round(xa + (x - xa) * (slo_s - ya) / (y - ya), 5), "lower_bound": False}
 
 
-KEPT_UP = 0.85   # completion / arrival rate at which a point counts as served, not cut short
+KEPT_UP = 0.85  # completion / arrival rate at which a point counts as served, not cut short
 
 
 def kept_up(mode: dict) -> list[bool]:
@@ -160,26 +166,32 @@ def slo_from_full(full: dict) -> dict:
     if not pts:
         return {"ttft_s": None, "how": "full prefill answered nothing"}
     i = knee(pts)
-    return {"ttft_s": round(pts[i][1], 4), "knee_rps": pts[i][0],
-            "how": "Kneedle knee of full prefill's p90 TTFT vs offered rate (idle point included, "
-                   "non-decreasing envelope)"}
+    return {
+        "ttft_s": round(pts[i][1], 4),
+        "knee_rps": pts[i][0],
+        "how": "Kneedle knee of full prefill's p90 TTFT vs offered rate (idle point included, non-decreasing envelope)",
+    }
 
 
 def plot_pair(title: str, modes: dict, slo_s: float | None, path) -> str:
     """Fig 15 of the paper: p90 TTFT, TBT and E2E against request rate, one line per mode."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    style = {"full": ("full prefill (no sharing)", "tab:red"), "plan": ("DroidSpeak plan", "tab:blue"),
-             "reuse": ("full reuse (reference)", "tab:gray")}
+
+    style = {
+        "full": ("full prefill (no sharing)", "tab:red"),
+        "plan": ("DroidSpeak plan", "tab:blue"),
+        "reuse": ("full reuse (reference)", "tab:gray"),
+    }
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for ax, key, label in zip(axes, ("ttft_s", "tbt_s", "e2e_s"), ("TTFT p90 (s)", "TBT p90 (s)", "E2E p90 (s)")):
         for m, data in modes.items():
             pts = [(x, y) for x, y in curve(data, key) if y is not None]
             if pts:
                 name, color = style.get(m, (m, None))
-                ax.plot(*zip(*pts), marker="o", label=name, color=color,
-                        linestyle="--" if m == "reuse" else "-")
+                ax.plot(*zip(*pts), marker="o", label=name, color=color, linestyle="--" if m == "reuse" else "-")
         if key == "ttft_s" and slo_s:
             ax.axhline(slo_s, color="black", linestyle=":", label=f"SLO {slo_s:.1f}s")
         ax.set_xlabel("request rate (req/s)")

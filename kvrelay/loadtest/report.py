@@ -16,6 +16,7 @@ Definitions:
 Percentiles interpolate linearly between closest ranks (numpy's default).
 No Locust, torch or matplotlib import at module level.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,8 +28,19 @@ from kvrelay.profiler.scores import token_f1
 
 MODES = ("off", "on")
 MODE_LABEL = {"off": "sharing off", "on": "sharing on"}
-SUMMARY_KEYS = ("requests", "ok", "errors", "window_s", "requests_per_s", "output_tokens_per_s", "ttft_ms",
-                "latency_ms", "reuse_rate", "mean_layers_recomputed", "routes")
+SUMMARY_KEYS = (
+    "requests",
+    "ok",
+    "errors",
+    "window_s",
+    "requests_per_s",
+    "output_tokens_per_s",
+    "ttft_ms",
+    "latency_ms",
+    "reuse_rate",
+    "mean_layers_recomputed",
+    "routes",
+)
 
 
 def percentile(values, p: float) -> float | None:
@@ -70,14 +82,24 @@ def summarize(records: list[dict], window_s: float) -> dict:
         "window_s": round(window, 3),
         "requests_per_s": round(len(ok) / window, 4),
         "output_tokens_per_s": round(sum(r.get("output_tokens") or 0 for r in ok) / window, 3),
-        "ttft_ms": {"p50": _ms(percentile(ttft, 50)), "p95": _ms(percentile(ttft, 95)), "p99": _ms(percentile(ttft, 99)),
-                    "n": len(ttft)},
-        "latency_ms": {"p50": _ms(percentile(lat, 50)), "p95": _ms(percentile(lat, 95)),
-                       "mean": _ms(sum(lat) / len(lat)) if lat else None},
+        "ttft_ms": {
+            "p50": _ms(percentile(ttft, 50)),
+            "p95": _ms(percentile(ttft, 95)),
+            "p99": _ms(percentile(ttft, 99)),
+            "n": len(ttft),
+        },
+        "latency_ms": {
+            "p50": _ms(percentile(lat, 50)),
+            "p95": _ms(percentile(lat, 95)),
+            "mean": _ms(sum(lat) / len(lat)) if lat else None,
+        },
         "reuse_rate": round(from_store / len(ok), 4) if ok else 0.0,
         "mean_layers_recomputed": round(sum(r.get("recomputed_layers") or 0 for r in reused) / len(reused), 3)
-        if reused else None,
-        "mean_reused_tokens": round(sum(r.get("reused_tokens") or 0 for r in reused) / len(reused), 1) if reused else None,
+        if reused
+        else None,
+        "mean_reused_tokens": round(sum(r.get("reused_tokens") or 0 for r in reused) / len(reused), 1)
+        if reused
+        else None,
         "routes": dict(sorted(routes.items())),
         "route_reasons": dict(sorted(reasons.items())),
         "error_messages": dict(errors.most_common(5)),
@@ -99,17 +121,32 @@ def quality(off: list[dict], on: list[dict], sample: int | None = 64, seed: int 
             return {"compared": 0, "exact_match": None, "token_f1": None}
         em = sum(1 for x, y in ps if x.get("text", "") == y.get("text", ""))
         f1 = sum(token_f1(y.get("text", ""), x.get("text", "")) for x, y in ps)
-        return {"compared": len(ps), "exact_match": round(100.0 * em / len(ps), 2),
-                "token_f1": round(100.0 * f1 / len(ps), 2)}
+        return {
+            "compared": len(ps),
+            "exact_match": round(100.0 * em / len(ps), 2),
+            "token_f1": round(100.0 * f1 / len(ps), 2),
+        }
 
     reuse = [p for p in pairs if p[1].get("route") == "reuse"]
     if sample is not None and len(reuse) > sample:
         reuse = sorted(random.Random(f"kvrelay-quality:{seed}").sample(reuse, sample), key=lambda p: p[1]["index"])
-    out = {"scope": "requests served by cross-model reuse with sharing on, vs. the same request with sharing off",
-           **score(reuse), "sample_limit": sample, "all_requests": score(pairs)}
-    examples = [{"index": y["index"], "model": y.get("model"), "donor": y.get("donor"),
-                 "off": x.get("text", "")[:120], "on": y.get("text", "")[:120]}
-                for x, y in reuse if x.get("text") != y.get("text")][:3]
+    out = {
+        "scope": "requests served by cross-model reuse with sharing on, vs. the same request with sharing off",
+        **score(reuse),
+        "sample_limit": sample,
+        "all_requests": score(pairs),
+    }
+    examples = [
+        {
+            "index": y["index"],
+            "model": y.get("model"),
+            "donor": y.get("donor"),
+            "off": x.get("text", "")[:120],
+            "on": y.get("text", "")[:120],
+        }
+        for x, y in reuse
+        if x.get("text") != y.get("text")
+    ][:3]
     if examples:
         out["differing_examples"] = examples
     return out
@@ -120,16 +157,21 @@ def cross_model(off: list[dict], on: list[dict]) -> dict:
     another variant's KV for their context was in the store (route reason "sharing off"), paired
     with the same requests under sharing on. Median TTFT and latency in both modes."""
     a = {r["index"]: r for r in on if r.get("ok")}
-    pairs = [(x, a[x["index"]]) for x in off if x.get("ok") and x.get("route_reason") == "sharing off" and x["index"] in a]
+    pairs = [
+        (x, a[x["index"]]) for x in off if x.get("ok") and x.get("route_reason") == "sharing off" and x["index"] in a
+    ]
 
     def med(rs, k):
         v = percentile([r.get(k) for r in rs], 50)
         return _ms(v)
 
     xs, ys = [p[0] for p in pairs], [p[1] for p in pairs]
-    return {"requests": len(pairs), "served_by_reuse_with_sharing_on": sum(1 for y in ys if y.get("route") == "reuse"),
-            "ttft_p50_ms": {"off": med(xs, "ttft_s"), "on": med(ys, "ttft_s")},
-            "latency_p50_ms": {"off": med(xs, "latency_s"), "on": med(ys, "latency_s")}}
+    return {
+        "requests": len(pairs),
+        "served_by_reuse_with_sharing_on": sum(1 for y in ys if y.get("route") == "reuse"),
+        "ttft_p50_ms": {"off": med(xs, "ttft_s"), "on": med(ys, "ttft_s")},
+        "latency_p50_ms": {"off": med(xs, "latency_s"), "on": med(ys, "latency_s")},
+    }
 
 
 def compare(modes: dict[str, dict]) -> dict:
@@ -138,10 +180,12 @@ def compare(modes: dict[str, dict]) -> dict:
     if not off or not on:
         return {"throughput_ratio": None}
     t_off, t_on = off["ttft_ms"]["p50"], on["ttft_ms"]["p50"]
-    return {"throughput_ratio": _r(ratio(on["requests_per_s"], off["requests_per_s"])),
-            "output_tokens_ratio": _r(ratio(on["output_tokens_per_s"], off["output_tokens_per_s"])),
-            "ttft_p50_speedup": _r(ratio(t_off, t_on)),
-            "latency_p50_speedup": _r(ratio(off["latency_ms"]["p50"], on["latency_ms"]["p50"]))}
+    return {
+        "throughput_ratio": _r(ratio(on["requests_per_s"], off["requests_per_s"])),
+        "output_tokens_ratio": _r(ratio(on["output_tokens_per_s"], off["output_tokens_per_s"])),
+        "ttft_p50_speedup": _r(ratio(t_off, t_on)),
+        "latency_p50_speedup": _r(ratio(off["latency_ms"]["p50"], on["latency_ms"]["p50"])),
+    }
 
 
 def _r(x):
@@ -149,6 +193,7 @@ def _r(x):
 
 
 # --- rendering ----------------------------------------------------------------------------------
+
 
 def _f(x, digits=1):
     if x is None:
@@ -158,16 +203,40 @@ def _f(x, digits=1):
 
 def table(summary: dict) -> str:
     """Markdown table of both modes (what docs/loadtest.md shows)."""
-    rows = [("mode", "req/s", "out tok/s", "TTFT p50 ms", "TTFT p95 ms", "TTFT p99 ms", "latency p50 ms",
-             "latency p95 ms", "errors", "reuse rate", "layers recomputed")]
+    rows = [
+        (
+            "mode",
+            "req/s",
+            "out tok/s",
+            "TTFT p50 ms",
+            "TTFT p95 ms",
+            "TTFT p99 ms",
+            "latency p50 ms",
+            "latency p95 ms",
+            "errors",
+            "reuse rate",
+            "layers recomputed",
+        )
+    ]
     for m in MODES:
         s = summary["modes"].get(m)
         if not s:
             continue
-        rows.append((MODE_LABEL[m], _f(s["requests_per_s"], 3), _f(s["output_tokens_per_s"], 1), _f(s["ttft_ms"]["p50"], 0),
-                     _f(s["ttft_ms"]["p95"], 0), _f(s["ttft_ms"]["p99"], 0), _f(s["latency_ms"]["p50"], 0),
-                     _f(s["latency_ms"]["p95"], 0), str(s["errors"]), f"{100 * s['reuse_rate']:.0f}%",
-                     _f(s["mean_layers_recomputed"], 2)))
+        rows.append(
+            (
+                MODE_LABEL[m],
+                _f(s["requests_per_s"], 3),
+                _f(s["output_tokens_per_s"], 1),
+                _f(s["ttft_ms"]["p50"], 0),
+                _f(s["ttft_ms"]["p95"], 0),
+                _f(s["ttft_ms"]["p99"], 0),
+                _f(s["latency_ms"]["p50"], 0),
+                _f(s["latency_ms"]["p95"], 0),
+                str(s["errors"]),
+                f"{100 * s['reuse_rate']:.0f}%",
+                _f(s["mean_layers_recomputed"], 2),
+            )
+        )
     lines = ["| " + " | ".join(r) + " |" for r in rows]
     lines.insert(1, "|" + "|".join(" --- " for _ in rows[0]) + "|")
     return "\n".join(lines)
@@ -176,22 +245,30 @@ def table(summary: dict) -> str:
 def text_report(summary: dict) -> str:
     c, q = summary.get("comparison", {}), summary.get("quality") or {}
     out = [table(summary), ""]
-    out.append(f"throughput ratio (on/off requests/s): {_f(c.get('throughput_ratio'), 3)}   "
-               f"TTFT p50 speed-up: {_f(c.get('ttft_p50_speedup'), 2)}x")
+    out.append(
+        f"throughput ratio (on/off requests/s): {_f(c.get('throughput_ratio'), 3)}   "
+        f"TTFT p50 speed-up: {_f(c.get('ttft_p50_speedup'), 2)}x"
+    )
     w = summary.get("workload", {})
     if w.get("full_prefill_ceiling"):
-        out.append(f"workload ceiling: {w['distinct_context_model_pairs']} context-model pairs over "
-                   f"{w['distinct_contexts_requested']} contexts, {w['repeat_requests']} repeats: sharing can cut full "
-                   f"prefills at most {_f(w['full_prefill_ceiling'], 2)}x (decode and re-prefill not counted)")
+        out.append(
+            f"workload ceiling: {w['distinct_context_model_pairs']} context-model pairs over "
+            f"{w['distinct_contexts_requested']} contexts, {w['repeat_requests']} repeats: sharing can cut full "
+            f"prefills at most {_f(w['full_prefill_ceiling'], 2)}x (decode and re-prefill not counted)"
+        )
     if q:
-        out.append(f"quality vs. full prefill on {q.get('compared', 0)} reuse-served requests: exact match "
-                   f"{_f(q.get('exact_match'))}%, token F1 {_f(q.get('token_f1'))}   "
-                   f"(all {q['all_requests']['compared']} requests: exact match {_f(q['all_requests']['exact_match'])}%)")
+        out.append(
+            f"quality vs. full prefill on {q.get('compared', 0)} reuse-served requests: exact match "
+            f"{_f(q.get('exact_match'))}%, token F1 {_f(q.get('token_f1'))}   "
+            f"(all {q['all_requests']['compared']} requests: exact match {_f(q['all_requests']['exact_match'])}%)"
+        )
     x = summary.get("cross_model")
     if x and x["requests"]:
-        out.append(f"cross-model requests ({x['requests']} that sharing off prefilled although another variant's KV was "
-                   f"stored): TTFT p50 {_f(x['ttft_p50_ms']['off'], 0)} -> {_f(x['ttft_p50_ms']['on'], 0)} ms, latency p50 "
-                   f"{_f(x['latency_p50_ms']['off'], 0)} -> {_f(x['latency_p50_ms']['on'], 0)} ms")
+        out.append(
+            f"cross-model requests ({x['requests']} that sharing off prefilled although another variant's KV was "
+            f"stored): TTFT p50 {_f(x['ttft_p50_ms']['off'], 0)} -> {_f(x['ttft_p50_ms']['on'], 0)} ms, latency p50 "
+            f"{_f(x['latency_p50_ms']['off'], 0)} -> {_f(x['latency_p50_ms']['on'], 0)} ms"
+        )
     for m in MODES:
         s = summary["modes"].get(m)
         if s:
@@ -226,6 +303,7 @@ def plot(summary: dict, records: dict[str, list[dict]], path) -> str | None:
     None (and no file) when matplotlib is missing."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:

@@ -8,6 +8,7 @@ fresh in-process page store and an empty engine cache, and the same request sequ
 (separate contexts and tenant, sent directly, not through Locust) runs first and is excluded from
 every figure. Servers are stopped at the end, on error and on Ctrl-C.
 """
+
 from __future__ import annotations
 
 import csv
@@ -61,8 +62,10 @@ class Progress:
         errors = sum(1 for r in st.records if not r["ok"])
         el = s.elapsed()
         rate = s.completed / el if el > 0 else 0.0
-        return (f"[{self.label}] {s.completed}/{len(s.requests)} done, {s.in_flight} in flight, {errors} errors, "
-                f"{rate:.2f} req/s, {el:.0f}s")
+        return (
+            f"[{self.label}] {s.completed}/{len(s.requests)} done, {s.in_flight} in flight, {errors} errors, "
+            f"{rate:.2f} req/s, {el:.0f}s"
+        )
 
     def _loop(self):
         period = 1.0 if self.tty else 10.0
@@ -138,15 +141,22 @@ def run_mode(label: str, state: lu.LoadState, opts: RunOptions, out_dir: Path, l
         _final_csv(writer)
     html = Path(base + ".html")
     html.write_text(get_html_report(env, show_download_link=False), encoding="utf-8")
-    files = {"stats_csv": base + "_stats.csv", "history_csv": base + "_stats_history.csv",
-             "failures_csv": base + "_failures.csv", "html": str(html)}
+    files = {
+        "stats_csv": base + "_stats.csv",
+        "history_csv": base + "_stats_history.csv",
+        "failures_csv": base + "_failures.csv",
+        "html": str(html),
+    }
     return ModeRun(label, list(state.records), warm, state.schedule.window_s, files)
 
 
 def _final_csv(w: StatsCSVFileWriter) -> None:
     """The periodic writer may be up to a second stale: write the final rows, then close."""
-    for fh, fn in ((w.requests_csv_filehandle, w.requests_csv), (w.failures_csv_filehandle, w.failures_csv),
-                   (w.exceptions_csv_filehandle, w.exceptions_csv)):
+    for fh, fn in (
+        (w.requests_csv_filehandle, w.requests_csv),
+        (w.failures_csv_filehandle, w.failures_csv),
+        (w.exceptions_csv_filehandle, w.exceptions_csv),
+    ):
         fh.seek(0)
         fh.truncate()
         fn(csv.writer(fh))
@@ -154,8 +164,13 @@ def _final_csv(w: StatsCSVFileWriter) -> None:
 
 
 def make_state(workload: Workload, opts: RunOptions, http_url: str, grpc_url: str) -> lu.LoadState:
-    return lu.LoadState(workload, Schedule(workload.requests, opts.duration_s), grpc_url=grpc_url, http_url=http_url,
-                        timeout_s=opts.timeout_s)
+    return lu.LoadState(
+        workload,
+        Schedule(workload.requests, opts.duration_s),
+        grpc_url=grpc_url,
+        http_url=http_url,
+        timeout_s=opts.timeout_s,
+    )
 
 
 def run_both(dep, workload: Workload, opts: RunOptions, out_dir: Path, modes=("off", "on"), log=None) -> dict:

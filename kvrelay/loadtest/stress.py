@@ -10,6 +10,7 @@ stub, and whether any stub died or was replaced.
 No Locust here on purpose: plain threads with the real tritonclient, one client object per thread
 (as applications hold them), so what is measured is the server, not a load generator's scheduler.
 """
+
 from __future__ import annotations
 
 import http.client
@@ -28,8 +29,13 @@ from kvrelay.server import procstats
 from kvrelay.server.client import _info, _inputs, _message, _text
 
 KINDS = ("http", "grpc", "grpc-stream", "http-stream")
-QUESTIONS = ("Summarise the text above.", "What is this about?", "Name one function above.",
-             "Which term appears most?", "Explain the first line.")
+QUESTIONS = (
+    "Summarise the text above.",
+    "What is this about?",
+    "Name one function above.",
+    "Which term appears most?",
+    "Explain the first line.",
+)
 
 
 @dataclass(slots=True)
@@ -41,9 +47,9 @@ class StressSpec:
     clients: int = 64
     duration_s: float = 600.0
     max_tokens: tuple[int, int] = (4, 16)
-    disconnect: float = 0.1           # fraction of streaming requests that hang up after the first token
+    disconnect: float = 0.1  # fraction of streaming requests that hang up after the first token
     kinds: tuple[str, ...] = KINDS
-    timeout_s: float = 180.0          # per request: past it the request counts as an error ("timeout")
+    timeout_s: float = 180.0  # per request: past it the request counts as an error ("timeout")
     seed: int = 0
     tenants: tuple[str, ...] = ("stress",)
     server_pid: int | None = None
@@ -96,9 +102,11 @@ class _Client:
     def __init__(self, spec: StressSpec, rng: random.Random):
         import tritonclient.grpc as grpcclient
         import tritonclient.http as httpclient
+
         self.spec, self.rng = spec, rng
-        self.http = httpclient.InferenceServerClient(spec.http_url, network_timeout=spec.timeout_s,
-                                                     connection_timeout=spec.timeout_s)
+        self.http = httpclient.InferenceServerClient(
+            spec.http_url, network_timeout=spec.timeout_s, connection_timeout=spec.timeout_s
+        )
         self.grpc = grpcclient.InferenceServerClient(spec.grpc_url)
         self.httpmod, self.grpcmod = httpclient, grpcclient
 
@@ -136,7 +144,9 @@ class _Client:
         if kind == "http":
             res = self.http.infer("ensemble", _inputs(self.httpmod, question, n, **kw))
         else:
-            res = self.grpc.infer("ensemble", _inputs(self.grpcmod, question, n, **kw), client_timeout=self.spec.timeout_s)
+            res = self.grpc.infer(
+                "ensemble", _inputs(self.grpcmod, question, n, **kw), client_timeout=self.spec.timeout_s
+            )
         return {**_info(res), "text": _text(res)}
 
     def _grpc_stream(self, question, n, kw, hang_up, t0) -> tuple[dict, float | None]:
@@ -144,8 +154,11 @@ class _Client:
         ttft, info, text, complete = None, {}, "", False
         self.grpc.start_stream(callback=lambda result, error: q.put((result, error)))
         try:
-            self.grpc.async_stream_infer("ensemble_stream", _inputs(self.grpcmod, question, n, stream=True, **kw),
-                                         enable_empty_final_response=True)
+            self.grpc.async_stream_infer(
+                "ensemble_stream",
+                _inputs(self.grpcmod, question, n, stream=True, **kw),
+                enable_empty_final_response=True,
+            )
             while True:
                 try:
                     res, err = q.get(timeout=self.spec.timeout_s)
@@ -172,8 +185,12 @@ class _Client:
         conn = http.client.HTTPConnection(host, int(port), timeout=self.spec.timeout_s)
         ttft, info, text = None, {}, ""
         try:
-            conn.request("POST", "/v2/models/ensemble_stream/generate_stream", json.dumps(body),
-                         {"Content-Type": "application/json"})
+            conn.request(
+                "POST",
+                "/v2/models/ensemble_stream/generate_stream",
+                json.dumps(body),
+                {"Content-Type": "application/json"},
+            )
             r = conn.getresponse()
             if r.status != 200:
                 raise KvRelayError(f"HTTP {r.status}: {r.read()[:300].decode(errors='replace')}")
@@ -226,7 +243,7 @@ def run(spec: StressSpec, progress=None) -> StressResult:
     threads = [threading.Thread(target=worker, args=(i,), name=f"stress-{i}", daemon=True) for i in range(spec.clients)]
     for t in threads:
         t.start()
-    give_up = deadline + spec.timeout_s + 30   # a client stuck past its own timeout is itself a finding
+    give_up = deadline + spec.timeout_s + 30  # a client stuck past its own timeout is itself a finding
     try:
         while any(t.is_alive() for t in threads) and time.monotonic() < give_up:
             time.sleep(min(spec.sample_every_s, 1.0))
@@ -241,7 +258,9 @@ def run(spec: StressSpec, progress=None) -> StressResult:
         stop.set()
     stuck = [t for t in threads if t.is_alive()]
     for _ in stuck:
-        res.outcomes.append(Outcome("?", "?", False, time.monotonic() - t_start, error="no answer: client stuck past its timeout"))
+        res.outcomes.append(
+            Outcome("?", "?", False, time.monotonic() - t_start, error="no answer: client stuck past its timeout")
+        )
     res.wall_s = time.monotonic() - t_start
     sample()
     return res
@@ -266,14 +285,21 @@ def _procs_summary(res: StressResult) -> dict:
     rows = {}
     for k, p in l.items():
         b = f.get(k)
-        rows[k] = {"rss_mib_start": round(b.rss_mib, 1) if b else None,
-                   "rss_mib_after_warmup": round(w[k].rss_mib, 1) if k in w else None,
-                   "rss_mib_end": round(p.rss_mib, 1), "threads_start": b.threads if b else None,
-                   "threads_end": p.threads}
-    return {"processes": rows, "died": died, "started": started,
-            "total_rss_mib_start": round(sum(p.rss_mib for p in first), 1),
-            "total_rss_mib_after_warmup": round(sum(p.rss_mib for p in warm[0]), 1),
-            "total_rss_mib_end": round(sum(p.rss_mib for p in last), 1)}
+        rows[k] = {
+            "rss_mib_start": round(b.rss_mib, 1) if b else None,
+            "rss_mib_after_warmup": round(w[k].rss_mib, 1) if k in w else None,
+            "rss_mib_end": round(p.rss_mib, 1),
+            "threads_start": b.threads if b else None,
+            "threads_end": p.threads,
+        }
+    return {
+        "processes": rows,
+        "died": died,
+        "started": started,
+        "total_rss_mib_start": round(sum(p.rss_mib for p in first), 1),
+        "total_rss_mib_after_warmup": round(sum(p.rss_mib for p in warm[0]), 1),
+        "total_rss_mib_end": round(sum(p.rss_mib for p in last), 1),
+    }
 
 
 def summary(res: StressResult) -> dict:
@@ -283,34 +309,53 @@ def summary(res: StressResult) -> dict:
     for k in res.spec.kinds:
         mine = [o for o in oc if o.kind == k]
         good = [o for o in mine if o.ok and not o.disconnected]
-        kinds[k] = {"requests": len(mine), "errors": sum(not o.ok for o in mine),
-                    "disconnected": sum(o.disconnected for o in mine),
-                    "latency_s": {f"p{q}": _pct([o.latency_s for o in good], q) for q in (50, 90, 99)},
-                    "ttft_s": {f"p{q}": _pct([o.ttft_s for o in good if o.ttft_s is not None], q) for q in (50, 90, 99)}}
-    return {"clients": res.spec.clients, "duration_s": res.spec.duration_s, "wall_s": round(res.wall_s, 1),
-            "requests": len(oc), "errors": sum(errors.values()), "errors_by_message": dict(errors.most_common(20)),
-            "requests_per_s": round(len(oc) / res.wall_s, 3) if res.wall_s else None,
-            "routes": dict(Counter(o.route for o in oc if o.ok)), "by_kind": kinds,
-            "models": list(res.spec.models), "server": _procs_summary(res)}
+        kinds[k] = {
+            "requests": len(mine),
+            "errors": sum(not o.ok for o in mine),
+            "disconnected": sum(o.disconnected for o in mine),
+            "latency_s": {f"p{q}": _pct([o.latency_s for o in good], q) for q in (50, 90, 99)},
+            "ttft_s": {f"p{q}": _pct([o.ttft_s for o in good if o.ttft_s is not None], q) for q in (50, 90, 99)},
+        }
+    return {
+        "clients": res.spec.clients,
+        "duration_s": res.spec.duration_s,
+        "wall_s": round(res.wall_s, 1),
+        "requests": len(oc),
+        "errors": sum(errors.values()),
+        "errors_by_message": dict(errors.most_common(20)),
+        "requests_per_s": round(len(oc) / res.wall_s, 3) if res.wall_s else None,
+        "routes": dict(Counter(o.route for o in oc if o.ok)),
+        "by_kind": kinds,
+        "models": list(res.spec.models),
+        "server": _procs_summary(res),
+    }
 
 
 def render(s: dict) -> str:
-    lines = [f"stress: {s['clients']} clients, {s['wall_s']} s: {s['requests']} requests, {s['errors']} errors, "
-             f"{s['requests_per_s']} req/s; routes {s['routes']}"]
+    lines = [
+        f"stress: {s['clients']} clients, {s['wall_s']} s: {s['requests']} requests, {s['errors']} errors, "
+        f"{s['requests_per_s']} req/s; routes {s['routes']}"
+    ]
     for k, v in s["by_kind"].items():
         lat, tt = v["latency_s"], v["ttft_s"]
-        lines.append(f"  {k:12s} {v['requests']:6d} req {v['errors']:4d} err {v['disconnected']:4d} hung up  "
-                     f"latency p50/p90/p99 {lat['p50']}/{lat['p90']}/{lat['p99']} s"
-                     + (f"  ttft p50/p90/p99 {tt['p50']}/{tt['p90']}/{tt['p99']} s" if tt["p50"] is not None else ""))
+        lines.append(
+            f"  {k:12s} {v['requests']:6d} req {v['errors']:4d} err {v['disconnected']:4d} hung up  "
+            f"latency p50/p90/p99 {lat['p50']}/{lat['p90']}/{lat['p99']} s"
+            + (f"  ttft p50/p90/p99 {tt['p50']}/{tt['p90']}/{tt['p99']} s" if tt["p50"] is not None else "")
+        )
     for msg, n in s["errors_by_message"].items():
         lines.append(f"  error x{n}: {msg}")
     srv = s.get("server") or {}
     if srv:
-        lines.append(f"  server RSS (all processes) start {srv['total_rss_mib_start']} MiB, after warm-up "
-                     f"{srv['total_rss_mib_after_warmup']} MiB, end {srv['total_rss_mib_end']} MiB")
+        lines.append(
+            f"  server RSS (all processes) start {srv['total_rss_mib_start']} MiB, after warm-up "
+            f"{srv['total_rss_mib_after_warmup']} MiB, end {srv['total_rss_mib_end']} MiB"
+        )
         for name, p in srv["processes"].items():
-            lines.append(f"    {name:34s} RSS {p['rss_mib_start']} -> {p['rss_mib_after_warmup']} -> {p['rss_mib_end']} MiB, "
-                         f"threads {p['threads_start']} -> {p['threads_end']}")
+            lines.append(
+                f"    {name:34s} RSS {p['rss_mib_start']} -> {p['rss_mib_after_warmup']} -> {p['rss_mib_end']} MiB, "
+                f"threads {p['threads_start']} -> {p['threads_end']}"
+            )
         lines.append(f"  stubs died: {srv['died'] or 'none'}; started during the run: {srv['started'] or 'none'}")
     return "\n".join(lines)
 
@@ -323,7 +368,7 @@ def source_contexts(n: int, chars: tuple[int, int] = (1500, 3000), seed: int = 0
     for _ in range(n):
         size = rng.randint(*chars)
         start = rng.randrange(0, max(1, len(text) - size))
-        out.append(text[start:start + size])
+        out.append(text[start : start + size])
     return tuple(out)
 
 

@@ -14,6 +14,7 @@ request sequence with count and time bounds; a user stops (StopUser) when the se
 Each answered or failed request becomes a record (see `make_record`) in LoadState.records and in
 the Locust event's context["kvrelay"]; Locust's own stats are named by variant.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,6 +46,7 @@ PROTOCOLS = ("grpc-stream", "grpc", "http", "http-stream")
 @dataclass
 class LoadState:
     """What the users of one run share (attached to the Locust Environment as `.kvrelay`)."""
+
     workload: Workload
     schedule: Schedule
     grpc_url: str = "127.0.0.1:8001"
@@ -65,30 +67,67 @@ def split_route(route: str) -> tuple[str, str]:
     return kind.strip(), reason.strip()
 
 
-def make_record(r: Request, start_s: float, latency_s: float, *, text: str = "", info: dict | None = None,
-                ttft_s: float | None = None, error: str | None = None) -> dict:
+def make_record(
+    r: Request,
+    start_s: float,
+    latency_s: float,
+    *,
+    text: str = "",
+    info: dict | None = None,
+    ttft_s: float | None = None,
+    error: str | None = None,
+) -> dict:
     info = info or {}
     kind, reason = split_route(info.get("kv_route", ""))
-    return {"index": r.index, "model": r.model, "context_id": r.context_id, "max_tokens": r.max_tokens,
-            "ok": error is None, "error": error, "start_s": start_s, "latency_s": latency_s, "ttft_s": ttft_s,
-            "output_tokens": info.get("output_tokens", 0), "route": kind, "route_reason": reason,
-            "donor": info.get("kv_donor_model", ""), "reused_layers": info.get("kv_reused_layers", 0),
-            "recomputed_layers": info.get("kv_recomputed_layers", 0), "reused_tokens": info.get("kv_reused_tokens", 0),
-            "text": text}
+    return {
+        "index": r.index,
+        "model": r.model,
+        "context_id": r.context_id,
+        "max_tokens": r.max_tokens,
+        "ok": error is None,
+        "error": error,
+        "start_s": start_s,
+        "latency_s": latency_s,
+        "ttft_s": ttft_s,
+        "output_tokens": info.get("output_tokens", 0),
+        "route": kind,
+        "route_reason": reason,
+        "donor": info.get("kv_donor_model", ""),
+        "reused_layers": info.get("kv_reused_layers", 0),
+        "recomputed_layers": info.get("kv_recomputed_layers", 0),
+        "reused_tokens": info.get("kv_reused_tokens", 0),
+        "text": text,
+    }
 
 
 # --- one request, outside Locust (also used for the warm-up) ---------------------------------------
+
 
 def send_grpc(state: LoadState, r: Request, streaming: bool = True) -> dict:
     text, ctx = state.workload.payload(r)
     t0 = time.time()
     try:
         if streaming:
-            res = client.stream(state.grpc_url, text, r.max_tokens, model=r.model, context=ctx, tenant=r.tenant,
-                                timeout_s=state.timeout_s)
+            res = client.stream(
+                state.grpc_url,
+                text,
+                r.max_tokens,
+                model=r.model,
+                context=ctx,
+                tenant=r.tenant,
+                timeout_s=state.timeout_s,
+            )
         else:
-            res = client.infer(state.grpc_url, text, r.max_tokens, protocol="grpc", model=r.model, context=ctx,
-                               tenant=r.tenant, timeout_s=state.timeout_s)
+            res = client.infer(
+                state.grpc_url,
+                text,
+                r.max_tokens,
+                protocol="grpc",
+                model=r.model,
+                context=ctx,
+                tenant=r.tenant,
+                timeout_s=state.timeout_s,
+            )
     except Exception as e:  # noqa: BLE001 - a failed request is a data point, not a crash
         return make_record(r, t0, time.time() - t0, error=f"{type(e).__name__}: {e}")
     return make_record(r, t0, res.latency_s, text=res.text, info=res.info, ttft_s=res.ttft_s)
@@ -98,8 +137,16 @@ def send_http(state: LoadState, r: Request) -> dict:
     text, ctx = state.workload.payload(r)
     t0 = time.time()
     try:
-        res = client.infer(state.http_url, text, r.max_tokens, protocol="http", model=r.model, context=ctx,
-                           tenant=r.tenant, timeout_s=state.timeout_s)
+        res = client.infer(
+            state.http_url,
+            text,
+            r.max_tokens,
+            protocol="http",
+            model=r.model,
+            context=ctx,
+            tenant=r.tenant,
+            timeout_s=state.timeout_s,
+        )
     except Exception as e:  # noqa: BLE001
         return make_record(r, t0, time.time() - t0, error=f"{type(e).__name__}: {e}")
     return make_record(r, t0, res.latency_s, text=res.text, info=res.info)
@@ -122,15 +169,24 @@ def generate_body(state: LoadState, r: Request, stream: bool = False) -> dict:
 
 
 def info_from_json(d: dict) -> dict:
-    keys = ("kv_reused_layers", "kv_recomputed_layers", "kv_reused_tokens", "output_tokens", "first_token_time_ns",
-            "kv_donor_model", "kv_route")
+    keys = (
+        "kv_reused_layers",
+        "kv_recomputed_layers",
+        "kv_reused_tokens",
+        "output_tokens",
+        "first_token_time_ns",
+        "kv_donor_model",
+        "kv_route",
+    )
     return {k: d[k] for k in keys if k in d}
 
 
 # --- Locust users -------------------------------------------------------------------------------
 
+
 class _Workload:
     """Shared task: next request from the schedule (sleeping until a Poisson arrival), send, record."""
+
     wait_time = constant(0)
     request_type = "kvrelay"
 
@@ -158,17 +214,25 @@ class _Workload:
         if mine:  # else the run's end already recorded it as cut off: one record per request
             st.records.append(rec)
 
-    tasks = [one_request]   # a plain list: Locust collects tasks from bases' `tasks`, not from mixins' @task
+    tasks = [one_request]  # a plain list: Locust collects tasks from bases' `tasks`, not from mixins' @task
 
     def fire(self, rec: dict) -> None:
         self.environment.events.request.fire(
-            request_type=self.request_type, name=rec["model"], response_time=rec["latency_s"] * 1000.0,
-            response_length=len(rec["text"].encode()), response=None, context={"kvrelay": rec},
-            exception=None if rec["ok"] else RuntimeError(rec["error"]), start_time=rec["start_s"], url=None)
+            request_type=self.request_type,
+            name=rec["model"],
+            response_time=rec["latency_s"] * 1000.0,
+            response_length=len(rec["text"].encode()),
+            response=None,
+            context={"kvrelay": rec},
+            exception=None if rec["ok"] else RuntimeError(rec["error"]),
+            start_time=rec["start_s"],
+            url=None,
+        )
 
 
 class TritonGrpcStreamUser(_Workload, User):
     """gRPC streaming (`ensemble_stream`): TTFT as the client sees it."""
+
     request_type = "grpc-stream"
 
     def send(self, st: LoadState, r: Request) -> dict:
@@ -179,6 +243,7 @@ class TritonGrpcStreamUser(_Workload, User):
 
 class TritonGrpcUser(_Workload, User):
     """gRPC unary (`ensemble`)."""
+
     request_type = "grpc"
 
     def send(self, st: LoadState, r: Request) -> dict:
@@ -189,12 +254,18 @@ class TritonGrpcUser(_Workload, User):
 
 class TritonHttpUser(_Workload, HttpUser):
     """Locust's HttpUser on /v2/models/ensemble/generate (one JSON answer)."""
+
     request_type = "http"
 
     def send(self, st: LoadState, r: Request) -> dict:
         t0 = time.time()
-        with self.client.post("/v2/models/ensemble/generate", json=generate_body(st, r), name=r.model,
-                              catch_response=True, timeout=st.timeout_s) as resp:
+        with self.client.post(
+            "/v2/models/ensemble/generate",
+            json=generate_body(st, r),
+            name=r.model,
+            catch_response=True,
+            timeout=st.timeout_s,
+        ) as resp:
             lat = time.time() - t0
             try:
                 d = resp.json()
@@ -212,13 +283,20 @@ class TritonHttpUser(_Workload, HttpUser):
 
 class TritonHttpStreamUser(_Workload, HttpUser):
     """HttpUser on /v2/models/ensemble_stream/generate_stream (server-sent events): TTFT too."""
+
     request_type = "http-stream"
 
     def send(self, st: LoadState, r: Request) -> dict:
         t0 = time.time()
         ttft, parts, info, error = None, [], {}, None
-        with self.client.post("/v2/models/ensemble_stream/generate_stream", json=generate_body(st, r, stream=True),
-                              name=r.model, catch_response=True, stream=True, timeout=st.timeout_s) as resp:
+        with self.client.post(
+            "/v2/models/ensemble_stream/generate_stream",
+            json=generate_body(st, r, stream=True),
+            name=r.model,
+            catch_response=True,
+            stream=True,
+            timeout=st.timeout_s,
+        ) as resp:
             try:
                 if resp.status_code != 200:
                     error = f"HTTP {resp.status_code}: {resp.text[:200]}"
@@ -237,8 +315,11 @@ class TritonHttpStreamUser(_Workload, HttpUser):
             except Exception as e:  # noqa: BLE001
                 error = f"{type(e).__name__}: {e}"
             lat = time.time() - t0
-            rec = make_record(r, t0, lat, error=error) if error else \
-                make_record(r, t0, lat, text="".join(parts), info=info, ttft_s=ttft)
+            rec = (
+                make_record(r, t0, lat, error=error)
+                if error
+                else make_record(r, t0, lat, text="".join(parts), info=info, ttft_s=ttft)
+            )
             resp.request_meta["response_time"] = lat * 1000.0
             resp.request_meta["context"]["kvrelay"] = rec
             if error:
@@ -248,12 +329,17 @@ class TritonHttpStreamUser(_Workload, HttpUser):
         return rec
 
 
-USER_CLASSES = {"grpc-stream": TritonGrpcStreamUser, "grpc": TritonGrpcUser, "http": TritonHttpUser,
-                "http-stream": TritonHttpStreamUser}
+USER_CLASSES = {
+    "grpc-stream": TritonGrpcStreamUser,
+    "grpc": TritonGrpcUser,
+    "http": TritonHttpUser,
+    "http-stream": TritonHttpStreamUser,
+}
 
 
 def quit_when_done(environment, poll_s: float = 0.25, grace_s: float = 30.0):
     """A greenlet that quits the runner once the schedule is done (or its time bound + grace passed)."""
+
     def watch():
         st: LoadState = environment.kvrelay
         while True:
@@ -265,4 +351,5 @@ def quit_when_done(environment, poll_s: float = 0.25, grace_s: float = 30.0):
                 st.abandon_in_flight("cut off at the run's time limit")
                 environment.runner.quit()
                 return
+
     return gevent.spawn(watch)

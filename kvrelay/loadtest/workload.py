@@ -13,6 +13,7 @@ held-out corpus part), falling back to held-out corpus documents cut to length; 
 
 No Locust, no torch here: the schedule is plain Python, safe under gevent or threads.
 """
+
 from __future__ import annotations
 
 import math
@@ -31,22 +32,22 @@ GENERIC_QUESTIONS = (
     "What is the main subject of the text above?",
     "Name one technical term used in the text above.",
 )
-OUTPUT_HEADROOM = 64          # tokens kept free for the question and output beyond max_tokens
+OUTPUT_HEADROOM = 64  # tokens kept free for the question and output beyond max_tokens
 
 
 @dataclass(frozen=True, slots=True)
 class WorkloadSpec:
     family: str
     models: tuple[str, ...]
-    requests: int = 96                    # measured requests (count bound)
-    contexts: int = 12                    # size of the shared-context pool
+    requests: int = 96  # measured requests (count bound)
+    contexts: int = 12  # size of the shared-context pool
     context_tokens: tuple[int, int] = (2048, 4000)
     max_tokens: tuple[int, int] = (8, 16)
     zipf_s: float = 0.5
-    rate: float | None = None             # Poisson arrivals per second; None = closed loop
+    rate: float | None = None  # Poisson arrivals per second; None = closed loop
     seed: int = 0
     tenant: str = "loadtest"
-    warmup: int = 2                       # warm-up rounds (each: every model once, on a separate context)
+    warmup: int = 2  # warm-up rounds (each: every model once, on a separate context)
 
     def validate(self) -> "WorkloadSpec":
         if not self.models:
@@ -69,27 +70,31 @@ class WorkloadSpec:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["models"], d["context_tokens"], d["max_tokens"] = list(self.models), list(self.context_tokens), list(self.max_tokens)
+        d["models"], d["context_tokens"], d["max_tokens"] = (
+            list(self.models),
+            list(self.context_tokens),
+            list(self.max_tokens),
+        )
         return d
 
 
 @dataclass(frozen=True, slots=True)
 class Context:
     id: int
-    text: str                  # the shared part (synthetic families: whitespace-separated token ids)
-    tokens: int                # its length in tokens
+    text: str  # the shared part (synthetic families: whitespace-separated token ids)
+    tokens: int  # its length in tokens
     questions: tuple[str, ...]
-    source: str = ""           # evaldata sample id, corpus documents, or "random"
+    source: str = ""  # evaldata sample id, corpus documents, or "random"
 
 
 @dataclass(frozen=True, slots=True)
 class Request:
-    index: int                 # position in the sequence (warm-up requests: negative)
+    index: int  # position in the sequence (warm-up requests: negative)
     context_id: int
     model: str
     question: str
     max_tokens: int
-    arrival_s: float | None = None   # offset from the run's start (Poisson); None = closed loop
+    arrival_s: float | None = None  # offset from the run's start (Poisson); None = closed loop
     tenant: str = "loadtest"
 
     @property
@@ -100,11 +105,11 @@ class Request:
 @dataclass
 class Workload:
     spec: WorkloadSpec
-    contexts: list[Context]            # the measured pool
+    contexts: list[Context]  # the measured pool
     requests: list[Request]
     warmup_contexts: list[Context] = field(default_factory=list)
     warmup_requests: list[Request] = field(default_factory=list)
-    merge_context: bool = False        # send context + question as one text_input (tokenizer-less families)
+    merge_context: bool = False  # send context + question as one text_input (tokenizer-less families)
     context_source: str = ""
 
     def context(self, cid: int) -> Context:
@@ -125,9 +130,12 @@ class Workload:
 
     def describe(self) -> dict:
         toks = [c.tokens for c in self.contexts]
-        return {**self.spec.to_dict(), "context_source": self.context_source,
-                "context_tokens_seen": [min(toks), max(toks)] if toks else [],
-                **sharing_ceiling(self.requests)}
+        return {
+            **self.spec.to_dict(),
+            "context_source": self.context_source,
+            "context_tokens_seen": [min(toks), max(toks)] if toks else [],
+            **sharing_ceiling(self.requests),
+        }
 
 
 def sharing_ceiling(requests: list[Request]) -> dict:
@@ -137,16 +145,20 @@ def sharing_ceiling(requests: list[Request]) -> dict:
     the number of full prefills sharing can divide by, before decode and re-prefill costs."""
     contexts = len({r.context_id for r in requests})
     pairs = len({(r.context_id, r.model) for r in requests})
-    return {"distinct_contexts_requested": contexts, "distinct_context_model_pairs": pairs,
-            "repeat_requests": len(requests) - pairs,
-            "full_prefill_ceiling": round(pairs / contexts, 3) if contexts else None}
+    return {
+        "distinct_contexts_requested": contexts,
+        "distinct_context_model_pairs": pairs,
+        "repeat_requests": len(requests) - pairs,
+        "full_prefill_ceiling": round(pairs / contexts, 3) if contexts else None,
+    }
 
 
 # --- drawing ------------------------------------------------------------------------------------
 
+
 def zipf_weights(n: int, s: float) -> list[float]:
     """Normalised weights of ranks 1..n under P(k) ~ 1 / k^s."""
-    w = [1.0 / (k ** s) for k in range(1, n + 1)]
+    w = [1.0 / (k**s) for k in range(1, n + 1)]
     total = sum(w)
     return [x / total for x in w]
 
@@ -179,12 +191,22 @@ def warmup_sequence(spec: WorkloadSpec, contexts: list[Context]) -> list[Request
     for rnd in range(spec.warmup):
         ctx = contexts[rnd % len(contexts)]
         for j, m in enumerate(spec.models):
-            out.append(Request(-1 - len(out), ctx.id, m, ctx.questions[(rnd + j) % len(ctx.questions)],
-                               spec.max_tokens[0], None, f"{spec.tenant}-warmup"))
+            out.append(
+                Request(
+                    -1 - len(out),
+                    ctx.id,
+                    m,
+                    ctx.questions[(rnd + j) % len(ctx.questions)],
+                    spec.max_tokens[0],
+                    None,
+                    f"{spec.tenant}-warmup",
+                )
+            )
     return out
 
 
 # --- contexts -----------------------------------------------------------------------------------
+
 
 def build(spec: WorkloadSpec, log=None) -> Workload:
     """The workload for a family: contexts (pool + warm-up) and both request sequences."""
@@ -201,17 +223,26 @@ def build(spec: WorkloadSpec, log=None) -> Workload:
         tok = tokenizer(spec.family)
         ctxs, source = text_contexts(tok, spec.contexts + n_warm, (lo, hi), spec.seed, log)
         merge = False
-    pool, warm = ctxs[: spec.contexts], ctxs[spec.contexts:]
-    return Workload(spec, pool, generate(spec, pool), warm, warmup_sequence(spec, warm) if warm else [],
-                    merge_context=merge, context_source=source)
+    pool, warm = ctxs[: spec.contexts], ctxs[spec.contexts :]
+    return Workload(
+        spec,
+        pool,
+        generate(spec, pool),
+        warm,
+        warmup_sequence(spec, warm) if warm else [],
+        merge_context=merge,
+        context_source=source,
+    )
 
 
 def _fit(spec: WorkloadSpec, max_len: int) -> tuple[int, int]:
     lo, hi = spec.context_tokens
     room = max_len - spec.max_tokens[1] - OUTPUT_HEADROOM
     if lo > room:
-        raise KvRelayError(f"contexts of {lo}+ tokens do not fit the models' {max_len}-token window "
-                           f"with {spec.max_tokens[1]} output tokens")
+        raise KvRelayError(
+            f"contexts of {lo}+ tokens do not fit the models' {max_len}-token window "
+            f"with {spec.max_tokens[1]} output tokens"
+        )
     return lo, min(hi, room)
 
 
@@ -240,8 +271,16 @@ def text_contexts(tok, n: int, tokens: tuple[int, int], seed: int, log) -> tuple
     to length if evaldata cannot build them."""
     try:
         samples = evaldata.build(tok, "mixed", "heldout", n=n, context_tokens=tokens, seed=seed)
-        return [Context(i, s.context, len(tok.encode(s.context, add_special_tokens=False)),
-                        (s.question,) + GENERIC_QUESTIONS, s.id) for i, s in enumerate(samples)], "evaldata heldout (mixed)"
+        return [
+            Context(
+                i,
+                s.context,
+                len(tok.encode(s.context, add_special_tokens=False)),
+                (s.question,) + GENERIC_QUESTIONS,
+                s.id,
+            )
+            for i, s in enumerate(samples)
+        ], "evaldata heldout (mixed)"
     except Exception as e:  # noqa: BLE001 - evaldata is optional here; say why we fall back
         log(f"evaldata could not build contexts ({e}); using held-out corpus documents")
     return corpus_contexts(tok, n, tokens, seed), "corpora heldout documents"
@@ -266,12 +305,20 @@ def corpus_contexts(tok, n: int, tokens: tuple[int, int], seed: int) -> list[Con
             ids += tok.encode(f"### File: {d.name.split(':', 1)[1]}\n{d.text.strip()}\n\n", add_special_tokens=False)
             names.append(d.name)
         text = tok.decode(ids[:target])
-        out.append(Context(i, text, len(tok.encode(text, add_special_tokens=False)), GENERIC_QUESTIONS,
-                           "+".join(names[:3]) + ("+..." if len(names) > 3 else "")))
+        out.append(
+            Context(
+                i,
+                text,
+                len(tok.encode(text, add_special_tokens=False)),
+                GENERIC_QUESTIONS,
+                "+".join(names[:3]) + ("+..." if len(names) > 3 else ""),
+            )
+        )
     return out
 
 
 # --- the schedule a run draws from ---------------------------------------------------------------
+
 
 class Schedule:
     """Hands out a run's requests in order, within a count bound (the sequence) and a time bound.

@@ -6,6 +6,7 @@
 The engine (backends/torch_engine/config.py) reads each architecture's fields; registration of user
 models and family builders validate against this set before any slow work.
 """
+
 from __future__ import annotations
 
 from kvrelay.errors import KvRelayError
@@ -37,9 +38,13 @@ def check_supported(cfg: dict, where: str = "") -> str:
     if allowed is None or bad:
         found = f"model_type {model_type!r}, architectures {list(archs)}"
         hint = ""
-        if model_type == "gemma3":   # the multimodal wrapper; its text tower is gemma3_text
-            hint = ("; a Gemma-3 vision-language checkpoint (Gemma3ForConditionalGeneration) is not a "
-                    "text-only model: use its text model (Gemma3ForCausalLM, model_type gemma3_text)")
-        raise UnsupportedArchitecture(f"{where + ': ' if where else ''}{found} is not supported; the engine runs "
-                                      f"model_type (architectures): {supported_text()}{hint}")
+        if model_type == "gemma3":  # the multimodal wrapper; its text tower is gemma3_text
+            hint = (
+                "; a Gemma-3 vision-language checkpoint (Gemma3ForConditionalGeneration) is not a "
+                "text-only model: use its text model (Gemma3ForCausalLM, model_type gemma3_text)"
+            )
+        raise UnsupportedArchitecture(
+            f"{where + ': ' if where else ''}{found} is not supported; the engine runs "
+            f"model_type (architectures): {supported_text()}{hint}"
+        )
     return model_type

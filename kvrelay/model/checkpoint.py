@@ -9,6 +9,7 @@ before anything is registered; the torch engine (backends/torch_engine/weights.p
 
 Every error is a CheckpointError (a KvRelayError) naming the file and the field or tensor.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,15 @@ ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 FLOAT_DTYPES = {"F32": (4, 0x7F800000, "<u4"), "F16": (2, 0x7C00, "<u2"), "BF16": (2, 0x7F80, "<u2")}
 TORCH_DTYPES = {"torch.float32": "F32", "torch.float16": "F16", "torch.bfloat16": "BF16"}
 # the projections a LoRA adapter may target: name -> the block it lives in
-PROJECTIONS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-               "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+PROJECTIONS = {
+    "q_proj": "self_attn",
+    "k_proj": "self_attn",
+    "v_proj": "self_attn",
+    "o_proj": "self_attn",
+    "gate_proj": "mlp",
+    "up_proj": "mlp",
+    "down_proj": "mlp",
+}
 _LORA_KEY = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.lora_([AB])\.weight$")
 
 
@@ -42,9 +50,9 @@ class CheckpointError(KvRelayError):
 @dataclass(frozen=True)
 class Tensor:
     file: Path
-    dtype: str                   # safetensors dtype name (F32, F16, BF16, ...)
+    dtype: str  # safetensors dtype name (F32, F16, BF16, ...)
     shape: tuple[int, ...]
-    offset: int = 0              # absolute byte offset of the data (safetensors only)
+    offset: int = 0  # absolute byte offset of the data (safetensors only)
     nbytes: int = 0
 
 
@@ -61,6 +69,7 @@ def read_json(path: Path, what: str = "") -> dict:
 
 
 # --- weight files ------------------------------------------------------------------------------
+
 
 def weight_files(model_dir: Path) -> list[Path]:
     """The files a checkpoint's weights are in, as its loader reads them (safetensors preferred)."""
@@ -79,8 +88,9 @@ def weight_files(model_dir: Path) -> list[Path]:
     for single in (SAFE_SINGLE, BIN_SINGLE):
         if (model_dir / single).is_file():
             return [model_dir / single]
-    raise CheckpointError(f"{model_dir}: no weights: expected {SAFE_SINGLE}, {SAFE_INDEX} with its shards, "
-                          f"or {BIN_SINGLE}")
+    raise CheckpointError(
+        f"{model_dir}: no weights: expected {SAFE_SINGLE}, {SAFE_INDEX} with its shards, or {BIN_SINGLE}"
+    )
 
 
 def safetensors_header(path: Path) -> dict[str, Tensor]:
@@ -122,6 +132,7 @@ def bin_tensors(path: Path) -> dict[str, Tensor]:
     except (zipfile.BadZipFile, OSError):
         raise CheckpointError(f"{path}: truncated or not a torch checkpoint (not a readable zip archive)") from None
     import torch
+
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - any unpickling failure is a bad file
@@ -155,6 +166,7 @@ def tensor_index(model_dir: Path) -> dict[str, Tensor]:
 def check_finite(tensors: dict[str, Tensor]) -> None:
     """Every floating tensor is finite (no NaN or inf): read through a memory map, 16M values at a time."""
     import numpy as np
+
     for name, t in tensors.items():
         if t.dtype not in FLOAT_DTYPES:
             continue
@@ -167,13 +179,14 @@ def check_finite(tensors: dict[str, Tensor]) -> None:
             continue
         mm = np.memmap(t.file, dtype=np.dtype(view), mode="r", offset=t.offset, shape=(count,))
         for lo in range(0, count, 1 << 24):
-            if ((mm[lo:lo + (1 << 24)] & mask) == mask).any():
+            if ((mm[lo : lo + (1 << 24)] & mask) == mask).any():
                 raise CheckpointError(f"{t.file}: tensor {name} holds non-finite values (NaN or inf)")
         del mm
 
 
 def _check_finite_torch(path: Path, name: str) -> None:
     import torch
+
     sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     if not torch.isfinite(sd[name].float()).all():
         raise CheckpointError(f"{path}: tensor {name} holds non-finite values (NaN or inf)")
@@ -181,14 +194,22 @@ def _check_finite_torch(path: Path, name: str) -> None:
 
 # --- shapes a config implies -------------------------------------------------------------------
 
+
 def projection_shape(cfg: dict, proj: str) -> tuple[int, int]:
     """(out_features, in_features) of a decoder layer's projection for HF config `cfg`."""
     heads = cfg["num_attention_heads"]
     kv = cfg.get("num_key_value_heads") or heads
     hd = cfg.get("head_dim") or cfg["hidden_size"] // heads
     h, i = cfg["hidden_size"], cfg["intermediate_size"]
-    return {"q_proj": (heads * hd, h), "k_proj": (kv * hd, h), "v_proj": (kv * hd, h), "o_proj": (h, heads * hd),
-            "gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}[proj]
+    return {
+        "q_proj": (heads * hd, h),
+        "k_proj": (kv * hd, h),
+        "v_proj": (kv * hd, h),
+        "o_proj": (h, heads * hd),
+        "gate_proj": (i, h),
+        "up_proj": (i, h),
+        "down_proj": (h, i),
+    }[proj]
 
 
 def expected_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
@@ -210,24 +231,29 @@ def check_tensors(model_dir: Path, cfg: dict, tensors: dict[str, Tensor]) -> Non
     for name, shape in expected_shapes(cfg).items():
         t = tensors.get(name)
         if t is None:
-            raise CheckpointError(f"{model_dir}: tensor {name} is missing from the weights "
-                                  f"({', '.join(sorted({x.file.name for x in tensors.values()})) or 'no files'})")
+            raise CheckpointError(
+                f"{model_dir}: tensor {name} is missing from the weights "
+                f"({', '.join(sorted({x.file.name for x in tensors.values()})) or 'no files'})"
+            )
         if t.shape != shape:
-            raise CheckpointError(f"{t.file}: tensor {name} has shape {list(t.shape)}, config.json implies "
-                                  f"{list(shape)}")
+            raise CheckpointError(
+                f"{t.file}: tensor {name} has shape {list(t.shape)}, config.json implies {list(shape)}"
+            )
         if t.dtype not in FLOAT_DTYPES:
-            raise CheckpointError(f"{t.file}: tensor {name} is {t.dtype}; supported: fp32, fp16, bf16 "
-                                  "(quantized checkpoints are not)")
+            raise CheckpointError(
+                f"{t.file}: tensor {name} is {t.dtype}; supported: fp32, fp16, bf16 (quantized checkpoints are not)"
+            )
 
 
 # --- LoRA adapters -----------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class LoraModule:
     layer: int
-    proj: str                    # q_proj ... down_proj
+    proj: str  # q_proj ... down_proj
     rank: int
-    scale: float                 # alpha / r, or alpha / sqrt(r) with use_rslora
+    scale: float  # alpha / r, or alpha / sqrt(r) with use_rslora
 
     @property
     def hf_name(self) -> str:
@@ -238,7 +264,7 @@ class LoraModule:
 class LoraAdapter:
     dir: Path
     config: dict = field(repr=False)
-    weights: Path                # adapter_model.safetensors or .bin
+    weights: Path  # adapter_model.safetensors or .bin
     modules: tuple[LoraModule, ...]
 
     @property
@@ -248,13 +274,21 @@ class LoraAdapter:
     def summary(self) -> dict:
         """What the family manifest records of the adapter."""
         c = self.config
-        return {"r": c.get("r"), "lora_alpha": c.get("lora_alpha"), "use_rslora": bool(c.get("use_rslora")),
-                "target_modules": self.targets, "config_target_modules": c.get("target_modules"),
-                "rank_pattern": c.get("rank_pattern") or {}, "alpha_pattern": c.get("alpha_pattern") or {},
-                "layers_to_transform": c.get("layers_to_transform"), "layers_pattern": c.get("layers_pattern"),
-                "base_model_name_or_path": c.get("base_model_name_or_path"),
-                "layers": sorted({m.layer for m in self.modules}), "modules": len(self.modules),
-                "weights_file": self.weights.name}
+        return {
+            "r": c.get("r"),
+            "lora_alpha": c.get("lora_alpha"),
+            "use_rslora": bool(c.get("use_rslora")),
+            "target_modules": self.targets,
+            "config_target_modules": c.get("target_modules"),
+            "rank_pattern": c.get("rank_pattern") or {},
+            "alpha_pattern": c.get("alpha_pattern") or {},
+            "layers_to_transform": c.get("layers_to_transform"),
+            "layers_pattern": c.get("layers_pattern"),
+            "base_model_name_or_path": c.get("base_model_name_or_path"),
+            "layers": sorted({m.layer for m in self.modules}),
+            "modules": len(self.modules),
+            "weights_file": self.weights.name,
+        }
 
 
 def is_adapter(d: Path) -> bool:
@@ -283,8 +317,10 @@ def pattern_key(patterns, module: str) -> str | None:
 
 
 def _unsupported(path: Path, field_: str, what: str) -> CheckpointError:
-    return CheckpointError(f"{path}: field {field_!r}: {what} is not supported (kvrelay merges plain LoRA "
-                           "on the attention and MLP projections into the base weights)")
+    return CheckpointError(
+        f"{path}: field {field_!r}: {what} is not supported (kvrelay merges plain LoRA "
+        "on the attention and MLP projections into the base weights)"
+    )
 
 
 def read_adapter(adapter_dir: Path, base_cfg: dict, num_layers: int | None = None) -> LoraAdapter:
@@ -299,12 +335,17 @@ def read_adapter(adapter_dir: Path, base_cfg: dict, num_layers: int | None = Non
     if c.get("use_dora"):
         raise _unsupported(path, "use_dora", "DoRA (weight-decomposed LoRA)")
     if c.get("modules_to_save"):
-        raise _unsupported(path, "modules_to_save", f"a full copy of {c['modules_to_save']} (e.g. embeddings or "
-                                                    "lm_head)")
+        raise _unsupported(
+            path, "modules_to_save", f"a full copy of {c['modules_to_save']} (e.g. embeddings or lm_head)"
+        )
     if c.get("bias", "none") not in ("none", None):
         raise _unsupported(path, "bias", f"training biases ({c['bias']!r})")
-    for key, what in (("lora_bias", "a LoRA bias"), ("trainable_token_indices", "trainable tokens"),
-                      ("layer_replication", "layer replication"), ("target_parameters", "LoRA on parameters")):
+    for key, what in (
+        ("lora_bias", "a LoRA bias"),
+        ("trainable_token_indices", "trainable tokens"),
+        ("layer_replication", "layer replication"),
+        ("target_parameters", "LoRA on parameters"),
+    ):
         if c.get(key):
             raise _unsupported(path, key, what)
     targets = c.get("target_modules")
@@ -324,7 +365,9 @@ def read_adapter(adapter_dir: Path, base_cfg: dict, num_layers: int | None = Non
     if isinstance(layers, int):
         layers = [layers]
     if layers is not None and any(not isinstance(i, int) or not 0 <= i < n_layers for i in layers):
-        raise CheckpointError(f"{path}: field 'layers_to_transform' {layers} is outside the base's layers 0..{n_layers - 1}")
+        raise CheckpointError(
+            f"{path}: field 'layers_to_transform' {layers} is outside the base's layers 0..{n_layers - 1}"
+        )
 
     weights = next((adapter_dir / f for f in ADAPTER_WEIGHTS if (adapter_dir / f).is_file()), None)
     if weights is None:
@@ -334,15 +377,24 @@ def read_adapter(adapter_dir: Path, base_cfg: dict, num_layers: int | None = Non
     for name, t in tensors.items():
         m = _LORA_KEY.match(name)
         if m is None or PROJECTIONS.get(m.group(3)) != m.group(2):
-            what = ("DoRA magnitudes" if "lora_magnitude_vector" in name else
-                    "LoRA on the embeddings" if "embed_tokens" in name or "lora_embedding" in name else
-                    "LoRA on lm_head" if "lm_head" in name else "a tensor kvrelay does not know")
-            raise CheckpointError(f"{weights}: tensor {name}: {what} is not supported (kvrelay merges plain LoRA "
-                                  "on the attention and MLP projections)")
+            what = (
+                "DoRA magnitudes"
+                if "lora_magnitude_vector" in name
+                else "LoRA on the embeddings"
+                if "embed_tokens" in name or "lora_embedding" in name
+                else "LoRA on lm_head"
+                if "lm_head" in name
+                else "a tensor kvrelay does not know"
+            )
+            raise CheckpointError(
+                f"{weights}: tensor {name}: {what} is not supported (kvrelay merges plain LoRA "
+                "on the attention and MLP projections)"
+            )
         layer = int(m.group(1))
         if layer >= n_layers:
-            raise CheckpointError(f"{weights}: tensor {name}: layer {layer} does not exist in the base "
-                                  f"({n_layers} layers)")
+            raise CheckpointError(
+                f"{weights}: tensor {name}: layer {layer} does not exist in the base ({n_layers} layers)"
+            )
         if t.dtype not in FLOAT_DTYPES:
             raise CheckpointError(f"{weights}: tensor {name} is {t.dtype}; supported: fp32, fp16, bf16")
         found.setdefault((layer, m.group(3)), {})[m.group(4)] = t
@@ -353,19 +405,25 @@ def read_adapter(adapter_dir: Path, base_cfg: dict, num_layers: int | None = Non
         module = f"model.layers.{layer}.{PROJECTIONS[proj]}.{proj}"
         prefix = f"base_model.model.{module}"
         if set(ab) != {"A", "B"}:
-            raise CheckpointError(f"{weights}: {prefix} has lora_{''.join(ab)} but not lora_{'B' if 'A' in ab else 'A'}")
+            raise CheckpointError(
+                f"{weights}: {prefix} has lora_{''.join(ab)} but not lora_{'B' if 'A' in ab else 'A'}"
+            )
         out_f, in_f = projection_shape(base_cfg, proj)
         rk = pattern_key(ranks, module)
         ak = pattern_key(alphas, module)
         rank = int(ranks[rk]) if rk is not None else r
         a = float(alphas[ak]) if ak is not None else alpha
         if ab["A"].shape != (rank, in_f):
-            raise CheckpointError(f"{weights}: tensor {prefix}.lora_A.weight has shape {list(ab['A'].shape)}; the "
-                                  f"base's {proj} takes {in_f} inputs and {path.name} says rank {rank} "
-                                  f"({'rank_pattern ' + repr(rk) if rk is not None else 'r'}): expected [{rank}, {in_f}]")
+            raise CheckpointError(
+                f"{weights}: tensor {prefix}.lora_A.weight has shape {list(ab['A'].shape)}; the "
+                f"base's {proj} takes {in_f} inputs and {path.name} says rank {rank} "
+                f"({'rank_pattern ' + repr(rk) if rk is not None else 'r'}): expected [{rank}, {in_f}]"
+            )
         if ab["B"].shape != (out_f, rank):
-            raise CheckpointError(f"{weights}: tensor {prefix}.lora_B.weight has shape {list(ab['B'].shape)}; the "
-                                  f"base's {proj} has {out_f} outputs: expected [{out_f}, {rank}]")
+            raise CheckpointError(
+                f"{weights}: tensor {prefix}.lora_B.weight has shape {list(ab['B'].shape)}; the "
+                f"base's {proj} has {out_f} outputs: expected [{out_f}, {rank}]"
+            )
         scale = a / math.sqrt(rank) if c.get("use_rslora") else a / rank
         modules.append(LoraModule(layer, proj, rank, scale))
     return LoraAdapter(adapter_dir, c, weights, tuple(modules))

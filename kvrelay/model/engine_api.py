@@ -4,6 +4,7 @@ The PyTorch engine (kvrelay.backends.torch_engine) implements it; a TensorRT-LLM
 its paged pool already has the page layout of kvrelay.model.kv_format, `Request.donor` maps onto a KV-cache
 connector's `start_load_kv` / `wait_for_layer_load`, and exporting pages onto `save_kv_layer`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -19,36 +20,37 @@ from kvrelay.model.plan import RecomputePlan
 @dataclass(slots=True)
 class EngineConfig:
     """Engine settings any backend takes (the PyTorch engine reads them all)."""
+
     device: str = "cpu"
-    dtype: str = "float32"            # float32 | bfloat16 | float16
+    dtype: str = "float32"  # float32 | bfloat16 | float16
     block_size: int = 16
-    kv_cache_bytes: int = 2 << 30     # KV + E pool cap; sets the number of blocks
-    max_num_seqs: int = 64            # sequences decoding together (continuous batching)
-    max_prefill_tokens: int = 8192    # prompt tokens prefilled per step before decoding resumes
+    kv_cache_bytes: int = 2 << 30  # KV + E pool cap; sets the number of blocks
+    max_num_seqs: int = 64  # sequences decoding together (continuous batching)
+    max_prefill_tokens: int = 8192  # prompt tokens prefilled per step before decoding resumes
     max_model_len: int | None = None  # default: the model's max_position_embeddings
     e_layers: tuple[int, ...] | None = None  # layers whose entering hidden state is kept for export;
-                                             # None = every 2nd layer (the profiler's stride-2 group starts)
+    # None = every 2nd layer (the profiler's stride-2 group starts)
     prefix_caching: bool = True
-    max_loras: int = 4                # LoRA adapters resident at once (LRU; the rest stay on disk)
+    max_loras: int = 4  # LoRA adapters resident at once (LRU; the rest stay on disk)
 
 
 @dataclass(slots=True)
 class SamplingParams:
     max_tokens: int = 16
-    temperature: float = 0.0          # 0 = greedy
+    temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
-    top_k: int = 0                    # 0 = off
+    top_k: int = 0  # 0 = off
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
-    stop_sequences: tuple[tuple[int, ...], ...] = ()   # multi-token stops (tokenized stop words)
+    stop_sequences: tuple[tuple[int, ...], ...] = ()  # multi-token stops (tokenized stop words)
     ignore_eos: bool = False
-    min_tokens: int = 0               # no stop (EOS, stop ids, stop sequences) before this many tokens
-    bad_sequences: tuple[tuple[int, ...], ...] = ()   # never generated (tokenized bad words)
-    return_logits: int = 0            # full next-token logits for the first N generated tokens
-    prompt_logits: int = 0            # and for the last N prompt positions (teacher forcing: row i
-                                      # predicts the token after prompt position len-N+i; the last row
-                                      # is the first generated token's); those N positions are computed,
-                                      # never taken from a cache or a donor
+    min_tokens: int = 0  # no stop (EOS, stop ids, stop sequences) before this many tokens
+    bad_sequences: tuple[tuple[int, ...], ...] = ()  # never generated (tokenized bad words)
+    return_logits: int = 0  # full next-token logits for the first N generated tokens
+    prompt_logits: int = 0  # and for the last N prompt positions (teacher forcing: row i
+    # predicts the token after prompt position len-N+i; the last row
+    # is the first generated token's); those N positions are computed,
+    # never taken from a cache or a donor
 
     def validate(self, max_tokens_limit: int) -> "SamplingParams":
         if not isinstance(self.max_tokens, int) or not 1 <= self.max_tokens <= max_tokens_limit:
@@ -69,6 +71,7 @@ class SamplingParams:
 class DonorKV(Protocol):
     """Another model's KV for a context prefix. KVPages is one; a streaming store loader is another
     (its e_layer / kv_layer block until that layer has arrived)."""
+
     format: PageFormat
     producer: str
     fingerprint: str
@@ -85,27 +88,27 @@ class Request:
     request_id: str
     prompt_tokens: list[int]
     sampling: SamplingParams = field(default_factory=SamplingParams)
-    donor: DonorKV | None = None      # re-prefill from these pages ...
+    donor: DonorKV | None = None  # re-prefill from these pages ...
     plan: RecomputePlan | None = None  # ... recomputing these layer groups (required with donor)
-    export_pages: bool = False        # return this prompt's full-block pages (KV + E) after prefill
-    cache_salt: bytes = b""           # prefix-cache scope: blocks are shared only between equal salts
-                                      # (vLLM's cache_salt; the orchestrator puts the tenant in it)
-    adapter: str = ""                 # the LoRA adapter to run, by its registered name ("" = the base);
-                                      # vLLM's lora_request, tensorrtllm_backend's lora_task_id
+    export_pages: bool = False  # return this prompt's full-block pages (KV + E) after prefill
+    cache_salt: bytes = b""  # prefix-cache scope: blocks are shared only between equal salts
+    # (vLLM's cache_salt; the orchestrator puts the tenant in it)
+    adapter: str = ""  # the LoRA adapter to run, by its registered name ("" = the base);
+    # vLLM's lora_request, tensorrtllm_backend's lora_task_id
 
 
 @dataclass(slots=True)
 class PrefillInfo:
     prompt_tokens: int
-    cached_tokens: int = 0            # same-model prefix-cache hit
-    reused_tokens: int = 0            # tokens whose KV came from the donor
+    cached_tokens: int = 0  # same-model prefix-cache hit
+    reused_tokens: int = 0  # tokens whose KV came from the donor
     donor: str = ""
     reused_layers: int = 0
     recomputed_layers: int = 0
-    plan: str = ""                    # the recompute plan run ("" for a plain prefill)
+    plan: str = ""  # the recompute plan run ("" for a plain prefill)
     seconds: float = 0.0
-    donor_failed: str = ""            # why donor pages given with the request were not used ("": they were,
-                                      # or none were given); the prefill was then a full one
+    donor_failed: str = ""  # why donor pages given with the request were not used ("": they were,
+    # or none were given); the prefill was then a full one
 
 
 @dataclass(slots=True)
@@ -115,12 +118,12 @@ class RequestOutput:
     output_tokens: list[int]
     finished: bool
     finish_reason: str | None = None  # "stop" | "length" | "abort"
-    prefill: PrefillInfo | None = None        # on the first output of a request
-    pages: KVPages | None = None              # with export_pages, on the first output
+    prefill: PrefillInfo | None = None  # on the first output of a request
+    pages: KVPages | None = None  # with export_pages, on the first output
     logits: list[torch.Tensor] = field(default_factory=list)  # with return_logits, as they come
     prompt_logits: torch.Tensor | None = None  # with prompt_logits: [N, vocab], on the first output
     first_token_time_ns: int = 0
-    error: str = ""                   # why an "abort" ended it when the engine did (adapter removed)
+    error: str = ""  # why an "abort" ended it when the engine did (adapter removed)
 
 
 class Engine(Protocol):
@@ -135,6 +138,6 @@ class Engine(Protocol):
     def has_unfinished(self) -> bool: ...
 
     @property
-    def adapters(self) -> dict[str, str]: ...          # LoRA adapters it serves: name -> model id
+    def adapters(self) -> dict[str, str]: ...  # LoRA adapters it serves: name -> model id
     def add_adapter(self, name: str, directory, model_id: str | None = None) -> None: ...
     def remove_adapter(self, name: str) -> None: ...

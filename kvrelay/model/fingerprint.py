@@ -3,6 +3,7 @@
 Architecture (layer count, widths, heads, RoPE) and tokenizer (vocabulary, merges, special tokens).
 Weights are deliberately not part of it: fine-tuned variants share a fingerprint with their base.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -12,8 +13,16 @@ from pathlib import Path
 from kvrelay.errors import FingerprintMismatch, KvRelayError
 from kvrelay.model import checkpoint as ck
 
-ARCH_FIELDS = ("model_type", "num_hidden_layers", "hidden_size", "intermediate_size",
-               "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size")
+ARCH_FIELDS = (
+    "model_type",
+    "num_hidden_layers",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+)
 TOKENIZER_SECTIONS = ("model", "added_tokens", "normalizer", "pre_tokenizer")
 
 
@@ -21,8 +30,10 @@ def architecture(config: dict) -> dict:
     arch = {k: config.get(k) for k in ARCH_FIELDS}
     if arch["head_dim"] is None and config.get("hidden_size") and config.get("num_attention_heads"):
         arch["head_dim"] = config["hidden_size"] // config["num_attention_heads"]
-    rope = config.get("rope_parameters") or {"rope_theta": config.get("rope_theta"),
-                                             **(config.get("rope_scaling") or {})}
+    rope = config.get("rope_parameters") or {
+        "rope_theta": config.get("rope_theta"),
+        **(config.get("rope_scaling") or {}),
+    }
     arch["rope"] = rope
     return arch
 
@@ -47,7 +58,8 @@ def require_same(donor_model: str, donor_fp: str, receiver_model: str, receiver_
     if donor_fp != receiver_fp:
         raise FingerprintMismatch(
             f"cannot share KV from {donor_model!r} (fingerprint {donor_fp}) with {receiver_model!r} "
-            f"(fingerprint {receiver_fp}): models differ in architecture or tokenizer")
+            f"(fingerprint {receiver_fp}): models differ in architecture or tokenizer"
+        )
 
 
 def weight_files(model_dir: Path) -> list[Path]:

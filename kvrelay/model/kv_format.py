@@ -14,6 +14,7 @@ Pages are addressed by a hash chain over token blocks (parent digest + block tok
 page's identity includes everything before it; `salt` separates exact KV (b"") from hybrid KV that a
 receiver assembled from a donor (never served as a plain prefix hit).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -64,8 +65,16 @@ class PageFormat:
             raise KvRelayError(f"e_layers must be sorted, distinct and in 1..{self.num_layers - 1}: {self.e_layers}")
 
     @classmethod
-    def for_model(cls, num_layers: int, num_kv_heads: int, head_dim: int, hidden_size: int, block_size: int,
-                  dtype: str = "float32", e_layers: tuple[int, ...] | None = None) -> "PageFormat":
+    def for_model(
+        cls,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        hidden_size: int,
+        block_size: int,
+        dtype: str = "float32",
+        e_layers: tuple[int, ...] | None = None,
+    ) -> "PageFormat":
         """The default E policy lives here: every 2nd layer, the group starts the profiler's stride-2
         grid can choose, so any profiled plan finds the E it starts from."""
         e = tuple(range(2, num_layers, 2)) if e_layers is None else tuple(e_layers)
@@ -91,13 +100,24 @@ class PageFormat:
 
     def compatible_with(self, other: "PageFormat") -> bool:
         """Same geometry: one's KV can be placed into the other's cache (dtype may be converted)."""
-        return (self.num_layers, self.num_kv_heads, self.head_dim, self.hidden_size, self.block_size) == \
-               (other.num_layers, other.num_kv_heads, other.head_dim, other.hidden_size, other.block_size)
+        return (self.num_layers, self.num_kv_heads, self.head_dim, self.hidden_size, self.block_size) == (
+            other.num_layers,
+            other.num_kv_heads,
+            other.head_dim,
+            other.hidden_size,
+            other.block_size,
+        )
 
     def to_dict(self) -> dict:
-        return {"num_layers": self.num_layers, "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
-                "hidden_size": self.hidden_size, "block_size": self.block_size, "dtype": self.dtype,
-                "e_layers": list(self.e_layers)}
+        return {
+            "num_layers": self.num_layers,
+            "num_kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_size": self.hidden_size,
+            "block_size": self.block_size,
+            "dtype": self.dtype,
+            "e_layers": list(self.e_layers),
+        }
 
     @classmethod
     def from_dict(cls, d: dict) -> "PageFormat":
@@ -111,7 +131,7 @@ def block_hashes(tokens: list[int], block_size: int, salt: bytes = b"", parent: 
         h = hashlib.sha256()
         h.update(parent)
         h.update(salt)
-        h.update(torch.tensor(tokens[i * block_size:(i + 1) * block_size], dtype=torch.int64).numpy().tobytes())
+        h.update(torch.tensor(tokens[i * block_size : (i + 1) * block_size], dtype=torch.int64).numpy().tobytes())
         parent = h.digest()[:HASH_BYTES]
         out.append(parent)
     return out
@@ -122,7 +142,7 @@ def shared_blocks(donor_tokens: list[int], prompt: list[int], block_size: int) -
     left out, so a receiver always computes the logits it starts generating from."""
     n = min(len(donor_tokens) // block_size, (len(prompt) - 1) // block_size)
     for i in range(n):
-        if donor_tokens[i * block_size:(i + 1) * block_size] != prompt[i * block_size:(i + 1) * block_size]:
+        if donor_tokens[i * block_size : (i + 1) * block_size] != prompt[i * block_size : (i + 1) * block_size]:
             return i
     return n
 
@@ -137,6 +157,7 @@ class KVPages:
     (`e_layer`, `kv_layer`), which a streaming loader implements too so that recompute can start
     before every layer has arrived.
     """
+
     format: PageFormat
     producer: str
     fingerprint: str
@@ -144,14 +165,16 @@ class KVPages:
     kv: torch.Tensor
     e: torch.Tensor
     hashes: list[bytes] = field(default_factory=list)
-    derived_from: str = ""   # "" = the producer's own exact KV; else the donor+plan it was assembled from
+    derived_from: str = ""  # "" = the producer's own exact KV; else the donor+plan it was assembled from
     layers: tuple[int, ...] | None = None
 
     def __post_init__(self):
         n = len(self.tokens) // self.format.block_size
         if len(self.tokens) != n * self.format.block_size:
-            raise KvRelayError(f"pages hold whole blocks: {len(self.tokens)} tokens is not a multiple of "
-                               f"block_size {self.format.block_size}")
+            raise KvRelayError(
+                f"pages hold whole blocks: {len(self.tokens)} tokens is not a multiple of "
+                f"block_size {self.format.block_size}"
+            )
         nl = self.format.num_layers if self.layers is None else len(self.layers)
         if self.layers is not None and any(not 0 <= l < self.format.num_layers for l in self.layers):
             raise KvRelayError(f"page layers {self.layers} out of range for {self.format.num_layers} layers")
@@ -174,8 +197,9 @@ class KVPages:
     def e_layer(self, layer: int) -> torch.Tensor:
         """Hidden states entering `layer` for every page token: [num_tokens, hidden]."""
         if layer not in self.format.e_layers:
-            raise KvRelayError(f"pages from {self.producer!r} carry E for layers {list(self.format.e_layers)}, "
-                               f"not for layer {layer}")
+            raise KvRelayError(
+                f"pages from {self.producer!r} carry E for layers {list(self.format.e_layers)}, not for layer {layer}"
+            )
         i = self.format.e_layers.index(layer)
         return self.e[:, i].reshape(-1, self.format.hidden_size)
 
@@ -192,16 +216,29 @@ class KVPages:
 
     def meta(self) -> dict:
         """Everything but the tensors, JSON-ready: travels beside kv/e/tokens (Triton, stores)."""
-        return {"format": self.format.to_dict(), "producer": self.producer, "fingerprint": self.fingerprint,
-                "derived_from": self.derived_from, "layers": None if self.layers is None else list(self.layers)}
+        return {
+            "format": self.format.to_dict(),
+            "producer": self.producer,
+            "fingerprint": self.fingerprint,
+            "derived_from": self.derived_from,
+            "layers": None if self.layers is None else list(self.layers),
+        }
 
     @classmethod
     def from_parts(cls, meta: dict, tokens: list[int], kv: torch.Tensor, e: torch.Tensor) -> "KVPages":
         try:
             fmt = PageFormat.from_dict(meta["format"])
             layers = meta.get("layers")
-            return cls(fmt, meta["producer"], meta["fingerprint"], list(tokens), kv, e,
-                       derived_from=meta.get("derived_from", ""), layers=None if layers is None else tuple(layers))
+            return cls(
+                fmt,
+                meta["producer"],
+                meta["fingerprint"],
+                list(tokens),
+                kv,
+                e,
+                derived_from=meta.get("derived_from", ""),
+                layers=None if layers is None else tuple(layers),
+            )
         except (KeyError, TypeError) as err:
             raise KvRelayError(f"malformed page metadata: {err}") from None
 
@@ -216,9 +253,15 @@ class KVPages:
         """A reference to `producer`'s pages of `tokens` (whole blocks), made without them."""
         fmt = dataclasses.replace(fmt, e_layers=())
         n = len(tokens) // fmt.block_size
-        return KVPages(fmt, producer, fingerprint, list(tokens[: n * fmt.block_size]),
-                       torch.empty((n, 0, *fmt.kv_shape[1:]), dtype=fmt.torch_dtype),
-                       torch.empty((n, *fmt.e_shape), dtype=fmt.torch_dtype), layers=())
+        return KVPages(
+            fmt,
+            producer,
+            fingerprint,
+            list(tokens[: n * fmt.block_size]),
+            torch.empty((n, 0, *fmt.kv_shape[1:]), dtype=fmt.torch_dtype),
+            torch.empty((n, *fmt.e_shape), dtype=fmt.torch_dtype),
+            layers=(),
+        )
 
     @property
     def is_reference(self) -> bool:
@@ -226,14 +269,23 @@ class KVPages:
 
     def prefix(self, num_pages: int) -> "KVPages":
         n = num_pages * self.format.block_size
-        return KVPages(self.format, self.producer, self.fingerprint, self.tokens[:n], self.kv[:num_pages],
-                       self.e[:num_pages], self.hashes[:num_pages], self.derived_from, self.layers)
+        return KVPages(
+            self.format,
+            self.producer,
+            self.fingerprint,
+            self.tokens[:n],
+            self.kv[:num_pages],
+            self.e[:num_pages],
+            self.hashes[:num_pages],
+            self.derived_from,
+            self.layers,
+        )
 
 
 # --- bytes on the wire / in a store ------------------------------------------------------------
 
-MAC_VERSION = "m1"           # header tag of the authenticated format (older CRC-only blobs are rejected)
-UNKEYED = b"kvrelay-page"    # the MAC key when a store has no secret: binds key + payload, forgeable
+MAC_VERSION = "m1"  # header tag of the authenticated format (older CRC-only blobs are rejected)
+UNKEYED = b"kvrelay-page"  # the MAC key when a store has no secret: binds key + payload, forgeable
 
 
 def _mac(secret: bytes, bind: bytes, head: str, payload: bytes) -> str:
@@ -261,9 +313,9 @@ def unpack_tensor(blob: bytes, bind: bytes = b"", secret: bytes = b"") -> torch.
     the values are not all finite."""
     try:
         hlen = int.from_bytes(blob[:2], "little")
-        version, dt, shape_s, mac = blob[2:2 + hlen].decode().split(":")
+        version, dt, shape_s, mac = blob[2 : 2 + hlen].decode().split(":")
         shape = tuple(int(x) for x in shape_s.split(",")) if shape_s else ()
-        payload = blob[2 + hlen:]
+        payload = blob[2 + hlen :]
         dtype = DTYPES[dt]
         if version != MAC_VERSION:
             raise ValueError(f"page format {version!r}, expected {MAC_VERSION!r}")
@@ -273,8 +325,11 @@ def unpack_tensor(blob: bytes, bind: bytes = b"", secret: bytes = b"") -> torch.
         raise PageCorrupt(f"page payload is {len(payload)} bytes, header says {shape} {dt}")
     if not hmac.compare_digest(_mac(secret, bind, f"{version}:{dt}:{shape_s}", payload), mac):
         raise PageCorrupt("page authentication failed: corrupt, moved from another key or forged", "auth")
-    t = torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(dtype).reshape(shape) if payload \
+    t = (
+        torch.frombuffer(bytearray(payload), dtype=torch.uint8).view(dtype).reshape(shape)
+        if payload
         else torch.empty(shape, dtype=dtype)
+    )
     if not bool(torch.isfinite(t).all()):
         raise PageCorrupt("page holds non-finite values (NaN or infinity)", "non_finite")
     return t

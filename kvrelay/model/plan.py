@@ -11,6 +11,7 @@ k_proj / v_proj then no longer reaches the reused layers; what remains is the dr
 It needs E at every reused layer > 0 (layer 0's input is the receiver's own embedding) and no donor KV.
 Written "4-8+kv" / "none+kv".
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -70,8 +71,10 @@ class RecomputePlan:
             if not (isinstance(a, int) and isinstance(b, int)):
                 raise PlanError(f"recompute group ({a!r}, {b!r}) must be two integers")
             if not 0 <= a < b <= num_layers:
-                raise PlanError(f"recompute group [{a}, {b}) is out of range for a {num_layers}-layer model "
-                                f"(need 0 <= start < end <= {num_layers})")
+                raise PlanError(
+                    f"recompute group [{a}, {b}) is out of range for a {num_layers}-layer model "
+                    f"(need 0 <= start < end <= {num_layers})"
+                )
             if a < prev_end:
                 raise PlanError(f"recompute groups overlap or are unsorted at [{a}, {b}) in plan {self}")
             prev_end = b

@@ -39,6 +39,7 @@ No torch import here: the online selector reads these files. The schema is model
 (like recompute plans): the profiler writes profiles, while serving's selector, `kvrelay models list`,
 the load tests and the eval read them, so none of those has to reach into the profiler.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -58,10 +59,23 @@ SUFFIX = ".json"
 PARTIAL_SUFFIX = ".partial.json"
 
 _TOP = {
-    "format": int, "family": str, "sender": str, "receiver": str, "sender_fingerprint": str,
-    "receiver_fingerprint": str, "num_layers": int, "stride": int, "max_group_layers": int,
-    "dataset": dict, "metric": dict, "configs": list, "frontier": list, "baselines": dict,
-    "command": str, "kvrelay_version": str, "created": str,
+    "format": int,
+    "family": str,
+    "sender": str,
+    "receiver": str,
+    "sender_fingerprint": str,
+    "receiver_fingerprint": str,
+    "num_layers": int,
+    "stride": int,
+    "max_group_layers": int,
+    "dataset": dict,
+    "metric": dict,
+    "configs": list,
+    "frontier": list,
+    "baselines": dict,
+    "command": str,
+    "kvrelay_version": str,
+    "created": str,
 }
 _DATASET = {"kind": str, "split": str, "samples": int, "context_tokens": list}
 _METRIC = {"name": str, "description": str}
@@ -88,21 +102,40 @@ def pairs_in(profiles_dir: str | Path, family: str) -> list[tuple[str, str, Path
     return out
 
 
-def fixed(family: str, sender: str, receiver: str, sender_fp: str, receiver_fp: str, num_layers: int,
-          plan: RecomputePlan, command: str) -> dict:
+def fixed(
+    family: str,
+    sender: str,
+    receiver: str,
+    sender_fp: str,
+    receiver_fp: str,
+    num_layers: int,
+    plan: RecomputePlan,
+    command: str,
+) -> dict:
     """A profile whose only point is `plan`, at quality 100 by fiat: the selector then always picks it.
     For throughput runs that impose a plan (`kvrelay loadtest --plan`); nothing in it was measured."""
     point = {"plan": plan.to_list(), "layers_recomputed": plan.num_recomputed, "quality": 100.0}
     return {
-        "format": FORMAT, "family": family, "sender": sender, "receiver": receiver,
-        "sender_fingerprint": sender_fp, "receiver_fingerprint": receiver_fp, "num_layers": num_layers,
-        "stride": 1, "max_group_layers": num_layers,
+        "format": FORMAT,
+        "family": family,
+        "sender": sender,
+        "receiver": receiver,
+        "sender_fingerprint": sender_fp,
+        "receiver_fingerprint": receiver_fp,
+        "num_layers": num_layers,
+        "stride": 1,
+        "max_group_layers": num_layers,
         "dataset": {"kind": f"none: fixed by `{command}`", "split": "profile", "samples": 0, "context_tokens": [0, 0]},
         "metric": {"name": "fixed", "description": "not measured: a plan imposed for a throughput run"},
-        "configs": [point], "frontier": [point],
-        "baselines": {"full_prefill": {"layers_recomputed": num_layers, "quality": 100.0},
-                      "full_reuse": {"layers_recomputed": 0, "quality": 0.0}},
-        "command": command, "kvrelay_version": kvrelay_version(), "created": now_utc(),
+        "configs": [point],
+        "frontier": [point],
+        "baselines": {
+            "full_prefill": {"layers_recomputed": num_layers, "quality": 100.0},
+            "full_reuse": {"layers_recomputed": 0, "quality": 0.0},
+        },
+        "command": command,
+        "kvrelay_version": kvrelay_version(),
+        "created": now_utc(),
     }
 
 
@@ -117,8 +150,10 @@ def write_fixed(root: str | Path, family: str, models: dict, plan_text: str, com
                 continue
             L = models[r].num_layers
             plan = RecomputePlan.parse(plan_text).validate(L)
-            save(fixed(family, s, r, models[s].fingerprint, models[r].fingerprint, L, plan, command),
-                 path_for(root, family, s, r))
+            save(
+                fixed(family, s, r, models[s].fingerprint, models[r].fingerprint, L, plan, command),
+                path_for(root, family, s, r),
+            )
             out.append(f"{s}__{r}")
     return out
 
@@ -151,6 +186,7 @@ def _point(c: dict) -> Point:
 @dataclass(frozen=True)
 class Profile:
     """A validated profile: the raw dict plus typed views the selector uses."""
+
     data: dict
     path: Path | None = None
 
@@ -187,7 +223,6 @@ class Profile:
         key = f"meets_{mode}"
         return [_point(c) for c in self.data["configs"] if c.get(key)]
 
-
     @property
     def full_prefill_quality(self) -> float:
         return float(self.data["baselines"]["full_prefill"]["quality"])
@@ -199,6 +234,7 @@ class Profile:
 
 # --- frontier ------------------------------------------------------------------------------------
 
+
 def weights_status(data: dict, weights: tuple[str, str]) -> str:
     """How a profile relates to the (sender, receiver) weights at hand: "scored" (profiled on them),
     "verified" (a passing `profile check --record` re-scored it on them), "other" (other weights) or
@@ -206,7 +242,9 @@ def weights_status(data: dict, weights: tuple[str, str]) -> str:
     scored = (data.get("sender_weights"), data.get("receiver_weights"))
     if scored == tuple(weights):
         return "scored"
-    if any((v.get("sender_weights"), v.get("receiver_weights")) == tuple(weights) for v in data.get("verified_on") or []):
+    if any(
+        (v.get("sender_weights"), v.get("receiver_weights")) == tuple(weights) for v in data.get("verified_on") or []
+    ):
         return "verified"
     return "other" if all(scored) else "unknown"
 
@@ -222,9 +260,10 @@ def pareto_frontier(configs: list[dict]) -> list[dict]:
     better in one), sorted by layers recomputed; of equal (layers, quality) the one with the lowest
     "kl" (if given), then the first listed, is kept. A frontier point's `quality` is its selection
     quality (`observed_quality` beside it where they differ in kind)."""
-    order = sorted(range(len(configs)), key=lambda i: (configs[i]["layers_recomputed"],
-                                                       -selection_quality(configs[i]),
-                                                       configs[i].get("kl", 0.0), i))
+    order = sorted(
+        range(len(configs)),
+        key=lambda i: (configs[i]["layers_recomputed"], -selection_quality(configs[i]), configs[i].get("kl", 0.0), i),
+    )
     out, best = [], -math.inf
     for i in order:
         c = configs[i]
@@ -241,6 +280,7 @@ def pareto_frontier(configs: list[dict]) -> list[dict]:
 
 
 # --- validation ----------------------------------------------------------------------------------
+
 
 def _where(path) -> str:
     return f"profile {path}" if path else "profile"
@@ -268,8 +308,10 @@ def _check_point(p: dict, L: int, what: str, where: str) -> None:
     except KvRelayError as e:
         raise ProfileError(f"{where}: {what}.plan {p['plan']!r}: {e}") from None
     if plan.num_recomputed != p["layers_recomputed"]:
-        raise ProfileError(f"{where}: {what}: plan {plan} recomputes {plan.num_recomputed} layers, "
-                           f"but layers_recomputed says {p['layers_recomputed']}")
+        raise ProfileError(
+            f"{where}: {what}: plan {plan} recomputes {plan.num_recomputed} layers, "
+            f"but layers_recomputed says {p['layers_recomputed']}"
+        )
 
 
 def validate(data, path=None) -> dict:
@@ -292,9 +334,10 @@ def validate(data, path=None) -> dict:
     prev = None
     for i, f in enumerate(data["frontier"]):
         _check_point(f, L, f"frontier[{i}]", where)
-        if prev is not None and not (f["layers_recomputed"] > prev["layers_recomputed"] and f["quality"] > prev["quality"]):
-            raise ProfileError(f"{where}: frontier must rise strictly in layers and quality; "
-                               f"frontier[{i}] does not")
+        if prev is not None and not (
+            f["layers_recomputed"] > prev["layers_recomputed"] and f["quality"] > prev["quality"]
+        ):
+            raise ProfileError(f"{where}: frontier must rise strictly in layers and quality; frontier[{i}] does not")
         prev = f
     for b in _BASELINES:
         if b not in data["baselines"]:
@@ -304,6 +347,7 @@ def validate(data, path=None) -> dict:
 
 
 # --- load / save ---------------------------------------------------------------------------------
+
 
 def load(path: str | Path) -> Profile:
     path = Path(path)

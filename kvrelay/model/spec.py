@@ -12,6 +12,7 @@ The identity lives here; finding a family's models by name (on disk or synthetic
 layer's (kvrelay.families.family_spec). No torch import here (page_format imports the page layout,
 which needs torch, when called).
 """
+
 from __future__ import annotations
 
 import json
@@ -26,7 +27,7 @@ from kvrelay.model import synthetic
 if TYPE_CHECKING:
     from kvrelay.model.kv_format import PageFormat
 
-DEFAULT_MAX_LEN = 4096   # for configs that do not say (max_position_embeddings)
+DEFAULT_MAX_LEN = 4096  # for configs that do not say (max_position_embeddings)
 
 
 def read_hf_config(model_dir: str | Path) -> dict:
@@ -43,8 +44,12 @@ def read_hf_config(model_dir: str | Path) -> dict:
 def kv_shape(cfg: dict) -> tuple[int, int, int, int]:
     """(layers, KV heads, head dim, hidden size) of an HF config (grouped-query attention included)."""
     heads = cfg["num_attention_heads"]
-    return (cfg["num_hidden_layers"], cfg.get("num_key_value_heads") or heads,
-            cfg.get("head_dim") or cfg["hidden_size"] // heads, cfg["hidden_size"])
+    return (
+        cfg["num_hidden_layers"],
+        cfg.get("num_key_value_heads") or heads,
+        cfg.get("head_dim") or cfg["hidden_size"] // heads,
+        cfg["hidden_size"],
+    )
 
 
 @dataclass(frozen=True)
@@ -53,22 +58,30 @@ class ModelSpec:
     name: str
     hf_config: dict = field(compare=False, repr=False)
     fingerprint: str
-    weights: str                     # digest of the weight files, or random-<family>-seed<n>
-    model_dir: Path | None = None    # None: synthetic, weights drawn at load time from `seed`
+    weights: str  # digest of the weight files, or random-<family>-seed<n>
+    model_dir: Path | None = None  # None: synthetic, weights drawn at load time from `seed`
     seed: int | None = None
 
     @classmethod
     def from_dir(cls, name: str, model_dir: str | Path, family: str = "") -> "ModelSpec":
         model_dir = Path(model_dir)
         cfg = read_hf_config(model_dir)
-        return cls(family, name, cfg, fp.compute(cfg, model_dir / "tokenizer.json"), fp.weights_digest(model_dir),
-                   model_dir)
+        return cls(
+            family, name, cfg, fp.compute(cfg, model_dir / "tokenizer.json"), fp.weights_digest(model_dir), model_dir
+        )
 
     @classmethod
     def random(cls, family: str, name: str, hf_config: dict, seed: int) -> "ModelSpec":
         # no tokenizer: token ids are the interface, and the family's name stands for its vocabulary
-        return cls(family, name, hf_config, fp.compute(hf_config, None) + "-" + family,
-                   f"random-{family}-seed{seed}", None, seed)
+        return cls(
+            family,
+            name,
+            hf_config,
+            fp.compute(hf_config, None) + "-" + family,
+            f"random-{family}-seed{seed}",
+            None,
+            seed,
+        )
 
     @property
     def synthetic(self) -> bool:
@@ -92,7 +105,8 @@ class ModelSpec:
         return int(self.hf_config.get("max_position_embeddings", DEFAULT_MAX_LEN))
 
     def page_format(self, block_size: int, dtype: str, e_layers: tuple[int, ...] | None = None) -> PageFormat:
-        from kvrelay.model.kv_format import PageFormat   # torch: lazy, the identity is read without it
+        from kvrelay.model.kv_format import PageFormat  # torch: lazy, the identity is read without it
+
         return PageFormat.for_model(*kv_shape(self.hf_config), block_size, dtype, e_layers)
 
 
@@ -100,8 +114,8 @@ class ModelSpec:
 class FamilySpec:
     name: str
     synthetic: bool
-    models: tuple[str, ...]          # base first
-    dirs: dict = field(compare=False, repr=False, default_factory=dict)     # built: model -> its directory
+    models: tuple[str, ...]  # base first
+    dirs: dict = field(compare=False, repr=False, default_factory=dict)  # built: model -> its directory
     _specs: dict = field(compare=False, repr=False, default_factory=dict)
 
     @property
@@ -117,8 +131,9 @@ class FamilySpec:
                 raise KvRelayError(f"family {self.name!r} is built on disk: its shapes cannot be overridden")
             return self._random(name, synthetic_overrides)
         if name not in self._specs:
-            self._specs[name] = self._random(name, {}) if self.synthetic else \
-                ModelSpec.from_dir(name, self.dirs[name], self.name)
+            self._specs[name] = (
+                self._random(name, {}) if self.synthetic else ModelSpec.from_dir(name, self.dirs[name], self.name)
+            )
         return self._specs[name]
 
     def _random(self, name: str, overrides: dict) -> ModelSpec:

@@ -1,4 +1,5 @@
 """The family's tokenizer (all models of a family share it: that is part of the fingerprint)."""
+
 from __future__ import annotations
 
 from functools import lru_cache
@@ -8,6 +9,7 @@ from pathlib import Path
 @lru_cache(maxsize=8)
 def load(model_dir: str | Path):
     from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(str(model_dir))
 
 
@@ -23,7 +25,7 @@ def decode(tok, ids: list[int]) -> str:
 def _start(tok) -> tuple[int, ...]:
     with_, without = tok.encode("a", add_special_tokens=True), tok.encode("a", add_special_tokens=False)
     n = len(with_) - len(without)
-    return tuple(with_[:n]) if n > 0 and with_[n:n + len(without)] == without else ()
+    return tuple(with_[:n]) if n > 0 and with_[n : n + len(without)] == without else ()
 
 
 def start_ids(tok) -> list[int]:

@@ -12,6 +12,7 @@ and decoding run exactly as for the other methods. Compute: n * full_layers + k 
 token-layers, which `tokens_for_budget` matches to a layer plan's n * layers.
 Uses the torch engine's model directly (layers stepped one by one); no pipelining or loading overlap.
 """
+
 from __future__ import annotations
 
 import time
@@ -48,13 +49,13 @@ def blend(R, pages: KVPages, prompt: list[int], k: int, full_layers: int = FULL_
         return pages.prefix(0), time.perf_counter() - t0, 0
     model, dev = R.model, R.device
     dtype = R.page_format.torch_dtype
-    kv = pages.kv[:nb].to(dev, dtype).clone()                   # [nb, L, 2, H, B, D]
+    kv = pages.kv[:nb].to(dev, dtype).clone()  # [nb, L, 2, H, B, D]
 
-    def donor_layer(l):                                         # -> K, V [H, n, D]
+    def donor_layer(l):  # -> K, V [H, n, D]
         x = kv[:, l].permute(1, 2, 0, 3, 4).reshape(2, H, n, D)
         return x[0], x[1]
 
-    def store(l, K, V):                                         # K, V [H, n, D] -> pages layout
+    def store(l, K, V):  # K, V [H, n, D] -> pages layout
         kv[:, l, 0] = K.reshape(H, nb, B, D).permute(1, 0, 2, 3)
         kv[:, l, 1] = V.reshape(H, nb, B, D).permute(1, 0, 2, 3)
 
@@ -65,6 +66,7 @@ def blend(R, pages: KVPages, prompt: list[int], k: int, full_layers: int = FULL_
     h = model.embed(toks)
     dev_score = None
     for l in range(full_layers):
+
         def attn(layer, q, k_, v, l=l):
             nonlocal dev_score
             Kd, Vd = donor_layer(layer)
@@ -72,26 +74,39 @@ def blend(R, pages: KVPages, prompt: list[int], k: int, full_layers: int = FULL_
             if layer == full_layers - 1:
                 dev_score = ((K.float() - Kd.float()) ** 2).sum((0, 2)) + ((V.float() - Vd.float()) ** 2).sum((0, 2))
             store(layer, K, V)
-            o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], K[None].to(q.dtype), V[None].to(q.dtype),
-                                               is_causal=True, enable_gqa=q.shape[1] != H)
+            o = F.scaled_dot_product_attention(
+                q.transpose(0, 1)[None],
+                K[None].to(q.dtype),
+                V[None].to(q.dtype),
+                is_causal=True,
+                enable_gqa=q.shape[1] != H,
+            )
             return o[0].transpose(0, 1)
+
         h = model.layers[l](h, cos, sin, attn, l)
     k = max(0, min(int(k), n))
     if k and full_layers < L:
         idx = torch.sort(torch.topk(dev_score, k).indices).values
         hs, cs, ss = h[idx], cos[idx], sin[idx]
-        mask = (torch.arange(n, device=dev)[None, :] <= idx[:, None])[None, None]   # [1, 1, k, n]
+        mask = (torch.arange(n, device=dev)[None, :] <= idx[:, None])[None, None]  # [1, 1, k, n]
         for l in range(full_layers, L):
+
             def attn(layer, q, k_, v):
                 K, V = donor_layer(layer)
                 K, V = K.clone(), V.clone()
                 K[:, idx], V[:, idx] = k_.transpose(0, 1).to(dtype), v.transpose(0, 1).to(dtype)
                 store(layer, K, V)
-                o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], K[None].to(q.dtype), V[None].to(q.dtype),
-                                                   attn_mask=mask, enable_gqa=q.shape[1] != H)
+                o = F.scaled_dot_product_attention(
+                    q.transpose(0, 1)[None],
+                    K[None].to(q.dtype),
+                    V[None].to(q.dtype),
+                    attn_mask=mask,
+                    enable_gqa=q.shape[1] != H,
+                )
                 return o[0].transpose(0, 1)
+
             hs = model.layers[l](hs, cs, ss, attn, l)
-    if dev.type == "cuda":   # the timing covers the work, not its launch
+    if dev.type == "cuda":  # the timing covers the work, not its launch
         torch.cuda.synchronize(dev)
     out_fmt = PageFormat(**{**fmt.to_dict(), "e_layers": ()})
     e = torch.empty((nb, 0, B, fmt.hidden_size), dtype=kv.dtype, device=kv.device)

@@ -11,6 +11,7 @@ Two sources, one type:
 context, so the same file and seed always give the same parts and adding lines moves no old one.
 No torch import here.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,7 +24,7 @@ from kvrelay.errors import KvRelayError
 from kvrelay.families import corpora
 
 CONTINUE = "Continue the text above."
-HELDOUT_SHARE = 0.5           # of a user's file: the rest profiles
+HELDOUT_SHARE = 0.5  # of a user's file: the rest profiles
 DEFAULT_REF_TOKENS = 64
 
 
@@ -34,14 +35,15 @@ class DataError(KvRelayError):
 @dataclass(frozen=True)
 class Case:
     id: str
-    domain: str        # corpus domain, or "user" for a user's file
-    context: str       # what the donor's KV covers
-    question: str      # the request's own part
-    reference: str     # the continuation scored position by position ("": the receiver's own output)
-    answer: str = ""   # a task answer (user data), scored with token F1 when given
+    domain: str  # corpus domain, or "user" for a user's file
+    context: str  # what the donor's KV covers
+    question: str  # the request's own part
+    reference: str  # the continuation scored position by position ("": the receiver's own output)
+    answer: str = ""  # a task answer (user data), scored with token F1 when given
 
 
 # --- a user's JSONL ---------------------------------------------------------------------------
+
 
 def read_jsonl(path: str | Path) -> list[Case]:
     path = Path(path)
@@ -61,8 +63,9 @@ def read_jsonl(path: str | Path) -> list[Case]:
         except ValueError as e:
             raise DataError(f"{where}: not a JSON object ({e.msg} at column {e.colno})") from None
         if not isinstance(obj, dict):
-            raise DataError(f"{where}: expected a JSON object with context, question and optional answer, "
-                            f"got {type(obj).__name__}")
+            raise DataError(
+                f"{where}: expected a JSON object with context, question and optional answer, got {type(obj).__name__}"
+            )
         for key in ("context", "question"):
             if key not in obj:
                 raise DataError(f"{where}: field {key!r} is missing")
@@ -89,15 +92,23 @@ def split_cases(cases: list[Case], part: str, seed: int = 0) -> list[Case]:
 
     def heldout(c: Case) -> bool:
         h = hashlib.sha256(f"{seed}\x00{c.context}".encode()).digest()
-        return int.from_bytes(h[:8], "big") / 2 ** 64 < HELDOUT_SHARE
+        return int.from_bytes(h[:8], "big") / 2**64 < HELDOUT_SHARE
 
     return [c for c in cases if heldout(c) == (part == "heldout")]
 
 
 # --- built-in: the receiver's own domain text -------------------------------------------------------
 
-def domain_cases(tok, domains: tuple[str, ...], split: str, n: int, context_tokens: tuple[int, int],
-                 ref_tokens: int = DEFAULT_REF_TOKENS, seed: int = 0) -> list[Case]:
+
+def domain_cases(
+    tok,
+    domains: tuple[str, ...],
+    split: str,
+    n: int,
+    context_tokens: tuple[int, int],
+    ref_tokens: int = DEFAULT_REF_TOKENS,
+    seed: int = 0,
+) -> list[Case]:
     """n cases from held-out/profile documents of `domains` (cycled), each a context of
     context_tokens (lo, hi) tokens by `tok` ending at a line start and the next ref_tokens tokens."""
     if split not in ("profile", "heldout"):
@@ -119,17 +130,21 @@ def domain_cases(tok, domains: tuple[str, ...], split: str, n: int, context_toke
             if len(offs) < target + ref_tokens + 8:
                 continue
             # cut at a line start with a full context before it and a full reference after it
-            starts = [i for i in range(target, len(offs) - ref_tokens)
-                      if offs[i][0] > 0 and doc.text[offs[i][0] - 1] == "\n"]
+            starts = [
+                i for i in range(target, len(offs) - ref_tokens) if offs[i][0] > 0 and doc.text[offs[i][0] - 1] == "\n"
+            ]
             if not starts:
                 continue
             i = rng.choice(starts)
             c0, cut, end = offs[i - target][0], offs[i][0], offs[i + ref_tokens - 1][1]
             used.add(doc.name)
-            out.append(Case(f"{split}/{domain}/{doc.name}/{len(out)}", domain, doc.text[c0:cut], CONTINUE,
-                            doc.text[cut:end]))
+            out.append(
+                Case(f"{split}/{domain}/{doc.name}/{len(out)}", domain, doc.text[c0:cut], CONTINUE, doc.text[cut:end])
+            )
             break
     if len(out) < n:
-        raise KvRelayError(f"could only build {len(out)} of {n} cases over {', '.join(domains)} from the {split} part "
-                           f"with {lo}-{hi}-token contexts and {ref_tokens}-token references")
+        raise KvRelayError(
+            f"could only build {len(out)} of {n} cases over {', '.join(domains)} from the {split} part "
+            f"with {lo}-{hi}-token contexts and {ref_tokens}-token references"
+        )
     return out

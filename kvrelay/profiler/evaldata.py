@@ -19,6 +19,7 @@ documents of the same domain and part fill the context ("### File: <name>" heade
 question names its file). Never built from the "train" part (the fine-tuning data). Deterministic
 given (kind, split, n, context_tokens, seed) and the tokenizer.
 """
+
 from __future__ import annotations
 
 import ast
@@ -33,13 +34,22 @@ KINDS: tuple[str, ...] = ("qa", "summary", "code")
 DATASET_KINDS: tuple[str, ...] = ("mixed",) + KINDS
 SPLITS: tuple[str, ...] = ("profile", "heldout")
 METRIC_OF = {"qa": "token_f1", "summary": "rouge_l", "code": "edit_similarity"}
-MAX_TOKENS = {"qa": 16, "summary": 40, "code": 24}   # generation length that covers the reference
+MAX_TOKENS = {"qa": 16, "summary": 40, "code": 24}  # generation length that covers the reference
 DEFAULT_CONTEXT_TOKENS = (1024, 4096)
 # "mixed": (kind, domain) cycled in this order, so even a few samples cover every kind.
-MIXED_ORDER = (("qa", "legal"), ("code", "code"), ("summary", "docs"), ("qa", "code"),
-               ("qa", "docs"), ("summary", "legal"))
-DOMAINS_OF = {"qa": ("legal", "docs", "code", "changelog"), "summary": ("docs", "legal", "changelog"),
-              "code": ("code",)}
+MIXED_ORDER = (
+    ("qa", "legal"),
+    ("code", "code"),
+    ("summary", "docs"),
+    ("qa", "code"),
+    ("qa", "docs"),
+    ("summary", "legal"),
+)
+DOMAINS_OF = {
+    "qa": ("legal", "docs", "code", "changelog"),
+    "summary": ("docs", "legal", "changelog"),
+    "code": ("code",),
+}
 QUESTIONS = {
     "summary": "Continue the text above: write its next lines.",
     "code": "Write the next line of the code above.",
@@ -48,14 +58,14 @@ QUESTIONS = {
 
 @dataclass(frozen=True)
 class Sample:
-    id: str          # "<split>/<kind>/<doc name>/<detail>"
-    kind: str        # qa | summary | code
-    domain: str      # corpus domain of the document asked about
-    doc: str         # its document name
-    context: str     # the shared long context (what a sender's KV covers)
-    question: str    # the request's own part
-    answer: str      # the reference
-    metric: str      # token_f1 | rouge_l | edit_similarity
+    id: str  # "<split>/<kind>/<doc name>/<detail>"
+    kind: str  # qa | summary | code
+    domain: str  # corpus domain of the document asked about
+    doc: str  # its document name
+    context: str  # the shared long context (what a sender's KV covers)
+    question: str  # the request's own part
+    answer: str  # the reference
+    metric: str  # token_f1 | rouge_l | edit_similarity
     max_tokens: int  # generation length for this task
 
     def to_dict(self) -> dict:
@@ -90,12 +100,20 @@ def _legal_facts(doc: corpora.Document) -> list[tuple[str, str, int, int]]:
     if not any(q.startswith("What does the first Copyright") for q, *_ in out):
         m = re.search(r"^[ \t]*Copyright (?:\([cC]\) )?((?:19|20)\d\d[^\n]{3,100})$", doc.text, re.M)
         if m:
-            out.append((f"According to the file {_short(doc)}, who holds the copyright, and since when?",
-                        m.group(1).strip(), m.start(), m.end()))
+            out.append(
+                (
+                    f"According to the file {_short(doc)}, who holds the copyright, and since when?",
+                    m.group(1).strip(),
+                    m.start(),
+                    m.end(),
+                )
+            )
     return out
 
 
-_SIG = re.compile(r"^\.\. (?:function|method)::[ \t]+([\w.]+)\(([^)\n]*)\)[ \t]*\n((?:[ \t]*\n)*(?:[ \t]+\S[^\n]*\n)+)", re.M)
+_SIG = re.compile(
+    r"^\.\. (?:function|method)::[ \t]+([\w.]+)\(([^)\n]*)\)[ \t]*\n((?:[ \t]*\n)*(?:[ \t]+\S[^\n]*\n)+)", re.M
+)
 
 
 def _docs_facts(doc: corpora.Document) -> list[tuple[str, str, int, int]]:
@@ -107,13 +125,26 @@ def _docs_facts(doc: corpora.Document) -> list[tuple[str, str, int, int]]:
         seen.add(name)
         short = name.rsplit(".", 1)[-1]
         if params and len(params) <= 80:
-            out.append((f"According to the documentation in {_short(doc)}, what are the parameters of "
-                        f"{short}()?", params, m.start(), m.start(2) + len(m.group(2))))
+            out.append(
+                (
+                    f"According to the documentation in {_short(doc)}, what are the parameters of {short}()?",
+                    params,
+                    m.start(),
+                    m.start(2) + len(m.group(2)),
+                )
+            )
         para = " ".join(l.strip() for l in body.strip().splitlines() if l.strip() and not l.strip().startswith(".. "))
         first = re.match(r"(.{20,240}?[.!?])(?:\s|$)", para)
         if first and not para.startswith(":"):
-            out.append((f"According to the documentation in {_short(doc)}, what does {short}() do? "
-                        f"Quote the first sentence of its definition.", first.group(1), m.start(), m.end()))
+            out.append(
+                (
+                    f"According to the documentation in {_short(doc)}, what does {short}() do? "
+                    f"Quote the first sentence of its definition.",
+                    first.group(1),
+                    m.start(),
+                    m.end(),
+                )
+            )
     return out
 
 
@@ -135,21 +166,32 @@ def _code_facts(doc: corpora.Document) -> list[tuple[str, str, int, int]]:
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and names.count(node.name) == 1:
             args = node.args.args + node.args.posonlyargs
-            pairs = list(zip(args[len(args) - len(node.args.defaults):], node.args.defaults))
+            pairs = list(zip(args[len(args) - len(node.args.defaults) :], node.args.defaults))
             pairs += [(a, d) for a, d in zip(node.args.kwonlyargs, node.args.kw_defaults) if d is not None]
             for arg, default in pairs:
                 if isinstance(default, ast.Constant) and default.end_lineno == default.lineno:
                     value = ast.get_source_segment(doc.text, default)
                     if value and len(value) <= 40:
-                        out.append((f"In the file {_short(doc)}, what is the default value of the parameter "
-                                    f"`{arg.arg}` of the function `{node.name}`?", value,
-                                    pos(node.lineno, node.col_offset), pos(default.end_lineno, default.end_col_offset)))
+                        out.append(
+                            (
+                                f"In the file {_short(doc)}, what is the default value of the parameter "
+                                f"`{arg.arg}` of the function `{node.name}`?",
+                                value,
+                                pos(node.lineno, node.col_offset),
+                                pos(default.end_lineno, default.end_col_offset),
+                            )
+                        )
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             for alias in node.names:
                 if alias.name != "*" and alias.asname is None:
-                    out.append((f"In the file {_short(doc)}, from which module is `{alias.name}` imported?",
-                                node.module, pos(node.lineno, node.col_offset),
-                                pos(node.end_lineno, node.end_col_offset)))
+                    out.append(
+                        (
+                            f"In the file {_short(doc)}, from which module is `{alias.name}` imported?",
+                            node.module,
+                            pos(node.lineno, node.col_offset),
+                            pos(node.end_lineno, node.end_col_offset),
+                        )
+                    )
     return out
 
 
@@ -167,10 +209,22 @@ def _changelog_facts(doc: corpora.Document) -> list[tuple[str, str, int, int]]:
         if sign is None or (nxt is not None and nxt.start() < sign.start()):
             continue
         pkg, ver = m.group(1), m.group(2)
-        out.append((f"In the changelog of {pkg}, who signed the entry for version {ver}?", sign.group(1).strip(),
-                    m.start(), sign.end()))
-        out.append((f"In the changelog of {pkg}, on what date was the entry for version {ver} signed?",
-                    sign.group(2).strip(), m.start(), sign.end()))
+        out.append(
+            (
+                f"In the changelog of {pkg}, who signed the entry for version {ver}?",
+                sign.group(1).strip(),
+                m.start(),
+                sign.end(),
+            )
+        )
+        out.append(
+            (
+                f"In the changelog of {pkg}, on what date was the entry for version {ver} signed?",
+                sign.group(2).strip(),
+                m.start(),
+                sign.end(),
+            )
+        )
     return out
 
 
@@ -182,6 +236,7 @@ def _short(doc: corpora.Document) -> str:
 
 
 # --- contexts of a token length ------------------------------------------------------------------
+
 
 class _Tok:
     """Token counting and token-aligned cuts with the family's tokenizer."""
@@ -201,8 +256,9 @@ def _header(doc: corpora.Document, excerpt: bool) -> str:
     return f"### File: {_short(doc)}{' (excerpt)' if excerpt else ''}\n"
 
 
-def _window(tk: _Tok, text: str, lo: int, hi: int, budget: int, rng: random.Random,
-            end_exact: bool = False) -> tuple[int, int]:
+def _window(
+    tk: _Tok, text: str, lo: int, hi: int, budget: int, rng: random.Random, end_exact: bool = False
+) -> tuple[int, int]:
     """A char span [s, e) of text with about `budget` tokens that contains [lo, hi); with end_exact
     it ends exactly at hi. Cuts land on token boundaries, the start on a line start where one is near."""
     offs = tk.offsets(text)
@@ -227,8 +283,16 @@ def _window(tk: _Tok, text: str, lo: int, hi: int, budget: int, rng: random.Rand
     return s, e
 
 
-def _compose(tk: _Tok, doc: corpora.Document, lo: int, hi: int, target: int, pool: list[corpora.Document],
-             rng: random.Random, end_exact: bool = False) -> str:
+def _compose(
+    tk: _Tok,
+    doc: corpora.Document,
+    lo: int,
+    hi: int,
+    target: int,
+    pool: list[corpora.Document],
+    rng: random.Random,
+    end_exact: bool = False,
+) -> str:
     """A context of about `target` tokens holding doc.text[lo:hi] (ending there with end_exact)."""
     header_budget = tk.count(_header(doc, True))
     s, e = _window(tk, doc.text, lo, hi, target - header_budget, rng, end_exact)
@@ -254,7 +318,7 @@ def _compose(tk: _Tok, doc: corpora.Document, lo: int, hi: int, target: int, poo
             offs = tk.offsets(piece)
             if room < 32:
                 break
-            piece = piece[: offs[room - 1][1]] + "\n\n" if place_after else piece[offs[-room][0]:]
+            piece = piece[: offs[room - 1][1]] + "\n\n" if place_after else piece[offs[-room][0] :]
             piece = piece if place_after else _header(d, True) + piece.split("\n", 1)[-1]
             n = tk.count(piece)
         (after if place_after else before).append(piece)
@@ -263,6 +327,7 @@ def _compose(tk: _Tok, doc: corpora.Document, lo: int, hi: int, target: int, poo
 
 
 # --- samples -------------------------------------------------------------------------------------
+
 
 def _qa(tk, docs, domain, target, rng) -> Sample | None:
     cands = [d for d in docs]
@@ -323,17 +388,25 @@ def _continuation(tk, docs, domain, kind, target, rng) -> Sample | None:
     return None
 
 
-def build(tok, kind: str = "mixed", split: str = "profile", n: int = 8, *,
-          context_tokens: tuple[int, int] | int = DEFAULT_CONTEXT_TOKENS, seed: int = 0,
-          domains: tuple[str, ...] | None = None) -> list[Sample]:
+def build(
+    tok,
+    kind: str = "mixed",
+    split: str = "profile",
+    n: int = 8,
+    *,
+    context_tokens: tuple[int, int] | int = DEFAULT_CONTEXT_TOKENS,
+    seed: int = 0,
+    domains: tuple[str, ...] | None = None,
+) -> list[Sample]:
     """`n` samples of `kind` ("mixed" cycles qa/code/summary over the domains) from corpus part
     `split`, contexts of context_tokens (lo, hi) tokens by `tok` (an HF tokenizer); `domains`
     keeps only tasks over those corpus domains (a variant judged on what it was tuned for)."""
     if kind not in DATASET_KINDS:
         raise KvRelayError(f"unknown task kind {kind!r}; known: {', '.join(DATASET_KINDS)}")
     if split not in SPLITS:
-        raise KvRelayError(f"evaluation data comes from the {' or '.join(SPLITS)} part, not {split!r} "
-                           "(train is the fine-tuning data)")
+        raise KvRelayError(
+            f"evaluation data comes from the {' or '.join(SPLITS)} part, not {split!r} (train is the fine-tuning data)"
+        )
     lo, hi = (context_tokens, context_tokens) if isinstance(context_tokens, int) else tuple(context_tokens)
     if not (32 <= lo <= hi):
         raise KvRelayError(f"context_tokens must satisfy 32 <= lo <= hi, got {context_tokens!r}")
@@ -345,7 +418,7 @@ def build(tok, kind: str = "mixed", split: str = "profile", n: int = 8, *,
         if unknown:
             raise KvRelayError(f"unknown task domain(s) {', '.join(unknown)}; known: legal, docs, code, changelog")
         order = [(k, d) for k, d in order if d in domains]
-        if not order and kind == "mixed":   # a domain outside the fixed mixed order: each kind it has
+        if not order and kind == "mixed":  # a domain outside the fixed mixed order: each kind it has
             order = [(k, d) for k in KINDS for d in DOMAINS_OF[k] if d in domains]
         if not order:
             raise KvRelayError(f"no {kind} task over domain(s) {', '.join(domains)}")
@@ -365,8 +438,15 @@ def build(tok, kind: str = "mixed", split: str = "profile", n: int = 8, *,
             continue
         used.add(s.doc)
         sid = f"{split}/{k}/{s.doc}/{len(out)}"
-        out.append(Sample(sid, *[getattr(s, f) for f in ("kind", "domain", "doc", "context", "question", "answer",
-                                                         "metric", "max_tokens")]))
+        out.append(
+            Sample(
+                sid,
+                *[
+                    getattr(s, f)
+                    for f in ("kind", "domain", "doc", "context", "question", "answer", "metric", "max_tokens")
+                ],
+            )
+        )
     if len(out) < n:
         raise KvRelayError(f"could only build {len(out)} of {n} {kind} samples from the {split} part")
     return out

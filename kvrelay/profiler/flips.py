@@ -20,17 +20,19 @@ exact matches). Predicted exact agreement of a T-token generation: 100 * (1 - P(
 
 No torch at module level: gaps and shifts need it, the pooled model does not.
 """
+
 from __future__ import annotations
 
 import math
 
-EPS = 0.5          # logits: gaps below this count towards the near-tie density
+EPS = 0.5  # logits: gaps below this count towards the near-tie density
 CONFIDENCE = 0.95  # one-sided, for the density's upper bound
 
 
 def top2_gaps(logits) -> list[float]:
     """Per position: the reference's top-1 minus top-2 logit."""
     import torch
+
     out = []
     for z in logits:
         top = torch.topk(z.double(), 2).values
@@ -42,6 +44,7 @@ def gap_shifts(logits_ref, logits_test, k: int) -> list[float]:
     """Per position (the first k, identical prefixes): how far the test run moved the logit gap
     between the reference's top two tokens."""
     import torch
+
     out = []
     for a, b in zip(logits_ref[:k], logits_test[:k]):
         i, j = torch.topk(a.double(), 2).indices.tolist()

@@ -14,6 +14,7 @@ recompute group from the sender's hidden state, so it cannot express "only L reu
 forward per sample per model, then per (pair, layer) the receiver's forward from layer L up (below L
 it is the receiver's own, recorded once), consecutive layers batched.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,6 +46,7 @@ def _kv_hooks(model, store: dict, replace: dict | None = None):
     handles = []
     for layer, block in enumerate(model.model.layers):
         for kind, mod in (("k", block.self_attn.k_proj), ("v", block.self_attn.v_proj)):
+
             def hook(_m, _inp, out, layer=layer, kind=kind):
                 if replace is None:
                     store[(layer, kind)] = out.detach()
@@ -55,6 +57,7 @@ def _kv_hooks(model, store: dict, replace: dict | None = None):
                 out = out.clone()
                 out[rows] = replace["donor"][(layer, kind)][0].to(out.dtype)
                 return out
+
             handles.append(mod.register_forward_hook(hook))
     return handles
 
@@ -63,14 +66,19 @@ def _forward(model, ids, store: dict, inputs: dict):
     """The model's own forward; records every layer's K/V projections into `store` and every layer's
     input (hidden state and keyword arguments, as HF passed them) into `inputs`."""
     import torch
+
     handles = _kv_hooks(model, store)
 
     def pre(_m, args, kwargs, layer):
-        inputs[layer] = (args[0] if args else kwargs["hidden_states"], {k: v for k, v in kwargs.items()
-                                                                       if k != "hidden_states"})
+        inputs[layer] = (
+            args[0] if args else kwargs["hidden_states"],
+            {k: v for k, v in kwargs.items() if k != "hidden_states"},
+        )
+
     for layer, block in enumerate(model.model.layers):
-        handles.append(block.register_forward_pre_hook(lambda m, a, k, layer=layer: pre(m, a, k, layer),
-                                                       with_kwargs=True))
+        handles.append(
+            block.register_forward_pre_hook(lambda m, a, k, layer=layer: pre(m, a, k, layer), with_kwargs=True)
+        )
     try:
         with torch.no_grad():
             return model(input_ids=ids, use_cache=False).logits.float()
@@ -83,6 +91,7 @@ def _forward_from(model, inputs: dict, start: int, replace: dict):
     """Rows of the model's forward restarted at layer `start` from its own recorded input there (the
     layers below a swap are the model's own), with the rows' K/V swaps of `replace`."""
     import torch
+
     rows = sum(1 for k in replace if k != "donor")
     hidden, kwargs = inputs[start]
     h = hidden.expand(rows, -1, -1).contiguous()
@@ -97,8 +106,15 @@ def _forward_from(model, inputs: dict, start: int, replace: dict):
             hd.remove()
 
 
-def measure(family: str, samples: int = 3, context_tokens: tuple[int, int] = (256, 384), seed: int = 0,
-            pairs: list[tuple[str, str]] | None = None, batch: int = 6, progress: bool = True) -> dict:
+def measure(
+    family: str,
+    samples: int = 3,
+    context_tokens: tuple[int, int] = (256, 384),
+    seed: int = 0,
+    pairs: list[tuple[str, str]] | None = None,
+    batch: int = 6,
+    progress: bool = True,
+) -> dict:
     """{(sender, receiver): per-layer result} for `pairs` (default: every ordered pair)."""
     import torch
     from tqdm.auto import tqdm
@@ -109,7 +125,7 @@ def measure(family: str, samples: int = 3, context_tokens: tuple[int, int] = (25
     names = list(fam.models)
     pairs = pairs or [(s, r) for s in names for r in names if s != r]
     for m in {m for p in pairs for m in p}:
-        fam.model(m)   # an unknown model name: an error naming the family's models
+        fam.model(m)  # an unknown model name: an error naming the family's models
     used = sorted({m for p in pairs for m in p}, key=names.index)
     models = {m: _load(fam.dirs[m]) for m in used}
     tok = tk.load(fam.tokenizer_dir())
@@ -118,8 +134,13 @@ def measure(family: str, samples: int = 3, context_tokens: tuple[int, int] = (25
     acc = {p: {k: [0.0] * num_layers for k in ("kl", "flip", "k_dev", "v_dev")} for p in pairs}
     positions = 0
     t0 = time.monotonic()
-    bar = tqdm(total=len(data) * len(pairs), desc=f"{family} per-layer reuse", disable=not progress,
-               file=sys.stderr, unit="pair")
+    bar = tqdm(
+        total=len(data) * len(pairs),
+        desc=f"{family} per-layer reuse",
+        disable=not progress,
+        file=sys.stderr,
+        unit="pair",
+    )
     for s in data:
         ids = torch.tensor([tk.encode(tok, s.context)])
         kv, logp, inputs = {}, {}, {}
@@ -150,12 +171,24 @@ def measure(family: str, samples: int = 3, context_tokens: tuple[int, int] = (25
     for (snd, rcv), a in acc.items():
         per = [{"layer": l, **{k: round(a[k][l] / positions, 6) for k in a}} for l in range(num_layers)]
         out[(snd, rcv)] = {
-            "family": family, "sender": snd, "receiver": rcv, "num_layers": num_layers,
-            "sender_weights": fam.model(snd).weights, "receiver_weights": fam.model(rcv).weights,
-            "dataset": {"kind": "mixed", "split": "profile", "samples": len(data), "seed": seed,
-                        "context_tokens": list(context_tokens), "positions": positions,
-                        "sample_ids": [d.id for d in data]},
-            "method": __doc__.strip().splitlines()[0], "per_layer": per, "seconds": seconds,
+            "family": family,
+            "sender": snd,
+            "receiver": rcv,
+            "num_layers": num_layers,
+            "sender_weights": fam.model(snd).weights,
+            "receiver_weights": fam.model(rcv).weights,
+            "dataset": {
+                "kind": "mixed",
+                "split": "profile",
+                "samples": len(data),
+                "seed": seed,
+                "context_tokens": list(context_tokens),
+                "positions": positions,
+                "sample_ids": [d.id for d in data],
+            },
+            "method": __doc__.strip().splitlines()[0],
+            "per_layer": per,
+            "seconds": seconds,
             "critical": critical_layers(per),
         }
     return out
@@ -193,6 +226,7 @@ def plot(results: list[dict], png: str | Path) -> Path:
     """One panel per pair (rows: sender, columns: receiver): single-layer reuse KL per layer, log scale,
     with the K deviation proxy on a second axis."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -218,8 +252,12 @@ def plot(results: list[dict], png: str | Path) -> Path:
                 continue
             per = r["per_layer"]
             crit = set(r["critical"])
-            ax.bar([p["layer"] for p in per], [p["kl"] for p in per],
-                   color=["#c0392b" if p["layer"] in crit else "#7f8c8d" for p in per], width=0.8)
+            ax.bar(
+                [p["layer"] for p in per],
+                [p["kl"] for p in per],
+                color=["#c0392b" if p["layer"] in crit else "#7f8c8d" for p in per],
+                width=0.8,
+            )
             ax.set_yscale("log")
             ax.set_ylim(ymin, ymax)
             ax2 = ax.twinx()
@@ -233,10 +271,12 @@ def plot(results: list[dict], png: str | Path) -> Path:
                 ax.set_ylabel("KL (nats)", fontsize=7)
     fam = results[0]["family"]
     ds = results[0]["dataset"]
-    fig.suptitle(f"{fam}: reuse one layer's KV from the sender, compute the rest (DroidSpeak Fig. 7), "
-                 f"{ds['samples']} samples, {ds['positions']} positions\nbars: KL to the receiver's own output (red: "
-                 f"the fewest layers carrying half the total); blue line: K deviation ||K_s-K_r|| / ||K_r||",
-                 fontsize=8)
+    fig.suptitle(
+        f"{fam}: reuse one layer's KV from the sender, compute the rest (DroidSpeak Fig. 7), "
+        f"{ds['samples']} samples, {ds['positions']} positions\nbars: KL to the receiver's own output (red: "
+        f"the fewest layers carrying half the total); blue line: K deviation ||K_s-K_r|| / ||K_r||",
+        fontsize=8,
+    )
     fig.tight_layout(rect=(0, 0, 1, 0.95))
     png = Path(png)
     fig.savefig(png, dpi=90)

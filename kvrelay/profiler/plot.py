@@ -1,4 +1,5 @@
 """`kvrelay profile plot`: quality vs. layers recomputed for every scored config, frontier and baselines."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -28,34 +29,65 @@ def plot(profile_path: str | Path, out: str | Path | None = None) -> Path:
         return _plot_tf(plt, d, out)
     L = d["num_layers"]
     has_kl = all("kl" in c for c in d["configs"])
-    fig, axes = plt.subplots(1, 2 if has_kl else 1, figsize=(12.5 if has_kl else 7.5, 4.8), dpi=110,
-                             gridspec_kw={"width_ratios": [3, 2]} if has_kl else None)
+    fig, axes = plt.subplots(
+        1,
+        2 if has_kl else 1,
+        figsize=(12.5 if has_kl else 7.5, 4.8),
+        dpi=110,
+        gridspec_kw={"width_ratios": [3, 2]} if has_kl else None,
+    )
     ax = axes[0] if has_kl else axes
     xs = [c["layers_recomputed"] for c in d["configs"]]
     ys = [c["quality"] for c in d["configs"]]
     ax.scatter(xs, ys, s=14, color="0.6", label=f"scored configs ({len(xs)}): observed", zorder=2)
     bounded = all("quality_bound" in c for c in d["configs"])
-    if bounded:   # what the frontier and the selector go by (kvrelay.profiler.flips)
-        ax.scatter(xs, [c["quality_bound"] for c in d["configs"]], s=16, marker="x", color="tab:orange",
-                   label="flip-model bound (selection)", zorder=2)
+    if bounded:  # what the frontier and the selector go by (kvrelay.profiler.flips)
+        ax.scatter(
+            xs,
+            [c["quality_bound"] for c in d["configs"]],
+            s=16,
+            marker="x",
+            color="tab:orange",
+            label="flip-model bound (selection)",
+            zorder=2,
+        )
         ys = ys + [c["quality_bound"] for c in d["configs"]]
     fx = [f["layers_recomputed"] for f in d["frontier"]]
     fy = [f["quality"] for f in d["frontier"]]
     ax.plot(fx, fy, "-o", color="tab:red", ms=5, lw=1.6, label="Pareto frontier", zorder=3)
     for f in d["frontier"]:
-        ax.annotate(str(profile_file.plan_of(f)), (f["layers_recomputed"], f["quality"]),
-                    textcoords="offset points", xytext=(4, -10), fontsize=7, color="tab:red")
+        ax.annotate(
+            str(profile_file.plan_of(f)),
+            (f["layers_recomputed"], f["quality"]),
+            textcoords="offset points",
+            xytext=(4, -10),
+            fontsize=7,
+            color="tab:red",
+        )
     b = d["baselines"]
-    ax.axhline(b["full_prefill"]["quality"], color="tab:green", ls="-", lw=1.2,
-               label=f"full prefill ({L} layers): {b['full_prefill']['quality']:.1f}")
-    ax.axhline(b["full_reuse"]["quality"], color="tab:blue", ls="--", lw=1.2,
-               label=f"full reuse (0 layers): {b['full_reuse']['quality']:.1f}")
+    ax.axhline(
+        b["full_prefill"]["quality"],
+        color="tab:green",
+        ls="-",
+        lw=1.2,
+        label=f"full prefill ({L} layers): {b['full_prefill']['quality']:.1f}",
+    )
+    ax.axhline(
+        b["full_reuse"]["quality"],
+        color="tab:blue",
+        ls="--",
+        lw=1.2,
+        label=f"full reuse (0 layers): {b['full_reuse']['quality']:.1f}",
+    )
     ax.axhline(b["full_prefill"]["quality"] * 0.99, color="tab:green", ls=":", lw=1.0, label="1% quality target")
     ax.set_xlabel(f"layers recomputed (of {L})")
     ax.set_ylabel(f"quality: {d['metric']['name']} with {d['receiver']}'s full prefill (0-100)")
     ds = d["dataset"]
-    ax.set_title(f"{d['family']}: {d['sender']} -> {d['receiver']}  ({ds['samples']} {ds['kind']} samples, "
-                 f"{ds.get('context_tokens_seen', ds['context_tokens'])} ctx tokens, stride {d['stride']})", fontsize=9)
+    ax.set_title(
+        f"{d['family']}: {d['sender']} -> {d['receiver']}  ({ds['samples']} {ds['kind']} samples, "
+        f"{ds.get('context_tokens_seen', ds['context_tokens'])} ctx tokens, stride {d['stride']})",
+        fontsize=9,
+    )
     ax.plot([L], [b["full_prefill"]["quality"]], "*", color="tab:green", ms=10, zorder=4)
     ax.set_xlim(-0.5, L + 0.5)
     lo = min(ys + [b["full_reuse"]["quality"]])
@@ -68,9 +100,15 @@ def plot(profile_path: str | Path, out: str | Path | None = None) -> Path:
         kx.scatter(xs, [c[key] for c in d["configs"]], s=14, color="0.6", label="scored configs")
         on = {str(f["plan"]) for f in d["frontier"]}
         fr = [c for c in d["configs"] if str(c["plan"]) in on]
-        kx.plot([c["layers_recomputed"] for c in fr], [c[key] for c in fr], "o", color="tab:red", ms=5,
-                label="frontier configs")
-        if bounded:   # spans orders of magnitude: an exact plan moves the gap by fp noise only
+        kx.plot(
+            [c["layers_recomputed"] for c in fr],
+            [c[key] for c in fr],
+            "o",
+            color="tab:red",
+            ms=5,
+            label="frontier configs",
+        )
+        if bounded:  # spans orders of magnitude: an exact plan moves the gap by fp noise only
             kx.set_yscale("log")
             kx.set_ylabel("mean |shift of the top-2 logit gap|, logits")
         else:
@@ -103,10 +141,18 @@ def _plot_tf(plt, d: dict, out: Path) -> Path:
             err = [[c[key] - c[key + "_ci"][0] for c in cs], [c[key + "_ci"][1] - c[key] for c in cs]]
             ax.errorbar(x, y, yerr=err, fmt=marker, color=color, ms=4, lw=0.8, capsize=2, label=label)
         timed = [c for c in cs if c.get("prefill_s")]
-        axes[2].scatter([c["prefill_s"] for c in timed], [c["retained_gain_ci"][0] for c in timed], color=color,
-                        marker=marker, s=18, label=label + " (lower bound)")
-    for ax, key, lim, name in ((axes[0], "retained_gain", tg.TARGET.retained_gain, "retained gain"),
-                               (axes[1], "top1_agreement", tg.TARGET.top1, "teacher-forced top-1 agreement")):
+        axes[2].scatter(
+            [c["prefill_s"] for c in timed],
+            [c["retained_gain_ci"][0] for c in timed],
+            color=color,
+            marker=marker,
+            s=18,
+            label=label + " (lower bound)",
+        )
+    for ax, key, lim, name in (
+        (axes[0], "retained_gain", tg.TARGET.retained_gain, "retained gain"),
+        (axes[1], "top1_agreement", tg.TARGET.top1, "teacher-forced top-1 agreement"),
+    ):
         ax.axhline(lim, color="tab:green", ls=":", lw=1.2, label=f"target >= {lim:.0%} (lower bound)")
         ax.axhline(1.0, color="tab:green", lw=1.0)
         ax.set_xlabel(f"layers recomputed (of {L})")
@@ -117,8 +163,14 @@ def _plot_tf(plt, d: dict, out: Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
     fr = d.get("frontier_time") or []
-    axes[2].plot([f["prefill_s"] for f in fr], [f["quality"] / 100 for f in fr], "-", color="tab:red", lw=1.2,
-                 label="frontier (quality vs prefill time)")
+    axes[2].plot(
+        [f["prefill_s"] for f in fr],
+        [f["quality"] / 100 for f in fr],
+        "-",
+        color="tab:red",
+        lw=1.2,
+        label="frontier (quality vs prefill time)",
+    )
     if full_s:
         axes[2].axvline(full_s, color="tab:green", lw=1.2, label=f"full prefill {full_s:.2f} s")
     axes[2].axhline(tg.TARGET.retained_gain, color="tab:green", ls=":", lw=1.2)
@@ -128,9 +180,12 @@ def _plot_tf(plt, d: dict, out: Path) -> Path:
     axes[2].legend(fontsize=7, loc="lower right")
     ds = d["dataset"]
     sel = d.get("selected")
-    fig.suptitle(f"{d['family']}: {d['sender']} -> {d['receiver']}, teacher-forced on {ds['samples']} contexts "
-                 f"({ds['context_tokens_seen']} tokens, {ds['ref_tokens']} reference tokens each); selected: "
-                 f"{profile_file.plan_of(sel) if sel else 'full prefill'}", fontsize=9)
+    fig.suptitle(
+        f"{d['family']}: {d['sender']} -> {d['receiver']}, teacher-forced on {ds['samples']} contexts "
+        f"({ds['context_tokens_seen']} tokens, {ds['ref_tokens']} reference tokens each); selected: "
+        f"{profile_file.plan_of(sel) if sel else 'full prefill'}",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)

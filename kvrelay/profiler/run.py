@@ -11,6 +11,7 @@ reference), then one re-prefill per config, `batch` configs decoding together.
 Partial results go to <out>.partial.json after every batch; a rerun with the same settings continues
 from there; the partial file is removed once the profile is written.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,17 +31,19 @@ from kvrelay.model.plan import RecomputePlan
 from kvrelay.profiler import evaldata, flips, scoring
 
 METRIC_NAME = "prefix_agreement"
-METRIC_VERSION = 2   # 2: gaps and gap shifts recorded for the flip model (older partials do not resume)
-METRIC_DESCRIPTION = ("Agreement with the receiver's own full-prefill output on the profiling split, 0-100: per "
-                      "sample, the share of the receiver's first `tokens` greedy tokens (EOS included) that the "
-                      "re-prefill reproduces exactly before its first differing token; averaged over samples. The "
-                      "receiver's full prefill scores 100. Per config also: f1 (token F1 of the generated texts), "
-                      "top1 and kl (next-token argmax agreement and KL(full || plan), nats, over the positions whose "
-                      "prefixes are identical in both runs), gap_shift, positions, predicted_exact and "
-                      "quality_bound = min(quality, predicted_exact): the flip model of kvrelay.profiler.flips, "
-                      "which the frontier and the selector use), task_quality (the task metric of the generation "
-                      "against the reference answer: token F1 / Rouge-L / edit similarity, 0-100; short "
-                      "generations, so low), prefill_s.")
+METRIC_VERSION = 2  # 2: gaps and gap shifts recorded for the flip model (older partials do not resume)
+METRIC_DESCRIPTION = (
+    "Agreement with the receiver's own full-prefill output on the profiling split, 0-100: per "
+    "sample, the share of the receiver's first `tokens` greedy tokens (EOS included) that the "
+    "re-prefill reproduces exactly before its first differing token; averaged over samples. The "
+    "receiver's full prefill scores 100. Per config also: f1 (token F1 of the generated texts), "
+    "top1 and kl (next-token argmax agreement and KL(full || plan), nats, over the positions whose "
+    "prefixes are identical in both runs), gap_shift, positions, predicted_exact and "
+    "quality_bound = min(quality, predicted_exact): the flip model of kvrelay.profiler.flips, "
+    "which the frontier and the selector use), task_quality (the task metric of the generation "
+    "against the reference answer: token F1 / Rouge-L / edit similarity, 0-100; short "
+    "generations, so low), prefill_s."
+)
 
 
 @dataclass
@@ -82,10 +85,24 @@ def enumerate_plans(num_layers: int, stride: int, max_group: int) -> list[Recomp
 
 
 def _meta(st: Settings, s_fp: str, r_fp: str, L: int, cap: int, plans, samples) -> dict:
-    return {"family": st.family, "sender": st.sender, "receiver": st.receiver, "sender_fingerprint": s_fp,
-            "receiver_fingerprint": r_fp, "num_layers": L, "stride": st.stride, "max_group_layers": cap,
-            "kind": st.kind, "seed": st.seed, "context_tokens": list(st.context_tokens), "max_tokens": st.max_tokens,
-            "metric": METRIC_NAME, "metric_version": METRIC_VERSION, "plans": [str(p) for p in plans], "sample_ids": [s.id for s in samples]}
+    return {
+        "family": st.family,
+        "sender": st.sender,
+        "receiver": st.receiver,
+        "sender_fingerprint": s_fp,
+        "receiver_fingerprint": r_fp,
+        "num_layers": L,
+        "stride": st.stride,
+        "max_group_layers": cap,
+        "kind": st.kind,
+        "seed": st.seed,
+        "context_tokens": list(st.context_tokens),
+        "max_tokens": st.max_tokens,
+        "metric": METRIC_NAME,
+        "metric_version": METRIC_VERSION,
+        "plans": [str(p) for p in plans],
+        "sample_ids": [s.id for s in samples],
+    }
 
 
 def _load_partial(path: Path, meta: dict) -> dict:
@@ -99,8 +116,10 @@ def _load_partial(path: Path, meta: dict) -> dict:
         raise KvRelayError(f"partial results {path} are unreadable ({e}); delete the file or pass --fresh") from None
     if old != meta:
         diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
-        raise KvRelayError(f"partial results {path} were made with other settings ({', '.join(diff)} differ); "
-                           "delete the file or pass --fresh")
+        raise KvRelayError(
+            f"partial results {path} were made with other settings ({', '.join(diff)} differ); "
+            "delete the file or pass --fresh"
+        )
     return part
 
 
@@ -117,15 +136,18 @@ def profile(st: Settings, out: str | Path, *, progress: bool = True, fresh: bool
     preps = [scoring.prepare(tok, s) for s in samples]
     longest = max(len(p.prompt) for p in preps)
     S = make_engine(st.family, st.sender, scoring.engine_config(fam.model_dir(st.sender), longest, 1, 1))
-    R = make_engine(st.family, st.receiver, scoring.engine_config(fam.model_dir(st.receiver), longest,
-                                                                  st.max_tokens, st.batch))
+    R = make_engine(
+        st.family, st.receiver, scoring.engine_config(fam.model_dir(st.receiver), longest, st.max_tokens, st.batch)
+    )
     L = R.num_layers
     cap = max_group_layers(L, st.stride, st.max_group_frac)
     plans = enumerate_plans(L, st.stride, cap)
     no_e = sorted({a for p in plans for a in p.e_layers_needed()} - set(S.page_format.e_layers))
     if no_e:
-        raise KvRelayError(f"--stride {st.stride} starts groups at layers {no_e}, where the sender keeps no E "
-                           f"(it keeps E at {list(S.page_format.e_layers)}); use an even stride")
+        raise KvRelayError(
+            f"--stride {st.stride} starts groups at layers {no_e}, where the sender keeps no E "
+            f"(it keeps E at {list(S.page_format.e_layers)}); use an even stride"
+        )
     meta = _meta(st, S.fingerprint, R.fingerprint, L, cap, plans, samples)
     meta["sender_weights"], meta["receiver_weights"] = (S.weights, R.weights)
     ppath = profile_file.partial_path(out)
@@ -133,8 +155,15 @@ def profile(st: Settings, out: str | Path, *, progress: bool = True, fresh: bool
         ppath.unlink()
     part = _load_partial(ppath, meta)
     done_before = sum(len(v["configs"]) + 1 for v in part["samples"].values())
-    bar = tqdm(total=len(samples) * (len(plans) + 1), initial=done_before, file=sys.stderr, disable=not progress,
-               desc=f"profile {st.family} {st.sender}->{st.receiver}", unit="cfg", dynamic_ncols=True)
+    bar = tqdm(
+        total=len(samples) * (len(plans) + 1),
+        initial=done_before,
+        file=sys.stderr,
+        disable=not progress,
+        desc=f"profile {st.family} {st.sender}->{st.receiver}",
+        unit="cfg",
+        dynamic_ncols=True,
+    )
     for prep in preps:
         sid = prep.sample.id
         rec = part["samples"].setdefault(sid, {"full": None, "configs": {}})
@@ -144,9 +173,13 @@ def profile(st: Settings, out: str | Path, *, progress: bool = True, fresh: bool
         pages = scoring.sender_pages(S, prep)
         ref = scoring.run_full(R, tok, prep, st.max_tokens, st.max_tokens)
         if rec["full"] is None:
-            rec["full"] = {"task": scoring.task_score(prep.sample, ref), "prefill_s": ref.prefill_s,
-                           "text": ref.text, "context_tokens": len(prep.ctx),
-                           "gaps": flips.top2_gaps(ref.logits[:st.max_tokens])}
+            rec["full"] = {
+                "task": scoring.task_score(prep.sample, ref),
+                "prefill_s": ref.prefill_s,
+                "text": ref.text,
+                "context_tokens": len(prep.ctx),
+                "gaps": flips.top2_gaps(ref.logits[: st.max_tokens]),
+            }
             bar.update(1)
 
         def done(i, o, todo=todo, rec=rec, prep=prep, ref=ref):
@@ -154,9 +187,18 @@ def profile(st: Settings, out: str | Path, *, progress: bool = True, fresh: bool
             bar.update(1)
 
         for lo in range(0, len(todo), st.batch):
-            chunk = todo[lo: lo + st.batch]
-            scoring.run_plans(R, tok, prep, pages, chunk, st.max_tokens, st.max_tokens, st.batch,
-                              on_done=lambda i, o, lo=lo: done(lo + i, o))
+            chunk = todo[lo : lo + st.batch]
+            scoring.run_plans(
+                R,
+                tok,
+                prep,
+                pages,
+                chunk,
+                st.max_tokens,
+                st.max_tokens,
+                st.batch,
+                on_done=lambda i, o, lo=lo: done(lo + i, o),
+            )
             profile_file.write_json_atomic(part, ppath)
         profile_file.write_json_atomic(part, ppath)
     bar.close()
@@ -179,8 +221,13 @@ def _flip_model(recs: list[dict]) -> dict | None:
     gaps = [g for r in recs for g in r["full"]["gaps"]]
     if not gaps:
         return None
-    return {"eps": flips.EPS, "confidence": flips.CONFIDENCE, "gaps": len(gaps),
-            "near_ties": sum(1 for g in gaps if g < flips.EPS), "density_upper": flips.near_tie_density(gaps)}
+    return {
+        "eps": flips.EPS,
+        "confidence": flips.CONFIDENCE,
+        "gaps": len(gaps),
+        "near_ties": sum(1 for g in gaps if g < flips.EPS),
+        "density_upper": flips.near_tie_density(gaps),
+    }
 
 
 def _config(p: RecomputePlan, per: list[dict], model: dict | None, tokens: int) -> dict:
@@ -191,8 +238,12 @@ def _config(p: RecomputePlan, per: list[dict], model: dict | None, tokens: int) 
         n = sum(x["positions"] for x in per)
         shift = sum(x["gap_shift"] * x["positions"] for x in per) / n if n else 0.0
         pred = flips.predicted_exact(model["density_upper"], shift, tokens) if n else 0.0
-        c.update(gap_shift=round(shift, 6), positions=n, predicted_exact=round(pred, 4),
-                 quality_bound=round(min(c["quality"], pred), 4))
+        c.update(
+            gap_shift=round(shift, 6),
+            positions=n,
+            predicted_exact=round(pred, 4),
+            quality_bound=round(min(c["quality"], pred), 4),
+        )
     return c
 
 
@@ -207,30 +258,53 @@ def assemble(part: dict, plans: list[RecomputePlan], st: Settings, seconds: floa
     seen = [r["full"]["context_tokens"] for r in recs]
     return {
         "format": profile_file.FORMAT,
-        "family": st.family, "sender": st.sender, "receiver": st.receiver,
-        "sender_fingerprint": meta["sender_fingerprint"], "receiver_fingerprint": meta["receiver_fingerprint"],
+        "family": st.family,
+        "sender": st.sender,
+        "receiver": st.receiver,
+        "sender_fingerprint": meta["sender_fingerprint"],
+        "receiver_fingerprint": meta["receiver_fingerprint"],
         # the weights it was scored on: a profile applies to any weights of the same architecture and
         # tokenizer, but its figures hold for these (the selector counts a mismatch)
-        "sender_weights": meta.get("sender_weights", ""), "receiver_weights": meta.get("receiver_weights", ""),
-        "num_layers": L, "stride": st.stride, "max_group_layers": meta["max_group_layers"],
-        "dataset": {"kind": st.kind, "split": "profile", "samples": len(recs), "seed": st.seed,
-                    "context_tokens": list(st.context_tokens), "context_tokens_seen": [min(seen), max(seen)],
-                    "max_tokens": st.max_tokens, "sample_ids": meta["sample_ids"]},
+        "sender_weights": meta.get("sender_weights", ""),
+        "receiver_weights": meta.get("receiver_weights", ""),
+        "num_layers": L,
+        "stride": st.stride,
+        "max_group_layers": meta["max_group_layers"],
+        "dataset": {
+            "kind": st.kind,
+            "split": "profile",
+            "samples": len(recs),
+            "seed": st.seed,
+            "context_tokens": list(st.context_tokens),
+            "context_tokens_seen": [min(seen), max(seen)],
+            "max_tokens": st.max_tokens,
+            "sample_ids": meta["sample_ids"],
+        },
         "metric": {"name": METRIC_NAME, "description": METRIC_DESCRIPTION, "tokens": st.max_tokens},
         "configs": configs,
         "flip_model": model,
         "frontier": profile_file.pareto_frontier(configs),
         "baselines": {
-            "full_prefill": {"layers_recomputed": L, "quality": 100.0,
-                             "task_quality": round(_mean(r["full"]["task"] for r in recs), 4),
-                             "prefill_s": round(_mean(r["full"]["prefill_s"] for r in recs), 4)},
-            "full_reuse": {"plan": [], "layers_recomputed": 0, "quality": reuse["quality"],
-                           "task_quality": reuse["task_quality"], "prefill_s": reuse["prefill_s"],
-                           **({"predicted_exact": reuse["predicted_exact"]} if model else {})},
+            "full_prefill": {
+                "layers_recomputed": L,
+                "quality": 100.0,
+                "task_quality": round(_mean(r["full"]["task"] for r in recs), 4),
+                "prefill_s": round(_mean(r["full"]["prefill_s"] for r in recs), 4),
+            },
+            "full_reuse": {
+                "plan": [],
+                "layers_recomputed": 0,
+                "quality": reuse["quality"],
+                "task_quality": reuse["task_quality"],
+                "prefill_s": reuse["prefill_s"],
+                **({"predicted_exact": reuse["predicted_exact"]} if model else {}),
+            },
         },
-        "notes": (f"groups of at most {meta['max_group_layers']} of {L} layers scored (cap "
-                  f"{st.max_group_frac:.0%} of layers); single contiguous groups only; prefill_s measured on a "
-                  f"shared CPU, indicative only"),
+        "notes": (
+            f"groups of at most {meta['max_group_layers']} of {L} layers scored (cap "
+            f"{st.max_group_frac:.0%} of layers); single contiguous groups only; prefill_s measured on a "
+            f"shared CPU, indicative only"
+        ),
         "command": command,
         "kvrelay_version": profile_file.kvrelay_version(),
         "created": profile_file.now_utc(),

@@ -17,6 +17,7 @@ Agreement of a re-prefilled output with the receiver's own full-prefill output:
                    callers restrict both to `comparable_positions` (identical prefixes).
 No torch import at module level: the logit metrics import it when called.
 """
+
 from __future__ import annotations
 
 import re
@@ -114,6 +115,7 @@ def score(name: str, prediction: str, reference: str) -> float:
 
 
 # --- agreement with the receiver's own full-prefill output ----------------------------------------
+
 
 def top1_agreement(logits_ref, logits_test, n: int | None = None) -> float:
     """Fraction of the first n positions (default: all both have) whose argmax tokens agree.

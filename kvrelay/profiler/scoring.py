@@ -5,6 +5,7 @@ kvrelay.model.tokenizer.prompt: the shared context first (the sender's KV covers
 own question. The sender answers a different, generic question over the same context, as a real
 donor would; only whole blocks of pure context are reused.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,14 +19,14 @@ from kvrelay.profiler import flips, scores
 from kvrelay.profiler.evaldata import Sample
 
 SENDER_QUESTION = "Summarise the text above."
-SUFFIX_ALLOWANCE = 96      # tokens for the question part of a prompt (sizing the KV cache)
+SUFFIX_ALLOWANCE = 96  # tokens for the question part of a prompt (sizing the KV cache)
 
 
 @dataclass
 class Prepared:
     sample: Sample
-    ctx: list[int]            # context tokens (shared)
-    prompt: list[int]         # receiver's prompt: ctx + its question
+    ctx: list[int]  # context tokens (shared)
+    prompt: list[int]  # receiver's prompt: ctx + its question
     sender_prompt: list[int]  # sender's prompt: ctx + a generic question
 
 
@@ -58,8 +59,13 @@ def _sp(max_tokens: int, n_logits: int):
 
 
 def _output(tok, o) -> Output:
-    return Output(list(o.output_tokens), tk.decode(tok, o.output_tokens), list(o.logits),
-                  o.prefill.seconds if o.prefill else 0.0, o.prefill.recomputed_layers if o.prefill else 0)
+    return Output(
+        list(o.output_tokens),
+        tk.decode(tok, o.output_tokens),
+        list(o.logits),
+        o.prefill.seconds if o.prefill else 0.0,
+        o.prefill.recomputed_layers if o.prefill else 0,
+    )
 
 
 def sender_pages(S, prep: Prepared, rid: str = "donor"):
@@ -73,15 +79,18 @@ def run_full(R, tok, prep: Prepared, max_tokens: int, n_logits: int, rid: str = 
     return o
 
 
-def run_plans(R, tok, prep: Prepared, pages, plans, max_tokens: int, n_logits: int, batch: int = 1,
-              on_done=None) -> list[Output]:
+def run_plans(
+    R, tok, prep: Prepared, pages, plans, max_tokens: int, n_logits: int, batch: int = 1, on_done=None
+) -> list[Output]:
     """Re-prefill the receiver's prompt from `pages` under each plan; `batch` requests at a time
     decode together (prefill is timed per request either way). on_done(i, output) after each."""
     outs: list[Output] = []
     for lo in range(0, len(plans), max(1, batch)):
-        chunk = plans[lo: lo + max(1, batch)]
-        reqs = [Request(f"plan{lo + i}", prep.prompt, _sp(max_tokens, n_logits), donor=pages, plan=p)
-                for i, p in enumerate(chunk)]
+        chunk = plans[lo : lo + max(1, batch)]
+        reqs = [
+            Request(f"plan{lo + i}", prep.prompt, _sp(max_tokens, n_logits), donor=pages, plan=p)
+            for i, p in enumerate(chunk)
+        ]
         done = R.generate(reqs)
         for i, r in enumerate(reqs):
             o = _output(tok, done[r.request_id])
@@ -104,11 +113,15 @@ def score(sample: Sample, ref: Output, out: Output, n_agree: int) -> dict:
     shifts = flips.gap_shifts(ref.logits, out.logits, k) if k and ref.logits and out.logits else []
     return {
         "quality": scores.profile_quality(ref.tokens, out.tokens, n_agree),
-        "f1": 100 * scores.token_f1(out.text, ref.text), "rouge_l": 100 * scores.rouge_l(out.text, ref.text),
+        "f1": 100 * scores.token_f1(out.text, ref.text),
+        "rouge_l": 100 * scores.rouge_l(out.text, ref.text),
         "edit_sim": 100 * scores.edit_similarity(out.text, ref.text),
-        "top1": 100 * top1, "kl": kl,
-        "gap_shift": sum(shifts) / len(shifts) if shifts else 0.0, "positions": len(shifts),
-        "task": task_score(sample, out), "prefill_s": out.prefill_s,
+        "top1": 100 * top1,
+        "kl": kl,
+        "gap_shift": sum(shifts) / len(shifts) if shifts else 0.0,
+        "positions": len(shifts),
+        "task": task_score(sample, out),
+        "prefill_s": out.prefill_s,
     }
 
 

@@ -23,25 +23,26 @@ TASK_FLOOR, the plan's task score within TASK_POINTS of it. `STRICT` (a deployme
 top-1 agreement lower bound >= 99%: the receiver's own tokens, nearly always.
 No torch import here (the selector reads the judgements from profiles).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
 
-MIN_NLL_GAP = 0.02       # nats/token: below this the NLL difference is too small to divide by
+MIN_NLL_GAP = 0.02  # nats/token: below this the NLL difference is too small to divide by
 BOOTSTRAP = 2000
 CI_LEVEL = 0.90
-TASK_FLOOR = 5.0         # task points (0-100): below this the receiver itself barely does the task
+TASK_FLOOR = 5.0  # task points (0-100): below this the receiver itself barely does the task
 TASK_POINTS = 1.0
 
 
 @dataclass(frozen=True)
 class Target:
     name: str
-    retained_gain: float | None    # minimum lower bound, or None (not judged)
-    top1: float                    # minimum lower bound of top-1 agreement, 0-1
-    task_points: float | None      # allowed task-score drop where above the floor, or None
+    retained_gain: float | None  # minimum lower bound, or None (not judged)
+    top1: float  # minimum lower bound of top-1 agreement, 0-1
+    task_points: float | None  # allowed task-score drop where above the floor, or None
 
     def describe(self) -> str:
         parts = []
@@ -62,6 +63,7 @@ TARGETS = {t.name: t for t in (TARGET, STRICT)}
 @dataclass
 class CaseSums:
     """One case's sums over its reference positions (see the module docstring)."""
+
     positions: int
     kl: float
     nll: float
@@ -112,14 +114,18 @@ def summarize(plan: list[CaseSums], receiver: list[CaseSums], sender: list[CaseS
     gain = boot["gain_" + basis]
     gain = gain[np.isfinite(gain)]
     out = {
-        "kl": round(point["kl"], 6), "kl_ci": [round(x, 6) for x in _ci(boot["kl"])],
-        "nll": round(point["nll"], 5), "nll_ci": [round(x, 5) for x in _ci(boot["nll"])],
-        "top1_agreement": round(point["top1"], 5), "top1_agreement_ci": [round(x, 5) for x in _ci(boot["top1"])],
+        "kl": round(point["kl"], 6),
+        "kl_ci": [round(x, 6) for x in _ci(boot["kl"])],
+        "nll": round(point["nll"], 5),
+        "nll_ci": [round(x, 5) for x in _ci(boot["nll"])],
+        "top1_agreement": round(point["top1"], 5),
+        "top1_agreement_ci": [round(x, 5) for x in _ci(boot["top1"])],
         "retained_gain": round(point["gain_" + basis], 5),
         "retained_gain_ci": [round(x, 5) for x in _ci(gain)] if len(gain) else [float("-inf"), float("inf")],
         "retained_gain_basis": basis,
         "nll_gap_sender_minus_receiver": round(point["gap"], 5),
-        "contexts": n, "positions": int(pos.sum()),
+        "contexts": n,
+        "positions": int(pos.sum()),
     }
     return out
 

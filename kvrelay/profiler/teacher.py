@@ -11,6 +11,7 @@ The search (`candidate_plans`) is guided by per-layer criticality measured on th
 the sender's K/V (plain reuse) or its E (K/V correction) lie from the receiver's own at each layer
 over the context; for each budget of recomputed layers the best one- and two-group windows.
 """
+
 from __future__ import annotations
 
 import math
@@ -33,9 +34,9 @@ QUESTION_ALLOWANCE = 64
 @dataclass
 class Prepared:
     case: Case
-    ctx: list[int]        # what the sender's pages cover
-    question: list[int]   # the request's own part (question layout of kvrelay.model.tokenizer.prompt)
-    ref: list[int]        # the reference continuation, scored position by position
+    ctx: list[int]  # what the sender's pages cover
+    question: list[int]  # the request's own part (question layout of kvrelay.model.tokenizer.prompt)
+    ref: list[int]  # the reference continuation, scored position by position
 
     @property
     def prompt(self) -> list[int]:
@@ -49,12 +50,13 @@ class Prepared:
 @dataclass
 class Baseline:
     """One case's own full prefills: the sender's pages and logits, the receiver's logits."""
-    pages: object                 # the sender's KVPages of the context's full blocks
-    logp_r: torch.Tensor          # receiver's log-probs at the reference positions [T, V]
+
+    pages: object  # the sender's KVPages of the context's full blocks
+    logp_r: torch.Tensor  # receiver's log-probs at the reference positions [T, V]
     receiver: CaseSums
-    sender: CaseSums              # kl here is KL(receiver || sender)
-    crit_kv: list[float]          # per layer: |K/V_sender - K/V_receiver| / |K/V_receiver| over the context
-    crit_e: list[float]           # per layer: the same for E (layer 0: the receiver's own embeddings, 0)
+    sender: CaseSums  # kl here is KL(receiver || sender)
+    crit_kv: list[float]  # per layer: |K/V_sender - K/V_receiver| / |K/V_receiver| over the context
+    crit_e: list[float]  # per layer: the same for E (layer 0: the receiver's own embeddings, 0)
 
 
 def engine_config(model_dir, longest: int, concurrent: int) -> EngineConfig:
@@ -89,7 +91,7 @@ def _sums(logp_r: torch.Tensor, logits: torch.Tensor, ref: list[int]) -> CaseSum
 
 
 def _tail(prep: Prepared) -> int:
-    return len(prep.ref) + 1   # rows predicting each reference token, and the one after it
+    return len(prep.ref) + 1  # rows predicting each reference token, and the one after it
 
 
 def _ref_logits(out, prep: Prepared) -> torch.Tensor:
@@ -114,16 +116,23 @@ def baseline(S, R, prep: Prepared) -> Baseline:
     L = R.num_layers
     crit_kv = [_rel(pages.kv[:, l], own.kv[:, l]) for l in range(L)]
     crit_e = [0.0] + [_rel(pages.e_layer(l), own.e_layer(l)) for l in range(1, L)]
-    return Baseline(pages, logp_r, _sums(logp_r, _ref_logits(r, prep), prep.ref),
-                    _sums(logp_r, _ref_logits(s, prep), prep.ref), crit_kv, crit_e)
+    return Baseline(
+        pages,
+        logp_r,
+        _sums(logp_r, _ref_logits(r, prep), prep.ref),
+        _sums(logp_r, _ref_logits(s, prep), prep.ref),
+        crit_kv,
+        crit_e,
+    )
 
 
-def score_plans(R, prep: Prepared, base: Baseline, plans: list[RecomputePlan], batch: int = 8,
-                on_done=None) -> list[CaseSums]:
+def score_plans(
+    R, prep: Prepared, base: Baseline, plans: list[RecomputePlan], batch: int = 8, on_done=None
+) -> list[CaseSums]:
     """Each plan's sums over the reference, re-prefilling from the sender's context pages."""
     out: list[CaseSums] = []
     for lo in range(0, len(plans), batch):
-        chunk = plans[lo: lo + batch]
+        chunk = plans[lo : lo + batch]
         reqs = [Request(f"p{lo + i}", prep.prompt, _sp(prep), donor=base.pages, plan=p) for i, p in enumerate(chunk)]
         done = R.generate(reqs)
         for i, q in enumerate(reqs):
@@ -137,8 +146,13 @@ def time_prefill(R, prep: Prepared, base: Baseline, plan: RecomputePlan | None, 
     """Fastest of `repeats` prefills of the served prompt (context + question): full when plan is None."""
     best = float("inf")
     for i in range(repeats):
-        req = Request(f"t{i}", prep.served_prompt, SamplingParams(max_tokens=1),
-                      donor=None if plan is None else base.pages, plan=plan)
+        req = Request(
+            f"t{i}",
+            prep.served_prompt,
+            SamplingParams(max_tokens=1),
+            donor=None if plan is None else base.pages,
+            plan=plan,
+        )
         t0 = time.perf_counter()
         o = R.generate([req])[req.request_id]
         best = min(best, o.prefill.seconds if o.prefill else time.perf_counter() - t0)
@@ -146,6 +160,7 @@ def time_prefill(R, prep: Prepared, base: Baseline, plan: RecomputePlan | None, 
 
 
 # --- the guided search -----------------------------------------------------------------------------
+
 
 def _windows(L: int, k: int, stride: int) -> list[tuple[int, int]]:
     ends = sorted(set(range(stride, L + 1, stride)) | {L})
@@ -156,7 +171,7 @@ def best_groups(crit: list[float], k: int, stride: int, groups: int) -> tuple[tu
     """The `groups` disjoint, non-adjacent windows on the stride grid with k layers in all that
     cover the most criticality (ties: the earliest)."""
     L = len(crit)
-    gain = lambda w: sum(crit[w[0]:w[1]])
+    gain = lambda w: sum(crit[w[0] : w[1]])
     if groups == 1:
         ws = _windows(L, k, stride)
         return (max(ws, key=gain),) if ws else None
@@ -169,8 +184,9 @@ def best_groups(crit: list[float], k: int, stride: int, groups: int) -> tuple[tu
     return best
 
 
-def candidate_plans(crit_kv: list[float], crit_e: list[float], stride: int = 2, max_frac: float = 0.6,
-                    max_groups: int = 2) -> list[RecomputePlan]:
+def candidate_plans(
+    crit_kv: list[float], crit_e: list[float], stride: int = 2, max_frac: float = 0.6, max_groups: int = 2
+) -> list[RecomputePlan]:
     """Full reuse (plain and corrected), then per budget of k layers (stride .. max_frac of L) the
     best one-group and two-group windows by criticality, plain (K/V criticality) and corrected (E
     criticality). Distinct plans, cheapest first."""

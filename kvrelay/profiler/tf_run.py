@@ -7,6 +7,7 @@ candidate plans (plain and K/V-corrected, one or two groups, up to `max_frac` of
 on every case -> summaries with bootstrap intervals -> prefill time measured for the frontier and
 every plan meeting a target -> the profile file (profile_file schema, metric "teacher_forced").
 """
+
 from __future__ import annotations
 
 import sys
@@ -28,12 +29,14 @@ from kvrelay.profiler import target as tg
 from kvrelay.profiler import teacher
 
 METRIC_NAME = "teacher_forced"
-METRIC_DESCRIPTION = ("Teacher-forced on a fixed reference continuation per context (the receiver's own domain "
-                      "text, a dataset's answer, or the receiver's own greedy output): per config, KL(receiver "
-                      "full prefill || plan), top-1 agreement with the receiver's argmax and NLL of the reference "
-                      "at every reference position; retained gain as in kvrelay.profiler.target; intervals by "
-                      "bootstrap over contexts (90%, so _ci[0] is a 95% lower bound). quality = 100 x the retained "
-                      "gain's lower bound (the frontier's axis); meets_target / meets_strict judge the lower bounds.")
+METRIC_DESCRIPTION = (
+    "Teacher-forced on a fixed reference continuation per context (the receiver's own domain "
+    "text, a dataset's answer, or the receiver's own greedy output): per config, KL(receiver "
+    "full prefill || plan), top-1 agreement with the receiver's argmax and NLL of the reference "
+    "at every reference position; retained gain as in kvrelay.profiler.target; intervals by "
+    "bootstrap over contexts (90%, so _ci[0] is a 95% lower bound). quality = 100 x the retained "
+    "gain's lower bound (the frontier's axis); meets_target / meets_strict judge the lower bounds."
+)
 MAX_ABS_QUALITY = 1000.0
 
 
@@ -50,7 +53,7 @@ class TFSettings:
     max_groups: int = 2
     seed: int = 0
     data: str | None = None
-    domains: tuple[str, ...] | None = None   # None: the receiver's fine-tuning domain, else every domain
+    domains: tuple[str, ...] | None = None  # None: the receiver's fine-tuning domain, else every domain
     time_cases: int = 2
     batch: int = 8
     notes: list = field(default_factory=list)
@@ -78,8 +81,10 @@ def load_cases(st: TFSettings, fam, tok, part: str) -> list[cs.Case]:
     if st.data:
         got = cs.split_cases(cs.read_jsonl(st.data), part, st.seed)
         if len(got) < 2:
-            raise KvRelayError(f"--data {st.data}: its {part} part has {len(got)} case(s) (seed {st.seed}); "
-                               "intervals need at least 2 (give more lines)")
+            raise KvRelayError(
+                f"--data {st.data}: its {part} part has {len(got)} case(s) (seed {st.seed}); "
+                "intervals need at least 2 (give more lines)"
+            )
         return got[: st.samples]
     domains = st.domains or receiver_domains(fam, st.receiver)
     return cs.domain_cases(tok, domains, part, st.samples, st.context_tokens, st.ref_tokens, st.seed)
@@ -90,8 +95,13 @@ def _finite(x: float) -> float:
 
 
 def config_entry(plan: RecomputePlan, summary: dict) -> dict:
-    c = {"plan": plan.to_list(), "kv_correction": plan.correct_kv, "layers_recomputed": plan.num_recomputed,
-         "quality": round(_finite(100 * summary["retained_gain_ci"][0]), 4), **summary}
+    c = {
+        "plan": plan.to_list(),
+        "kv_correction": plan.correct_kv,
+        "layers_recomputed": plan.num_recomputed,
+        "quality": round(_finite(100 * summary["retained_gain_ci"][0]), 4),
+        **summary,
+    }
     c["meets_target"] = tg.meets(summary, tg.TARGET)
     c["meets_strict"] = tg.meets(summary, tg.STRICT)
     return c
@@ -99,12 +109,21 @@ def config_entry(plan: RecomputePlan, summary: dict) -> dict:
 
 def frontier_by_time(configs: list[dict]) -> list[dict]:
     """Timed configs not beaten by a faster one of no lower quality, fastest first."""
-    timed = sorted((c for c in configs if c.get("prefill_s") is not None), key=lambda c: (c["prefill_s"], -c["quality"]))
+    timed = sorted(
+        (c for c in configs if c.get("prefill_s") is not None), key=lambda c: (c["prefill_s"], -c["quality"])
+    )
     out, best = [], -float("inf")
     for c in timed:
         if c["quality"] > best:
-            out.append({"plan": c["plan"], "kv_correction": c["kv_correction"], "prefill_s": c["prefill_s"],
-                        "quality": c["quality"], "meets_target": c["meets_target"]})
+            out.append(
+                {
+                    "plan": c["plan"],
+                    "kv_correction": c["kv_correction"],
+                    "prefill_s": c["prefill_s"],
+                    "quality": c["quality"],
+                    "meets_target": c["meets_target"],
+                }
+            )
             best = c["quality"]
     return out
 
@@ -113,12 +132,13 @@ def fit_cost(configs: list[dict], full_s: float, num_layers: int) -> None:
     """Prefill seconds ~ a + b x layers recomputed + c x [K/V corrected], least squares over the timed
     configs and full prefill, written to each config as `prefill_s_fit`: single timings on a shared
     CPU wobble by more than a layer's cost, the fit does not (selection goes by it)."""
-    rows = [(1.0, num_layers, 0.0, full_s)] + [(1.0, c["layers_recomputed"], float(c["kv_correction"]), c["prefill_s"])
-                                               for c in configs if c.get("prefill_s")]
+    rows = [(1.0, num_layers, 0.0, full_s)] + [
+        (1.0, c["layers_recomputed"], float(c["kv_correction"]), c["prefill_s"]) for c in configs if c.get("prefill_s")
+    ]
     X = np.array([r[:3] for r in rows])
     y = np.array([r[3] for r in rows])
     if len(rows) < 4 or np.linalg.matrix_rank(X) < 3:
-        X = X[:, :2]   # no corrected (or no plain) plan timed: no correction term
+        X = X[:, :2]  # no corrected (or no plain) plan timed: no correction term
     coef = np.linalg.lstsq(X, y, rcond=None)[0]
     coef = list(coef) + [0.0] * (3 - len(coef))
     for c in configs:
@@ -146,8 +166,14 @@ def profile(st: TFSettings, out: str | Path | None, *, progress: bool = True, co
     R = make_engine(st.family, st.receiver, teacher.engine_config(fam.model_dir(st.receiver), longest, st.batch))
     L = R.num_layers
     preps = [teacher.prepare(tok, c, R, st.ref_tokens) for c in cases]
-    bar = tqdm(total=len(preps), file=sys.stderr, disable=not progress, unit="ctx", dynamic_ncols=True,
-               desc=f"profile {st.family} {st.sender}->{st.receiver} baselines")
+    bar = tqdm(
+        total=len(preps),
+        file=sys.stderr,
+        disable=not progress,
+        unit="ctx",
+        dynamic_ncols=True,
+        desc=f"profile {st.family} {st.sender}->{st.receiver} baselines",
+    )
     bases = []
     for p in preps:
         bases.append(teacher.baseline(S, R, p))
@@ -156,8 +182,14 @@ def profile(st: TFSettings, out: str | Path | None, *, progress: bool = True, co
     mean = lambda rows: [sum(r[l] for r in rows) / len(rows) for l in range(L)]
     crit_kv, crit_e = mean([b.crit_kv for b in bases]), mean([b.crit_e for b in bases])
     plans = teacher.candidate_plans(crit_kv, crit_e, st.stride, st.max_frac, st.max_groups)
-    bar = tqdm(total=len(plans) * len(preps), file=sys.stderr, disable=not progress, unit="cfg", dynamic_ncols=True,
-               desc=f"profile {st.family} {st.sender}->{st.receiver} plans")
+    bar = tqdm(
+        total=len(plans) * len(preps),
+        file=sys.stderr,
+        disable=not progress,
+        unit="cfg",
+        dynamic_ncols=True,
+        desc=f"profile {st.family} {st.sender}->{st.receiver} plans",
+    )
     per_plan = {str(p): [] for p in plans}
     for prep, base in zip(preps, bases):
         sums = teacher.score_plans(R, prep, base, plans, st.batch, on_done=lambda i: bar.update(1))
@@ -168,10 +200,14 @@ def profile(st: TFSettings, out: str | Path | None, *, progress: bool = True, co
     configs = [config_entry(p, tg.summarize(per_plan[str(p)], receiver, sender, st.seed)) for p in plans]
     sender_summary = tg.summarize(sender, receiver, sender, st.seed)
     # prefill time: the frontier and whatever meets a target, on the first time_cases contexts
-    front = {tuple(map(tuple, f["plan"])) + (f.get("kv_correction", False),)
-             for f in profile_file.pareto_frontier(configs)}
-    timed = [i for i, c in enumerate(configs)
-             if c["meets_target"] or c["meets_strict"] or tuple(map(tuple, c["plan"])) + (c["kv_correction"],) in front]
+    front = {
+        tuple(map(tuple, f["plan"])) + (f.get("kv_correction", False),) for f in profile_file.pareto_frontier(configs)
+    }
+    timed = [
+        i
+        for i, c in enumerate(configs)
+        if c["meets_target"] or c["meets_strict"] or tuple(map(tuple, c["plan"])) + (c["kv_correction"],) in front
+    ]
     n_t = min(st.time_cases, len(preps))
     full_s = [teacher.time_prefill(R, preps[j], bases[j], None) for j in range(n_t)]
     full_mean = sum(full_s) / n_t
@@ -185,36 +221,71 @@ def profile(st: TFSettings, out: str | Path | None, *, progress: bool = True, co
     seen = [len(p.ctx) for p in preps]
     data = {
         "format": profile_file.FORMAT,
-        "family": st.family, "sender": st.sender, "receiver": st.receiver,
-        "sender_fingerprint": S.fingerprint, "receiver_fingerprint": R.fingerprint,
-        "sender_weights": S.weights, "receiver_weights": R.weights,
-        "num_layers": L, "stride": st.stride, "max_group_layers": max(st.stride, int(L * st.max_frac)),
+        "family": st.family,
+        "sender": st.sender,
+        "receiver": st.receiver,
+        "sender_fingerprint": S.fingerprint,
+        "receiver_fingerprint": R.fingerprint,
+        "sender_weights": S.weights,
+        "receiver_weights": R.weights,
+        "num_layers": L,
+        "stride": st.stride,
+        "max_group_layers": max(st.stride, int(L * st.max_frac)),
         "max_groups": st.max_groups,
-        "dataset": {"kind": "user" if st.data else "domain-text", "split": "profile", "samples": len(preps),
-                    "seed": st.seed, "context_tokens": list(st.context_tokens),
-                    "context_tokens_seen": [min(seen), max(seen)], "ref_tokens": st.ref_tokens,
-                    "domains": sorted({c.domain for c in cases}), "data": st.data or "",
-                    "sample_ids": [c.id for c in cases]},
-        "metric": {"name": METRIC_NAME, "description": METRIC_DESCRIPTION, "target": tg.TARGET.describe(),
-                   "strict": tg.STRICT.describe()},
+        "dataset": {
+            "kind": "user" if st.data else "domain-text",
+            "split": "profile",
+            "samples": len(preps),
+            "seed": st.seed,
+            "context_tokens": list(st.context_tokens),
+            "context_tokens_seen": [min(seen), max(seen)],
+            "ref_tokens": st.ref_tokens,
+            "domains": sorted({c.domain for c in cases}),
+            "data": st.data or "",
+            "sample_ids": [c.id for c in cases],
+        },
+        "metric": {
+            "name": METRIC_NAME,
+            "description": METRIC_DESCRIPTION,
+            "target": tg.TARGET.describe(),
+            "strict": tg.STRICT.describe(),
+        },
         "criticality": {"kv": [round(x, 5) for x in crit_kv], "e": [round(x, 5) for x in crit_e]},
         "configs": configs,
         "frontier": profile_file.pareto_frontier(configs),
         "frontier_time": frontier_by_time(configs),
-        "selected": None if chosen is None else {"plan": chosen["plan"], "kv_correction": chosen["kv_correction"],
-                                                 "layers_recomputed": chosen["layers_recomputed"]},
+        "selected": None
+        if chosen is None
+        else {
+            "plan": chosen["plan"],
+            "kv_correction": chosen["kv_correction"],
+            "layers_recomputed": chosen["layers_recomputed"],
+        },
         "baselines": {
             "full_prefill": {"layers_recomputed": L, "quality": 100.0, "prefill_s": round(full_mean, 4)},
-            "full_reuse": {"plan": [], "layers_recomputed": 0, "quality": reuse["quality"],
-                           "retained_gain": reuse["retained_gain"], "top1_agreement": reuse["top1_agreement"],
-                           "kl": reuse["kl"], "prefill_s": reuse.get("prefill_s")},
-            "sender_full_prefill": {"nll": sender_summary["nll"], "kl": sender_summary["kl"],
-                                    "top1_agreement": sender_summary["top1_agreement"]},
-            "receiver_full_prefill": {"nll": round(sum(r.nll for r in receiver) / sum(r.positions for r in receiver), 5)},
+            "full_reuse": {
+                "plan": [],
+                "layers_recomputed": 0,
+                "quality": reuse["quality"],
+                "retained_gain": reuse["retained_gain"],
+                "top1_agreement": reuse["top1_agreement"],
+                "kl": reuse["kl"],
+                "prefill_s": reuse.get("prefill_s"),
+            },
+            "sender_full_prefill": {
+                "nll": sender_summary["nll"],
+                "kl": sender_summary["kl"],
+                "top1_agreement": sender_summary["top1_agreement"],
+            },
+            "receiver_full_prefill": {
+                "nll": round(sum(r.nll for r in receiver) / sum(r.positions for r in receiver), 5)
+            },
         },
-        "notes": (f"criticality-guided search: per budget of 2..{max(st.stride, int(L * st.max_frac))} layers the best "
-                  f"1- and {st.max_groups}-group windows, plain and K/V-corrected; prefill_s on {n_t} contexts "
-                  f"(context + question), fastest of 2 runs each, on a shared CPU"),
+        "notes": (
+            f"criticality-guided search: per budget of 2..{max(st.stride, int(L * st.max_frac))} layers the best "
+            f"1- and {st.max_groups}-group windows, plain and K/V-corrected; prefill_s on {n_t} contexts "
+            f"(context + question), fastest of 2 runs each, on a shared CPU"
+        ),
         "command": command,
         "kvrelay_version": profile_file.kvrelay_version(),
         "created": profile_file.now_utc(),

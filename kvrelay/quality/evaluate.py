@@ -14,6 +14,7 @@ whole generated texts, and top-1 agreement and KL over the positions with identi
 Prefill seconds come from the engine (prefix caching off; the fastest of --repeats runs); the donor
 pages are already in memory (no transfer time).
 """
+
 from __future__ import annotations
 
 import json
@@ -41,35 +42,59 @@ def add_arguments(p):
     p.add_argument("--family", required=True, help="model family")
     p.add_argument("--sender", default=None, help="donor model (teacher-forced: default every ordered pair)")
     p.add_argument("--receiver", default=None, help="receiving model (teacher-forced: default every ordered pair)")
-    p.add_argument("--metric", default="teacher-forced", choices=("teacher-forced", "generation"),
-                   help="teacher-forced (default; kvrelay.quality.tf_eval): the served plan against the quality "
-                        "target on held-out contexts; generation: the older table of generated answers per method")
-    p.add_argument("--data", default=None,
-                   help="teacher-forced: a JSONL file of your contexts (context, question, optional answer); its "
-                        "held-out part (seeded split) is used. Default: held-out text of the receiver's domain")
-    p.add_argument("--ref-tokens", type=int, default=64, help="teacher-forced: reference tokens per context (default 64)")
-    p.add_argument("--quality-mode", default="target", choices=("target", "strict"),
-                   help="teacher-forced: the selector's quality mode (default target)")
+    p.add_argument(
+        "--metric",
+        default="teacher-forced",
+        choices=("teacher-forced", "generation"),
+        help="teacher-forced (default; kvrelay.quality.tf_eval): the served plan against the quality "
+        "target on held-out contexts; generation: the older table of generated answers per method",
+    )
+    p.add_argument(
+        "--data",
+        default=None,
+        help="teacher-forced: a JSONL file of your contexts (context, question, optional answer); its "
+        "held-out part (seeded split) is used. Default: held-out text of the receiver's domain",
+    )
+    p.add_argument(
+        "--ref-tokens", type=int, default=64, help="teacher-forced: reference tokens per context (default 64)"
+    )
+    p.add_argument(
+        "--quality-mode",
+        default="target",
+        choices=("target", "strict"),
+        help="teacher-forced: the selector's quality mode (default target)",
+    )
     p.add_argument("--split", default="heldout", help="profile | heldout (default heldout)")
     p.add_argument("--samples", type=int, default=None, help="samples (default 16; teacher-forced 8)")
     p.add_argument("--kind", default="mixed", help="mixed | qa | summary | code (default mixed)")
-    p.add_argument("--domains", default=None,
-                   help="task domains, comma-separated (legal, docs, code, changelog; `all`). Default: the receiver's "
-                        "fine-tuning domain when the family records one (a variant is judged on what it was "
-                        "tuned for), else all")
-    p.add_argument("--context-tokens", default=None,
-                   help="N or LO-HI tokens (default: the profile's context lengths, else 1024-4096)")
+    p.add_argument(
+        "--domains",
+        default=None,
+        help="task domains, comma-separated (legal, docs, code, changelog; `all`). Default: the receiver's "
+        "fine-tuning domain when the family records one (a variant is judged on what it was "
+        "tuned for), else all",
+    )
+    p.add_argument(
+        "--context-tokens",
+        default=None,
+        help="N or LO-HI tokens (default: the profile's context lengths, else 1024-4096)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--profiles", default=None, help="profiles directory (default: the checkout's profiles/)")
     p.add_argument("--quality-target", type=float, default=0.01, help="selector's relative quality tolerance")
     p.add_argument("--queued", type=int, default=1, help="requests queued, as the selector sees it (default 1)")
     p.add_argument("--slo", type=float, default=None, help="prefill SLO in seconds (selector's idle rule)")
     p.add_argument("--bench", default=None, help="`kvrelay bench prefill --json` output: the selector's latency model")
-    p.add_argument("--agree-tokens", type=int, default=8,
-                   help="first generated tokens compared with the receiver's full prefill for `agreement` (default 8)")
+    p.add_argument(
+        "--agree-tokens",
+        type=int,
+        default=8,
+        help="first generated tokens compared with the receiver's full prefill for `agreement` (default 8)",
+    )
     p.add_argument("--no-cacheblend", action="store_true", help="skip the CacheBlend-style baseline")
-    p.add_argument("--repeats", type=int, default=2,
-                   help="prefill timings per method and sample, the fastest kept (default 2)")
+    p.add_argument(
+        "--repeats", type=int, default=2, help="prefill timings per method and sample, the fastest kept (default 2)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--no-progress", action="store_true")
 
@@ -95,20 +120,36 @@ def _run_tf(args) -> int:
     for m in (args.sender, args.receiver):
         if m:
             fam.model_dir(m)
-    pairs = [(args.sender, args.receiver)] if args.sender else \
-        [(s, r) for s in fam.models for r in fam.models if s != r]
+    pairs = (
+        [(args.sender, args.receiver)] if args.sender else [(s, r) for s in fam.models for r in fam.models if s != r]
+    )
     ctx = parse_context_tokens(args.context_tokens or TF_CONTEXT)
     domains = None if args.domains in (None, "all") else tuple(d.strip() for d in args.domains.split(",") if d.strip())
 
     def settings(s, r):
-        return TFSettings(family=args.family, sender=s, receiver=r, samples=8 if args.samples is None else args.samples, context_tokens=ctx,
-                          ref_tokens=args.ref_tokens, seed=args.seed, data=args.data, domains=domains).validate()
+        return TFSettings(
+            family=args.family,
+            sender=s,
+            receiver=r,
+            samples=8 if args.samples is None else args.samples,
+            context_tokens=ctx,
+            ref_tokens=args.ref_tokens,
+            seed=args.seed,
+            data=args.data,
+            domains=domains,
+        ).validate()
 
     for s, r in pairs:
         settings(s, r)
-    res = tf_eval.evaluate(args.family, pairs, settings, Path(args.profiles) if args.profiles else Path(profiles_dir()),
-                           quality_mode=args.quality_mode, repeats=args.repeats,
-                           progress=not (args.no_progress or args.json))
+    res = tf_eval.evaluate(
+        args.family,
+        pairs,
+        settings,
+        Path(args.profiles) if args.profiles else Path(profiles_dir()),
+        quality_mode=args.quality_mode,
+        repeats=args.repeats,
+        progress=not (args.no_progress or args.json),
+    )
     if args.json:
         print(json.dumps(res, indent=1))
     else:
@@ -141,12 +182,26 @@ def run(args) -> int:
             latency = LatencyModel.from_bench(json.loads(Path(args.bench).read_text()))
         except (OSError, ValueError) as e:
             raise KvRelayError(f"cannot read --bench {args.bench}: {e}") from None
-    res = evaluate(args.family, args.sender, args.receiver, split=args.split, samples=args.samples, kind=args.kind,
-                   context_tokens=ctx, seed=args.seed, profiles_dir=args.profiles, quality_target=args.quality_target,
-                   queued=args.queued, slo_s=args.slo, latency=latency, agree_tokens=args.agree_tokens,
-                   cacheblend=not args.no_cacheblend, repeats=args.repeats,
-                   domains=None if args.domains is None else tuple(d.strip() for d in args.domains.split(",") if d.strip()),
-                   progress=not (args.no_progress or args.json))
+    res = evaluate(
+        args.family,
+        args.sender,
+        args.receiver,
+        split=args.split,
+        samples=args.samples,
+        kind=args.kind,
+        context_tokens=ctx,
+        seed=args.seed,
+        profiles_dir=args.profiles,
+        quality_target=args.quality_target,
+        queued=args.queued,
+        slo_s=args.slo,
+        latency=latency,
+        agree_tokens=args.agree_tokens,
+        cacheblend=not args.no_cacheblend,
+        repeats=args.repeats,
+        domains=None if args.domains is None else tuple(d.strip() for d in args.domains.split(",") if d.strip()),
+        progress=not (args.no_progress or args.json),
+    )
     if args.json:
         print(json.dumps(res, indent=1))
     else:
@@ -154,14 +209,48 @@ def run(args) -> int:
     return 0
 
 
-def evaluate(family, sender, receiver, *, split="heldout", samples=16, kind="mixed", context_tokens=None, seed=0,
-             profiles_dir=None, quality_target=0.01, queued=1, slo_s=None, latency=None, agree_tokens=8,
-             cacheblend=True, repeats=2, progress=False, domains=None) -> dict:
+def evaluate(
+    family,
+    sender,
+    receiver,
+    *,
+    split="heldout",
+    samples=16,
+    kind="mixed",
+    context_tokens=None,
+    seed=0,
+    profiles_dir=None,
+    quality_target=0.01,
+    queued=1,
+    slo_s=None,
+    latency=None,
+    agree_tokens=8,
+    cacheblend=True,
+    repeats=2,
+    progress=False,
+    domains=None,
+) -> dict:
     """setup (data, engines, the selector's plan) -> measure every method per sample -> summarize."""
-    st = _setup(family, sender, receiver, split, samples, kind, context_tokens, seed, profiles_dir, quality_target,
-                queued, slo_s, latency, cacheblend, domains)
+    st = _setup(
+        family,
+        sender,
+        receiver,
+        split,
+        samples,
+        kind,
+        context_tokens,
+        seed,
+        profiles_dir,
+        quality_target,
+        queued,
+        slo_s,
+        latency,
+        cacheblend,
+        domains,
+    )
     rows = {m: [] for m in METHODS}
     from tqdm import tqdm
+
     bar = tqdm(total=len(st.preps), file=sys.stderr, disable=not progress, desc=f"eval {sender}->{receiver}")
     _warm_up(st)
     for prep in st.preps:
@@ -169,8 +258,9 @@ def evaluate(family, sender, receiver, *, split="heldout", samples=16, kind="mix
             rows[m].append(sc)
         bar.update(1)
     bar.close()
-    return _summarize(st, rows, split=split, kind=kind, seed=seed, quality_target=quality_target, queued=queued,
-                      slo_s=slo_s)
+    return _summarize(
+        st, rows, split=split, kind=kind, seed=seed, quality_target=quality_target, queued=queued, slo_s=slo_s
+    )
 
 
 @dataclass
@@ -180,12 +270,12 @@ class _Setup:
     receiver: str
     tok: object
     preps: list
-    S: object                    # sender engine
-    R: object                    # receiver engine
-    choice: object               # the selector's Choice
-    ppath: Path                  # the pair's profile
+    S: object  # sender engine
+    R: object  # receiver engine
+    choice: object  # the selector's Choice
+    ppath: Path  # the pair's profile
     context_tokens: tuple
-    blend: bool                  # run the CacheBlend baseline
+    blend: bool  # run the CacheBlend baseline
     notes: list = field(default_factory=list)
 
     @property
@@ -198,8 +288,23 @@ class _Setup:
         return self.plan.num_recomputed if self.plan is not None else 0
 
 
-def _setup(family, sender, receiver, split, samples, kind, context_tokens, seed, profiles_dir, quality_target, queued,
-           slo_s, latency, cacheblend, domains) -> _Setup:
+def _setup(
+    family,
+    sender,
+    receiver,
+    split,
+    samples,
+    kind,
+    context_tokens,
+    seed,
+    profiles_dir,
+    quality_target,
+    queued,
+    slo_s,
+    latency,
+    cacheblend,
+    domains,
+) -> _Setup:
     from kvrelay.engines import make_engine
     from kvrelay.profiler import scoring
 
@@ -217,7 +322,7 @@ def _setup(family, sender, receiver, split, samples, kind, context_tokens, seed,
             context_tokens = evaldata.DEFAULT_CONTEXT_TOKENS
     if domains is None:
         tuned = (fam.manifest().get("build", {}).get(receiver) or {}).get("corpus")
-        domains = tuple(tuned.split("+")) if tuned else ("all",)   # a mixed corpus reads "code+docs+legal"
+        domains = tuple(tuned.split("+")) if tuned else ("all",)  # a mixed corpus reads "code+docs+legal"
         notes.append(f"tasks over the receiver's fine-tuning domain, {tuned}" if tuned else "tasks over every domain")
     if "all" in domains:
         domains = ()
@@ -229,19 +334,39 @@ def _setup(family, sender, receiver, split, samples, kind, context_tokens, seed,
     S = make_engine(family, sender, scoring.engine_config(fam.model_dir(sender), longest, 1, 1))
     R = make_engine(family, receiver, scoring.engine_config(fam.model_dir(receiver), longest, max_tokens, 1))
     sel = Selector(profiles_dir, family, latency=latency, quality_target=quality_target)
-    choice = sel.choose(sender, receiver, S.fingerprint, R.fingerprint,
-                        context_tokens=statistics.median(len(p.ctx) for p in preps), queued=queued, slo_s=slo_s)
+    choice = sel.choose(
+        sender,
+        receiver,
+        S.fingerprint,
+        R.fingerprint,
+        context_tokens=statistics.median(len(p.ctx) for p in preps),
+        queued=queued,
+        slo_s=slo_s,
+    )
     if cacheblend and choice.plan is None:
         notes.append(f"cacheblend omitted: the selector chose full prefill ({choice.reason})")
     if choice.plan is None:
         notes.append(f"selected = full prefill: {choice.reason}")
-    return _Setup(family, sender, receiver, tok, preps, S, R, choice, ppath, tuple(context_tokens),
-                  cacheblend and choice.plan is not None, notes)
+    return _Setup(
+        family,
+        sender,
+        receiver,
+        tok,
+        preps,
+        S,
+        R,
+        choice,
+        ppath,
+        tuple(context_tokens),
+        cacheblend and choice.plan is not None,
+        notes,
+    )
 
 
 def _warm_up(st: _Setup) -> None:
     """First calls pay allocation and kernel selection costs: not in any method's timings."""
     from kvrelay.profiler import scoring
+
     warm = st.preps[0]
     w_pages = scoring.sender_pages(st.S, warm, "warm-s")
     scoring.run_full(st.R, st.tok, warm, 1, 0, "warm-r")
@@ -252,14 +377,16 @@ def _measure(st: _Setup, prep, agree_tokens: int, repeats: int) -> dict:
     """One sample through every method: {method: scores}."""
     from kvrelay.profiler import cacheblend as cb
     from kvrelay.profiler import scoring
+
     R, tok, s, plan = st.R, st.tok, prep.sample, st.plan
     methods = {"full_prefill": None, "full_reuse": RecomputePlan.none(), "selected": plan}
     pages = scoring.sender_pages(st.S, prep)
     ref = scoring.run_full(R, tok, prep, s.max_tokens, agree_tokens)
     outs = {"full_prefill": ref}
     outs["full_reuse"] = scoring.run_plans(R, tok, prep, pages, [RecomputePlan.none()], s.max_tokens, agree_tokens)[0]
-    outs["selected"] = ref if plan is None else \
-        scoring.run_plans(R, tok, prep, pages, [plan], s.max_tokens, agree_tokens)[0]
+    outs["selected"] = (
+        ref if plan is None else scoring.run_plans(R, tok, prep, pages, [plan], s.max_tokens, agree_tokens)[0]
+    )
     if st.blend:
         n_ctx = cb.shared_blocks(pages, prep.prompt) * pages.format.block_size
         k = cb.tokens_for_budget(n_ctx, R.num_layers, st.budget)
@@ -290,40 +417,66 @@ def _measure(st: _Setup, prep, agree_tokens: int, repeats: int) -> dict:
 
 def _summarize(st: _Setup, rows: dict, *, split, kind, seed, quality_target, queued, slo_s) -> dict:
     from kvrelay.profiler import cacheblend as cb
+
     L, plan, budget, preps, choice = st.R.num_layers, st.plan, st.budget, st.preps, st.choice
     full_s = _mean(r["prefill_s"] for r in rows["full_prefill"])
     out_methods = {}
     for m, rs in rows.items():
         if not rs:
             continue
-        layers = L if m == "full_prefill" or (m == "selected" and plan is None) else \
-            (0 if m == "full_reuse" else budget)
-        d = {"task_quality": _mean(r["task"] for r in rs),
-             "task_by_kind": {k: _mean(r["task"] for r in rs if r["kind"] == k)
-                              for k in sorted({r["kind"] for r in rs})},
-             "agreement": _mean(r["quality"] for r in rs), "f1_vs_full": _mean(r["f1"] for r in rs),
-             "rouge_l_vs_full": _mean(r["rouge_l"] for r in rs), "top1_vs_full": _mean(r["top1"] for r in rs),
-             "kl_vs_full": _mean(r["kl"] for r in rs), "prefill_s": _mean(r["prefill_s"] for r in rs),
-             "layers_recomputed": layers, "layers_frac": round(layers / L, 3)}
+        layers = (
+            L if m == "full_prefill" or (m == "selected" and plan is None) else (0 if m == "full_reuse" else budget)
+        )
+        d = {
+            "task_quality": _mean(r["task"] for r in rs),
+            "task_by_kind": {
+                k: _mean(r["task"] for r in rs if r["kind"] == k) for k in sorted({r["kind"] for r in rs})
+            },
+            "agreement": _mean(r["quality"] for r in rs),
+            "f1_vs_full": _mean(r["f1"] for r in rs),
+            "rouge_l_vs_full": _mean(r["rouge_l"] for r in rs),
+            "top1_vs_full": _mean(r["top1"] for r in rs),
+            "kl_vs_full": _mean(r["kl"] for r in rs),
+            "prefill_s": _mean(r["prefill_s"] for r in rs),
+            "layers_recomputed": layers,
+            "layers_frac": round(layers / L, 3),
+        }
         d["speedup_vs_full"] = round(full_s / d["prefill_s"], 2) if d["prefill_s"] else None
         if m == "cacheblend":
             d["tokens_recomputed_frac"] = _mean(r["tokens_frac"] for r in rs)
-            d["note"] = (f"layers 0-{cb.FULL_LAYERS - 1} for every context token, then the "
-                         f"highest-KV-deviation tokens through the other layers, at the compute of "
-                         f"{budget} full layers")
+            d["note"] = (
+                f"layers 0-{cb.FULL_LAYERS - 1} for every context token, then the "
+                f"highest-KV-deviation tokens through the other layers, at the compute of "
+                f"{budget} full layers"
+            )
         out_methods[m] = d
     full_q = out_methods["full_prefill"]["task_quality"]
     seen = [len(p.ctx) for p in preps]
     notes = st.notes + ["prefill_s on a shared 2-core CPU (fp32): indicative; speedups are what to compare"]
     return {
-        "family": st.family, "sender": st.sender, "receiver": st.receiver, "split": split, "kind": kind,
-        "samples": len(preps), "seed": seed, "num_layers": L, "domains": sorted({p.sample.domain for p in preps}),
-        "context_tokens": list(st.context_tokens), "context_tokens_seen": [min(seen), max(seen)],
+        "family": st.family,
+        "sender": st.sender,
+        "receiver": st.receiver,
+        "split": split,
+        "kind": kind,
+        "samples": len(preps),
+        "seed": seed,
+        "num_layers": L,
+        "domains": sorted({p.sample.domain for p in preps}),
+        "context_tokens": list(st.context_tokens),
+        "context_tokens_seen": [min(seen), max(seen)],
         "samples_by_kind": {k: sum(p.sample.kind == k for p in preps) for k in sorted({p.sample.kind for p in preps})},
-        "selector": {"plan": None if plan is None else str(plan), "layers_recomputed": None if plan is None else budget,
-                     "reason": choice.reason, "expected_quality": choice.expected_quality,
-                     "expected_prefill_s": choice.expected_prefill_s, "profile": str(st.ppath),
-                     "quality_target": quality_target, "queued": queued, "slo_s": slo_s},
+        "selector": {
+            "plan": None if plan is None else str(plan),
+            "layers_recomputed": None if plan is None else budget,
+            "reason": choice.reason,
+            "expected_quality": choice.expected_quality,
+            "expected_prefill_s": choice.expected_prefill_s,
+            "profile": str(st.ppath),
+            "quality_target": quality_target,
+            "queued": queued,
+            "slo_s": slo_s,
+        },
         "methods": out_methods,
         "task_delta_vs_full": {m: round(d["task_quality"] - full_q, 3) for m, d in out_methods.items()},
         "notes": notes,
@@ -332,13 +485,19 @@ def _summarize(st: _Setup, rows: dict, *, split, kind, seed, quality_target, que
 
 def print_table(r: dict) -> None:
     sel = r["selector"]
-    print(f"{r['family']}: {r['sender']} -> {r['receiver']}, {r['samples']} {r['split']} samples {r['samples_by_kind']}, "
-          f"context {r['context_tokens_seen'][0]}-{r['context_tokens_seen'][1]} tokens")
+    print(
+        f"{r['family']}: {r['sender']} -> {r['receiver']}, {r['samples']} {r['split']} samples {r['samples_by_kind']}, "
+        f"context {r['context_tokens_seen'][0]}-{r['context_tokens_seen'][1]} tokens"
+    )
     print(f"selector: plan {sel['plan'] or 'full prefill'} ({sel['reason']})")
-    print(f"{'method':<13}{'layers':>7}{'task':>8}{'Δtask':>8}{'agree':>8}{'top1':>7}{'KL':>8}{'prefill_s':>11}{'speedup':>9}")
+    print(
+        f"{'method':<13}{'layers':>7}{'task':>8}{'Δtask':>8}{'agree':>8}{'top1':>7}{'KL':>8}{'prefill_s':>11}{'speedup':>9}"
+    )
     for m, d in r["methods"].items():
-        print(f"{m:<13}{d['layers_recomputed']:>7}{d['task_quality']:>8.2f}{r['task_delta_vs_full'][m]:>+8.2f}"
-              f"{d['agreement']:>8.2f}{d['top1_vs_full']:>7.1f}{d['kl_vs_full']:>8.4f}{d['prefill_s']:>11.3f}"
-              f"{(d['speedup_vs_full'] or 0):>8.2f}x")
+        print(
+            f"{m:<13}{d['layers_recomputed']:>7}{d['task_quality']:>8.2f}{r['task_delta_vs_full'][m]:>+8.2f}"
+            f"{d['agreement']:>8.2f}{d['top1_vs_full']:>7.1f}{d['kl_vs_full']:>8.4f}{d['prefill_s']:>11.3f}"
+            f"{(d['speedup_vs_full'] or 0):>8.2f}x"
+        )
     for n in r["notes"]:
         print(f"note: {n}")

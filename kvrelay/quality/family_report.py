@@ -6,6 +6,7 @@ Reads profiles/<family>/<s>__<r>.json (the selected plan, full reuse's profiled 
 profiles/<family>/layers/*.layers.json (critical layers) and <eval-dir>/<s>__<r>.json (`kvrelay eval
 --json` output) and prints one markdown row per ordered pair, plus the summary docs/quality.md quotes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,8 @@ from kvrelay.paths import profiles_dir
 from kvrelay.model import profile_file
 from kvrelay.profiler import layers
 
-AGREE_MIN = 97.0     # the issue's bar: the selected plan agrees on >= 97% of the receiver's tokens
-TASK_POINTS = 1.0    # ... and is within 1 task point of the receiver's own full prefill
+AGREE_MIN = 97.0  # the issue's bar: the selected plan agrees on >= 97% of the receiver's tokens
+TASK_POINTS = 1.0  # ... and is within 1 task point of the receiver's own full prefill
 
 
 def rows(family: str, eval_dir: Path) -> list[dict]:
@@ -26,15 +27,19 @@ def rows(family: str, eval_dir: Path) -> list[dict]:
     out = []
     for s, r, path in profile_file.pairs_in(profiles_dir(), family):
         prof = profile_file.load(path)
-        if prof.teacher_forced:   # another schema: python -m kvrelay.quality.tf_report
+        if prof.teacher_forced:  # another schema: python -m kvrelay.quality.tf_report
             continue
         d = prof.data
         configs = d["configs"]
         reuse = next(c for c in configs if not c["plan"])
         best = max((c for c in configs if c["plan"]), key=profile_file.selection_quality)
-        row = {"pair": f"{s}->{r}", "samples": d["dataset"]["samples"], "max_group": d["max_group_layers"],
-               "full_reuse": (reuse["quality"], profile_file.selection_quality(reuse)),
-               "best": (best["plan"], best["layers_recomputed"], best["quality"], profile_file.selection_quality(best))}
+        row = {
+            "pair": f"{s}->{r}",
+            "samples": d["dataset"]["samples"],
+            "max_group": d["max_group_layers"],
+            "full_reuse": (reuse["quality"], profile_file.selection_quality(reuse)),
+            "best": (best["plan"], best["layers_recomputed"], best["quality"], profile_file.selection_quality(best)),
+        }
         lay = root / "layers" / f"{s}__{r}{layers.SUFFIX}"
         if lay.is_file():
             row["critical"] = json.loads(lay.read_text())["critical"]
@@ -47,26 +52,35 @@ def rows(family: str, eval_dir: Path) -> list[dict]:
 
 def profile_markdown(rs: list[dict]) -> str:
     """What each profile found: full reuse and the best group, observed agreement / the flip model's bound."""
-    lines = ["| pair | samples x 16 tokens | groups up to | full reuse: observed / predicted | best group: observed / "
-             "predicted |", "|---|---|---|---|---|"]
+    lines = [
+        "| pair | samples x 16 tokens | groups up to | full reuse: observed / predicted | best group: observed / "
+        "predicted |",
+        "|---|---|---|---|---|",
+    ]
     for r in rs:
         plan, layers, obs, bound = r["best"]
         grp = ",".join(f"{a}-{b}" for a, b in plan)
-        lines.append(f"| {r['pair']} | {r['samples']} | {r['max_group']} layers | {r['full_reuse'][0]:.1f} / "
-                     f"{r['full_reuse'][1]:.1f} | {grp} ({layers} layers): {obs:.1f} / {bound:.1f} |")
+        lines.append(
+            f"| {r['pair']} | {r['samples']} | {r['max_group']} layers | {r['full_reuse'][0]:.1f} / "
+            f"{r['full_reuse'][1]:.1f} | {grp} ({layers} layers): {obs:.1f} / {bound:.1f} |"
+        )
     return "\n".join(lines)
 
 
 def _cell(m: dict | None, full_task: float | None) -> str:
     if not m:
         return "-"
-    return (f"{m['agreement']:.1f} / {m['task_quality']:.1f} ({m['task_quality'] - full_task:+.1f}) / "
-            f"{m['speedup_vs_full']:.1f}x")
+    return (
+        f"{m['agreement']:.1f} / {m['task_quality']:.1f} ({m['task_quality'] - full_task:+.1f}) / "
+        f"{m['speedup_vs_full']:.1f}x"
+    )
 
 
 def markdown(rs: list[dict]) -> str:
-    head = ("| pair | critical layers (one-layer reuse) | selected plan | full prefill task | selected: agree / task "
-            "(Δ) / speed-up | full reuse | CacheBlend, same compute | holds |\n|---|---|---|---|---|---|---|---|")
+    head = (
+        "| pair | critical layers (one-layer reuse) | selected plan | full prefill task | selected: agree / task "
+        "(Δ) / speed-up | full reuse | CacheBlend, same compute | holds |\n|---|---|---|---|---|---|---|---|"
+    )
     lines = [head]
     for r in rs:
         ev = r.get("eval")
@@ -78,8 +92,10 @@ def markdown(rs: list[dict]) -> str:
         full = m["full_prefill"]["task_quality"]
         plan = f"{sel['plan']} ({sel['layers_recomputed']} layers)" if sel["plan"] else "full prefill"
         selected = m.get("selected") if sel["plan"] else None
-        lines.append(f"| {r['pair']} | {crit} | {plan} | {full:.1f} | {_cell(selected, full)} | "
-                     f"{_cell(m.get('full_reuse'), full)} | {_cell(m.get('cacheblend'), full)} | {holds(ev)} |")
+        lines.append(
+            f"| {r['pair']} | {crit} | {plan} | {full:.1f} | {_cell(selected, full)} | "
+            f"{_cell(m.get('full_reuse'), full)} | {_cell(m.get('cacheblend'), full)} | {holds(ev)} |"
+        )
     return "\n".join(lines)
 
 
@@ -96,9 +112,14 @@ def summary(rs: list[dict]) -> dict:
     ev = [r["eval"] for r in rs if r.get("eval")]
     reuse = [e for e in ev if e["selector"]["plan"]]
     layers = sorted(e["selector"]["layers_recomputed"] for e in reuse)
-    return {"pairs": len(rs), "evaluated": len(ev), "reuse": len(reuse),
-            "layers_recomputed": layers, "holds": sum(holds(e) == "yes" for e in reuse),
-            "critical_counts": sorted(len(r["critical"]) for r in rs if "critical" in r)}
+    return {
+        "pairs": len(rs),
+        "evaluated": len(ev),
+        "reuse": len(reuse),
+        "layers_recomputed": layers,
+        "holds": sum(holds(e) == "yes" for e in reuse),
+        "critical_counts": sorted(len(r["critical"]) for r in rs if "critical" in r),
+    }
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,5 @@
 """A small Triton client for kvrelay's ensemble (HTTP and gRPC, one-shot and streaming)."""
+
 from __future__ import annotations
 
 import queue
@@ -18,23 +19,47 @@ class Result:
     text: str
     info: dict = field(default_factory=dict)
     latency_s: float = 0.0
-    ttft_s: float | None = None          # streaming only: time to the first token at the client
+    ttft_s: float | None = None  # streaming only: time to the first token at the client
     chunks: int = 0
 
 
-def _inputs(mod, text, max_tokens, model=None, context=None, stream=None, temperature=None, top_p=None,
-            seed=None, stop_words=None, request_id=None, tenant=None, lora_path=None):
+def _inputs(
+    mod,
+    text,
+    max_tokens,
+    model=None,
+    context=None,
+    stream=None,
+    temperature=None,
+    top_p=None,
+    seed=None,
+    stop_words=None,
+    request_id=None,
+    tenant=None,
+    lora_path=None,
+):
     def inp(name, value, dtype):
         arr = np.array(value if isinstance(value, list) else [value], dtype=dtype)
-        i = mod.InferInput(name, list(arr.shape), {np.object_: "BYTES", np.int32: "INT32", np.int64: "INT64",
-                                                   np.float32: "FP32", np.bool_: "BOOL"}[dtype])
+        i = mod.InferInput(
+            name,
+            list(arr.shape),
+            {np.object_: "BYTES", np.int32: "INT32", np.int64: "INT64", np.float32: "FP32", np.bool_: "BOOL"}[dtype],
+        )
         i.set_data_from_numpy(arr)
         return i
+
     out = [inp("text_input", text.encode(), np.object_), inp("max_tokens", max_tokens, np.int32)]
-    for name, v, dt in (("variant_name", model, np.object_), ("context", context, np.object_), ("stream", stream, np.bool_),
-                        ("temperature", temperature, np.float32), ("top_p", top_p, np.float32),
-                        ("random_seed", seed, np.int64), ("request_id", request_id, np.object_), ("tenant", tenant, np.object_),
-                        ("lora_path", lora_path, np.object_)):
+    for name, v, dt in (
+        ("variant_name", model, np.object_),
+        ("context", context, np.object_),
+        ("stream", stream, np.bool_),
+        ("temperature", temperature, np.float32),
+        ("top_p", top_p, np.float32),
+        ("random_seed", seed, np.int64),
+        ("request_id", request_id, np.object_),
+        ("tenant", tenant, np.object_),
+        ("lora_path", lora_path, np.object_),
+    ):
         if v is not None:
             out.append(inp(name, v.encode() if isinstance(v, str) else v, dt))
     if stop_words:
@@ -65,10 +90,17 @@ def infer(url: str, text: str, max_tokens: int, protocol: str = "http", timeout_
     """One request to `ensemble`, one response."""
     mod = _module(protocol)
     t0 = time.perf_counter()
-    c = mod.InferenceServerClient(url, network_timeout=timeout_s) if protocol == "http" else mod.InferenceServerClient(url)
+    c = (
+        mod.InferenceServerClient(url, network_timeout=timeout_s)
+        if protocol == "http"
+        else mod.InferenceServerClient(url)
+    )
     try:
-        res = c.infer("ensemble", _inputs(mod, text, max_tokens, **kw), client_timeout=timeout_s) if protocol == "grpc" \
+        res = (
+            c.infer("ensemble", _inputs(mod, text, max_tokens, **kw), client_timeout=timeout_s)
+            if protocol == "grpc"
             else c.infer("ensemble", _inputs(mod, text, max_tokens, **kw))
+        )
     except Exception as e:
         raise KvRelayError(_explain(url, protocol, _message(e))) from None
     finally:
@@ -79,6 +111,7 @@ def infer(url: str, text: str, max_tokens: int, protocol: str = "http", timeout_
 def stream(url: str, text: str, max_tokens: int, on_text=None, timeout_s: float = 300, **kw) -> Result:
     """Streaming over gRPC to `ensemble_stream`: tokens as they come; TTFT measured at the client."""
     import tritonclient.grpc as grpcclient
+
     q: queue.Queue = queue.Queue()
     c = grpcclient.InferenceServerClient(url)
     t0 = time.perf_counter()
@@ -86,8 +119,11 @@ def stream(url: str, text: str, max_tokens: int, on_text=None, timeout_s: float 
     try:
         c.start_stream(callback=lambda result, error: q.put((result, error)))
         try:
-            c.async_stream_infer("ensemble_stream", _inputs(grpcclient, text, max_tokens, stream=True, **kw),
-                                 enable_empty_final_response=True)
+            c.async_stream_infer(
+                "ensemble_stream",
+                _inputs(grpcclient, text, max_tokens, stream=True, **kw),
+                enable_empty_final_response=True,
+            )
         except Exception:  # the stream already failed: its cause comes through the callback
             pass
         while True:
@@ -131,8 +167,10 @@ UNREACHABLE = ("Connection refused", "failed to connect", "Name or service not k
 def _explain(url: str, protocol: str, message: str) -> str:
     """A refused connection says where we looked and what to do, not just errno 111."""
     if any(u in message for u in UNREACHABLE):
-        return (f"no kvrelay server answers at {url} ({protocol.upper()}); start one with `kvrelay serve` "
-                f"or give its address with --url")
+        return (
+            f"no kvrelay server answers at {url} ({protocol.upper()}); start one with `kvrelay serve` "
+            f"or give its address with --url"
+        )
     return message
 
 

@@ -7,6 +7,7 @@
 Importing this module imports the deployment (kvrelay.serving.deployment, torch): command modules
 import it inside run().
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,9 +20,14 @@ from kvrelay.server.tritonserver import TritonServer
 from kvrelay.serving import deployment as dp
 
 
-def resolve(family: str | None = None, deployment: str | Path | None = None, store: str | None = None,
-            no_sharing: bool = False, http_port: int | None = None,
-            workdir: str | Path | None = None) -> tuple[dp.Deployment, Path]:
+def resolve(
+    family: str | None = None,
+    deployment: str | Path | None = None,
+    store: str | None = None,
+    no_sharing: bool = False,
+    http_port: int | None = None,
+    workdir: str | Path | None = None,
+) -> tuple[dp.Deployment, Path]:
     """(validated Deployment, workdir): the deployment file, else every model of `family` (default
     tiny) with defaults, built first if needed; `store` overrides its page store, `no_sharing` turns
     cross-model reuse off. The workdir defaults to $KVRELAY_HOME/serve/<family>-<http_port>."""
@@ -36,8 +42,9 @@ def resolve(family: str | None = None, deployment: str | Path | None = None, sto
     if no_sharing:
         dep.sharing = False
     _ensure_family(dep.family)
-    workdir = Path(workdir) if workdir else \
-        home() / "serve" / (f"{dep.family}-{http_port}" if http_port else dep.family)
+    workdir = (
+        Path(workdir) if workdir else home() / "serve" / (f"{dep.family}-{http_port}" if http_port else dep.family)
+    )
     return dp.validate(dep), workdir
 
 
@@ -49,6 +56,6 @@ def _ensure_family(family: str) -> None:
 def start(dep: dp.Deployment, workdir: Path, **ports) -> TritonServer:
     """tritonserver on the deployment's model repository (generated under workdir), started."""
     server = TritonServer(workdir / "repository", workdir, **ports)
-    server.check_ports()   # before generate(), which replaces the repository another server may be using
+    server.check_ports()  # before generate(), which replaces the repository another server may be using
     generate(dep, workdir / "repository")
     return server.start()

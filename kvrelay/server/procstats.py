@@ -3,6 +3,7 @@
 A stub's command line names its model (`.../<model>/1/model.py`), so a stress run can say which
 stub grew or died, not only that one did.
 """
+
 from __future__ import annotations
 
 import glob
@@ -17,7 +18,7 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 @dataclass(frozen=True, slots=True)
 class Proc:
     pid: int
-    name: str          # "tritonserver" or the stub's model name
+    name: str  # "tritonserver" or the stub's model name
     rss_mib: float
     threads: int
 

@@ -1,4 +1,5 @@
 """`kvrelay query`: one request to a running kvrelay server; prints the text and where its KV came from."""
+
 from __future__ import annotations
 
 import json
@@ -18,12 +19,16 @@ def add_arguments(p):
     p.add_argument("--temperature", type=float)
     p.add_argument("--tenant")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
-    p.add_argument("--lora-path", help="a PEFT adapter directory on the server: serve it as --model from now on "
-                                       "(a deployment with lora = \"unmerged\")")
+    p.add_argument(
+        "--lora-path",
+        help="a PEFT adapter directory on the server: serve it as --model from now on "
+        '(a deployment with lora = "unmerged")',
+    )
 
 
 def run(args) -> int:
     from kvrelay.server import client
+
     context = None
     if args.context_file:
         try:
@@ -32,12 +37,18 @@ def run(args) -> int:
             raise KvRelayError(f"cannot read --context-file: {e}") from None
     if args.lora_path and not args.model:
         raise KvRelayError("--lora-path needs --model: the name the adapter is served under")
-    kw = dict(model=args.model, context=context, temperature=args.temperature, tenant=args.tenant,
-              lora_path=args.lora_path)
+    kw = dict(
+        model=args.model, context=context, temperature=args.temperature, tenant=args.tenant, lora_path=args.lora_path
+    )
     if args.stream:
         url = args.url or "127.0.0.1:8001"
-        r = client.stream(url, args.question, args.max_tokens,
-                          on_text=None if args.json else (lambda t: print(t, end="", flush=True)), **kw)
+        r = client.stream(
+            url,
+            args.question,
+            args.max_tokens,
+            on_text=None if args.json else (lambda t: print(t, end="", flush=True)),
+            **kw,
+        )
         if not args.json:
             print()
     else:
@@ -49,7 +60,10 @@ def run(args) -> int:
     if not args.stream:
         print(r.text)
     i = r.info
-    print(f"[{i.get('kv_route', '?')}] donor={i.get('kv_donor_model') or '-'} reused_layers={i.get('kv_reused_layers')} "
-          f"recomputed_layers={i.get('kv_recomputed_layers')} reused_tokens={i.get('kv_reused_tokens')} "
-          f"output_tokens={i.get('output_tokens')} latency={r.latency_s * 1000:.0f}ms", file=sys.stderr)
+    print(
+        f"[{i.get('kv_route', '?')}] donor={i.get('kv_donor_model') or '-'} reused_layers={i.get('kv_reused_layers')} "
+        f"recomputed_layers={i.get('kv_recomputed_layers')} reused_tokens={i.get('kv_reused_tokens')} "
+        f"output_tokens={i.get('output_tokens')} latency={r.latency_s * 1000:.0f}ms",
+        file=sys.stderr,
+    )
     return 0

@@ -1,4 +1,5 @@
 """`kvrelay repo`: write the Triton model repository for a deployment (what the Dockerfile runs)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,6 +16,7 @@ def add_arguments(p):
 def run(args) -> int:
     from kvrelay.server.launch import resolve
     from kvrelay.server.triton_repo import generate
+
     dep, _ = resolve(family=args.family, deployment=args.deployment, store=args.store)
     generate(dep, Path(args.out))
     print(f"wrote {args.out} ({', '.join(dep.model_names)})")

@@ -8,6 +8,7 @@ connection error (gRPC UNAVAILABLE), health checks fail, and a load balancer tak
 until it is ready again. Restarting everything (rather than one model) keeps the serving core, its
 engines and the unary forwarder consistent; the in-memory page store starts empty (a cache).
 """
+
 from __future__ import annotations
 
 import logging
@@ -20,7 +21,7 @@ from kvrelay.server import procstats
 from kvrelay.server.launch import start
 
 log = logging.getLogger("kvrelay.server.supervisor")
-MAX_RESTARTS = 5           # within RESTART_WINDOW_S; more is a crash loop: give up and say so
+MAX_RESTARTS = 5  # within RESTART_WINDOW_S; more is a crash loop: give up and say so
 RESTART_WINDOW_S = 300.0
 
 
@@ -37,8 +38,12 @@ class Supervised:
     def start(self) -> "Supervised":
         self.server = start(self.dep, self.workdir, **self.ports)
         # fix the ports: a restart must come back where clients look for it
-        self.ports = dict(http_port=self.server.http_port, grpc_port=self.server.grpc_port,
-                          metrics_port=self.server.metrics_port, host=self.server.host)
+        self.ports = dict(
+            http_port=self.server.http_port,
+            grpc_port=self.server.grpc_port,
+            metrics_port=self.server.metrics_port,
+            host=self.server.host,
+        )
         self.expected = {p.name for p in procstats.server_tree(self.server.proc.pid)}
         return self
 
@@ -60,13 +65,15 @@ class Supervised:
         while self.restarts and now - self.restarts[0] > RESTART_WINDOW_S:
             self.restarts.popleft()
         if len(self.restarts) >= MAX_RESTARTS:
-            self.say(f"{why}; {MAX_RESTARTS} restarts in {RESTART_WINDOW_S:.0f} s already: giving up "
-                     f"(log {self.server.log_path})")
+            self.say(
+                f"{why}; {MAX_RESTARTS} restarts in {RESTART_WINDOW_S:.0f} s already: giving up "
+                f"(log {self.server.log_path})"
+            )
             return False
         self.restarts.append(now)
         self.say(f"{why}: restarting tritonserver (log {self.server.log_path})")
         t0 = time.monotonic()
-        self.server.stop(timeout_s=2)   # part of it is dead: no point in a long graceful exit
+        self.server.stop(timeout_s=2)  # part of it is dead: no point in a long graceful exit
         try:
             self.start()
         except KvRelayError as e:

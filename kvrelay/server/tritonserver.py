@@ -4,12 +4,12 @@ Recipe (../shared/DESIGN.md): a backend directory whose python/ holds the wheel'
 triton_python_backend_utils.py and the stub for this Python; the venv's bin/ first on PATH so stubs
 import our packages; LD_LIBRARY_PATH = this interpreter's LIBDIR.
 """
+
 from __future__ import annotations
 
 import ctypes
 import glob
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -36,8 +36,9 @@ def _wheel_dir() -> Path:
     try:
         import pytriton
     except ImportError:
-        raise KvRelayError("tritonserver not found: pip install nvidia-pytriton==0.7.0 "
-                           "(or run inside the NGC Triton image)") from None
+        raise KvRelayError(
+            "tritonserver not found: pip install nvidia-pytriton==0.7.0 (or run inside the NGC Triton image)"
+        ) from None
     return Path(pytriton.__file__).parent / "tritonserver"
 
 
@@ -54,8 +55,11 @@ def backend_dir(dest: Path) -> Path:
     ver = f"{sys.version_info.major}.{sys.version_info.minor}"
     py = Path(dest) / "python"
     py.mkdir(parents=True, exist_ok=True)
-    for src in (wheel / "backends/python/libtriton_python.so", wheel / "backends/python/triton_python_backend_utils.py",
-                wheel / f"python_backend_stubs/{ver}/triton_python_backend_stub"):
+    for src in (
+        wheel / "backends/python/libtriton_python.so",
+        wheel / "backends/python/triton_python_backend_utils.py",
+        wheel / f"python_backend_stubs/{ver}/triton_python_backend_stub",
+    ):
         if not src.exists():
             raise KvRelayError(f"{src} missing: the pytriton wheel has no Python {ver} backend stub")
         link = py / src.name
@@ -68,14 +72,24 @@ def backend_dir(dest: Path) -> Path:
 def _has_pytriton() -> bool:
     try:
         import pytriton  # noqa: F401
+
         return True
     except ImportError:
         return False
 
 
 class TritonServer:
-    def __init__(self, repo: Path, workdir: Path, http_port: int = 0, grpc_port: int = 0, metrics_port: int = 0,
-                 host: str = "127.0.0.1", log_verbose: int = 0, extra_env: dict | None = None):
+    def __init__(
+        self,
+        repo: Path,
+        workdir: Path,
+        http_port: int = 0,
+        grpc_port: int = 0,
+        metrics_port: int = 0,
+        host: str = "127.0.0.1",
+        log_verbose: int = 0,
+        extra_env: dict | None = None,
+    ):
         self.repo, self.workdir = Path(repo), Path(workdir)
         self.http_port, self.grpc_port = http_port or free_port(), grpc_port or free_port()
         self.metrics_port = metrics_port or free_port()
@@ -104,20 +118,37 @@ class TritonServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
         env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
-        env["LD_LIBRARY_PATH"] = ":".join(filter(None, [sysconfig.get_config_var("LIBDIR"), env.get("LD_LIBRARY_PATH")]))
+        env["LD_LIBRARY_PATH"] = ":".join(
+            filter(None, [sysconfig.get_config_var("LIBDIR"), env.get("LD_LIBRARY_PATH")])
+        )
         env["PYTHONUTF8"] = "1"  # the stubs' embedded Python gets no locale coercion: ASCII otherwise
         env.update(self.extra_env)
-        cmd = [str(binary()), f"--model-repository={self.repo}", f"--backend-directory={backend_dir(self.workdir / 'backends')}",
-               f"--http-address={self.host}", f"--grpc-address={self.host}", f"--http-port={self.http_port}",
-               f"--grpc-port={self.grpc_port}", f"--metrics-port={self.metrics_port}", "--allow-metrics=true",
-               "--exit-timeout-secs=10", f"--log-verbose={self.log_verbose}",
-               # A large Python-backend shm pool from the start: growing the default 1 MiB pool under
-               # concurrent BLS traffic crashes 2.51 (cf. triton-inference-server/server#8882).
-               f"--backend-config=python,shm-default-byte-size={SHM_POOL_BYTES}",
-               f"--backend-config=python,shm-growth-byte-size={SHM_POOL_BYTES}"]
+        cmd = [
+            str(binary()),
+            f"--model-repository={self.repo}",
+            f"--backend-directory={backend_dir(self.workdir / 'backends')}",
+            f"--http-address={self.host}",
+            f"--grpc-address={self.host}",
+            f"--http-port={self.http_port}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-port={self.metrics_port}",
+            "--allow-metrics=true",
+            "--exit-timeout-secs=10",
+            f"--log-verbose={self.log_verbose}",
+            # A large Python-backend shm pool from the start: growing the default 1 MiB pool under
+            # concurrent BLS traffic crashes 2.51 (cf. triton-inference-server/server#8882).
+            f"--backend-config=python,shm-default-byte-size={SHM_POOL_BYTES}",
+            f"--backend-config=python,shm-growth-byte-size={SHM_POOL_BYTES}",
+        ]
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-                                     preexec_fn=_die_with_parent)
+        self.proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
         try:
             self.wait_ready(timeout_s)
         except BaseException:  # not ready, or Ctrl-C while models load: leave nothing behind
@@ -132,15 +163,19 @@ class TritonServer:
                 try:
                     s.bind((self.host, port))
                 except OSError as e:
-                    raise KvRelayError(f"{what} port {self.host}:{port} is not free ({e.strerror}): stop what uses it "
-                                       f"or choose another port") from None
+                    raise KvRelayError(
+                        f"{what} port {self.host}:{port} is not free ({e.strerror}): stop what uses it "
+                        f"or choose another port"
+                    ) from None
 
     def wait_ready(self, timeout_s: float) -> None:
         t0 = time.time()
         while time.time() - t0 < timeout_s:
             if self.proc.poll() is not None:
-                raise KvRelayError(f"tritonserver exited with code {self.proc.returncode} while loading: "
-                                   f"{self.failure_line()} (log: {self.log_path})")
+                raise KvRelayError(
+                    f"tritonserver exited with code {self.proc.returncode} while loading: "
+                    f"{self.failure_line()} (log: {self.log_path})"
+                )
             try:
                 with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=1) as r:
                     if r.status == 200:
@@ -148,12 +183,17 @@ class TritonServer:
             except OSError:
                 pass
             time.sleep(0.2)
-        raise KvRelayError(f"tritonserver not ready after {timeout_s:.0f}s: {self.failure_line()} (log: {self.log_path})")
+        raise KvRelayError(
+            f"tritonserver not ready after {timeout_s:.0f}s: {self.failure_line()} (log: {self.log_path})"
+        )
 
     def failure_line(self) -> str:
         """The log line that says why, not the 40 lines of tables around it."""
-        lines = [l for l in self.log_tail(400).splitlines()
-                 if l.strip() and not l.startswith(("+", "|")) and not any(n in l for n in CPU_NOISE)]
+        lines = [
+            l
+            for l in self.log_tail(400).splitlines()
+            if l.strip() and not l.startswith(("+", "|")) and not any(n in l for n in CPU_NOISE)
+        ]
         for l in reversed(lines):
             if l.startswith("E") or "error" in l.lower() or "failed" in l.lower():
                 return l.strip()[:500]

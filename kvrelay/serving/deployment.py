@@ -3,6 +3,7 @@
 Read from a TOML file (deploy/*.toml) or made from defaults for a family; the Triton model
 repository is generated from it, and every Triton model reads the resolved JSON copy at start-up.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,7 @@ class ModelDeployment:
     dtype: str = "float32"
     instances: int = 1
     kv_cache_bytes: int = 512 << 20
-    threads: int = 0                     # CPU intra-op threads per instance; 0 = share the cores (cpu_threads)
+    threads: int = 0  # CPU intra-op threads per instance; 0 = share the cores (cpu_threads)
 
 
 @dataclass(slots=True)
@@ -33,29 +34,29 @@ class Deployment:
     family: str
     models: list[ModelDeployment]
     store: str = "memory:1GiB"
-    profiles_dir: str = ""               # "" = the checkout's profiles/
+    profiles_dir: str = ""  # "" = the checkout's profiles/
     block_size: int = 16
-    quality_target: float = 0.01         # selector, exact-agreement profiles: within 1% of the receiver's own
-    quality_mode: str = "target"         # selector, teacher-forced profiles: "target" (kvrelay.profiler.target:
-                                         # retained gain >= 95%, top-1 >= 97%) or "strict" (top-1 >= 99%)
-    e_layers: str = "even"               # where engines keep E for donors: "even" (every 2nd layer: plain plans'
-                                         # group starts; 1.5x KV per kept layer) or "all" (K/V-corrected plans
-                                         # too; pages ~2.5x the size of KV alone on SmolLM2's shapes)
-    slo_s: float | None = None           # per-request prefill SLO for the selector's idle rule
-    max_tokens_limit: int = 1024         # largest max_tokens a request may ask
-    max_input_chars: int = 200_000       # refuse absurd text before tokenizing it
+    quality_target: float = 0.01  # selector, exact-agreement profiles: within 1% of the receiver's own
+    quality_mode: str = "target"  # selector, teacher-forced profiles: "target" (kvrelay.profiler.target:
+    # retained gain >= 95%, top-1 >= 97%) or "strict" (top-1 >= 99%)
+    e_layers: str = "even"  # where engines keep E for donors: "even" (every 2nd layer: plain plans'
+    # group starts; 1.5x KV per kept layer) or "all" (K/V-corrected plans
+    # too; pages ~2.5x the size of KV alone on SmolLM2's shapes)
+    slo_s: float | None = None  # per-request prefill SLO for the selector's idle rule
+    max_tokens_limit: int = 1024  # largest max_tokens a request may ask
+    max_input_chars: int = 200_000  # refuse absurd text before tokenizing it
     orchestrator_instances: int = 1
-    sharing: bool = True                 # False: every variant prefills itself (the no-sharing baseline)
-    coalesce: bool = True                # wait for an in-flight prefill of the same context (routing.InFlightPrefills)
-    publish: bool = True                 # False: read the page store, never write to it (a read-only replica)
-    prefix_caching: bool = True          # False: engines keep no prefix cache (vLLM --no-enable-prefix-caching)
-    variant_entry_points: bool = True    # each variant also served under its own Triton model name
-    shared_prefix_cache: bool = False    # True: a tenant's prefix-cache hits may come from another tenant's blocks
-                                         # (faster repeats across tenants, but B can time what A sent)
-    lora: str = "merged"                 # LoRA variants: "merged" (each its own engine, adapter merged: a full copy
-                                         # of the weights each) or "unmerged" (adapters on the base's engine, one
-                                         # decode batch across variants, one copy of the weights, every core on it)
-    max_loras: int = 8                   # lora = "unmerged": adapters resident at once (LRU, the rest on disk)
+    sharing: bool = True  # False: every variant prefills itself (the no-sharing baseline)
+    coalesce: bool = True  # wait for an in-flight prefill of the same context (routing.InFlightPrefills)
+    publish: bool = True  # False: read the page store, never write to it (a read-only replica)
+    prefix_caching: bool = True  # False: engines keep no prefix cache (vLLM --no-enable-prefix-caching)
+    variant_entry_points: bool = True  # each variant also served under its own Triton model name
+    shared_prefix_cache: bool = False  # True: a tenant's prefix-cache hits may come from another tenant's blocks
+    # (faster repeats across tenants, but B can time what A sent)
+    lora: str = "merged"  # LoRA variants: "merged" (each its own engine, adapter merged: a full copy
+    # of the weights each) or "unmerged" (adapters on the base's engine, one
+    # decode batch across variants, one copy of the weights, every core on it)
+    max_loras: int = 8  # lora = "unmerged": adapters resident at once (LRU, the rest on disk)
     extra: dict = field(default_factory=dict)
 
     def model(self, name: str) -> ModelDeployment:
@@ -152,8 +153,10 @@ def _register_family(path: Path, table: dict) -> str:
         raise KvRelayError(f"{path}: [family]: field 'variants' must be a table of VNAME = \"DIR\"")
     for v, d in variants.items():
         if not isinstance(d, str):
-            raise KvRelayError(f"{path}: [family.variants]: {v} = {d!r} is not a directory; each entry is "
-                               "VNAME = \"DIR\" (in TOML, the deployment's own keys go before its first [table])")
+            raise KvRelayError(
+                f"{path}: [family.variants]: {v} = {d!r} is not a directory; each entry is "
+                'VNAME = "DIR" (in TOML, the deployment\'s own keys go before its first [table])'
+            )
     here = path.resolve().parent
     resolve = lambda d: str((here / Path(d).expanduser()).resolve())
     user.ensure_registered(name, resolve(base), {v: resolve(d) for v, d in variants.items()})
@@ -186,6 +189,7 @@ def validate(dep: Deployment) -> Deployment:
 @dataclass(frozen=True, slots=True)
 class ModelIdentity:
     """What the orchestrator must know of a variant without loading it."""
+
     name: str
     model_id: str
     fingerprint: str
@@ -227,6 +231,8 @@ def engine_groups(dep: Deployment) -> dict[str, list[str]]:
     for engine, members in groups.items():
         settings = {(dep.model(n).device, dep.model(n).dtype) for n in members}
         if len(settings) > 1:
-            raise KvRelayError(f"lora = \"unmerged\": {members} share the {engine!r} engine but ask for different "
-                               f"devices or dtypes {sorted(settings)}; give them the same")
+            raise KvRelayError(
+                f'lora = "unmerged": {members} share the {engine!r} engine but ask for different '
+                f"devices or dtypes {sorted(settings)}; give them the same"
+            )
     return groups

@@ -4,6 +4,7 @@
 thread steps the engine and hands every RequestOutput to the callback given with the request. An
 engine bug fails every request in flight with an EngineFailure, never leaves one hanging.
 """
+
 from __future__ import annotations
 
 import logging
@@ -27,9 +28,9 @@ OnOutput = Callable[[RequestOutput | None, Exception | None], None]
 class EngineRunner:
     def __init__(self, engine, threads: int = 0):
         self.engine, self.name = engine, engine.name
-        self.threads = threads             # torch intra-op threads of this runner's thread (0 = torch's)
+        self.threads = threads  # torch intra-op threads of this runner's thread (0 = torch's)
         self._callbacks: dict[str, OnOutput] = {}
-        self._lock = threading.Lock()      # the callback table and add_request, against the loop
+        self._lock = threading.Lock()  # the callback table and add_request, against the loop
         self._wake = threading.Event()
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name=f"engine-{self.name}", daemon=True)
@@ -64,7 +65,8 @@ class EngineRunner:
     def _loop(self) -> None:
         if self.threads:
             import torch
-            torch.set_num_threads(self.threads)   # per thread under OpenMP: each engine gets its share
+
+            torch.set_num_threads(self.threads)  # per thread under OpenMP: each engine gets its share
         while not self._stopping:
             if not self.engine.has_unfinished():
                 self._wake.wait(0.05)

@@ -10,6 +10,7 @@ Why one process: engines reached over Triton BLS from a multi-threaded orchestra
 Python backend of Triton 2.51 (it frees numpy arrays of BLS responses without holding the GIL; see
 docs/serving.md). Engines in-process also hand pages over as tensors, not copies.
 """
+
 from __future__ import annotations
 
 import logging
@@ -32,9 +33,9 @@ from kvrelay.serving.selector import OnlineLatency, Selector
 from kvrelay.store import open_store
 
 log = logging.getLogger("kvrelay.orchestrator")
-CANCEL_POLL_S = 0.5        # how often a request waiting on its engine asks whether the client left ...
-CANCEL_EVERY = 8           # ... and every this many outputs (a client that hung up mid-stream)
-MAX_LABEL_CHARS = 128      # tenant and request_id: store keys and log lines, not documents
+CANCEL_POLL_S = 0.5  # how often a request waiting on its engine asks whether the client left ...
+CANCEL_EVERY = 8  # ... and every this many outputs (a client that hung up mid-stream)
+MAX_LABEL_CHARS = 128  # tenant and request_id: store keys and log lines, not documents
 
 
 class ClientGone(Exception):
@@ -45,35 +46,35 @@ class ClientGone(Exception):
 class ServeRequest:
     tokens: list[int]
     max_tokens: int
-    model: str = ""                      # "" = the deployment's first model
-    stream: bool = False                 # every token as it comes, else one final reply
+    model: str = ""  # "" = the deployment's first model
+    stream: bool = False  # every token as it comes, else one final reply
     tenant: str = "default"
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
-    stop_ids: list[int] = field(default_factory=list)   # tokenized stop words, -1 between them
-    bad_ids: list[int] = field(default_factory=list)    # tokenized bad words, -1 between them
-    min_tokens: int = 0                  # tensorrtllm_backend's min_length
-    end_id: int | None = None            # an extra end-of-sequence token
+    stop_ids: list[int] = field(default_factory=list)  # tokenized stop words, -1 between them
+    bad_ids: list[int] = field(default_factory=list)  # tokenized bad words, -1 between them
+    min_tokens: int = 0  # tensorrtllm_backend's min_length
+    end_id: int | None = None  # an extra end-of-sequence token
     top_k: int = 0
     request_id: str = ""
-    entry: str = "ensemble"              # the Triton entry point the client used (metrics label)
-    lora_path: str = ""                  # a PEFT adapter directory on the server: registered as `model` if new
-                                         # (lora = "unmerged"), as tensorrtllm_backend's lora_weights with a task id
+    entry: str = "ensemble"  # the Triton entry point the client used (metrics label)
+    lora_path: str = ""  # a PEFT adapter directory on the server: registered as `model` if new
+    # (lora = "unmerged"), as tensorrtllm_backend's lora_weights with a task id
 
 
 @dataclass(slots=True)
 class Reply:
-    output_ids: list[int]                # every token generated so far
-    prev_len: int                        # tokens the client already has (streaming), 0 otherwise
+    output_ids: list[int]  # every token generated so far
+    prev_len: int  # tokens the client already has (streaming), 0 otherwise
     finished: bool
-    route: str                           # "<kind>: <reason>"
+    route: str  # "<kind>: <reason>"
     donor: str = ""
     reused_layers: int = 0
     recomputed_layers: int = 0
     reused_tokens: int = 0
-    first_token_time_ns: int = 0         # wall clock (epoch ns) when the engine produced the first token
-    model: str = ""                      # the variant that answered
+    first_token_time_ns: int = 0  # wall clock (epoch ns) when the engine produced the first token
+    model: str = ""  # the variant that answered
 
     @property
     def output_tokens(self) -> int:
@@ -81,7 +82,7 @@ class Reply:
 
 
 class Sink(Protocol):
-    def send(self, reply: Reply) -> None: ...      # raises ClientGone when the client left
+    def send(self, reply: Reply) -> None: ...  # raises ClientGone when the client left
     def cancelled(self) -> bool: ...
 
 
@@ -101,11 +102,16 @@ class Orchestrator:
         # with an SLO, the selector's idle rule (the most recompute whose predicted prefill meets it)
         # runs on a latency model fitted to this server's own prefills
         self.latency = OnlineLatency() if dep.slo_s else None
-        self.selector = selector or Selector(profiles_dir(dep.profiles_dir), dep.family,
-                                             quality_target=dep.quality_target, latency=self.latency,
-                                             quality_mode=dep.quality_mode, e_layers=_e_layers(dep, self.ids))
+        self.selector = selector or Selector(
+            profiles_dir(dep.profiles_dir),
+            dep.family,
+            quality_target=dep.quality_target,
+            latency=self.latency,
+            quality_mode=dep.quality_mode,
+            e_layers=_e_layers(dep, self.ids),
+        )
         self.metrics = metrics or NoMetrics()
-        self.store.on_reject = self.metrics.page_rejected   # each dropped page: logged by the store, counted here
+        self.store.on_reject = self.metrics.page_rejected  # each dropped page: logged by the store, counted here
         self.router = Router(dep, self.ids, self.store, self.selector, self.metrics)
         self.in_flight = 0
         self._count_lock = threading.Lock()
@@ -145,7 +151,9 @@ class Orchestrator:
                 raise KvRelayError('adapters can be added while serving only with lora = "unmerged" in the deployment')
             base = self.runners.get(self._base)
             if base is None:
-                raise KvRelayError(f"the family's base {self._base!r} is not in this deployment; adapters run on its engine")
+                raise KvRelayError(
+                    f"the family's base {self._base!r} is not in this deployment; adapters run on its engine"
+                )
             base.engine.add_adapter(name, directory)
             me = self.ids[self._base]
             ident = dp.ModelIdentity(name, base.engine.adapters[name], me.fingerprint, me.page_format, me.max_model_len)
@@ -180,9 +188,15 @@ class Orchestrator:
         me = self.ids[receiver]
         tokens, max_tokens = req.tokens, req.max_tokens
         if not 1 <= max_tokens <= self.dep.max_tokens_limit:
-            raise KvRelayError(f"max_tokens must be in 1..{self.dep.max_tokens_limit}, got {max_tokens}" + (
-                " (max_tokens is INT32: Triton's HTTP front end wraps a JSON number of 2^31 or more modulo 2^32 "
-                "before kvrelay sees it)" if max_tokens <= 0 else ""))
+            raise KvRelayError(
+                f"max_tokens must be in 1..{self.dep.max_tokens_limit}, got {max_tokens}"
+                + (
+                    " (max_tokens is INT32: Triton's HTTP front end wraps a JSON number of 2^31 or more modulo 2^32 "
+                    "before kvrelay sees it)"
+                    if max_tokens <= 0
+                    else ""
+                )
+            )
         if not tokens:
             raise KvRelayError("the prompt is empty")
         if not 0 <= req.min_tokens <= max_tokens:
@@ -192,12 +206,15 @@ class Orchestrator:
         if req.end_id is not None and req.end_id < 0:
             raise KvRelayError(f"end_id must be a token id (>= 0), got {req.end_id}")
         if len(tokens) + max_tokens > me.max_model_len:
-            raise KvRelayError(f"prompt ({len(tokens)} tokens) + max_tokens ({max_tokens}) exceeds the "
-                               f"{me.max_model_len}-token context of {receiver!r}")
+            raise KvRelayError(
+                f"prompt ({len(tokens)} tokens) + max_tokens ({max_tokens}) exceeds the "
+                f"{me.max_model_len}-token context of {receiver!r}"
+            )
         for name, value in (("tenant", req.tenant), ("request_id", req.request_id)):
             if len(value) > MAX_LABEL_CHARS or not value.isprintable():
-                raise KvRelayError(f"{name} must be at most {MAX_LABEL_CHARS} printable characters, got "
-                                   f"{len(value)} characters")
+                raise KvRelayError(
+                    f"{name} must be at most {MAX_LABEL_CHARS} printable characters, got {len(value)} characters"
+                )
         d = self.router.decide(receiver, req.tenant, self.cache_scope(req), tokens, queued=max(0, self.in_flight - 1))
         call = _Call(d, me, req, sink)
         try:
@@ -219,18 +236,34 @@ class Orchestrator:
     def _run(self, call: "_Call", donor: KVPages | None) -> None:
         req = call.req
         plan = call.d.plan if donor is not None else None
-        sampling = SamplingParams(max_tokens=req.max_tokens, temperature=req.temperature, top_p=req.top_p,
-                                  top_k=req.top_k, seed=req.seed, stop_sequences=split_stops(req.stop_ids),
-                                  stop_token_ids=() if req.end_id is None else (req.end_id,),
-                                  min_tokens=req.min_tokens, bad_sequences=split_stops(req.bad_ids))
+        sampling = SamplingParams(
+            max_tokens=req.max_tokens,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            seed=req.seed,
+            stop_sequences=split_stops(req.stop_ids),
+            stop_token_ids=() if req.end_id is None else (req.end_id,),
+            min_tokens=req.min_tokens,
+            bad_sequences=split_stops(req.bad_ids),
+        )
         rid = f"{req.request_id or 'req'}-{uuid.uuid4().hex[:12]}"
         outputs: queue.Queue = queue.Queue()
         runner = self.runners[call.me.name]
         try:
-            runner.submit(Request(rid, list(req.tokens), sampling, donor=donor, plan=plan,
-                                  export_pages=call.d.route.export, cache_salt=call.d.scope.encode(),
-                                  adapter=self.adapter_of[call.me.name]),
-                          lambda o, e: outputs.put((o, e)))
+            runner.submit(
+                Request(
+                    rid,
+                    list(req.tokens),
+                    sampling,
+                    donor=donor,
+                    plan=plan,
+                    export_pages=call.d.route.export,
+                    cache_salt=call.d.scope.encode(),
+                    adapter=self.adapter_of[call.me.name],
+                ),
+                lambda o, e: outputs.put((o, e)),
+            )
         except EngineFailure:
             raise
         except KvRelayError as e:
@@ -255,7 +288,7 @@ class Orchestrator:
                 if n % CANCEL_EVERY == 0 and call.sink.cancelled():
                     raise ClientGone()
         except BaseException:
-            runner.abort(rid)   # client gone, or our own failure: free the engine's slot
+            runner.abort(rid)  # client gone, or our own failure: free the engine's slot
             raise
 
     def _forward(self, out: RequestOutput, call: "_Call") -> None:
@@ -268,13 +301,20 @@ class Orchestrator:
         ids = list(out.output_tokens)
         # the tokens whose KV was not computed for this request: the donor's, or this engine's prefix cache
         reused_tokens = info.reused_tokens if reusing else info.cached_tokens if info else 0
-        call.sink.send(Reply(
-            output_ids=ids, prev_len=max(len(ids) - 1, 0) if call.req.stream else 0, finished=out.finished,
-            route=f"{route.kind}: {route.reason}", donor=route.donor if reusing else "",
-            reused_layers=info.reused_layers if reusing else 0,
-            recomputed_layers=info.recomputed_layers if reusing else 0,
-            reused_tokens=reused_tokens,
-            first_token_time_ns=out.first_token_time_ns or call.first_token_time_ns, model=call.me.name))
+        call.sink.send(
+            Reply(
+                output_ids=ids,
+                prev_len=max(len(ids) - 1, 0) if call.req.stream else 0,
+                finished=out.finished,
+                route=f"{route.kind}: {route.reason}",
+                donor=route.donor if reusing else "",
+                reused_layers=info.reused_layers if reusing else 0,
+                recomputed_layers=info.recomputed_layers if reusing else 0,
+                reused_tokens=reused_tokens,
+                first_token_time_ns=out.first_token_time_ns or call.first_token_time_ns,
+                model=call.me.name,
+            )
+        )
         call.first_token_time_ns = call.first_token_time_ns or out.first_token_time_ns
 
     def _prefill_done(self, info: PrefillInfo, call: "_Call", out: RequestOutput) -> None:
@@ -300,6 +340,7 @@ class _DonorRefused(Exception):
 
 class _Call:
     """One request's state across its engine outputs."""
+
     __slots__ = ("d", "me", "req", "sink", "info", "first_token_time_ns")
 
     def __init__(self, d: Decision, me, req: ServeRequest, sink: Sink):
@@ -333,19 +374,31 @@ def build_engines(dep: dp.Deployment) -> dict:
     """Model name -> its engine (dp.engine_groups: with unmerged LoRA, variants share the base's,
     whose KV cache is the largest of their kv_cache_bytes: one pool, set once, however many
     adapters share it)."""
-    ids = dp.identities(dep)   # the engines' pages are the identities' page formats (E layers included)
+    ids = dp.identities(dep)  # the engines' pages are the identities' page formats (E layers included)
     out = {}
     for m in dep.models:
         if m.instances != 1:
-            raise KvRelayError(f"model {m.name}: instances = {m.instances}; the in-process engines serve one "
-                               "instance per model (run more servers behind a shared Redis store to scale out)")
+            raise KvRelayError(
+                f"model {m.name}: instances = {m.instances}; the in-process engines serve one "
+                "instance per model (run more servers behind a shared Redis store to scale out)"
+            )
     for engine, members in dp.engine_groups(dep).items():
         m = dep.model(members[0])
         adapters = [n for n in members if n != engine]
-        e = make_engine(dep.family, engine, EngineConfig(
-            device=m.device, dtype=m.dtype, block_size=dep.block_size, max_loras=dep.max_loras,
-            kv_cache_bytes=max(dep.model(n).kv_cache_bytes for n in members),
-            prefix_caching=dep.prefix_caching, e_layers=ids[m.name].page_format.e_layers), adapters=adapters)
+        e = make_engine(
+            dep.family,
+            engine,
+            EngineConfig(
+                device=m.device,
+                dtype=m.dtype,
+                block_size=dep.block_size,
+                max_loras=dep.max_loras,
+                kv_cache_bytes=max(dep.model(n).kv_cache_bytes for n in members),
+                prefix_caching=dep.prefix_caching,
+                e_layers=ids[m.name].page_format.e_layers,
+            ),
+            adapters=adapters,
+        )
         out.update({n: e for n in members})
     return out
 
@@ -353,4 +406,3 @@ def build_engines(dep: dp.Deployment) -> dict:
 def _threads(dep: dp.Deployment, name: str, cpu_engines: int) -> int:
     m = dep.model(name)
     return dep.cpu_threads(name, engines=cpu_engines) if m.device == "cpu" else 0
-

@@ -12,6 +12,7 @@ waits for its pages instead of computing them again), the store lookup and plan 
 publish, and every fallback to a correct full prefill (store down, pages gone, donor refused). The
 orchestrator runs engines and forwards outputs; it decides nothing about routes.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -27,19 +28,20 @@ from kvrelay.model.plan import RecomputePlan
 from kvrelay.serving import routes
 
 log = logging.getLogger("kvrelay.router")
-COALESCE_ROUNDS = 3        # in-flight prefills a request waits for, one after another, before prefilling itself
-COALESCE_WAIT_S = 300.0    # longest wait for one of them
+COALESCE_ROUNDS = 3  # in-flight prefills a request waits for, one after another, before prefilling itself
+COALESCE_WAIT_S = 300.0  # longest wait for one of them
 
 
 @dataclass(slots=True)
 class Decision:
     """One request's route and what the router must do when it ends."""
+
     route: routes.Route
     receiver: str
     tenant: str
-    scope: str                          # the engine prefix-cache scope (Orchestrator.cache_scope)
-    prefill: object = None              # its registration in InFlightPrefills (a full prefill that publishes)
-    publishing: bool = False            # its pages went to the publisher, which ends the registration
+    scope: str  # the engine prefix-cache scope (Orchestrator.cache_scope)
+    prefill: object = None  # its registration in InFlightPrefills (a full prefill that publishes)
+    publishing: bool = False  # its pages went to the publisher, which ends the registration
 
     @property
     def plan(self):
@@ -53,9 +55,9 @@ class Router:
         # with prefix caching off the engines keep nothing: nothing is "recently computed" either
         self.recent = routes.RecentlyComputed(capacity=65536 if dep.prefix_caching else 0)
         self.inflight = routes.InFlightPrefills()
-        self._lock = threading.Lock()     # see-then-register of in-flight prefills is one step
+        self._lock = threading.Lock()  # see-then-register of in-flight prefills is one step
         self.publisher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="publish")
-        self._pending: set = set()        # publishes not yet done (flush waits for them)
+        self._pending: set = set()  # publishes not yet done (flush waits for them)
 
     def decide(self, receiver: str, tenant: str, scope: str, tokens: list[int], queued: int = 0) -> Decision:
         """routes.route, after waiting for in-flight prefills whose pages would serve this context
@@ -65,15 +67,31 @@ class Router:
         waited = False
         for attempt in range(COALESCE_ROUNDS + 1):
             with self._lock:
-                other = self.inflight.covering(tenant, me.fingerprint, hashes,
-                                               lambda m: self._worth_waiting(m, receiver)) \
-                    if hashes and attempt < COALESCE_ROUNDS else None
+                other = (
+                    self.inflight.covering(tenant, me.fingerprint, hashes, lambda m: self._worth_waiting(m, receiver))
+                    if hashes and attempt < COALESCE_ROUNDS
+                    else None
+                )
                 if other is None:
-                    route = routes.route(self.store, self.selector, self.ids, receiver, tenant, tokens, self.recent,
-                                          sharing=self.dep.sharing, queued=queued, slo_s=self.dep.slo_s, scope=scope)
+                    route = routes.route(
+                        self.store,
+                        self.selector,
+                        self.ids,
+                        receiver,
+                        tenant,
+                        tokens,
+                        self.recent,
+                        sharing=self.dep.sharing,
+                        queued=queued,
+                        slo_s=self.dep.slo_s,
+                        scope=scope,
+                    )
                     route.export = route.export and self.dep.publish
-                    prefill = self.inflight.begin(receiver, tenant, me.fingerprint, hashes) \
-                        if hashes and route.kind == "full" and route.export else None
+                    prefill = (
+                        self.inflight.begin(receiver, tenant, me.fingerprint, hashes)
+                        if hashes and route.kind == "full" and route.export
+                        else None
+                    )
                     if waited:
                         route.reason += " (after an in-flight prefill)"
                     return Decision(route, receiver, tenant, scope, prefill)
@@ -84,8 +102,11 @@ class Router:
         """Its own pages always serve a model; another's only with sharing on and a usable plan."""
         if model == receiver:
             return True
-        return self.dep.sharing and model in self.ids and self.selector.has_plan(
-            model, receiver, self.ids[model].fingerprint, self.ids[receiver].fingerprint)
+        return (
+            self.dep.sharing
+            and model in self.ids
+            and self.selector.has_plan(model, receiver, self.ids[model].fingerprint, self.ids[receiver].fingerprint)
+        )
 
     def pages(self, d: Decision, tokens: list[int], entry: str = "") -> KVPages | None:
         """The donor pages the route needs (only the layers the plan reuses, E where groups start),
@@ -103,8 +124,9 @@ class Router:
         else:
             layers, e_layers = route.plan.kv_layers_needed(me.num_layers), route.plan.e_layers_needed(me.num_layers)
         try:
-            pages = self.store.fetch(d.tenant, me.fingerprint, route.producer, tokens, fmt, route.blocks,
-                                     layers=layers, e_layers=e_layers)
+            pages = self.store.fetch(
+                d.tenant, me.fingerprint, route.producer, tokens, fmt, route.blocks, layers=layers, e_layers=e_layers
+            )
         except KvRelayError as e:
             log.warning("fetching pages from %s failed, full prefill: %s", route.producer, e)
             self.metrics.store_error(entry)
@@ -120,8 +142,9 @@ class Router:
         log.warning("engine refused donor pages, full prefill: %s", why)
         d.route = routes.Route("full", "engine refused donor pages", export=False)
 
-    def prefill_done(self, d: Decision, info: PrefillInfo, exported: KVPages | None, tokens: list[int],
-                     entry: str = "") -> None:
+    def prefill_done(
+        self, d: Decision, info: PrefillInfo, exported: KVPages | None, tokens: list[int], entry: str = ""
+    ) -> None:
         """What this server now holds (a later repeat is a prefix hit or sends a page reference),
         and the prompt's pages published when the route exports them."""
         B = self.ids[d.receiver].page_format.block_size
@@ -144,14 +167,16 @@ class Router:
     def _publish(self, d: Decision, pages: KVPages, entry: str) -> None:
         try:
             n = self.store.put(d.tenant, pages)
-            self.metrics.bytes_moved(entry, "publish", (pages.kv.nbytes + pages.e.nbytes) * n // max(pages.num_pages, 1))
+            self.metrics.bytes_moved(
+                entry, "publish", (pages.kv.nbytes + pages.e.nbytes) * n // max(pages.num_pages, 1)
+            )
         except KvRelayError as e:
             log.warning("publishing pages failed (requests unaffected): %s", e)
             self.metrics.store_error(entry)
         except Exception:
             log.exception("publishing pages failed (requests unaffected)")
         finally:
-            self.inflight.end(d.prefill)   # waiters route now: the pages are in the store (or never will be)
+            self.inflight.end(d.prefill)  # waiters route now: the pages are in the store (or never will be)
 
     def _done(self, f) -> None:
         with self._lock:

@@ -8,6 +8,7 @@
              it recently): a plain prefix hit, nothing fetched.
 A cross-model entry is only ever used through "reuse" with a plan: never as a plain prefix hit.
 """
+
 from __future__ import annotations
 
 import logging
@@ -25,14 +26,14 @@ log = logging.getLogger("kvrelay.serving.routes")
 
 @dataclass(slots=True)
 class Route:
-    kind: str                           # "full" | "restore" | "reuse"
+    kind: str  # "full" | "restore" | "reuse"
     reason: str
-    donor: str = ""                     # donor model name
-    producer: str = ""                  # donor model_id (store key)
-    blocks: int = 0                     # leading context blocks the donor's pages cover
+    donor: str = ""  # donor model name
+    producer: str = ""  # donor model_id (store key)
+    blocks: int = 0  # leading context blocks the donor's pages cover
     plan: RecomputePlan | None = None
-    export: bool = False                # publish this prompt's pages after a full prefill
-    cached: bool = False                # reuse whose hybrid KV the receiver's engine should still hold
+    export: bool = False  # publish this prompt's pages after a full prefill
+    cached: bool = False  # reuse whose hybrid KV the receiver's engine should still hold
 
 
 class RecentlyComputed:
@@ -43,7 +44,7 @@ class RecentlyComputed:
     def __init__(self, capacity: int = 65536):
         self._seen: OrderedDict[tuple, None] = OrderedDict()
         self.capacity = capacity
-        self._lock = threading.Lock()   # the orchestrator serves requests on many threads
+        self._lock = threading.Lock()  # the orchestrator serves requests on many threads
 
     def add(self, receiver: str, tenant: str, hashes: list[bytes]) -> None:
         """Every block of a computed chain: any prefix of it is then known (a shared context)."""
@@ -70,13 +71,30 @@ class RecentlyComputed:
 
 
 def _hybrid_key(receiver: str, tenant: str, r: Route, tokens: list[int], block_size: int) -> tuple:
-    return ("hybrid", receiver, tenant, r.producer, str(r.plan),
-            block_hashes(tokens[: r.blocks * block_size], block_size)[-1])
+    return (
+        "hybrid",
+        receiver,
+        tenant,
+        r.producer,
+        str(r.plan),
+        block_hashes(tokens[: r.blocks * block_size], block_size)[-1],
+    )
 
 
-def route(store, selector, ids: dict[str, ModelIdentity], receiver: str, tenant: str, tokens: list[int],
-          recent: RecentlyComputed, *, sharing: bool = True, queued: int = 0, slo_s: float | None = None,
-          scope: str | None = None) -> Route:
+def route(
+    store,
+    selector,
+    ids: dict[str, ModelIdentity],
+    receiver: str,
+    tenant: str,
+    tokens: list[int],
+    recent: RecentlyComputed,
+    *,
+    sharing: bool = True,
+    queued: int = 0,
+    slo_s: float | None = None,
+    scope: str | None = None,
+) -> Route:
     """`scope`: the request's prefix-cache scope in its engine (Orchestrator.cache_scope; default the
     tenant): what this server computed is only known to requests of the same scope."""
     me = ids[receiver]
@@ -92,8 +110,10 @@ def route(store, selector, ids: dict[str, ModelIdentity], receiver: str, tenant:
         return Route("full", f"store unavailable: {e}")
     by_id = {i.model_id: i for i in ids.values() if i.fingerprint == me.fingerprint}
     own = found.get(me.model_id, 0)
-    cross = sorted(((n, by_id[p].name, p) for p, n in found.items() if p in by_id and p != me.model_id),
-                   key=lambda x: (-x[0], x[1]))
+    cross = sorted(
+        ((n, by_id[p].name, p) for p, n in found.items() if p in by_id and p != me.model_id),
+        key=lambda x: (-x[0], x[1]),
+    )
     export = own < full_blocks
     key = (receiver, scope, block_hashes(tokens[: own * B], B)[-1] if own else b"")
     if own and (not cross or own >= cross[0][0]):
@@ -103,9 +123,16 @@ def route(store, selector, ids: dict[str, ModelIdentity], receiver: str, tenant:
     if not sharing or not cross:
         return Route("full", "miss" if not cross else "sharing off", export=export)
     n, donor, producer = cross[0]
-    choice = selector.choose(donor, receiver, ids[donor].fingerprint, me.fingerprint,
-                             context_tokens=n * B, queued=queued, slo_s=slo_s,
-                             weights=(ids[donor].weights, me.weights))
+    choice = selector.choose(
+        donor,
+        receiver,
+        ids[donor].fingerprint,
+        me.fingerprint,
+        context_tokens=n * B,
+        queued=queued,
+        slo_s=slo_s,
+        weights=(ids[donor].weights, me.weights),
+    )
     if choice.plan is None:
         return Route("full", choice.reason, export=export)
     r = Route("reuse", choice.reason, donor, producer, n, choice.plan)

@@ -12,7 +12,8 @@ Rule for exact-agreement profiles (the older profiler; always strict): candidate
 Pareto-frontier plans whose quality is within `quality_target`
 (relative) of the receiver's own full-prefill quality. A frontier point's quality is the profile's
 selection quality: observed agreement capped by the flip model's predicted exact agreement
-(kvrelay.profiler.flips), so a plan that matched a few samples by luck does not qualify. With requests queued (queued > 0) take the
+(kvrelay.profiler.flips), so a plan that matched a few samples by luck does not qualify. With requests
+queued (queued > 0) take the
 fewest layers recomputed (throughput); when idle with an SLO and a latency model, take the most
 recompute whose predicted prefill still meets the SLO (quality); idle without SLO or latency model,
 the fewest layers. No candidate, no profile, a malformed profile or fingerprints that differ from the
@@ -20,6 +21,7 @@ profile's => plan None (full prefill), the reason logged (logger "kvrelay.servin
 `fallbacks`. Profiles are read once per pair and cached; `reload()` forgets them.
 No torch import: this runs in the orchestrator per request.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -49,13 +51,14 @@ QUALITY_MODES = ("target", "strict")
 @dataclass(frozen=True)
 class Unusable:
     """Why a pair has no profile to choose from."""
-    kind: str                      # NO_PROFILE | MALFORMED
+
+    kind: str  # NO_PROFILE | MALFORMED
     reason: str
 
 
 @dataclass(frozen=True)
 class Choice:
-    plan: RecomputePlan | None     # None => full prefill (no reuse)
+    plan: RecomputePlan | None  # None => full prefill (no reuse)
     reason: str
     expected_quality: float | None
     expected_prefill_s: float | None
@@ -110,16 +113,22 @@ class LatencyModel:
             return self.intercepts[-1] * s, self.slopes[-1] * s
         i = bisect.bisect_right(ns, tokens)
         w = (tokens - ns[i - 1]) / (ns[i] - ns[i - 1])
-        return ((1 - w) * self.intercepts[i - 1] + w * self.intercepts[i],
-                (1 - w) * self.slopes[i - 1] + w * self.slopes[i])
+        return (
+            (1 - w) * self.intercepts[i - 1] + w * self.intercepts[i],
+            (1 - w) * self.slopes[i - 1] + w * self.slopes[i],
+        )
 
     def predict(self, tokens: int, layers: int) -> float:
         a, b = self._coef(max(int(tokens), 1))
         return a + b * layers
 
     def to_dict(self) -> dict:
-        return {"lengths": self.lengths, "intercepts": self.intercepts, "slopes": self.slopes,
-                "num_layers": self.num_layers}
+        return {
+            "lengths": self.lengths,
+            "intercepts": self.intercepts,
+            "slopes": self.slopes,
+            "num_layers": self.num_layers,
+        }
 
 
 class OnlineLatency:
@@ -162,15 +171,21 @@ class OnlineLatency:
 
 
 class Selector:
-    def __init__(self, profiles_dir: Path, family: str, latency: LatencyModel | None = None,
-                 quality_target: float = 0.01, quality_mode: str = "target",
-                 e_layers: tuple[int, ...] | None = None):
+    def __init__(
+        self,
+        profiles_dir: Path,
+        family: str,
+        latency: LatencyModel | None = None,
+        quality_target: float = 0.01,
+        quality_mode: str = "target",
+        e_layers: tuple[int, ...] | None = None,
+    ):
         if not 0 <= quality_target < 1:
             raise KvRelayError(f"quality_target is a relative tolerance in [0, 1), got {quality_target!r}")
         if quality_mode not in QUALITY_MODES:
             raise KvRelayError(f"quality_mode must be one of {', '.join(QUALITY_MODES)}, got {quality_mode!r}")
         self.quality_mode = quality_mode
-        self.e_layers = None if e_layers is None else set(e_layers)   # None: donors carry E wherever needed
+        self.e_layers = None if e_layers is None else set(e_layers)  # None: donors carry E wherever needed
         self.profiles_dir = Path(profiles_dir)
         self.family = family
         self.latency = latency
@@ -200,8 +215,11 @@ class Selector:
             try:
                 got = profile_file.load(path)
                 if (got.family, got.sender, got.receiver) != (self.family, sender, receiver):
-                    got = Unusable(MALFORMED, f"{MALFORMED} for {sender}->{receiver}: {path} describes "
-                                              f"{got.family}:{got.sender}->{got.receiver}")
+                    got = Unusable(
+                        MALFORMED,
+                        f"{MALFORMED} for {sender}->{receiver}: {path} describes "
+                        f"{got.family}:{got.sender}->{got.receiver}",
+                    )
             except KvRelayError as e:
                 got = Unusable(MALFORMED, f"{MALFORMED} for {sender}->{receiver}: {e}")
         with self._lock:
@@ -224,13 +242,28 @@ class Selector:
             return None, prof.kind, prof.reason
         d = prof.data
         if d["sender_fingerprint"] != sender_fp or d["receiver_fingerprint"] != receiver_fp:
-            which = [w for w, a, b in (("sender", d["sender_fingerprint"], sender_fp),
-                                       ("receiver", d["receiver_fingerprint"], receiver_fp)) if a != b]
-            return None, FP_MISMATCH, (f"{FP_MISMATCH}: the {' and '.join(which)} model(s) differ from those "
-                                       f"profiled for {sender}->{receiver}; re-profile")
+            which = [
+                w
+                for w, a, b in (
+                    ("sender", d["sender_fingerprint"], sender_fp),
+                    ("receiver", d["receiver_fingerprint"], receiver_fp),
+                )
+                if a != b
+            ]
+            return (
+                None,
+                FP_MISMATCH,
+                (
+                    f"{FP_MISMATCH}: the {' and '.join(which)} model(s) differ from those "
+                    f"profiled for {sender}->{receiver}; re-profile"
+                ),
+            )
         if prof.teacher_forced:
-            cands = [p for p in prof.passing(self.quality_mode) if self.e_layers is None
-                     or set(p.plan.e_layers_needed(prof.num_layers)) <= self.e_layers]
+            cands = [
+                p
+                for p in prof.passing(self.quality_mode)
+                if self.e_layers is None or set(p.plan.e_layers_needed(prof.num_layers)) <= self.e_layers
+            ]
             if not cands:
                 return None, NO_PLAN, f"{NO_PLAN} ({self.quality_mode}) for {sender}->{receiver}"
             return cands, None, None
@@ -255,16 +288,32 @@ class Selector:
             first = (sender, receiver, key) not in self._logged
             self._logged.add((sender, receiver, key))
         if first:
-            log.warning("%s->%s: the profile was scored on %s weights (%s) than those served (%s); "
-                        "`kvrelay profile check` re-scores it on these", sender, receiver,
-                        "unrecorded" if key == WEIGHTS_UNKNOWN else "other", "/".join(scored), "/".join(weights))
+            log.warning(
+                "%s->%s: the profile was scored on %s weights (%s) than those served (%s); "
+                "`kvrelay profile check` re-scores it on these",
+                sender,
+                receiver,
+                "unrecorded" if key == WEIGHTS_UNKNOWN else "other",
+                "/".join(scored),
+                "/".join(weights),
+            )
 
     def has_plan(self, sender: str, receiver: str, sender_fp: str, receiver_fp: str) -> bool:
         """Whether some profiled plan of this pair meets the quality target (no logging, no counting)."""
         return self._candidates(sender, receiver, sender_fp, receiver_fp)[0] is not None
 
-    def choose(self, sender: str, receiver: str, sender_fp: str, receiver_fp: str, *, context_tokens: int,
-               queued: int = 0, slo_s: float | None = None, weights: tuple[str, str] | None = None) -> Choice:
+    def choose(
+        self,
+        sender: str,
+        receiver: str,
+        sender_fp: str,
+        receiver_fp: str,
+        *,
+        context_tokens: int,
+        queued: int = 0,
+        slo_s: float | None = None,
+        weights: tuple[str, str] | None = None,
+    ) -> Choice:
         """weights: the (sender, receiver) weights digests being served, checked against the profile's."""
         cands, key, reason = self._candidates(sender, receiver, sender_fp, receiver_fp)
         if cands is None:

@@ -7,6 +7,7 @@ ids and small fields cross; KV pages never leave the core. Linux abstract socket
 (multiprocessing.connection's authkey) read from a 0600 key file, so only this deployment's models
 can connect.
 """
+
 from __future__ import annotations
 
 import logging
@@ -150,4 +151,3 @@ class UnaryClient:
             for c in self._idle:
                 c.close()
             self._idle.clear()
-

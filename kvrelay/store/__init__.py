@@ -7,10 +7,10 @@
 
 See kvrelay.store.base for the interface and its guarantees, redis_store for the Redis layout.
 """
+
 from __future__ import annotations
 
 import os
-import re
 import secrets
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
@@ -23,10 +23,20 @@ from .base import PageStore, StoreUnavailable, StreamedPages
 from .memory import MemoryStore
 from .redis_store import RedisStore
 
-__all__ = ["PageStore", "StoreUnavailable", "StreamedPages", "MemoryStore", "RedisStore", "open_store",
-           "parse_bytes", "DEFAULT_MEMORY_BYTES"]
+__all__ = [
+    "PageStore",
+    "StoreUnavailable",
+    "StreamedPages",
+    "MemoryStore",
+    "RedisStore",
+    "open_store",
+    "parse_bytes",
+    "DEFAULT_MEMORY_BYTES",
+]
 
 DEFAULT_MEMORY_BYTES = 1 << 30
+
+
 def page_secret(key_file: str | None) -> bytes:
     """The secret every page's MAC is keyed with: the given file, else $KVRELAY_HOME/page-key, made
     (32 random bytes, mode 0600) on first use. Servers sharing one Redis need the same file."""
@@ -37,7 +47,7 @@ def page_secret(key_file: str | None) -> bytes:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as f:
                 f.write(secrets.token_bytes(32))
-        except FileExistsError:   # another server made it first
+        except FileExistsError:  # another server made it first
             pass
     try:
         secret = path.read_bytes()
@@ -55,7 +65,7 @@ def open_store(spec: str) -> PageStore:
         raise KvRelayError("empty page store spec: use memory, memory:<size> or redis://host:port/db")
     spec = spec.strip()
     if spec == "memory" or spec.startswith("memory:"):
-        return MemoryStore(parse_bytes(spec[len("memory:"):]) if ":" in spec else DEFAULT_MEMORY_BYTES)
+        return MemoryStore(parse_bytes(spec[len("memory:") :]) if ":" in spec else DEFAULT_MEMORY_BYTES)
     parts = urlsplit(spec)
     if parts.scheme in ("redis", "rediss"):
         if not parts.hostname:
@@ -78,7 +88,8 @@ def open_store(spec: str) -> PageStore:
             raise KvRelayError(f"page store spec {spec!r}: {e}") from None
         kwargs["secret"] = page_secret(opts.pop("key_file", None))
         if opts:
-            raise KvRelayError(f"page store spec {spec!r}: unknown options {sorted(opts)} "
-                               "(timeout, ttl, prefix, key_file)")
+            raise KvRelayError(
+                f"page store spec {spec!r}: unknown options {sorted(opts)} (timeout, ttl, prefix, key_file)"
+            )
         return RedisStore(urlunsplit(parts._replace(query="")), **kwargs)
     raise KvRelayError(f"unknown page store {spec!r}: use memory, memory:<size> or redis://host:port/db")

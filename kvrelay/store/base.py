@@ -16,6 +16,7 @@ A tier implements five primitives over opaque per-page handles:
     _drop(handle, reason, corrupt, kind)   a page found corrupt or incomplete: delete it (recomputed,
                                      re-put), and report it once through _rejected
 """
+
 from __future__ import annotations
 
 import logging
@@ -36,8 +37,20 @@ class StoreUnavailable(KvRelayError):
     """The store is down, timed out, or refused the operation: the caller falls back to a full prefill."""
 
 
-STAT_KEYS = ("lookups", "lookup_hits", "fetches", "streams", "hits", "misses", "pages_put", "bytes_in",
-             "bytes_out", "corrupt_dropped", "partial_dropped", "errors")
+STAT_KEYS = (
+    "lookups",
+    "lookup_hits",
+    "fetches",
+    "streams",
+    "hits",
+    "misses",
+    "pages_put",
+    "bytes_in",
+    "bytes_out",
+    "corrupt_dropped",
+    "partial_dropped",
+    "errors",
+)
 
 
 class PageStore(ABC):
@@ -51,8 +64,8 @@ class PageStore(ABC):
     def __init__(self):
         self._stats_lock = threading.Lock()
         self._stats = dict.fromkeys(STAT_KEYS, 0)
-        self.rejected: dict[str, int] = {}     # pages dropped, by kind (see PageCorrupt.kind, "incomplete")
-        self.on_reject = None                  # callback(kind) for metrics, set by the server
+        self.rejected: dict[str, int] = {}  # pages dropped, by kind (see PageCorrupt.kind, "incomplete")
+        self.on_reject = None  # callback(kind) for metrics, set by the server
 
     # --- the interface ----------------------------------------------------------------------------
 
@@ -63,17 +76,23 @@ class PageStore(ABC):
         if not isinstance(pages, KVPages):
             raise KvRelayError(f"put takes KVPages, not {type(pages).__name__}")
         if pages.derived_from:
-            raise KvRelayError(f"pages from {pages.producer!r} are hybrid KV derived from {pages.derived_from!r}; "
-                               "only a model's own exact KV may be stored")
+            raise KvRelayError(
+                f"pages from {pages.producer!r} are hybrid KV derived from {pages.derived_from!r}; "
+                "only a model's own exact KV may be stored"
+            )
         if pages.layers is not None:
-            raise KvRelayError(f"pages from {pages.producer!r} carry only layers {list(pages.layers)}; "
-                               "a store keeps whole pages (every layer)")
+            raise KvRelayError(
+                f"pages from {pages.producer!r} carry only layers {list(pages.layers)}; "
+                "a store keeps whole pages (every layer)"
+            )
         if not pages.producer or not pages.fingerprint:
             raise KvRelayError("pages need a producer and a fingerprint to be stored")
         hashes = block_hashes(pages.tokens, pages.format.block_size)
         if pages.hashes != hashes:
-            raise KvRelayError(f"pages from {pages.producer!r} carry block hashes that are not the plain chain "
-                               "of their tokens (salted = hybrid KV?); refusing to store them")
+            raise KvRelayError(
+                f"pages from {pages.producer!r} carry block hashes that are not the plain chain "
+                "of their tokens (salted = hybrid KV?); refusing to store them"
+            )
         if not hashes:
             return 0
         n = self._put(tenant, pages, hashes)
@@ -87,14 +106,23 @@ class PageStore(ABC):
         if not isinstance(block_size, int) or block_size < 1:
             raise KvRelayError(f"block_size must be a positive integer, got {block_size!r}")
         hashes = block_hashes(list(tokens), block_size)
-        found = {p: n for p, n in self._lookup(tenant, fingerprint, hashes, block_size).items() if n > 0} \
-            if hashes else {}
+        found = (
+            {p: n for p, n in self._lookup(tenant, fingerprint, hashes, block_size).items() if n > 0} if hashes else {}
+        )
         self._count(lookups=1, lookup_hits=int(bool(found)))
         return found
 
-    def fetch(self, tenant: str, fingerprint: str, producer: str, tokens: list[int], fmt: PageFormat,
-              num_blocks: int, layers: Sequence[int] | None = None,
-              e_layers: Sequence[int] | None = None) -> KVPages:
+    def fetch(
+        self,
+        tenant: str,
+        fingerprint: str,
+        producer: str,
+        tokens: list[int],
+        fmt: PageFormat,
+        num_blocks: int,
+        layers: Sequence[int] | None = None,
+        e_layers: Sequence[int] | None = None,
+    ) -> KVPages:
         """The first `num_blocks` pages of `tokens` as `producer` stored them: the KV of `layers` only
         (None = all) and the E of `e_layers` only (None = fmt.e_layers; the returned format's e_layers
         are these). A missing, incomplete or corrupt page (corrupt and incomplete ones are deleted) ends
@@ -119,9 +147,17 @@ class PageStore(ABC):
         self._count(fetches=1, hits=n, misses=req.num_blocks - n, bytes_out=kv.nbytes + e.nbytes)
         return req.pages(n, kv, e)
 
-    def stream(self, tenant: str, fingerprint: str, producer: str, tokens: list[int], fmt: PageFormat,
-               num_blocks: int, layers: Sequence[int] | None = None,
-               e_layers: Sequence[int] | None = None) -> "StreamedPages":
+    def stream(
+        self,
+        tenant: str,
+        fingerprint: str,
+        producer: str,
+        tokens: list[int],
+        fmt: PageFormat,
+        num_blocks: int,
+        layers: Sequence[int] | None = None,
+        e_layers: Sequence[int] | None = None,
+    ) -> "StreamedPages":
         """Like fetch, pipelined (DroidSpeak section 4.3): the number of pages is settled at once (the
         leading complete pages), then a background thread loads the E layers first, in the order
         asked, then the KV layers in increasing order. The returned donor's e_layer / kv_layer block
@@ -157,8 +193,15 @@ class PageStore(ABC):
     def _lookup(self, tenant: str, fingerprint: str, hashes: list[bytes], block_size: int) -> dict[str, int]: ...
 
     @abstractmethod
-    def _locate(self, tenant: str, fingerprint: str, producer: str, hashes: list[bytes], fmt: PageFormat,
-                e_layers: Sequence[int]) -> list: ...
+    def _locate(
+        self,
+        tenant: str,
+        fingerprint: str,
+        producer: str,
+        hashes: list[bytes],
+        fmt: PageFormat,
+        e_layers: Sequence[int],
+    ) -> list: ...
 
     @abstractmethod
     def _read(self, handles: list, wants: list[tuple[str, int]]) -> dict[tuple[str, int], list]: ...
@@ -202,8 +245,18 @@ def _check_tenant(tenant) -> None:
 
 class _Request:
     """A validated fetch/stream request."""
-    __slots__ = ("producer", "fingerprint", "tokens", "fmt", "num_blocks", "hashes", "kv_layers", "all_layers",
-                 "e_order")
+
+    __slots__ = (
+        "producer",
+        "fingerprint",
+        "tokens",
+        "fmt",
+        "num_blocks",
+        "hashes",
+        "kv_layers",
+        "all_layers",
+        "e_order",
+    )
 
     @classmethod
     def make(cls, tenant, fingerprint, producer, tokens, fmt, num_blocks, layers, e_layers) -> "_Request":
@@ -218,7 +271,7 @@ class _Request:
             raise KvRelayError(f"num_blocks {num_blocks} x {B} tokens is more than the {len(tokens)} tokens given")
         r = cls()
         r.producer, r.fingerprint, r.num_blocks = producer, fingerprint, num_blocks
-        r.tokens = tokens[:num_blocks * B]
+        r.tokens = tokens[: num_blocks * B]
         r.hashes = block_hashes(r.tokens, B)
         r.all_layers = layers is None
         r.kv_layers = list(range(L)) if layers is None else sorted(set(int(l) for l in layers))
@@ -234,8 +287,17 @@ class _Request:
 
     def pages(self, n: int, kv: torch.Tensor, e: torch.Tensor) -> KVPages:
         B = self.fmt.block_size
-        return KVPages(self.fmt, self.producer, self.fingerprint, self.tokens[:n * B], kv, e, self.hashes[:n], "",
-                       None if self.all_layers else tuple(self.kv_layers))
+        return KVPages(
+            self.fmt,
+            self.producer,
+            self.fingerprint,
+            self.tokens[: n * B],
+            kv,
+            e,
+            self.hashes[:n],
+            "",
+            None if self.all_layers else tuple(self.kv_layers),
+        )
 
 
 class StreamedPages:
@@ -249,7 +311,7 @@ class StreamedPages:
     def __init__(self, store: PageStore, req: _Request, handles: list):
         self.format, self.producer, self.fingerprint = req.fmt, req.producer, req.fingerprint
         n = len(handles)
-        self.tokens = req.tokens[:n * req.fmt.block_size]
+        self.tokens = req.tokens[: n * req.fmt.block_size]
         self.hashes = req.hashes[:n]
         self.layers = None if req.all_layers else tuple(req.kv_layers)
         self._store, self._req, self._handles, self._n = store, req, handles, n
@@ -260,7 +322,7 @@ class StreamedPages:
         self._error: BaseException | None = None
         self._cancel = False
         self.started = time.perf_counter()
-        self.layer_times: dict[tuple[str, int], float] = {}   # seconds after start each layer was ready
+        self.layer_times: dict[tuple[str, int], float] = {}  # seconds after start each layer was ready
         if n == 0:
             for ev in self._ready.values():
                 ev.set()
@@ -283,16 +345,19 @@ class StreamedPages:
     def e_layer(self, layer: int) -> torch.Tensor:
         """Hidden states entering `layer` for every page token: [num_tokens, hidden]."""
         if layer not in self.format.e_layers:
-            raise KvRelayError(f"streamed pages from {self.producer!r} carry E for layers "
-                               f"{list(self.format.e_layers)}, not for layer {layer}")
+            raise KvRelayError(
+                f"streamed pages from {self.producer!r} carry E for layers "
+                f"{list(self.format.e_layers)}, not for layer {layer}"
+            )
         self._wait(("e", layer))
         return self._e[self.format.e_layers.index(layer)].reshape(-1, self.format.hidden_size)
 
     def kv_layer(self, layer: int) -> torch.Tensor:
         """K and V of one layer for every page: [n, 2, H, B, D]."""
         if layer not in self._req.kv_layers:
-            raise KvRelayError(f"streamed pages from {self.producer!r} carry KV for layers "
-                               f"{self._req.kv_layers}, not {layer}")
+            raise KvRelayError(
+                f"streamed pages from {self.producer!r} carry KV for layers {self._req.kv_layers}, not {layer}"
+            )
         self._wait(("k", layer))
         return self._kv[self._req.kv_layers.index(layer)]
 
@@ -302,8 +367,7 @@ class StreamedPages:
         for w in self._ready:
             self._wait(w, max(0.0, deadline - time.monotonic()))
         fmt, n = self.format, self._n
-        kv = torch.stack(self._kv, dim=1) if self._kv else \
-            torch.empty((n, 0, *fmt.kv_shape[1:]), dtype=fmt.torch_dtype)
+        kv = torch.stack(self._kv, dim=1) if self._kv else torch.empty((n, 0, *fmt.kv_shape[1:]), dtype=fmt.torch_dtype)
         e = torch.stack(self._e, dim=1) if self._e else torch.empty((n, *fmt.e_shape), dtype=fmt.torch_dtype)
         return self._req.pages(n, kv, e)
 
@@ -314,8 +378,10 @@ class StreamedPages:
     def _wait(self, want, timeout: float | None = None) -> None:
         ev = self._ready[want]
         if not ev.wait(self._store.stream_wait_s if timeout is None else timeout):
-            raise StoreUnavailable(f"page store: layer {want[0]}{want[1]} of {self.producer!r}'s pages did not "
-                                   f"arrive within {self._store.stream_wait_s:.1f} s")
+            raise StoreUnavailable(
+                f"page store: layer {want[0]}{want[1]} of {self.producer!r}'s pages did not "
+                f"arrive within {self._store.stream_wait_s:.1f} s"
+            )
         if self._error is not None and want not in self.layer_times:
             raise StoreUnavailable(f"page store: streaming {self.producer!r}'s pages failed: {self._error}")
 
@@ -330,8 +396,10 @@ class StreamedPages:
                 for i in range(n):
                     vals[i] = store._checked(self._handles[i], want, vals[i], req.fmt)
                     if vals[i] is None:
-                        raise StoreUnavailable(f"page {i} lost its {'KV' if kind == 'k' else 'E'} of layer {layer} "
-                                               "(corrupt or evicted) after the stream started")
+                        raise StoreUnavailable(
+                            f"page {i} lost its {'KV' if kind == 'k' else 'E'} of layer {layer} "
+                            "(corrupt or evicted) after the stream started"
+                        )
                 t = torch.stack(vals)
                 if kind == "k":
                     self._kv[req.kv_layers.index(layer)] = t

@@ -4,6 +4,7 @@ Eviction goes from the least recently used page; within one context the *last* p
 recently (put and fetch touch a context's pages back to front), so a context loses its tail first and
 keeps a usable leading prefix as long as possible: only leading blocks can ever be reused.
 """
+
 from __future__ import annotations
 
 import threading
@@ -21,9 +22,9 @@ from .base import PageStore
 
 @dataclass(slots=True, eq=False)
 class _Page:
-    key: tuple                       # (tenant, fp, producer, B, hash)
-    kv: torch.Tensor                 # [L, 2, H, B, D], CPU, never written after put
-    e: dict[int, torch.Tensor]       # e_layer -> [B, hidden]
+    key: tuple  # (tenant, fp, producer, B, hash)
+    kv: torch.Tensor  # [L, 2, H, B, D], CPU, never written after put
+    e: dict[int, torch.Tensor]  # e_layer -> [B, hidden]
     nbytes: int
 
 
@@ -34,8 +35,8 @@ class MemoryStore(PageStore):
             raise KvRelayError(f"max_bytes must be a positive integer, got {max_bytes!r}")
         self.max_bytes = max_bytes
         self._lock = threading.Lock()
-        self._pages: OrderedDict[tuple, _Page] = OrderedDict()   # (tenant, fp, producer, B, hash) -> page, LRU first
-        self._index: dict[tuple, set[str]] = {}                   # (tenant, fp, B, hash) -> producers
+        self._pages: OrderedDict[tuple, _Page] = OrderedDict()  # (tenant, fp, producer, B, hash) -> page, LRU first
+        self._index: dict[tuple, set[str]] = {}  # (tenant, fp, B, hash) -> producers
         self._bytes = 0
         self._evicted = 0
 
@@ -104,8 +105,15 @@ class MemoryStore(PageStore):
                     counts[p] = i + 1
         return counts
 
-    def _locate(self, tenant: str, fingerprint: str, producer: str, hashes: list[bytes], fmt: PageFormat,
-                e_layers: Sequence[int]) -> list:
+    def _locate(
+        self,
+        tenant: str,
+        fingerprint: str,
+        producer: str,
+        hashes: list[bytes],
+        fmt: PageFormat,
+        e_layers: Sequence[int],
+    ) -> list:
         out = []
         want_kv = fmt.kv_shape
         with self._lock:
@@ -114,7 +122,7 @@ class MemoryStore(PageStore):
                 if page is None or tuple(page.kv.shape) != want_kv or any(l not in page.e for l in e_layers):
                     break
                 out.append(page)
-            for h in reversed(hashes[:len(out)]):  # touch back to front
+            for h in reversed(hashes[: len(out)]):  # touch back to front
                 self._pages.move_to_end((tenant, fingerprint, producer, fmt.block_size, h))
         return out
 

@@ -3,6 +3,7 @@
 Standard library only (it speaks just enough RESP to PING), so test helpers can use it anywhere.
 No persistence (`--save "" --appendonly no`), its own temporary directory, removed on stop.
 """
+
 from __future__ import annotations
 
 import os
@@ -35,8 +36,13 @@ class RedisServer:
     `.kill()` (SIGKILL: a crash), `.pause()` / `.resume()` (SIGSTOP / SIGCONT: a hung server, whose
     socket still accepts connections), `.restart()` (same port, empty). Also a context manager."""
 
-    def __init__(self, binary: str | None = None, port: int | None = None, extra_args: tuple[str, ...] = (),
-                 startup_timeout_s: float = 10.0):
+    def __init__(
+        self,
+        binary: str | None = None,
+        port: int | None = None,
+        extra_args: tuple[str, ...] = (),
+        startup_timeout_s: float = 10.0,
+    ):
         self.binary = binary or shutil.which("redis-server") or "/usr/bin/redis-server"
         if not os.path.exists(self.binary):
             raise FileNotFoundError(f"redis-server not found ({self.binary}); install the redis-server package")
@@ -64,11 +70,29 @@ class RedisServer:
 
     def _start(self) -> None:
         os.makedirs(self.dir, exist_ok=True)
-        args = [self.binary, "--port", str(self.port), "--bind", self.host, "--save", "", "--appendonly", "no",
-                "--dir", self.dir, "--logfile", os.path.join(self.dir, "redis.log"), "--daemonize", "no",
-                "--protected-mode", "no", *self.extra_args]
-        self.proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL, start_new_session=True)
+        args = [
+            self.binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            self.host,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            self.dir,
+            "--logfile",
+            os.path.join(self.dir, "redis.log"),
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "no",
+            *self.extra_args,
+        ]
+        self.proc = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -22,6 +22,7 @@ layer by layer (one MGET per layer). Every call runs under socket timeouts; any 
 StoreUnavailable, and for `backoff_s` afterwards calls fail at once instead of waiting out the timeout
 again. No retries: the caller's fallback (a full prefill) is always correct.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,8 +46,8 @@ for i = 3, #KEYS do redis.call('DEL', KEYS[i]) end
 return 1
 """
 
-PUT_CHUNK_PAGES = 16   # pages per pipeline round trip when writing
-PENDING_TTL_S = 300    # a value not yet committed by its page's marker expires after this
+PUT_CHUNK_PAGES = 16  # pages per pipeline round trip when writing
+PENDING_TTL_S = 300  # a value not yet committed by its page's marker expires after this
 
 
 def _esc(s: str) -> str:
@@ -71,13 +72,22 @@ class _Handle:
 
     def value_keys(self) -> list[str]:
         g = self.meta["g"]
-        return [f"{self.marker}:{g}:k{l}" for l in range(self.meta["L"])] + \
-               [f"{self.marker}:{g}:e{l}" for l in self.meta["e"]]
+        return [f"{self.marker}:{g}:k{l}" for l in range(self.meta["L"])] + [
+            f"{self.marker}:{g}:e{l}" for l in self.meta["e"]
+        ]
 
 
 class RedisStore(PageStore):
-    def __init__(self, url: str, timeout_s: float = 0.5, ttl_s: int | None = None, key_prefix: str = "kvrelay",
-                 backoff_s: float = 1.0, stream_wait_s: float | None = None, secret: bytes = b""):
+    def __init__(
+        self,
+        url: str,
+        timeout_s: float = 0.5,
+        ttl_s: int | None = None,
+        key_prefix: str = "kvrelay",
+        backoff_s: float = 1.0,
+        stream_wait_s: float | None = None,
+        secret: bytes = b"",
+    ):
         """url: redis://[:password@]host:port/db (or rediss://). timeout_s bounds every connect and
         every socket read/write; ttl_s (None = keep until deleted or evicted) applies to every key
         written; backoff_s: after a connection failure or timeout, calls fail at once for this long.
@@ -99,14 +109,24 @@ class RedisStore(PageStore):
             raise KvRelayError(f"ttl_s must be a positive integer (seconds) or None, got {ttl_s!r}")
         if not key_prefix or not isinstance(key_prefix, str):
             raise KvRelayError("key_prefix must be a non-empty string")
-        self.url, self.timeout_s, self.ttl_s, self.key_prefix, self.backoff_s = redact(url), float(timeout_s), \
-            ttl_s, key_prefix, float(backoff_s)
+        self.url, self.timeout_s, self.ttl_s, self.key_prefix, self.backoff_s = (
+            redact(url),
+            float(timeout_s),
+            ttl_s,
+            key_prefix,
+            float(backoff_s),
+        )
         self.stream_wait_s = float(stream_wait_s) if stream_wait_s is not None else max(5.0, 20 * self.timeout_s)
         self._errors = redis.exceptions
         try:
-            self._r = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                           retry=Retry(NoBackoff(), 0), retry_on_timeout=False,
-                                           health_check_interval=0)
+            self._r = redis.Redis.from_url(
+                url,
+                socket_timeout=timeout_s,
+                socket_connect_timeout=timeout_s,
+                retry=Retry(NoBackoff(), 0),
+                retry_on_timeout=False,
+                health_check_interval=0,
+            )
         except (ValueError, redis.exceptions.RedisError) as e:
             raise KvRelayError(f"bad Redis URL {self.url!r}: {e}") from None
         self._drop_script = self._r.register_script(_DROP)
@@ -117,8 +137,9 @@ class RedisStore(PageStore):
     @contextmanager
     def _guard(self, what: str):
         if time.monotonic() < self._down_until:
-            raise StoreUnavailable(f"page store {self.url} is unavailable (failed recently; retrying after "
-                                   f"{self.backoff_s:g} s)")
+            raise StoreUnavailable(
+                f"page store {self.url} is unavailable (failed recently; retrying after {self.backoff_s:g} s)"
+            )
         E = self._errors
         try:
             yield
@@ -126,7 +147,7 @@ class RedisStore(PageStore):
             self._down_until = time.monotonic() + self.backoff_s
             self._count(errors=1)
             raise StoreUnavailable(f"page store {self.url}: {what} failed: {type(e).__name__}: {e}") from None
-        except E.RedisError as e:   # refused: OOM, READONLY, NOAUTH, ...
+        except E.RedisError as e:  # refused: OOM, READONLY, NOAUTH, ...
             self._count(errors=1)
             raise StoreUnavailable(f"page store {self.url} refused {what}: {e}") from None
 
@@ -152,7 +173,7 @@ class RedisStore(PageStore):
     def stats(self) -> dict:
         s = super().stats()
         s.update(url=self.url, available=time.monotonic() >= self._down_until)
-        s["pages"] = s["pages_put"]   # pages this client stored (the server-wide count is not cheap to know)
+        s["pages"] = s["pages_put"]  # pages this client stored (the server-wide count is not cheap to know)
         return s
 
     def close(self) -> None:
@@ -173,8 +194,18 @@ class RedisStore(PageStore):
             for m in markers:
                 pipe.exists(m)
             todo = [i for i, there in enumerate(pipe.execute()) if not there]
-        meta = {i: {"g": uuid.uuid4().hex[:16], "L": fmt.num_layers, "H": fmt.num_kv_heads, "D": fmt.head_dim,
-                    "hid": fmt.hidden_size, "dt": fmt.dtype, "e": list(fmt.e_layers)} for i in todo}
+        meta = {
+            i: {
+                "g": uuid.uuid4().hex[:16],
+                "L": fmt.num_layers,
+                "H": fmt.num_kv_heads,
+                "D": fmt.head_dim,
+                "hid": fmt.hidden_size,
+                "dt": fmt.dtype,
+                "e": list(fmt.e_layers),
+            }
+            for i in todo
+        }
         values = {i: _Handle(markers[i], None, meta[i], "", "").value_keys() for i in todo}
         try:
             # Values first, each expiring after PENDING_TTL_S: a writer that dies or is refused half way
@@ -188,9 +219,9 @@ class RedisStore(PageStore):
                 pipe = self._r.pipeline(transaction=False)
                 for i, ok in zip(todo, won):
                     for k in values[i]:
-                        if not ok:      # a concurrent writer committed first: ours are orphans
+                        if not ok:  # a concurrent writer committed first: ours are orphans
                             pipe.delete(k)
-                        elif ex:        # committed: the values live as long as their marker
+                        elif ex:  # committed: the values live as long as their marker
                             pipe.expire(k, ex)
                         else:
                             pipe.persist(k)
@@ -211,7 +242,7 @@ class RedisStore(PageStore):
         for c in range(0, len(todo), PUT_CHUNK_PAGES):
             with self._guard("put"):
                 pipe = self._r.pipeline(transaction=False)
-                for i in todo[c:c + PUT_CHUNK_PAGES]:
+                for i in todo[c : c + PUT_CHUNK_PAGES]:
                     tensors = [kv[i, l] for l in range(fmt.num_layers)] + [e[i, j] for j in range(len(fmt.e_layers))]
                     for key, t in zip(values[i], tensors):
                         blob = pack_tensor(t, key.encode(), self.secret)
@@ -220,14 +251,23 @@ class RedisStore(PageStore):
                 pipe.execute()
         return written
 
-    def _forget(self, base: str, B: int, hashes: list[bytes], producer: str, markers: list[str],
-                values: dict[int, list[str]], meta: dict[int, dict]) -> None:
+    def _forget(
+        self,
+        base: str,
+        B: int,
+        hashes: list[bytes],
+        producer: str,
+        markers: list[str],
+        values: dict[int, list[str]],
+        meta: dict[int, dict],
+    ) -> None:
         """Best effort after a failed put: delete this write's values, and its marker if it was set, so
         that a store at maxmemory is not left holding pages nobody can use."""
         try:
             for i, keys in values.items():
-                self._drop_script(keys=[markers[i], self._index(base, B, hashes[i]), *keys],
-                                  args=[json.dumps(meta[i]), producer])
+                self._drop_script(
+                    keys=[markers[i], self._index(base, B, hashes[i]), *keys], args=[json.dumps(meta[i]), producer]
+                )
         except Exception:  # noqa: BLE001 - the store is refusing us: the values expire by themselves
             pass
 
@@ -267,8 +307,15 @@ class RedisStore(PageStore):
                 pipe.execute()
         return {p.decode(): n for p, n in counts.items() if n > 0}
 
-    def _locate(self, tenant: str, fingerprint: str, producer: str, hashes: list[bytes], fmt: PageFormat,
-                e_layers: Sequence[int]) -> list:
+    def _locate(
+        self,
+        tenant: str,
+        fingerprint: str,
+        producer: str,
+        hashes: list[bytes],
+        fmt: PageFormat,
+        e_layers: Sequence[int],
+    ) -> list:
         if not hashes:
             return []
         base, B = self._base(tenant, fingerprint), fmt.block_size
@@ -282,8 +329,11 @@ class RedisStore(PageStore):
                 break
             try:
                 meta = json.loads(raw)
-                ok = isinstance(meta["g"], str) and isinstance(meta["L"], int) and \
-                    all(isinstance(l, int) for l in meta["e"])
+                ok = (
+                    isinstance(meta["g"], str)
+                    and isinstance(meta["L"], int)
+                    and all(isinstance(l, int) for l in meta["e"])
+                )
                 fits = (meta["L"], meta["H"], meta["D"], meta["hid"]) == geometry
             except (ValueError, KeyError, TypeError):
                 ok = False
@@ -292,7 +342,7 @@ class RedisStore(PageStore):
                 self._drop(handle, "unreadable marker", corrupt=True)
                 break
             if not fits or any(l not in meta["e"] for l in e_layers):
-                break   # stored by an engine of other geometry / other E layers: not usable, not wrong
+                break  # stored by an engine of other geometry / other E layers: not usable, not wrong
             out.append(handle)
         return out
 
@@ -326,5 +376,6 @@ class RedisStore(PageStore):
         self._count(**{"corrupt_dropped" if corrupt else "partial_dropped": 1})
         self._rejected(kind or ("malformed" if corrupt else "incomplete"), handle.marker, reason)
         with self._guard("drop"):
-            self._drop_script(keys=[handle.marker, handle.index, *handle.value_keys()],
-                              args=[handle.raw, handle.producer])
+            self._drop_script(
+                keys=[handle.marker, handle.index, *handle.value_keys()], args=[handle.raw, handle.producer]
+            )

@@ -10,6 +10,7 @@ checks every value), but they hold memory: orphans normally expire on their own 
 their marker under a short TTL); `--delete-orphans` removes those found now. An in-memory store
 lives inside its server: see its /metrics (kvrelay_store_*) instead.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,12 +31,12 @@ def scan(r, prefix: str) -> dict:
     """Classify every key under `prefix`. Reads keys, TTLs and value sizes; writes nothing."""
     kinds, no_ttl, nbytes = Counter(), Counter(), Counter()
     markers: dict[str, str] = {}
-    values: list[tuple[str, str, str, int]] = []     # (key, marker, write id, ttl)
+    values: list[tuple[str, str, str, int]] = []  # (key, marker, write id, ttl)
     index: list[str] = []
     tenants = set()
     keys = [k.decode() for k in r.scan_iter(match=f"{prefix}:*", count=1000)]
     for chunk in range(0, len(keys), 500):
-        part = keys[chunk:chunk + 500]
+        part = keys[chunk : chunk + 500]
         pipe = r.pipeline(transaction=False)
         for k in part:
             pipe.ttl(k)
@@ -43,9 +44,16 @@ def scan(r, prefix: str) -> dict:
         res = pipe.execute()
         for i, k in enumerate(part):
             ttl, size = res[2 * i], res[2 * i + 1] or 0
-            rest = k[len(prefix) + 1:].split(":")
-            kind = "index" if len(rest) == 5 and rest[2] == "i" else "marker" if len(rest) == 6 and rest[2] == "p" \
-                else "value" if len(rest) == 8 and rest[2] == "p" else "other"
+            rest = k[len(prefix) + 1 :].split(":")
+            kind = (
+                "index"
+                if len(rest) == 5 and rest[2] == "i"
+                else "marker"
+                if len(rest) == 6 and rest[2] == "p"
+                else "value"
+                if len(rest) == 8 and rest[2] == "p"
+                else "other"
+            )
             kinds[kind] += 1
             nbytes[kind] += size
             if ttl == -1:
@@ -76,10 +84,17 @@ def scan(r, prefix: str) -> dict:
         base, _, rest = idx.partition(":i:")
         B, _, h = rest.partition(":")
         dangling += sum(1 for p in producers if f"{base}:p:{_esc(p.decode())}:{B}:{h}" not in markers)
-    return {"keys": dict(kinds), "bytes": dict(nbytes), "without_ttl": dict(no_ttl), "tenants": len(tenants),
-            "pages": len(markers), "orphan_values": len(orphans),
-            "orphan_values_without_ttl": sum(1 for _, ttl in orphans if ttl == -1),
-            "dangling_index_entries": dangling, "_orphans": [k for k, _ in orphans]}
+    return {
+        "keys": dict(kinds),
+        "bytes": dict(nbytes),
+        "without_ttl": dict(no_ttl),
+        "tenants": len(tenants),
+        "pages": len(markers),
+        "orphan_values": len(orphans),
+        "orphan_values_without_ttl": sum(1 for _, ttl in orphans if ttl == -1),
+        "dangling_index_entries": dangling,
+        "_orphans": [k for k, _ in orphans],
+    }
 
 
 def run(args) -> int:
@@ -88,15 +103,17 @@ def run(args) -> int:
     except ImportError:
         raise KvRelayError("`kvrelay store stats` needs the redis client: pip install 'kvrelay[serve]'") from None
     if not args.store.startswith(("redis://", "rediss://")):
-        raise KvRelayError(f"--store {args.store}: only a Redis store can be inspected from outside its server "
-                           "(an in-memory store: see the server's /metrics, kvrelay_store_*)")
+        raise KvRelayError(
+            f"--store {args.store}: only a Redis store can be inspected from outside its server "
+            "(an in-memory store: see the server's /metrics, kvrelay_store_*)"
+        )
     try:
         r = redis.Redis.from_url(args.store.split("?", 1)[0], socket_timeout=5, socket_connect_timeout=5)
         s = scan(r, args.prefix)
         orphans = s.pop("_orphans")
         if args.delete_orphans and orphans:
             for i in range(0, len(orphans), 500):
-                r.delete(*orphans[i:i + 500])
+                r.delete(*orphans[i : i + 500])
             s["orphans_deleted"] = len(orphans)
     except redis.exceptions.RedisError as e:
         raise KvRelayError(f"page store {redact(args.store)}: {e}") from None
@@ -107,9 +124,13 @@ def run(args) -> int:
     print(f"{s['store']}: {s['pages']} pages, {s['tenants']} tenants")
     for kind in ("index", "marker", "value", "other"):
         if s["keys"].get(kind):
-            print(f"  {kind:<7} {s['keys'][kind]:>8} keys {s['bytes'].get(kind, 0) / 2**20:>9.1f} MiB "
-                  f"{s['without_ttl'].get(kind, 0):>8} without TTL")
-    print(f"  orphaned values {s['orphan_values']} ({s['orphan_values_without_ttl']} without TTL), "
-          f"dangling index entries {s['dangling_index_entries']}"
-          + (f"; deleted {s['orphans_deleted']}" if "orphans_deleted" in s else ""))
+            print(
+                f"  {kind:<7} {s['keys'][kind]:>8} keys {s['bytes'].get(kind, 0) / 2**20:>9.1f} MiB "
+                f"{s['without_ttl'].get(kind, 0):>8} without TTL"
+            )
+    print(
+        f"  orphaned values {s['orphan_values']} ({s['orphan_values_without_ttl']} without TTL), "
+        f"dangling index entries {s['dangling_index_entries']}"
+        + (f"; deleted {s['orphans_deleted']}" if "orphans_deleted" in s else "")
+    )
     return 0

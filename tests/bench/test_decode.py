@@ -1,5 +1,6 @@
 """`kvrelay bench decode` end to end on a tiny family of PEFT adapters (figures, never speeds, are
 asserted), and its clear errors."""
+
 import pytest
 
 from helpers import user_models as um
@@ -14,12 +15,14 @@ def lora_family(tmp_path, monkeypatch):
     al = um.make_lora(base, tmp_path / "all", seed=2, target_modules="all-linear")
     full = um.make_full(base, qv, tmp_path / "full")
     from kvrelay.families import user
+
     user.ensure_registered("mine", str(base), {"qv": str(qv), "all": str(al), "full": str(full)})
     return "mine"
 
 
 def test_bench_decode_prints_ratios_per_batch(lora_family):
     from kvrelay.bench.decode import bench
+
     r = bench(lora_family, [1, 4], n_adapters=3, prompt=20, tokens=3, repeats=1)
     assert r["variant"] == "qv" and r["adapters"] == ["qv", "all", "random-0"] and r["rank"] == 4
     assert set(r["vs_hf"]) == {"1", "4"} and set(r["mixed_over_single"]) == {"4"}

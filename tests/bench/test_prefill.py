@@ -1,4 +1,5 @@
 """`kvrelay bench prefill` runs end to end on tiny (figures, never speeds, are asserted)."""
+
 from kvrelay.bench.prefill import FRACTIONS, bench
 from kvrelay.cli import main
 

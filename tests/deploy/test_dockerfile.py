@@ -1,4 +1,5 @@
 """The Dockerfile cannot be built here (no Docker engine): lint it and check what it promises."""
+
 import re
 import shutil
 import subprocess
@@ -23,7 +24,7 @@ def test_pinned_ngc_base_non_root_healthcheck_and_generated_repo():
     assert re.search(r"^FROM nvcr\.io/nvidia/tritonserver:\d\d\.\d\d-py3$", TEXT, re.M)
     assert re.search(r"^USER 1000", TEXT, re.M)
     assert "HEALTHCHECK" in TEXT and "/v2/health/ready" in TEXT
-    assert "kvrelay repo --deployment" in TEXT            # a bad deployment fails the build
+    assert "kvrelay repo --deployment" in TEXT  # a bad deployment fails the build
     assert re.search(r'^CMD .*exec kvrelay serve --deployment \\"\$DEPLOYMENT\\" --host 0\.0\.0\.0', TEXT, re.M)
 
 

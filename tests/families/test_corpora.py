@@ -60,8 +60,13 @@ def test_split_is_stable_across_processes():
     names = [f"code:mod{i}.py" for i in range(50)]
     here = [corpora.part_of(n) for n in names]
     code = f"from kvrelay.families.corpora import part_of; print(','.join(part_of(n) for n in {names!r}))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={"PYTHONHASHSEED": "12345", "PATH": "/usr/bin:/bin"}).stdout.strip()
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONHASHSEED": "12345", "PATH": "/usr/bin:/bin"},
+    ).stdout.strip()
     assert out.split(",") == here
 
 

@@ -26,8 +26,9 @@ def empty_home(monkeypatch, tmp_path):
 @pytest.fixture
 def families_cli(monkeypatch):
     """kvrelay.cli.main with only this package's subcommands (others may not exist yet)."""
-    monkeypatch.setattr(kvrelay.cli, "COMMANDS", [c for c in kvrelay.cli.COMMANDS
-                                                  if c[1].startswith("kvrelay.families.")])
+    monkeypatch.setattr(
+        kvrelay.cli, "COMMANDS", [c for c in kvrelay.cli.COMMANDS if c[1].startswith("kvrelay.families.")]
+    )
     return kvrelay.cli.main
 
 
@@ -142,8 +143,9 @@ def test_half_written_family_is_not_accepted(empty_home):
     (root / "base" / "config.json").write_text("{}")
     with pytest.raises(FamilyNotBuilt):
         load_family("tiny")
-    (root / "family.json").write_text(json.dumps(
-        {"name": "tiny", "base": "base", "models": ["base"], "fingerprint": "x"}))
+    (root / "family.json").write_text(
+        json.dumps({"name": "tiny", "base": "base", "models": ["base"], "fingerprint": "x"})
+    )
     with pytest.raises(FamilyNotBuilt, match="model.safetensors"):
         load_family("tiny")
 
@@ -156,7 +158,7 @@ def test_family_of_an_older_recipe_is_rebuilt(empty_home, monkeypatch, families_
         (root / "base" / f).write_text("{}")
     manifest = {"name": "tiny", "base": "base", "models": ["base"], "fingerprint": "x"}
     (root / "family.json").write_text(json.dumps(manifest))
-    assert load_family("tiny").name == "tiny"          # no recipe recorded = recipe 1 = tiny's
+    assert load_family("tiny").name == "tiny"  # no recipe recorded = recipe 1 = tiny's
     monkeypatch.setattr(tiny_builder, "RECIPE", 2, raising=False)
     with pytest.raises(FamilyNotBuilt, match="built with recipe 1, this kvrelay builds recipe 2"):
         load_family("tiny")
@@ -173,13 +175,23 @@ def test_partial_fine_tune_leaves_lower_layers_and_embeddings_alone():
     from kvrelay.families import finetune
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                                         num_key_value_heads=1, intermediate_size=64, tie_word_embeddings=True))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=32,
+            num_hidden_layers=4,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            intermediate_size=64,
+            tie_word_embeddings=True,
+        )
+    )
     before = {k: v.clone() for k, v in model.state_dict().items()}
     assert finetune.train_top_layers(model, 1) == (3, 4)
     blocks = torch.randint(0, 64, (8, 16))
-    finetune.train(model, blocks, max_steps=3, batch_size=4, lr=1e-2, seed=0, warmup=1, weight_decay=0.1,
-                   progress=False)
+    finetune.train(
+        model, blocks, max_steps=3, batch_size=4, lr=1e-2, seed=0, warmup=1, weight_decay=0.1, progress=False
+    )
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith(("model.layers.3.", "model.norm.")) for k in changed), changed
     assert "model.layers.3.self_attn.k_proj.weight" in changed
@@ -195,10 +207,27 @@ def test_a_build_is_defined_by_steps_and_seed_and_a_time_limit_is_an_error():
 
     def trained(**kw):
         torch.manual_seed(0)
-        model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                             num_key_value_heads=1, intermediate_size=64))
-        res = finetune.train(model, torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(1)),
-                             max_steps=4, batch_size=2, lr=1e-2, seed=3, warmup=1, progress=False, **kw)
+        model = LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=64,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                num_key_value_heads=1,
+                intermediate_size=64,
+            )
+        )
+        res = finetune.train(
+            model,
+            torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(1)),
+            max_steps=4,
+            batch_size=2,
+            lr=1e-2,
+            seed=3,
+            warmup=1,
+            progress=False,
+            **kw,
+        )
         return res, model.state_dict()
 
     (r1, a), (r2, b) = trained(), trained(max_seconds=3600)
@@ -300,15 +329,18 @@ def test_smol_quick_is_smols_recipe_small():
     """The demo's family: smol's builder with two variants of two trained layers, few steps, same
     sources (what makes it build in minutes is only its size)."""
     from kvrelay.families import smol, smol_quick
+
     assert "smol-quick" in FAMILY_NAMES and smol_quick.MODELS == ("base", "code", "docs")
     assert smol_quick.MAX_STEPS < smol.MAX_STEPS and smol_quick.check_sources.__module__ == smol_quick.__name__
 
 
 def test_cli_list_counts_an_unreadable_profile_instead_of_crashing(families_cli, tiny, capsys, monkeypatch, tmp_path):
     import kvrelay.paths
+
     shutil.copytree(kvrelay.paths.profiles_dir() / "tiny", tmp_path / "tiny")
     (tmp_path / "tiny" / "base__broken.json").write_text("not json")
     from kvrelay.families import cli_list
+
     monkeypatch.setattr(cli_list, "profiles_dir", lambda configured=None: tmp_path)
     assert families_cli(["models", "list"]) == 0
     line = next(l for l in capsys.readouterr().out.splitlines() if "profiles:" in l)
@@ -317,6 +349,7 @@ def test_cli_list_counts_an_unreadable_profile_instead_of_crashing(families_cli,
 
 def test_rebuild_report_says_whether_the_weights_were_reproduced():
     from kvrelay.families.cli import rebuild_report
+
     assert "all 2 weights digests equal" in rebuild_report({"base": "a1", "code": "b2"}, {"base": "a1", "code": "b2"})
     r = rebuild_report({"base": "a1", "code": "b2"}, {"base": "a1", "code": "c3"})
     assert "differs" in r and "1 of 2" in r and "code b2 -> c3" in r

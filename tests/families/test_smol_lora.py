@@ -1,5 +1,6 @@
 """The smol-lora builder, shortened (2 steps of 64-token blocks, one variant, one eval block): PEFT LoRA adapters on
 every layer's attention and MLP projections, kept beside merged weights, reproducible by seed."""
+
 import copy
 import json
 
@@ -15,6 +16,7 @@ def short_builds(tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
     from tests.conftest import _smol_pair_dirs
+
     base_dir, _ = _smol_pair_dirs()
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     mp = pytest.MonkeyPatch()
@@ -47,10 +49,11 @@ def test_adapter_on_every_layer_kept_and_merged(short_builds):
     assert b["steps"] == 2 and b["lora"]["r"] == smol_lora.RANK and b["seed"] and "train part" in b["data"]
     # every layer's projections carry a trained adapter: 30 layers x 7 projections x (A, B)
     from safetensors.torch import load_file
+
     ad = load_file(d / "code" / "adapter" / "adapter_model.safetensors")
     layers = {int(k.split(".layers.")[1].split(".")[0]) for k in ad}
     assert layers == set(range(30)) and len(ad) == 30 * 7 * 2
-    assert all(v.abs().sum() > 0 for k, v in ad.items() if "lora_B" in k)   # B starts at zero: it trained
+    assert all(v.abs().sum() > 0 for k, v in ad.items() if "lora_B" in k)  # B starts at zero: it trained
     # merged weights == base + adapter, as PEFT applies it unmerged
     ids = torch.randint(0, 49152, (1, 24), generator=torch.Generator().manual_seed(0))
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)

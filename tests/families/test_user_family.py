@@ -3,6 +3,7 @@ PEFT directly (tests/helpers/user_models.py), registered with `kvrelay models ad
 refused with a clear error when they do not fit, and noticed when a file changes afterwards. The
 engine's weights of every variant equal PEFT's merge_and_unload() and its greedy output equals HF
 transformers' on the same merged model, token for token."""
+
 from __future__ import annotations
 
 import json
@@ -42,8 +43,9 @@ def home(tmp_path, monkeypatch):
 
 def kvrelay(*argv, env_home=None, timeout=300):
     env = dict(os.environ, **({"KVRELAY_HOME": str(env_home)} if env_home else {}))
-    return subprocess.run([sys.executable, "-m", "kvrelay.cli", *map(str, argv)], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "kvrelay.cli", *map(str, argv)], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def _nothing_left(home: Path, name: str) -> None:
@@ -54,14 +56,27 @@ def _nothing_left(home: Path, name: str) -> None:
 
 # --- add / list / remove ---------------------------------------------------------------------------
 
+
 def test_add_list_remove_through_the_cli(dirs, home):
-    r = kvrelay("models", "add", "mine", "--base", dirs["base"], "--variant", f"qv={dirs['qv']}",
-                "--variant", f"all={dirs['all']}", "--variant", f"full={dirs['full']}", env_home=home)
+    r = kvrelay(
+        "models",
+        "add",
+        "mine",
+        "--base",
+        dirs["base"],
+        "--variant",
+        f"qv={dirs['qv']}",
+        "--variant",
+        f"all={dirs['all']}",
+        "--variant",
+        f"full={dirs['full']}",
+        env_home=home,
+    )
     assert r.returncode == 0, r.stderr
     assert "nothing copied" in r.stdout
     fam = registry.load_family("mine")
     assert list(fam.models) == ["base", "qv", "all", "full"]
-    for m in fam.models:   # symlinks only: not a byte of weights copied
+    for m in fam.models:  # symlinks only: not a byte of weights copied
         assert all(p.is_symlink() for p in fam.model_dir(m).iterdir() if not p.name.startswith(".kvrelay"))
     listing = kvrelay("models", "list", env_home=home).stdout
     assert "mine" in listing and "registered" in listing
@@ -86,6 +101,7 @@ def test_add_list_remove_through_the_cli(dirs, home):
 
 def test_a_deployment_file_alone_describes_the_family(dirs, home, tmp_path):
     from kvrelay.serving import deployment as dp
+
     f = tmp_path / "mine.toml"
     rel = os.path.relpath(dirs["root"], tmp_path)
     f.write_text(f'[family]\nname = "mine"\nbase = "{rel}/base"\n[family.variants]\nqv = "{rel}/qv"\n')
@@ -101,8 +117,10 @@ def test_a_deployment_file_alone_describes_the_family(dirs, home, tmp_path):
 
 # --- the weights an engine loads -------------------------------------------------------------------
 
+
 def _engine_state(view: Path) -> dict[str, torch.Tensor]:
     from kvrelay.backends.torch_engine.weights import read_weights
+
     return read_weights(view)
 
 
@@ -113,8 +131,9 @@ def _peft_state(base: Path, adapter: Path) -> dict[str, torch.Tensor]:
 LORAS = {
     "qv": dict(),
     "all-linear": dict(target_modules=ALL, r=8, lora_alpha=16),
-    "patterns": dict(target_modules=ALL, rank_pattern={"down_proj": 2, "layers.1.self_attn.q_proj": 6},
-                     alpha_pattern={"v_proj": 3.0}),
+    "patterns": dict(
+        target_modules=ALL, rank_pattern={"down_proj": 2, "layers.1.self_attn.q_proj": 6}, alpha_pattern={"v_proj": 3.0}
+    ),
     "rslora": dict(target_modules=["q_proj", "up_proj"], use_rslora=True, r=8, lora_alpha=4),
     "layers": dict(target_modules=["k_proj", "o_proj", "gate_proj"], layers_to_transform=[1, 3]),
     "bin": dict(target_modules=["v_proj", "down_proj"], _bin=True),
@@ -156,19 +175,26 @@ def test_half_precision_and_sharded_bases(tmp_path, home, dtype, shard):
 def test_each_variant_generates_what_transformers_generates(dirs, home):
     from kvrelay.backends.torch_engine.engine import TorchEngine
     from kvrelay.model.engine_api import EngineConfig, Request, SamplingParams
+
     fam = user.register("mine", dirs["base"], {"qv": dirs["qv"], "all": dirs["all"], "full": dirs["full"]})
     prompt = [1] + [5 + (7 * i) % 240 for i in range(40)]
-    refs = {"base": um.load(dirs["base"]), "qv": um.merged(dirs["base"], dirs["qv"]),
-            "all": um.merged(dirs["base"], dirs["all"]), "full": um.load(dirs["full"])}
+    refs = {
+        "base": um.load(dirs["base"]),
+        "qv": um.merged(dirs["base"], dirs["qv"]),
+        "all": um.merged(dirs["base"], dirs["all"]),
+        "full": um.load(dirs["full"]),
+    }
     for m, ref in refs.items():
         eng = TorchEngine.from_dir(m, fam.model_dir(m), EngineConfig(kv_cache_bytes=16 << 20))
         got = eng.generate([Request("r", prompt, SamplingParams(max_tokens=16, temperature=0.0))])["r"].output_tokens
-        want = ref.generate(torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=None,
-                            pad_token_id=0)[0, len(prompt):].tolist()
+        want = ref.generate(
+            torch.tensor([prompt]), max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0
+        )[0, len(prompt) :].tolist()
         assert list(got) == want, m
 
 
 # --- validation: every bad input is refused, naming the file and the field ---------------------------
+
 
 def _copy(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
@@ -182,6 +208,7 @@ def _truncate(path: Path, keep: int) -> None:
 
 def _nan_weight(model_dir: Path) -> None:
     from safetensors.torch import load_file, save_file
+
     f = model_dir / "model.safetensors"
     sd = load_file(str(f))
     sd["model.layers.2.mlp.up_proj.weight"][3, 5] = float("nan")
@@ -192,7 +219,9 @@ def _bad(kind: str, d: dict, tmp: Path) -> tuple[dict, str]:
     """(variants to register over the real base, the message expected) for each bad input."""
     base = d["base"]
     if kind == "layers":
-        return {"v": um.make_base(tmp / "v", num_hidden_layers=3)}, r"config.json: field num_hidden_layers \(layers\) is 3"
+        return {
+            "v": um.make_base(tmp / "v", num_hidden_layers=3)
+        }, r"config.json: field num_hidden_layers \(layers\) is 3"
     if kind == "heads":
         return {"v": um.make_base(tmp / "v", num_key_value_heads=4)}, r"field num_key_value_heads \(KV heads\) is 4"
     if kind == "rope":
@@ -215,8 +244,10 @@ def _bad(kind: str, d: dict, tmp: Path) -> tuple[dict, str]:
     if kind == "dora":
         return {"v": um.make_lora(base, tmp / "v", use_dora=True)}, r"field 'use_dora': DoRA"
     if kind == "modules-to-save":
-        return ({"v": um.make_lora(base, tmp / "v", modules_to_save=["lm_head"])},
-                r"field 'modules_to_save': a full copy of \['lm_head'\]")
+        return (
+            {"v": um.make_lora(base, tmp / "v", modules_to_save=["lm_head"])},
+            r"field 'modules_to_save': a full copy of \['lm_head'\]",
+        )
     if kind == "not-lora":
         v = _copy(d["qv"], tmp / "v")
         um.edit_json(v / ck.ADAPTER_CONFIG, peft_type="IA3")
@@ -248,8 +279,23 @@ def _bad(kind: str, d: dict, tmp: Path) -> tuple[dict, str]:
     raise AssertionError(kind)
 
 
-BAD = ["layers", "heads", "rope", "tokenizer", "adapter-base", "adapter-shapes", "dora", "modules-to-save",
-       "not-lora", "architecture", "missing", "truncated", "truncated-adapter", "nan", "neither"]
+BAD = [
+    "layers",
+    "heads",
+    "rope",
+    "tokenizer",
+    "adapter-base",
+    "adapter-shapes",
+    "dora",
+    "modules-to-save",
+    "not-lora",
+    "architecture",
+    "missing",
+    "truncated",
+    "truncated-adapter",
+    "nan",
+    "neither",
+]
 
 
 @pytest.mark.parametrize("kind", BAD)
@@ -265,8 +311,11 @@ def test_the_cli_exits_2_naming_the_file(dirs, home, tmp_path):
     r = kvrelay("models", "add", "mine", "--base", dirs["base"], "--variant", f"v={variants['v']}", env_home=home)
     assert r.returncode == 2 and r.stderr.startswith("kvrelay: error: ") and "adapter_config.json" in r.stderr
     assert "Traceback" not in r.stderr
-    for argv, msg in ((["--variant", "novalue"], "expected VNAME=DIR"), (["--variant", f"base={dirs['qv']}"], "not 'base'"),
-                      (["--variant", f"x={tmp_path / 'none'}"], "variant 'x' directory not found")):
+    for argv, msg in (
+        (["--variant", "novalue"], "expected VNAME=DIR"),
+        (["--variant", f"base={dirs['qv']}"], "not 'base'"),
+        (["--variant", f"x={tmp_path / 'none'}"], "variant 'x' directory not found"),
+    ):
         r = kvrelay("models", "add", "mine", "--base", dirs["base"], *argv, env_home=home)
         assert r.returncode == 2 and msg in r.stderr, r.stderr
     r = kvrelay("models", "add", "smol", "--base", dirs["base"], env_home=home)
@@ -276,14 +325,16 @@ def test_the_cli_exits_2_naming_the_file(dirs, home, tmp_path):
 
 # --- a file changed after registration ---------------------------------------------------------------
 
+
 def test_a_changed_file_is_reported_and_refused(dirs, home, tmp_path):
     qv = _copy(dirs["qv"], tmp_path / "qv")
     user.register("mine", dirs["base"], {"qv": qv})
     weights = qv / "adapter_model.safetensors"
-    os.utime(weights)                                      # touched, same content: still served
+    os.utime(weights)  # touched, same content: still served
     assert list(registry.load_family("mine").models) == ["base", "qv"]
 
     from safetensors.torch import load_file, save_file
+
     sd = load_file(str(weights))
     k = next(iter(sd))
     sd[k] = sd[k] * 2

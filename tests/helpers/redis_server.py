@@ -4,6 +4,7 @@ PING; `.url`, `.stop()`, `.kill()` (SIGKILL, a crash), `.pause()` / `.resume()` 
 
 The implementation lives in the package (kvrelay.store.redis_server) because `kvrelay bench prefill
 --store redis` starts one too; this module is the tests' stable import path."""
+
 from kvrelay.store.redis_server import RedisServer, free_port, ping
 
 __all__ = ["RedisServer", "free_port", "ping"]

@@ -1,6 +1,7 @@
 """`kvrelay loadtest --scenario goodput` end to end on tiny: real tritonservers, Locust users streaming
 over gRPC, a stored sender, the three modes. Asserts the machinery (a parsed summary, every mode
 measured, zero errors, the files), never a speed."""
+
 import json
 import subprocess
 import sys
@@ -12,16 +13,37 @@ from helpers.profiles import write_profile
 from kvrelay.model.plan import RecomputePlan
 
 
-
 @pytest.fixture(scope="module")
 def result(tmp_path_factory, tiny_family):
     root = tmp_path_factory.mktemp("goodput")
     write_profile(root / "profiles", "tiny", "code", "base", tiny_family.fingerprint, 8, RecomputePlan(((2, 4),)))
     out = root / "out"
-    r = subprocess.run([sys.executable, "-m", "kvrelay.cli", "loadtest", "--scenario", "goodput", "--family", "tiny",
-                        "--quick", "--pairs", "code:base", "--context-tokens", "256-320", "--profiles",
-                        str(root / "profiles"), "--out", str(out), "--json", "--no-progress"],
-                       capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kvrelay.cli",
+            "loadtest",
+            "--scenario",
+            "goodput",
+            "--family",
+            "tiny",
+            "--quick",
+            "--pairs",
+            "code:base",
+            "--context-tokens",
+            "256-320",
+            "--profiles",
+            str(root / "profiles"),
+            "--out",
+            str(out),
+            "--json",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout), out, r.stderr
 
@@ -59,15 +81,48 @@ def test_files_per_request_plot_and_locust_reports(result):
 
 
 def test_bad_pairs_are_refused_before_anything_starts(tiny_family):
-    r = subprocess.run([sys.executable, "-m", "kvrelay.cli", "loadtest", "--scenario", "goodput", "--family", "tiny",
-                        "--pairs", "code:code", "--context-tokens", "256-320"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kvrelay.cli",
+            "loadtest",
+            "--scenario",
+            "goodput",
+            "--family",
+            "tiny",
+            "--pairs",
+            "code:code",
+            "--context-tokens",
+            "256-320",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "SENDER:RECEIVER of two different models" in r.stderr, r.stderr
 
 
 def test_an_earlier_run_is_resummarized_at_another_slo_without_measuring(result):
     s, out, _ = result
-    r = subprocess.run([sys.executable, "-m", "kvrelay.cli", "loadtest", "--scenario", "goodput", "--resummarize",
-                        str(out), "--slo-ttft", "1e-6", "--json"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kvrelay.cli",
+            "loadtest",
+            "--scenario",
+            "goodput",
+            "--resummarize",
+            str(out),
+            "--slo-ttft",
+            "1e-6",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     again = json.loads(r.stdout)["pairs"]["code->base"]
     assert again["slo"] == {"ttft_s": 1e-6, "how": "given (--slo-ttft)"}
@@ -79,6 +134,7 @@ def test_by_default_only_pairs_whose_plans_are_predicted_to_hold(tiny_family, tm
     from kvrelay.loadtest.goodput import choose_pairs
     from kvrelay.model import profile_file as pf
     from kvrelay.serving import deployment as dp
+
     for s, r in (("base", "code"), ("code", "base"), ("base", "legal")):
         write_profile(tmp_path, "tiny", s, r, tiny_family.fingerprint, 8, RecomputePlan(((2, 4),)))
     path = pf.path_for(tmp_path, "tiny", "code", "base")
@@ -91,5 +147,5 @@ def test_by_default_only_pairs_whose_plans_are_predicted_to_hold(tiny_family, tm
     assert "left out: base->code, base->legal" in said[0]
     # asked for by name, a pair is measured either way
     assert [p.name for p in choose_pairs(dep, ids, "base:legal", 1024, said.append)] == ["base->legal"]
-    pf.path_for(tmp_path, "tiny", "code", "base").unlink()      # none predicted: every reusable pair
+    pf.path_for(tmp_path, "tiny", "code", "base").unlink()  # none predicted: every reusable pair
     assert [p.name for p in choose_pairs(dep, ids, None, 1024, said.append)] == ["base->code", "base->legal"]

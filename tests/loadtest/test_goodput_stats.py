@@ -1,4 +1,5 @@
 """The goodput arithmetic: the knee, goodput at an SLO, agreement, per-point statistics."""
+
 import pytest
 
 from kvrelay.loadtest import goodput_stats as gs
@@ -6,7 +7,7 @@ from kvrelay.loadtest import goodput_stats as gs
 
 def test_the_knee_of_a_flat_then_steep_curve_is_where_it_bends():
     pts = [(0.0, 1.0), (0.1, 1.1), (0.2, 1.3), (0.3, 3.0), (0.4, 9.0)]
-    assert gs.knee(pts) == 3   # furthest below the chord (scaled): 0.75 - 0.25
+    assert gs.knee(pts) == 3  # furthest below the chord (scaled): 0.75 - 0.25
 
 
 def test_a_curve_that_never_bends_has_its_knee_at_the_end():
@@ -24,12 +25,24 @@ def test_goodput_never_met_is_zero_and_always_met_is_a_lower_bound():
 
 
 def test_a_noisy_miss_below_a_point_that_meets_the_slo_does_not_end_the_search():
-    assert gs.goodput([(0.0, 3.2), (0.1, 2.5), (0.2, 2.9), (0.3, 5.0)], 3.0)["rps"] == pytest.approx(0.2 + 0.1 * 0.1 / 2.1, abs=1e-5)
+    assert gs.goodput([(0.0, 3.2), (0.1, 2.5), (0.2, 2.9), (0.3, 5.0)], 3.0)["rps"] == pytest.approx(
+        0.2 + 0.1 * 0.1 / 2.1, abs=1e-5
+    )
 
 
 def rec(ctx, text, route="reuse", ok=True, ttft=1.0, lat=2.0, n=5):
-    return {"context_id": ctx, "text": text, "route": route, "route_reason": "x", "ok": ok, "ttft_s": ttft,
-            "latency_s": lat, "output_tokens": n, "recomputed_layers": 2, "error": None if ok else "boom"}
+    return {
+        "context_id": ctx,
+        "text": text,
+        "route": route,
+        "route_reason": "x",
+        "ok": ok,
+        "ttft_s": ttft,
+        "latency_s": lat,
+        "output_tokens": n,
+        "recomputed_layers": 2,
+        "error": None if ok else "boom",
+    }
 
 
 def test_point_stats_and_agreement_with_full_prefill_text():
@@ -42,15 +55,20 @@ def test_point_stats_and_agreement_with_full_prefill_text():
 
 
 def test_the_slo_comes_from_full_prefills_knee():
-    full = {"idle": {"ttft_s": {"p90": 1.0}}, "points": [
-        {"offered_rps": 0.1, "ttft_s": {"p90": 1.1}}, {"offered_rps": 0.2, "ttft_s": {"p90": 1.4}},
-        {"offered_rps": 0.3, "ttft_s": {"p90": 6.0}}]}
+    full = {
+        "idle": {"ttft_s": {"p90": 1.0}},
+        "points": [
+            {"offered_rps": 0.1, "ttft_s": {"p90": 1.1}},
+            {"offered_rps": 0.2, "ttft_s": {"p90": 1.4}},
+            {"offered_rps": 0.3, "ttft_s": {"p90": 6.0}},
+        ],
+    }
     slo = gs.slo_from_full(full)
     assert slo["ttft_s"] == 1.4 and slo["knee_rps"] == 0.2
 
 
 def test_the_envelope_makes_latency_non_decreasing_in_load_and_the_knee_reads_it():
-    measured = [(0.0, 14.2), (0.024, 22.8), (0.045, 21.1), (0.065, 66.0), (0.086, 24.7)]   # a smol run's full curve
+    measured = [(0.0, 14.2), (0.024, 22.8), (0.045, 21.1), (0.065, 66.0), (0.086, 24.7)]  # a smol run's full curve
     env = gs.envelope(measured)
     assert [y for _, y in env] == [14.2, 22.8, 22.8, 66.0, 66.0]
     assert gs.knee(env) == 2 and gs.goodput(env, 22.8) == {"rps": 0.045, "lower_bound": False}
@@ -58,19 +76,35 @@ def test_the_envelope_makes_latency_non_decreasing_in_load_and_the_knee_reads_it
 
 
 def test_a_point_the_server_did_not_keep_up_with_does_not_meet_the_slo():
-    mode = {"idle": {"ttft_s": {"p90": 1.0}}, "points": [
-        {"offered_rps": 0.2, "achieved_rps": 0.2, "ttft_s": {"p90": 2.0}},
-        {"offered_rps": 0.3, "achieved_rps": 0.3, "ttft_s": {"p90": 2.5}},
-        {"offered_rps": 0.5, "achieved_rps": 0.29, "ttft_s": {"p90": 8.0}}]}   # saturated: 10 requests end early
+    mode = {
+        "idle": {"ttft_s": {"p90": 1.0}},
+        "points": [
+            {"offered_rps": 0.2, "achieved_rps": 0.2, "ttft_s": {"p90": 2.0}},
+            {"offered_rps": 0.3, "achieved_rps": 0.3, "ttft_s": {"p90": 2.5}},
+            {"offered_rps": 0.5, "achieved_rps": 0.29, "ttft_s": {"p90": 8.0}},
+        ],
+    }  # saturated: 10 requests end early
     assert gs.kept_up(mode) == [True, True, True, False]
     pts = gs.envelope(gs.curve(mode))
     assert gs.goodput(pts, 20.0, gs.kept_up(mode)) == {"rps": 0.3, "lower_bound": False}
-    assert gs.goodput(pts, 20.0) == {"rps": 0.5, "lower_bound": True}     # what the latency alone would claim
+    assert gs.goodput(pts, 20.0) == {"rps": 0.5, "lower_bound": True}  # what the latency alone would claim
 
 
 def _recs(starts, latency):
-    return [{"ok": True, "start_s": s, "latency_s": latency, "ttft_s": 1.0, "output_tokens": 2, "route": "full",
-             "route_reason": "miss", "context_id": 0, "text": "x"} for s in starts]
+    return [
+        {
+            "ok": True,
+            "start_s": s,
+            "latency_s": latency,
+            "ttft_s": 1.0,
+            "output_tokens": 2,
+            "route": "full",
+            "route_reason": "miss",
+            "context_id": 0,
+            "text": "x",
+        }
+        for s in starts
+    ]
 
 
 def test_keeping_up_is_judged_on_the_points_own_arrivals_not_the_nominal_rate():

@@ -3,6 +3,7 @@
 
 The real run is a subprocess: Locust monkey-patches whatever process imports it with gevent, and the
 rest of the suite must not run under that."""
+
 from __future__ import annotations
 
 import json
@@ -32,10 +33,11 @@ def spec(**kw):
 
 # --- workload ------------------------------------------------------------------------------------
 
+
 def test_zipf_weights_normalised_and_decreasing():
     w = wl.zipf_weights(10, 1.2)
     assert math.isclose(sum(w), 1.0) and all(a > b for a, b in zip(w, w[1:]))
-    assert math.isclose(w[0] / w[1], 2 ** 1.2)
+    assert math.isclose(w[0] / w[1], 2**1.2)
     assert wl.zipf_weights(4, 0.0) == [0.25] * 4
 
 
@@ -64,13 +66,19 @@ def test_bounds_count_lengths_questions_and_poisson_arrivals():
     assert all(r.question in ctxs[r.context_id].questions for r in reqs)
     t = [r.arrival_s for r in reqs]
     assert all(b > a for a, b in zip(t, t[1:]))
-    assert 300 / 5.0 * 0.7 < t[-1] < 300 / 5.0 * 1.3          # mean gap 1/rate
+    assert 300 / 5.0 * 0.7 < t[-1] < 300 / 5.0 * 1.3  # mean gap 1/rate
     assert all(r.arrival_s is None for r in wl.generate(spec(requests=5), ctxs))  # closed loop
 
 
 def test_spec_validation():
-    for bad in (dict(requests=0), dict(context_tokens=(10, 20)), dict(max_tokens=(9, 8)), dict(zipf_s=-1),
-                dict(rate=0.0), dict(models=())):
+    for bad in (
+        dict(requests=0),
+        dict(context_tokens=(10, 20)),
+        dict(max_tokens=(9, 8)),
+        dict(zipf_s=-1),
+        dict(rate=0.0),
+        dict(models=()),
+    ):
         with pytest.raises(Exception):
             spec(**bad).validate()
 
@@ -92,7 +100,7 @@ def test_schedule_count_and_time_bounds():
     while s.next() is not None:
         n += 1
         now[0] += 1.0
-    assert n == 3 and s.done                                  # stopped by time, not count
+    assert n == 3 and s.done  # stopped by time, not count
 
 
 def test_schedule_poisson_waits_and_drops_arrivals_past_the_time_bound():
@@ -112,18 +120,28 @@ def test_warmup_is_separate_and_excluded_by_index_and_tenant():
 
 
 def test_synthetic_family_sends_token_ids_in_one_text():
-    w = wl.build(wl.WorkloadSpec("llama8b-random", ("base", "v1", "v2"), requests=6, contexts=2,
-                                 context_tokens=(64, 80), warmup=1))
+    w = wl.build(
+        wl.WorkloadSpec(
+            "llama8b-random", ("base", "v1", "v2"), requests=6, contexts=2, context_tokens=(64, 80), warmup=1
+        )
+    )
     assert w.merge_context and w.context_source == "random token ids"
     text, ctx = w.payload(w.requests[0])
     assert ctx is None and all(t.isdigit() for t in text.split())
     c = w.context(w.requests[0].context_id)
     assert text.startswith(c.text + " ") and 64 <= c.tokens <= 80
-    assert wl.build(wl.WorkloadSpec("llama8b-random", ("base", "v1", "v2"), requests=6, contexts=2,
-                                    context_tokens=(64, 80), warmup=1)).requests == w.requests
+    assert (
+        wl.build(
+            wl.WorkloadSpec(
+                "llama8b-random", ("base", "v1", "v2"), requests=6, contexts=2, context_tokens=(64, 80), warmup=1
+            )
+        ).requests
+        == w.requests
+    )
 
 
 # --- report math ---------------------------------------------------------------------------------
+
 
 def test_percentile_matches_linear_interpolation():
     np = pytest.importorskip("numpy")
@@ -139,10 +157,22 @@ def test_ratio():
 
 
 def rec(i, ok=True, route="full", lat=1.0, ttft=0.2, tokens=10, recomputed=0, text="x", model="code"):
-    return {"index": i, "model": model, "ok": ok, "error": None if ok else "boom", "start_s": 100.0 + i,
-            "latency_s": lat, "ttft_s": ttft, "output_tokens": tokens, "route": route, "route_reason": "r",
-            "donor": "base" if route == "reuse" else "", "recomputed_layers": recomputed, "reused_tokens": 0,
-            "text": text}
+    return {
+        "index": i,
+        "model": model,
+        "ok": ok,
+        "error": None if ok else "boom",
+        "start_s": 100.0 + i,
+        "latency_s": lat,
+        "ttft_s": ttft,
+        "output_tokens": tokens,
+        "route": route,
+        "route_reason": "r",
+        "donor": "base" if route == "reuse" else "",
+        "recomputed_layers": recomputed,
+        "reused_tokens": 0,
+        "text": text,
+    }
 
 
 def test_summarize_and_compare():
@@ -160,8 +190,12 @@ def test_summarize_and_compare():
 
 def test_quality_compares_reuse_served_requests_with_sharing_off():
     off = [rec(i, text=f"answer {i}") for i in range(4)]
-    on = [rec(0, text="answer 0"), rec(1, route="reuse", text="answer 1"), rec(2, route="reuse", text="answer two"),
-          rec(3, ok=False)]
+    on = [
+        rec(0, text="answer 0"),
+        rec(1, route="reuse", text="answer 1"),
+        rec(2, route="reuse", text="answer two"),
+        rec(3, ok=False),
+    ]
     q = report.quality(off, on, sample=10)
     assert q["compared"] == 2 and q["exact_match"] == 50.0 and 50.0 < q["token_f1"] < 100.0
     assert q["all_requests"]["compared"] == 3
@@ -169,7 +203,11 @@ def test_quality_compares_reuse_served_requests_with_sharing_off():
 
 
 def test_cross_model_pairs_requests_sharing_could_serve():
-    off = [rec(0), {**rec(1, ttft=0.5), "route_reason": "sharing off"}, {**rec(2, ttft=0.7), "route_reason": "sharing off"}]
+    off = [
+        rec(0),
+        {**rec(1, ttft=0.5), "route_reason": "sharing off"},
+        {**rec(2, ttft=0.7), "route_reason": "sharing off"},
+    ]
     on = [rec(0), rec(1, route="reuse", ttft=0.1), rec(2, route="reuse", ttft=0.3)]
     x = report.cross_model(off, on)
     assert x["requests"] == 2 and x["served_by_reuse_with_sharing_on"] == 2
@@ -178,21 +216,57 @@ def test_cross_model_pairs_requests_sharing_could_serve():
 
 def test_sharing_ceiling_counts_pairs_over_contexts():
     R = wl.Request
-    reqs = [R(0, 1, "base", "q", 8), R(1, 1, "code", "q", 8), R(2, 1, "code", "q", 8),   # a repeat
-            R(3, 2, "legal", "q", 8), R(4, 1, "legal", "q", 8)]
-    assert wl.sharing_ceiling(reqs) == {"distinct_contexts_requested": 2, "distinct_context_model_pairs": 4,
-                                        "repeat_requests": 1, "full_prefill_ceiling": 2.0}
+    reqs = [
+        R(0, 1, "base", "q", 8),
+        R(1, 1, "code", "q", 8),
+        R(2, 1, "code", "q", 8),  # a repeat
+        R(3, 2, "legal", "q", 8),
+        R(4, 1, "legal", "q", 8),
+    ]
+    assert wl.sharing_ceiling(reqs) == {
+        "distinct_contexts_requested": 2,
+        "distinct_context_model_pairs": 4,
+        "repeat_requests": 1,
+        "full_prefill_ceiling": 2.0,
+    }
 
 
 # --- one real run --------------------------------------------------------------------------------
 
+
 def test_loadtest_both_modes_on_real_servers(tmp_path, tiny_family):
     """--plan 2-4: every pair recomputes layers 2-4 (2 of 8), so the run's reuse figures are known."""
     out = tmp_path / "results"
-    cmd = [sys.executable, "-m", "kvrelay.cli", "loadtest", "--family", "tiny", "--plan", "2-4",
-           "--requests", "10", "--contexts", "3", "--users", "3", "--warmup", "1", "--duration", "90",
-           "--context-tokens", "1024-1536", "--max-tokens", "4-8", "--seed", "3", "--out", str(out), "--json",
-           "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "kvrelay.cli",
+        "loadtest",
+        "--family",
+        "tiny",
+        "--plan",
+        "2-4",
+        "--requests",
+        "10",
+        "--contexts",
+        "3",
+        "--users",
+        "3",
+        "--warmup",
+        "1",
+        "--duration",
+        "90",
+        "--context-tokens",
+        "1024-1536",
+        "--max-tokens",
+        "4-8",
+        "--seed",
+        "3",
+        "--out",
+        str(out),
+        "--json",
+        "--no-progress",
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=400, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-4000:]
     s = json.loads(p.stdout)
@@ -206,11 +280,21 @@ def test_loadtest_both_modes_on_real_servers(tmp_path, tiny_family):
     assert s["quality"]["all_requests"]["compared"] == 10 and s["quality"]["compared"] >= 1
     assert s["cross_model"]["requests"] >= 1 and len(s["deployment"]["profiles"]) == 6
     w = s["workload"]
-    assert s["full_prefill_ceiling"] == w["full_prefill_ceiling"] == round(
-        w["distinct_context_model_pairs"] / w["distinct_contexts_requested"], 3)
+    assert (
+        s["full_prefill_ceiling"]
+        == w["full_prefill_ceiling"]
+        == round(w["distinct_context_model_pairs"] / w["distinct_contexts_requested"], 3)
+    )
     assert w["repeat_requests"] == 10 - w["distinct_context_model_pairs"]
-    for f in ("summary.json", "loadtest.png", "requests_off.jsonl", "requests_on.jsonl", "locust_sharing_on_stats.csv",
-              "locust_sharing_off_stats.csv", "locust_sharing_on.html"):
+    for f in (
+        "summary.json",
+        "loadtest.png",
+        "requests_off.jsonl",
+        "requests_on.jsonl",
+        "locust_sharing_on_stats.csv",
+        "locust_sharing_off_stats.csv",
+        "locust_sharing_on.html",
+    ):
         assert (out / f).stat().st_size > 0, f
     with open(out / "locust_sharing_on_stats.csv") as f:
         assert sum(int(row.split(",")[2]) for row in f.read().splitlines()[1:] if "Aggregated" in row) == 10
@@ -220,15 +304,34 @@ def test_locustfile_loads_and_declares_its_options():
     locust = Path(sys.executable).with_name("locust")
     if not locust.exists():
         pytest.skip("locust not installed in this environment")
-    p = subprocess.run([str(locust), "-f", str(ROOT / "loadtest" / "locustfile.py"), "--kvrelay-requests", "5",
-                        "--kvrelay-family", "tiny", "--list"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    p = subprocess.run(
+        [
+            str(locust),
+            "-f",
+            str(ROOT / "loadtest" / "locustfile.py"),
+            "--kvrelay-requests",
+            "5",
+            "--kvrelay-family",
+            "tiny",
+            "--list",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert p.returncode == 0, p.stderr[-2000:]
     assert {"GrpcStreamUser", "GrpcUser", "HttpGenerateUser", "HttpStreamUser"} <= set(p.stdout.split())
 
 
 def test_url_must_be_loopback():
-    p = subprocess.run([sys.executable, "-m", "kvrelay.cli", "loadtest", "--url", "10.0.0.1:8001", "--mode", "on"],
-                       capture_output=True, text=True, timeout=120, cwd=ROOT)
+    p = subprocess.run(
+        [sys.executable, "-m", "kvrelay.cli", "loadtest", "--url", "10.0.0.1:8001", "--mode", "on"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
     assert p.returncode == 2 and "only target this machine" in p.stderr
 
 
@@ -237,17 +340,24 @@ def test_store_is_sized_to_the_pages_the_workload_publishes(tiny_family):
 
     from kvrelay.serving import deployment as dp
     from kvrelay.loadtest import cli
+
     dep = dp.for_family("tiny", store="memory:1MiB")
     fmt = dp.identities(dep)["base"].page_format
-    work = NS(contexts=[NS(id=0, tokens=1024), NS(id=1, tokens=2048)],
-              requests=[NS(context_id=0, model="base"), NS(context_id=0, model="code"),
-                        NS(context_id=0, model="code"), NS(context_id=1, model="legal")])
-    need = (1024 * 2 + 2048) * fmt.page_bytes // fmt.block_size          # 3 distinct (context, model) pairs
+    work = NS(
+        contexts=[NS(id=0, tokens=1024), NS(id=1, tokens=2048)],
+        requests=[
+            NS(context_id=0, model="base"),
+            NS(context_id=0, model="code"),
+            NS(context_id=0, model="code"),
+            NS(context_id=1, model="legal"),
+        ],
+    )
+    need = (1024 * 2 + 2048) * fmt.page_bytes // fmt.block_size  # 3 distinct (context, model) pairs
     assert cli._pages_needed(dep, work) == need
     assert "publishes up to" in cli.store_shortfall(dep, need)
     assert cli.size_store(dep, need).startswith("page store sized to the workload")
     assert dep.store == f"memory:{int(need * 1.1) >> 20}MiB" and cli.store_shortfall(dep, need) == ""
-    assert cli.size_store(dep, need) == ""                                 # big enough: left alone
+    assert cli.size_store(dep, need) == ""  # big enough: left alone
     assert cli.store_shortfall(dp.for_family("tiny", store="redis://127.0.0.1:1"), need) == ""
 
 
@@ -256,7 +366,8 @@ def test_a_request_cut_off_by_the_runs_end_is_recorded_once(tmp_path):
     recorded a second time (a fresh-clone run under load counted 3 requests twice: failed and ok).
     In a subprocess: importing the users module monkey-patches the process with gevent."""
     script = tmp_path / "cut_off.py"
-    script.write_text(textwrap.dedent('''
+    script.write_text(
+        textwrap.dedent("""
         import types
         from kvrelay.loadtest import users as lu
         from kvrelay.loadtest.workload import Request, Schedule
@@ -273,7 +384,8 @@ def test_a_request_cut_off_by_the_runs_end_is_recorded_once(tmp_path):
 
         Late().one_request()
         print([(x["index"], x["ok"], x["error"]) for x in st.records])
-    '''))
+    """)
+    )
     p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert p.stdout.strip().splitlines()[-1] == "[(0, False, \"cut off at the run's time limit\")]"
+    assert p.stdout.strip().splitlines()[-1] == '[(0, False, "cut off at the run\'s time limit")]'

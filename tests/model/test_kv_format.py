@@ -14,8 +14,8 @@ def pages(n, fmt=FMT, tokens=None):
 
 def test_hash_chain_identifies_whole_prefix():
     a = block_hashes(list(range(12)), 4)
-    b = block_hashes(list(range(12)) + [99, 98], 4)      # partial last block: no identity
-    c = block_hashes([7] + list(range(1, 12)), 4)        # first block differs -> every later hash differs
+    b = block_hashes(list(range(12)) + [99, 98], 4)  # partial last block: no identity
+    c = block_hashes([7] + list(range(1, 12)), 4)  # first block differs -> every later hash differs
     assert len(a) == 3 and a == b
     assert all(x != y for x, y in zip(a, c))
 
@@ -58,9 +58,12 @@ def test_e_layer_view_and_missing_layer_error():
         p.e_layer(3)
 
 
-@pytest.mark.parametrize("bad", [
-    dict(tokens=list(range(7))),                               # not whole blocks
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(tokens=list(range(7))),  # not whole blocks
+    ],
+)
 def test_pages_refuse_partial_blocks(bad):
     with pytest.raises(KvRelayError, match="whole blocks"):
         pages(2, **bad)
@@ -102,6 +105,7 @@ def test_layer_subset_pages():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_pack_round_trip_and_corruption_detected(dtype):
     from kvrelay.model.kv_format import PageCorrupt, pack_tensor, unpack_tensor
+
     t = torch.randn(3, 2, 5).to(dtype)
     blob = pack_tensor(t)
     assert torch.equal(unpack_tensor(blob), t)
@@ -118,18 +122,22 @@ def test_pack_round_trip_and_corruption_detected(dtype):
 
 def test_a_blob_proves_the_key_it_was_written_under_and_who_wrote_it():
     from kvrelay.model.kv_format import PageCorrupt, pack_tensor, unpack_tensor
+
     t, secret = torch.randn(2, 4), b"s" * 32
     blob = pack_tensor(t, b"tenant:fp:p:base:16:abc:g1:k3", secret)
     assert torch.equal(unpack_tensor(blob, b"tenant:fp:p:base:16:abc:g1:k3", secret), t)
-    for bind, key in ((b"tenant:fp:p:base:16:abc:g1:k4", secret),      # moved to another layer's key
-                      (b"other:fp:p:base:16:abc:g1:k3", secret),       # ... to another tenant's
-                      (b"tenant:fp:p:base:16:abc:g1:k3", b"x" * 32)):  # written without the secret
+    for bind, key in (
+        (b"tenant:fp:p:base:16:abc:g1:k4", secret),  # moved to another layer's key
+        (b"other:fp:p:base:16:abc:g1:k3", secret),  # ... to another tenant's
+        (b"tenant:fp:p:base:16:abc:g1:k3", b"x" * 32),
+    ):  # written without the secret
         with pytest.raises(PageCorrupt, match="authentication failed"):
             unpack_tensor(blob, bind, key)
 
 
 def test_non_finite_values_are_refused_even_with_a_valid_mac():
     from kvrelay.model.kv_format import PageCorrupt, pack_tensor, unpack_tensor
+
     for bad in (float("nan"), float("inf")):
         t = torch.zeros(2, 4)
         t[1, 2] = bad
@@ -142,6 +150,7 @@ def test_an_old_crc_only_blob_is_refused_as_malformed():
     import zlib
 
     from kvrelay.model.kv_format import PageCorrupt, unpack_tensor
+
     payload = bytes(32)
     header = f"float32:2,4:{zlib.crc32(payload):08x}".encode()
     with pytest.raises(PageCorrupt, match="unreadable page header") as e:

@@ -11,14 +11,17 @@ def test_parse_and_str_round_trip():
     assert str(RecomputePlan.none()) == "none"
 
 
-@pytest.mark.parametrize("text,msg", [
-    ("4-8,6-10", "overlap"),
-    ("8-12,2-4", "overlap or are unsorted"),
-    ("0-31", "out of range"),
-    ("5-5", "out of range"),
-    ("-2-4", "bad recompute group"),
-    ("a-b", "bad recompute group"),
-])
+@pytest.mark.parametrize(
+    "text,msg",
+    [
+        ("4-8,6-10", "overlap"),
+        ("8-12,2-4", "overlap or are unsorted"),
+        ("0-31", "out of range"),
+        ("5-5", "out of range"),
+        ("-2-4", "bad recompute group"),
+        ("a-b", "bad recompute group"),
+    ],
+)
 def test_bad_plans_are_clear_errors(text, msg):
     with pytest.raises(PlanError, match=msg):
         RecomputePlan.parse(text).validate(30)
@@ -28,7 +31,7 @@ def test_layers_and_e_needs():
     p = RecomputePlan(((0, 2), (2, 4), (10, 12))).validate(30)
     assert p.num_recomputed == 6
     assert p.merged().groups == ((0, 4), (10, 12))
-    assert p.e_layers_needed() == [10]          # a group at 0 starts from the receiver's own embeddings
+    assert p.e_layers_needed() == [10]  # a group at 0 starts from the receiver's own embeddings
     assert p.reused_layers(12) == [4, 5, 6, 7, 8, 9]
     assert RecomputePlan.all(30).num_recomputed == 30
     assert RecomputePlan.from_list(p.to_list()) == p

@@ -1,4 +1,5 @@
 """One model identity: the engine, the deployment and the store keys read the same ModelSpec."""
+
 import pytest
 
 from kvrelay.serving import deployment as dp
@@ -7,12 +8,20 @@ from kvrelay.errors import KvRelayError
 from kvrelay.families import family_spec
 from kvrelay.model.spec import ModelSpec
 
-SMALL = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-             num_key_value_heads=2, head_dim=16, vocab_size=512)
+SMALL = dict(
+    num_hidden_layers=2,
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    vocab_size=512,
+)
 
 
 def test_built_family_identity_is_the_engines(tiny_family):
     from kvrelay.model.engine_api import EngineConfig
+
     fam = family_spec("tiny")
     assert not fam.synthetic and fam.models == tuple(tiny_family.models) and fam.base == "base"
     ids = dp.identities(dp.for_family("tiny"))

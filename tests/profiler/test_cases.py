@@ -1,4 +1,5 @@
 """Teacher-forced cases: a user's JSONL (every malformed line named), the seeded split, domain text."""
+
 import json
 
 import pytest
@@ -17,24 +18,29 @@ GOOD = {"context": "some context text", "question": "what?", "answer": "that"}
 
 
 def test_reads_context_question_and_optional_answer(tmp_path):
-    p = _write(tmp_path, [GOOD, "", {"context": "c2", "question": "q2"}, {"context": "c3", "question": "q3", "answer": None}])
+    p = _write(
+        tmp_path, [GOOD, "", {"context": "c2", "question": "q2"}, {"context": "c3", "question": "q3", "answer": None}]
+    )
     got = cs.read_jsonl(p)
     assert [c.context for c in got] == ["some context text", "c2", "c3"]
     assert got[0].reference == got[0].answer == "that"
-    assert got[1].reference == "" and got[1].answer == ""      # the receiver's own output becomes the reference
-    assert got[1].id == "line3"                                  # ids name the file's line numbers
+    assert got[1].reference == "" and got[1].answer == ""  # the receiver's own output becomes the reference
+    assert got[1].id == "line3"  # ids name the file's line numbers
 
 
-@pytest.mark.parametrize("bad, msg", [
-    ("{not json", r"line 2: not a JSON object"),
-    ('["a list"]', r"line 2: expected a JSON object"),
-    ({"question": "q"}, r"line 2: field 'context' is missing"),
-    ({"context": "c"}, r"line 2: field 'question' is missing"),
-    ({"context": "", "question": "q"}, r"line 2: field 'context' must be a non-empty string"),
-    ({"context": 3, "question": "q"}, r"line 2: field 'context' must be a non-empty string"),
-    ({"context": "c", "question": "q", "answer": 7}, r"line 2: field 'answer' must be a string"),
-    ({"context": "c", "question": "q", "ctx": "x"}, r"line 2: unknown field\(s\) ctx"),
-])
+@pytest.mark.parametrize(
+    "bad, msg",
+    [
+        ("{not json", r"line 2: not a JSON object"),
+        ('["a list"]', r"line 2: expected a JSON object"),
+        ({"question": "q"}, r"line 2: field 'context' is missing"),
+        ({"context": "c"}, r"line 2: field 'question' is missing"),
+        ({"context": "", "question": "q"}, r"line 2: field 'context' must be a non-empty string"),
+        ({"context": 3, "question": "q"}, r"line 2: field 'context' must be a non-empty string"),
+        ({"context": "c", "question": "q", "answer": 7}, r"line 2: field 'answer' must be a string"),
+        ({"context": "c", "question": "q", "ctx": "x"}, r"line 2: unknown field\(s\) ctx"),
+    ],
+)
 def test_a_malformed_line_is_named(tmp_path, bad, msg):
     p = _write(tmp_path, [GOOD, bad])
     with pytest.raises(cs.DataError, match=msg):
@@ -71,6 +77,7 @@ def test_split_is_seeded_disjoint_and_stable_when_lines_are_added(tmp_path):
 
 def test_domain_cases_are_the_documents_own_next_tokens(tiny_family):
     from kvrelay.model import tokenizer as tk
+
     tok = tk.load(tiny_family.model_dir("base"))
     got = cs.domain_cases(tok, ("code",), "heldout", 3, (64, 96), ref_tokens=16, seed=0)
     assert len(got) == 3 and len({c.id for c in got}) == 3

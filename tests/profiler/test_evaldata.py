@@ -1,4 +1,5 @@
 """Offline evaluation tasks: deterministic, from the profile/heldout parts only, answers extractable."""
+
 import pytest
 
 from kvrelay.families import corpora
@@ -11,6 +12,7 @@ CTX = (96, 160)
 @pytest.fixture(scope="module")
 def tok(tiny_family):
     from kvrelay.model import tokenizer as tk
+
     return tk.load(tiny_family.model_dir("base"))
 
 
@@ -52,14 +54,14 @@ def test_answers_are_extractable(mixed):
     docs = {d.name: d.text for dom in corpora.DOMAINS for d in corpora.load_documents(dom)}
     for s in mixed["profile"] + mixed["heldout"]:
         if s.kind == "qa":
-            assert s.answer in s.context                       # extractive: a span of the context
+            assert s.answer in s.context  # extractive: a span of the context
         else:
             # continuation: the context is the text right before the reference, which it does not hold
             text = docs[s.doc]
             tail = s.context.rstrip()[-40:]
             at = text.find(tail)
             assert at != -1
-            nxt = " ".join(text[at + len(tail):].split())
+            nxt = " ".join(text[at + len(tail) :].split())
             assert nxt.startswith(" ".join(s.answer.split()[:3]))
 
 
@@ -110,10 +112,12 @@ def test_changelog_facts_are_who_signed_which_version_and_when():
     facts = evaldata._changelog_facts(corpora.Document("changelog:foo/changelog.Debian.gz", CHANGELOG))
     qa = {q: a for q, a, _, _ in facts}
     assert qa["In the changelog of foo, who signed the entry for version 1.2-1?"] == "Ada Lovelace"
-    assert qa["In the changelog of foo, on what date was the entry for version 1.1-2 signed?"] == \
-        "Tue, 02 Feb 2021 09:00:00 +0000"
+    assert (
+        qa["In the changelog of foo, on what date was the entry for version 1.1-2 signed?"]
+        == "Tue, 02 Feb 2021 09:00:00 +0000"
+    )
     for _, a, lo, hi in facts:
-        assert a in CHANGELOG[lo:hi]   # the span the context window keeps contains the answer
+        assert a in CHANGELOG[lo:hi]  # the span the context window keeps contains the answer
 
 
 def test_changelog_tasks_from_the_installed_changelogs(tok):

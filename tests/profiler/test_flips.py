@@ -1,4 +1,5 @@
 """The flip model: exact Poisson bounds, and predictions that move the right way."""
+
 import math
 
 import pytest
@@ -29,7 +30,7 @@ def test_prediction_is_exact_without_shift_and_falls_with_it():
 
 def test_gaps_and_shifts_read_the_reference_top_two():
     ref = [torch.tensor([3.0, 1.0, 0.0]), torch.tensor([0.0, 2.0, 1.5])]
-    test = [torch.tensor([3.0, 2.5, 0.0]), torch.tensor([9.0, 2.0, 1.5])]   # token 0 is not in ref's top 2 at pos 1
+    test = [torch.tensor([3.0, 2.5, 0.0]), torch.tensor([9.0, 2.0, 1.5])]  # token 0 is not in ref's top 2 at pos 1
     assert flips.top2_gaps(ref) == pytest.approx([2.0, 0.5])
     assert flips.gap_shifts(ref, test, 2) == pytest.approx([1.5, 0.0])
     assert flips.gap_shifts(ref, test, 1) == pytest.approx([1.5])

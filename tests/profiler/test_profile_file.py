@@ -1,4 +1,5 @@
 """Profile file schema: frontier extraction, round trip, clear errors on malformed files."""
+
 import json
 
 import pytest
@@ -15,8 +16,15 @@ def _c(plan, n, q, kl=0.0):
 
 
 def test_pareto_frontier_keeps_only_undominated_configs():
-    cs = [_c([[0, 2]], 2, 70.0), _c([], 0, 60.0), _c([[2, 4]], 2, 90.0), _c([[0, 4]], 4, 85.0),
-          _c([[2, 8]], 6, 97.0), _c([[0, 8]], 8, 97.0), _c([[4, 12]], 8, 99.0)]
+    cs = [
+        _c([[0, 2]], 2, 70.0),
+        _c([], 0, 60.0),
+        _c([[2, 4]], 2, 90.0),
+        _c([[0, 4]], 4, 85.0),
+        _c([[2, 8]], 6, 97.0),
+        _c([[0, 8]], 8, 97.0),
+        _c([[4, 12]], 8, 99.0),
+    ]
     fr = pf.pareto_frontier(cs)
     assert [(f["layers_recomputed"], f["quality"]) for f in fr] == [(0, 60.0), (2, 90.0), (6, 97.0), (8, 99.0)]
     assert fr[1]["plan"] == [[2, 4]]
@@ -24,11 +32,17 @@ def test_pareto_frontier_keeps_only_undominated_configs():
 
 def test_pareto_frontier_goes_by_the_flip_model_bound():
     # both plans matched every sample, but the cheap one is predicted to flip tokens: it is dominated
-    cs = [{**_c([[26, 30]], 4, 100.0), "quality_bound": 80.0}, {**_c([[24, 30]], 6, 100.0), "quality_bound": 100.0},
-          {**_c([], 0, 100.0), "quality_bound": 60.0}]
+    cs = [
+        {**_c([[26, 30]], 4, 100.0), "quality_bound": 80.0},
+        {**_c([[24, 30]], 6, 100.0), "quality_bound": 100.0},
+        {**_c([], 0, 100.0), "quality_bound": 60.0},
+    ]
     fr = pf.pareto_frontier(cs)
-    assert [(f["plan"], f["quality"], f["observed_quality"]) for f in fr] == \
-        [([], 60.0, 100.0), ([[26, 30]], 80.0, 100.0), ([[24, 30]], 100.0, 100.0)]
+    assert [(f["plan"], f["quality"], f["observed_quality"]) for f in fr] == [
+        ([], 60.0, 100.0),
+        ([[26, 30]], 80.0, 100.0),
+        ([[24, 30]], 100.0, 100.0),
+    ]
     prof = make_profile(frontier=[([], 0, 100.0)])
     prof["configs"], prof["frontier"] = cs, fr
     assert pf.validate(prof) is prof
@@ -58,20 +72,23 @@ def test_paths():
     assert pf.partial_path("profiles/smol/base__code.json").as_posix() == "profiles/smol/base__code.partial.json"
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda d: d.pop("receiver_fingerprint"), "lacks field.*receiver_fingerprint"),
-    (lambda d: d.update(num_layers="30"), "num_layers must be int"),
-    (lambda d: d.update(format=99), "format 99 is not supported"),
-    (lambda d: d["dataset"].pop("split"), "dataset lacks field.*split"),
-    (lambda d: d.update(configs=[]), "no scored configs"),
-    (lambda d: d["configs"][1].update(plan=[[10, 40]]), r"configs\[1\].plan.*out of range"),
-    (lambda d: d["configs"][1].update(plan="2-4"), r"configs\[1\].plan must be list"),
-    (lambda d: d["configs"][1].update(layers_recomputed=5), "recomputes 2 layers, but layers_recomputed says 5"),
-    (lambda d: d["configs"][1].update(quality=float("nan")), "quality must be float"),
-    (lambda d: d["frontier"].reverse(), "frontier must rise"),
-    (lambda d: d["baselines"].pop("full_reuse"), "baselines lacks full_reuse"),
-    (lambda d: d["baselines"]["full_prefill"].pop("quality"), "baselines.full_prefill lacks field.*quality"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda d: d.pop("receiver_fingerprint"), "lacks field.*receiver_fingerprint"),
+        (lambda d: d.update(num_layers="30"), "num_layers must be int"),
+        (lambda d: d.update(format=99), "format 99 is not supported"),
+        (lambda d: d["dataset"].pop("split"), "dataset lacks field.*split"),
+        (lambda d: d.update(configs=[]), "no scored configs"),
+        (lambda d: d["configs"][1].update(plan=[[10, 40]]), r"configs\[1\].plan.*out of range"),
+        (lambda d: d["configs"][1].update(plan="2-4"), r"configs\[1\].plan must be list"),
+        (lambda d: d["configs"][1].update(layers_recomputed=5), "recomputes 2 layers, but layers_recomputed says 5"),
+        (lambda d: d["configs"][1].update(quality=float("nan")), "quality must be float"),
+        (lambda d: d["frontier"].reverse(), "frontier must rise"),
+        (lambda d: d["baselines"].pop("full_reuse"), "baselines lacks full_reuse"),
+        (lambda d: d["baselines"]["full_prefill"].pop("quality"), "baselines.full_prefill lacks field.*quality"),
+    ],
+)
 def test_malformed_profiles_are_clear_errors(tmp_path, mutate, message):
     data = make_profile()
     mutate(data)

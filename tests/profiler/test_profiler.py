@@ -1,4 +1,5 @@
 """The profiler end to end on the tiny family: configs, a valid profile file, resume, plot, check, CLI errors."""
+
 import json
 
 import pytest
@@ -9,17 +10,32 @@ from kvrelay.model.plan import RecomputePlan
 from kvrelay.profiler import scoring
 from kvrelay.profiler.run import enumerate_plans, max_group_layers
 
-ARGS = ["--metric", "exact", "--family", "tiny", "--sender", "base", "--receiver", "code", "--samples", "2", "--context-tokens", "64-96",
-        "--max-tokens", "4", "--no-progress"]
+ARGS = [
+    "--metric",
+    "exact",
+    "--family",
+    "tiny",
+    "--sender",
+    "base",
+    "--receiver",
+    "code",
+    "--samples",
+    "2",
+    "--context-tokens",
+    "64-96",
+    "--max-tokens",
+    "4",
+    "--no-progress",
+]
 
 
 def test_enumerate_plans():
     plans = enumerate_plans(8, 2, max_group_layers(8, 2, 0.5))
     assert plans[0] == RecomputePlan.none()
     assert [str(p) for p in plans[1:]] == ["0-2", "2-4", "4-6", "6-8", "0-4", "2-6", "4-8"]
-    assert len(enumerate_plans(30, 2, max_group_layers(30, 2, 0.5))) == 1 + 84   # lengths 2..14
+    assert len(enumerate_plans(30, 2, max_group_layers(30, 2, 0.5))) == 1 + 84  # lengths 2..14
     assert len(enumerate_plans(30, 2, 30)) == 1 + 15 * 16 // 2
-    assert "6-7" in {str(p) for p in enumerate_plans(7, 2, 7)}                      # odd L: last end is L
+    assert "6-7" in {str(p) for p in enumerate_plans(7, 2, 7)}  # odd L: last end is L
 
 
 @pytest.fixture(scope="module")
@@ -36,10 +52,16 @@ def test_profile_writes_a_valid_file(profiled):
     assert d["max_group_layers"] == 4 and len(d["configs"]) == 8
     assert d["dataset"]["split"] == "profile" and d["dataset"]["samples"] == 2
     assert d["dataset"]["context_tokens"] == [64, 96]
-    assert d["baselines"]["full_prefill"]["quality"] == 100.0 and d["baselines"]["full_prefill"]["layers_recomputed"] == 8
+    assert (
+        d["baselines"]["full_prefill"]["quality"] == 100.0 and d["baselines"]["full_prefill"]["layers_recomputed"] == 8
+    )
     assert d["baselines"]["full_reuse"]["quality"] == d["configs"][0]["quality"]
     assert d["frontier"] == pf.pareto_frontier(d["configs"])
-    assert d["command"].startswith("kvrelay profile --metric exact --family tiny") and d["created"] and d["kvrelay_version"]
+    assert (
+        d["command"].startswith("kvrelay profile --metric exact --family tiny")
+        and d["created"]
+        and d["kvrelay_version"]
+    )
     for c in d["configs"]:
         assert 0 <= c["quality"] <= 100 and c["kl"] >= 0 and c["prefill_s"] > 0
     assert not pf.partial_path(profiled).exists()
@@ -48,11 +70,11 @@ def test_profile_writes_a_valid_file(profiled):
 def test_profile_selects_by_the_flip_model(profiled):
     d = pf.load(profiled).data
     fm = d["flip_model"]
-    assert fm["gaps"] == 2 * 4 and fm["density_upper"] > 0          # every reference position counted
+    assert fm["gaps"] == 2 * 4 and fm["density_upper"] > 0  # every reference position counted
     for c in d["configs"]:
         assert c["positions"] >= 2 and c["gap_shift"] >= 0
         assert c["quality_bound"] == min(c["quality"], c["predicted_exact"])
-    for f in d["frontier"]:                                         # the frontier goes by the bound
+    for f in d["frontier"]:  # the frontier goes by the bound
         c = next(c for c in d["configs"] if c["plan"] == f["plan"])
         assert f["quality"] == c["quality_bound"] and f["observed_quality"] == c["quality"]
 
@@ -77,7 +99,7 @@ def test_profile_resumes_from_partial_results(tiny_family, tmp_path, monkeypatch
     counted = []
     monkeypatch.setattr(scoring, "run_plans", lambda *a, **kw: counted.append(len(a[4])) or real(*a, **kw))
     assert main(["profile", *ARGS, "--batch", "4", "--out", str(out)]) == 0
-    assert sum(counted) == 2 * 8 - 4                       # only what the partial run had not done
+    assert sum(counted) == 2 * 8 - 4  # only what the partial run had not done
     assert pf.load(out).data["dataset"]["samples"] == 2 and not pf.partial_path(out).exists()
 
 
@@ -106,18 +128,19 @@ def test_check_passes_then_flags_drift(profiled, monkeypatch, capsys):
 
 def test_check_record_marks_the_profile_verified_on_these_weights(profiled, tmp_path, monkeypatch, capsys):
     d = json.loads(profiled.read_text())
-    d["sender_weights"], d["receiver_weights"] = "000000000000", "111111111111"   # scored on another build
+    d["sender_weights"], d["receiver_weights"] = "000000000000", "111111111111"  # scored on another build
     prof = tmp_path / "other.json"
     pf.save(d, prof)
     loose = ["--samples", "1", "--quality-target", "0.9", "--no-progress"]
     assert main(["profile", "check", str(prof), *loose]) == 0
     assert "other; --record records them" in capsys.readouterr().err
-    assert "verified_on" not in json.loads(prof.read_text())           # not without --record
+    assert "verified_on" not in json.loads(prof.read_text())  # not without --record
     assert main(["profile", "check", str(prof), *loose, "--record"]) == 0
     v = json.loads(prof.read_text())["verified_on"]
     assert len(v) == 1 and v[0]["samples"] == 1 and v[0]["plans"]
     from kvrelay.families import load_family
     from kvrelay.model import fingerprint
+
     fam = load_family("tiny")
     here = tuple(fingerprint.weights_digest(fam.model_dir(m)) for m in (d["sender"], d["receiver"]))
     assert (v[0]["sender_weights"], v[0]["receiver_weights"]) == here
@@ -138,17 +161,20 @@ def test_check_flags_stale_fingerprints(profiled, tmp_path, capsys):
     assert "fingerprints differ" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["profile"], "kvrelay profile needs --family"),
-    (["profile", "--metric", "exact"], "needs --family, --sender, --receiver, --out"),
-    (["profile", "frob", "x.json"], "unknown profile action 'frob'"),
-    (["profile", "plot"], "takes exactly one PROFILE.json"),
-    (["profile", "plot", "/nonexistent/p.json"], "no profile at"),
-    (["profile", *ARGS, "--out", "p.txt"], "must be a .json file"),
-    (["profile", *ARGS[:-5], "--context-tokens", "abc", "--out", "p.json"], "--context-tokens must be"),
-    (["profile", *ARGS, "--sender", "code", "--out", "p.json"], "must differ"),
-    (["profile", *ARGS, "--kind", "poetry", "--out", "p.json"], "--kind must be one of"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["profile"], "kvrelay profile needs --family"),
+        (["profile", "--metric", "exact"], "needs --family, --sender, --receiver, --out"),
+        (["profile", "frob", "x.json"], "unknown profile action 'frob'"),
+        (["profile", "plot"], "takes exactly one PROFILE.json"),
+        (["profile", "plot", "/nonexistent/p.json"], "no profile at"),
+        (["profile", *ARGS, "--out", "p.txt"], "must be a .json file"),
+        (["profile", *ARGS[:-5], "--context-tokens", "abc", "--out", "p.json"], "--context-tokens must be"),
+        (["profile", *ARGS, "--sender", "code", "--out", "p.json"], "must differ"),
+        (["profile", *ARGS, "--kind", "poetry", "--out", "p.json"], "--kind must be one of"),
+    ],
+)
 def test_bad_arguments_exit_2(argv, message, capsys):
     assert main(argv) == 2
     assert message in capsys.readouterr().err

@@ -1,4 +1,5 @@
 """Quality metrics against hand-computed cases."""
+
 import math
 
 import pytest
@@ -71,9 +72,9 @@ def test_prefix_match_and_profile_quality():
     assert M.first_divergence(ref, [5, 6, 9, 8]) == 2
     assert M.first_divergence(ref, [5, 6]) == 2
     assert M.prefix_match(ref, ref) == 1.0
-    assert M.prefix_match(ref, [5, 6, 9, 8]) == 0.5          # later agreement after a divergence does not count
+    assert M.prefix_match(ref, [5, 6, 9, 8]) == 0.5  # later agreement after a divergence does not count
     assert M.prefix_match(ref, [5, 6, 9, 8], n=2) == 1.0
-    assert M.prefix_match(ref, [5, 6]) == 0.5                # stopping early (EOS) is a divergence
+    assert M.prefix_match(ref, [5, 6]) == 0.5  # stopping early (EOS) is a divergence
     assert M.prefix_match(ref, [4]) == 0.0
     assert M.prefix_match([], [1]) == 1.0
     assert M.profile_quality(ref, [5, 6, 7, 1]) == 75.0
@@ -87,6 +88,7 @@ def test_prefix_match_and_profile_quality():
 
 def test_unknown_metric_is_a_clear_error():
     from kvrelay.errors import KvRelayError
+
     with pytest.raises(KvRelayError, match="unknown metric"):
         M.score("bleu", "a", "a")
     assert M.score("rouge_l", "a b", "a b") == 1.0

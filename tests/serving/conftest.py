@@ -1,6 +1,7 @@
 """Real tritonserver fixtures (tiny family: base + code), with profiles written by the tests so the
 plan the orchestrator picks is known: base->code recomputes every layer (so its text must equal
 code's own full prefill), code->base recomputes layers 2-4 and reuses the rest."""
+
 from __future__ import annotations
 
 import pytest
@@ -25,8 +26,9 @@ def test_profiles(tmp_path_factory, tiny_family):
 
 def deployment(profiles, store="memory:256MiB", **kw) -> dp.Deployment:
     models = [dp.ModelDeployment("base", kv_cache_bytes=64 << 20), dp.ModelDeployment("code", kv_cache_bytes=64 << 20)]
-    return dp.Deployment(family="tiny", models=models, store=store, profiles_dir=str(profiles),
-                         max_tokens_limit=256, **kw)
+    return dp.Deployment(
+        family="tiny", models=models, store=store, profiles_dir=str(profiles), max_tokens_limit=256, **kw
+    )
 
 
 class Running:

@@ -1,5 +1,6 @@
 """A K/V-corrected plan served through the serving core: E travels at every layer, and the answer is
 the engine's own re-prefill under that plan; without E at every layer the selector does not offer it."""
+
 import pytest
 
 from kvrelay.model.engine_api import EngineConfig, Request, SamplingParams
@@ -16,19 +17,45 @@ PLAN = RecomputePlan(((2, 4),), True)
 
 
 def _tf_profile(root, fp, L, plan):
-    c = {"plan": plan.to_list(), "kv_correction": plan.correct_kv, "layers_recomputed": plan.num_recomputed,
-         "quality": 99.0, "retained_gain": 0.99, "retained_gain_ci": [0.99, 0.995], "top1_agreement": 0.99,
-         "top1_agreement_ci": [0.985, 0.995], "kl": 0.001, "meets_target": True, "meets_strict": False,
-         "prefill_s_fit": 0.1}
-    pf.save({"format": pf.FORMAT, "family": "tiny", "sender": "code", "receiver": "base", "sender_fingerprint": fp,
-             "receiver_fingerprint": fp, "num_layers": L, "stride": 2, "max_group_layers": 4,
-             "dataset": {"kind": "test", "split": "profile", "samples": 2, "context_tokens": [0, 0]},
-             "metric": {"name": "teacher_forced", "description": "test"}, "configs": [c],
-             "frontier": pf.pareto_frontier([c]),
-             "baselines": {"full_prefill": {"layers_recomputed": L, "quality": 100.0},
-                           "full_reuse": {"layers_recomputed": 0, "quality": 50.0}},
-             "command": "tests", "kvrelay_version": "test", "created": pf.now_utc()},
-            pf.path_for(root, "tiny", "code", "base"))
+    c = {
+        "plan": plan.to_list(),
+        "kv_correction": plan.correct_kv,
+        "layers_recomputed": plan.num_recomputed,
+        "quality": 99.0,
+        "retained_gain": 0.99,
+        "retained_gain_ci": [0.99, 0.995],
+        "top1_agreement": 0.99,
+        "top1_agreement_ci": [0.985, 0.995],
+        "kl": 0.001,
+        "meets_target": True,
+        "meets_strict": False,
+        "prefill_s_fit": 0.1,
+    }
+    pf.save(
+        {
+            "format": pf.FORMAT,
+            "family": "tiny",
+            "sender": "code",
+            "receiver": "base",
+            "sender_fingerprint": fp,
+            "receiver_fingerprint": fp,
+            "num_layers": L,
+            "stride": 2,
+            "max_group_layers": 4,
+            "dataset": {"kind": "test", "split": "profile", "samples": 2, "context_tokens": [0, 0]},
+            "metric": {"name": "teacher_forced", "description": "test"},
+            "configs": [c],
+            "frontier": pf.pareto_frontier([c]),
+            "baselines": {
+                "full_prefill": {"layers_recomputed": L, "quality": 100.0},
+                "full_reuse": {"layers_recomputed": 0, "quality": 50.0},
+            },
+            "command": "tests",
+            "kvrelay_version": "test",
+            "created": pf.now_utc(),
+        },
+        pf.path_for(root, "tiny", "code", "base"),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +84,7 @@ def _base_after_code(dep):
 
 def test_corrected_plan_is_served_with_e_at_every_layer(profiles, tiny_family):
     from kvrelay.backends.torch_engine.engine import TorchEngine
+
     got = _base_after_code(deployment(profiles, e_layers="all"))
     assert got.route.startswith("reuse") and (got.donor, got.recomputed_layers) == ("code", 2)
     cfg = lambda: EngineConfig(kv_cache_bytes=64 << 20, e_layers=tuple(range(1, 8)), prefix_caching=False)
@@ -69,5 +97,5 @@ def test_corrected_plan_is_served_with_e_at_every_layer(profiles, tiny_family):
 
 
 def test_without_e_at_every_layer_the_corrected_plan_is_not_offered(profiles):
-    got = _base_after_code(deployment(profiles))      # e_layers "even"
+    got = _base_after_code(deployment(profiles))  # e_layers "even"
     assert got.route.startswith("full") and "no plan meets" in got.route

@@ -1,5 +1,6 @@
 """The Router: every route and fallback of one request, against the real memory store and real
 pages, without engines (the engine's side, PrefillInfo and exported pages, is what it would report)."""
+
 import threading
 import time
 
@@ -52,7 +53,7 @@ def test_miss_publishes_then_own_prefix_then_restore_on_another_server():
     assert (d.route.kind, d.route.reason, d.route.export) == ("full", "miss", True) and d.prefill is not None
     assert r.pages(d, CTX + [1, 2]) is None
     full_prefill_done(r, d, CTX + [1, 2])
-    assert r.store.lookup("t", "fp", CTX, 4) == {"code@wcode": 6}          # published
+    assert r.store.lookup("t", "fp", CTX, 4) == {"code@wcode": 6}  # published
     again = r.decide("code", "t", "t", CTX + [3])
     assert (again.route.kind, again.route.reason) == ("prefix", "own prefix: engine cache")
     other_server = make(store=r.store)
@@ -103,6 +104,7 @@ def test_pages_gone_between_lookup_and_fetch_is_a_full_prefill():
     class Vanishing(MemoryStore):
         def fetch(self, *a, **k):
             return None
+
     r = make(store=Vanishing(64 << 20))
     r.store.put("t", pages("base", CTX))
     d = r.decide("code", "t", "t", CTX + [7])
@@ -118,6 +120,7 @@ def test_store_down_at_lookup_or_fetch_is_a_full_prefill_and_counted():
     class DownAtLookup(MemoryStore):
         def lookup(self, *a, **k):
             raise KvRelayError("connection refused")
+
     r = make(store=DownAtFetch(64 << 20))
     r.store.put("t", pages("base", CTX))
     d = r.decide("code", "t", "t", CTX + [7])
@@ -147,15 +150,17 @@ def test_a_request_waits_for_the_in_flight_prefill_of_its_context_then_reuses_it
     waiter = threading.Thread(target=lambda: got.append(r.decide("code", "t", "t", CTX + [5])))
     waiter.start()
     time.sleep(0.3)
-    assert not got                                    # still waiting for base's pages
+    assert not got  # still waiting for base's pages
     full_prefill_done(r, first, CTX + [1, 2], producer="base")
     waiter.join(10)
     d = got[0]
-    assert (d.route.kind, d.route.donor) == ("reuse", "base") and d.route.reason.endswith("(after an in-flight prefill)")
+    assert (d.route.kind, d.route.donor) == ("reuse", "base") and d.route.reason.endswith(
+        "(after an in-flight prefill)"
+    )
 
 
 def test_no_wait_for_a_model_whose_pages_would_not_serve_or_for_another_tenant():
-    r = make(plan=None)                               # base's pages are useless to code without a plan
+    r = make(plan=None)  # base's pages are useless to code without a plan
     r.decide("base", "t", "t", CTX + [1, 2])
     d = r.decide("code", "t", "t", CTX + [5])
     assert (d.route.kind, d.route.reason) == ("full", "miss")
@@ -167,7 +172,7 @@ def test_no_wait_for_a_model_whose_pages_would_not_serve_or_for_another_tenant()
 def test_a_failed_request_releases_its_waiters():
     r = make()
     first = r.decide("base", "t", "t", CTX + [1, 2])
-    r.finish(first)                                   # failed before its prefill: nothing to publish
+    r.finish(first)  # failed before its prefill: nothing to publish
     d = r.decide("code", "t", "t", CTX + [5])
     assert (d.route.kind, d.route.reason) == ("full", "miss")
 
@@ -180,14 +185,16 @@ def _block_size():
 def test_flush_waits_for_a_slow_publish():
     """Two publisher workers: a no-op submitted after a put may finish first, so tests and callers
     that need the pages stored wait with flush() (a full-suite run saw an empty store otherwise)."""
+
     class SlowPut(MemoryStore):
         def put(self, tenant, pages):
             time.sleep(0.3)
             return super().put(tenant, pages)
+
     r = make(store=SlowPut(64 << 20))
     d = r.decide("code", "t", "t", CTX + [1])
     r.prefill_done(d, PrefillInfo(prompt_tokens=25), pages("code", CTX), CTX + [1])
     r.publisher.submit(lambda: None).result()
-    assert r.store.lookup("t", "fp", CTX, 4) == {}                 # the no-op finished first
+    assert r.store.lookup("t", "fp", CTX, 4) == {}  # the no-op finished first
     r.flush()
     assert r.store.lookup("t", "fp", CTX, 4) == {"code@wcode": 6}

@@ -1,4 +1,5 @@
 """The orchestrator's routing decision, without Triton: real page store, real pages."""
+
 import pytest
 import torch
 
@@ -28,11 +29,17 @@ class FixedSelector:
 
 def pages(producer, tokens, fingerprint="fp"):
     n = len(tokens) // FMT.block_size
-    return KVPages(FMT, f"{producer}@w{producer}", fingerprint, tokens[: n * 4],
-                   torch.randn(n, *FMT.kv_shape), torch.randn(n, *FMT.e_shape))
+    return KVPages(
+        FMT,
+        f"{producer}@w{producer}",
+        fingerprint,
+        tokens[: n * 4],
+        torch.randn(n, *FMT.kv_shape),
+        torch.randn(n, *FMT.e_shape),
+    )
 
 
-CTX = list(range(100, 124))   # 6 blocks
+CTX = list(range(100, 124))  # 6 blocks
 
 
 @pytest.fixture
@@ -87,7 +94,9 @@ def test_tenants_fingerprints_and_unknown_producers_are_never_used(store):
 
 def test_sharing_off_ignores_other_variants(store):
     store.put("t", pages("base", CTX))
-    r = route(store, FixedSelector(RecomputePlan.none()), IDS, "code", "t", CTX + [1], RecentlyComputed(), sharing=False)
+    r = route(
+        store, FixedSelector(RecomputePlan.none()), IDS, "code", "t", CTX + [1], RecentlyComputed(), sharing=False
+    )
     assert (r.kind, r.reason) == ("full", "sharing off")
 
 
@@ -95,6 +104,7 @@ def test_store_failure_is_a_full_prefill_not_an_error():
     class Down(MemoryStore):
         def lookup(self, *a, **k):
             raise KvRelayError("connection refused")
+
     r = route(Down(1 << 20), FixedSelector(None), IDS, "code", "t", CTX, RecentlyComputed())
     assert r.kind == "full" and r.reason.startswith("store unavailable") and not r.export
 
@@ -110,7 +120,7 @@ def test_a_reuse_this_server_ran_is_remembered_per_donor_plan_and_context(store)
     first = route(store, FixedSelector(plan), IDS, "code", "t", CTX + [7, 8], recent)
     assert first.kind == "reuse" and not first.cached
     recent.add_hybrid("code", "t", first, CTX + [7, 8], FMT.block_size)
-    again = route(store, FixedSelector(plan), IDS, "code", "t", CTX + [9], recent)      # another question
+    again = route(store, FixedSelector(plan), IDS, "code", "t", CTX + [9], recent)  # another question
     assert again.cached and again.reason.endswith("hybrid KV cached in the engine")
     other_plan = route(store, FixedSelector(RecomputePlan(((0, 2),))), IDS, "code", "t", CTX + [9], recent)
     other_receiver = route(store, FixedSelector(plan), IDS, "legal", "t", CTX + [9], recent)
@@ -122,15 +132,16 @@ def test_a_reuse_this_server_ran_is_remembered_per_donor_plan_and_context(store)
 def test_in_flight_prefills_cover_a_context_until_they_end():
     from kvrelay.model.kv_format import block_hashes
     from kvrelay.serving.routes import InFlightPrefills
+
     fl = InFlightPrefills()
-    ctx = block_hashes(CTX + [1, 2, 3, 4], 4)                    # 7 blocks
+    ctx = block_hashes(CTX + [1, 2, 3, 4], 4)  # 7 blocks
     p = fl.begin("base", "t", "fp", ctx)
-    mine = block_hashes(CTX + [1, 2, 3, 4] + [9] * 8, 4)        # 9 blocks, the first 7 shared
+    mine = block_hashes(CTX + [1, 2, 3, 4] + [9] * 8, 4)  # 9 blocks, the first 7 shared
     assert fl.covering("t", "fp", mine, lambda m: True) is p
-    assert fl.covering("t", "fp", mine, lambda m: m != "base") is None          # not a model worth waiting for
-    assert fl.covering("t2", "fp", mine, lambda m: True) is None                # other tenant
+    assert fl.covering("t", "fp", mine, lambda m: m != "base") is None  # not a model worth waiting for
+    assert fl.covering("t2", "fp", mine, lambda m: True) is None  # other tenant
     assert fl.covering("t", "fp", block_hashes(CTX[:8] + [5] * 40, 4), lambda m: True) is None  # 2 of 12 blocks
     assert not p.done.is_set()
     fl.end(p)
-    fl.end(p)                                                   # idempotent
+    fl.end(p)  # idempotent
     assert p.done.is_set() and fl.covering("t", "fp", mine, lambda m: True) is None

@@ -1,4 +1,5 @@
 """Selector rules (queueing vs. idle/SLO, quality target), fallbacks, caching; the latency model."""
+
 import logging
 
 import pytest
@@ -11,10 +12,16 @@ from helpers.profiles import make_profile, write
 FP = "fp-test"
 
 # 30 layers; at 1024 tokens: full 3.0 s; 3 layers 0.5 s, 8 layers 1.0 s, 15 layers 1.7 s  (~0.1 s / layer)
-BENCH = {"num_layers": 30, "full_s": {"1024": 3.0, "2048": 6.2},
-         "layers_recomputed": {"0.1": 3, "0.25": 8, "0.5": 15},
-         "reprefill_s": {"0.1": {"1024": 0.5, "2048": 1.0}, "0.25": {"1024": 1.0, "2048": 2.1},
-                         "0.5": {"1024": 1.7, "2048": 3.5}}}
+BENCH = {
+    "num_layers": 30,
+    "full_s": {"1024": 3.0, "2048": 6.2},
+    "layers_recomputed": {"0.1": 3, "0.25": 8, "0.5": 15},
+    "reprefill_s": {
+        "0.1": {"1024": 0.5, "2048": 1.0},
+        "0.25": {"1024": 1.0, "2048": 2.1},
+        "0.5": {"1024": 1.7, "2048": 3.5},
+    },
+}
 
 
 @pytest.fixture
@@ -61,10 +68,13 @@ def test_idle_picks_most_recompute_within_slo(profiles):
 def test_a_plan_that_matched_by_luck_is_not_chosen(tmp_path):
     # observed 100 on every sample for both plans; the flip model predicts the 4-layer plan flips tokens
     data = make_profile(frontier=[([], 0, 90.0)])
-    data["configs"] = [{"plan": [[26, 30]], "layers_recomputed": 4, "quality": 100.0, "quality_bound": 85.0},
-                       {"plan": [[24, 30]], "layers_recomputed": 6, "quality": 100.0, "quality_bound": 99.9},
-                       {"plan": [], "layers_recomputed": 0, "quality": 100.0, "quality_bound": 40.0}]
+    data["configs"] = [
+        {"plan": [[26, 30]], "layers_recomputed": 4, "quality": 100.0, "quality_bound": 85.0},
+        {"plan": [[24, 30]], "layers_recomputed": 6, "quality": 100.0, "quality_bound": 99.9},
+        {"plan": [], "layers_recomputed": 0, "quality": 100.0, "quality_bound": 40.0},
+    ]
     from kvrelay.model import profile_file as pf
+
     data["frontier"] = pf.pareto_frontier(data["configs"])
     write(tmp_path, data)
     c = Selector(tmp_path, "tiny").choose("base", "code", FP, FP, context_tokens=1024, queued=3)
@@ -87,7 +97,7 @@ def test_no_profile_fallback_is_logged_and_counted(profiles, caplog):
     assert c.reason.startswith("no profile for code->legal")
     assert sel.fallbacks["no profile"] == 2
     warnings = [r for r in caplog.records if r.name == "kvrelay.serving.selector" and r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "code->legal" in warnings[0].getMessage()   # once per pair and reason
+    assert len(warnings) == 1 and "code->legal" in warnings[0].getMessage()  # once per pair and reason
 
 
 def test_fingerprint_mismatch_fallback(profiles):
@@ -111,7 +121,7 @@ def test_profiles_are_cached_until_reload(profiles):
     sel = Selector(profiles, "tiny")
     assert sel.choose("base", "code", FP, FP, context_tokens=1024, queued=1).plan is not None
     (profiles / "tiny" / "base__code.json").unlink()
-    assert sel.choose("base", "code", FP, FP, context_tokens=1024, queued=1).plan is not None   # cached
+    assert sel.choose("base", "code", FP, FP, context_tokens=1024, queued=1).plan is not None  # cached
     sel.reload()
     assert sel.choose("base", "code", FP, FP, context_tokens=1024, queued=1).plan is None
 
@@ -141,8 +151,15 @@ def test_a_profile_scored_on_other_weights_is_used_but_counted_and_logged_once(t
 
 
 def test_a_profile_verified_on_the_served_weights_counts_as_matching(tmp_path):
-    write(tmp_path, {**make_profile(), "sender_weights": "aaa", "receiver_weights": "bbb",
-                     "verified_on": [{"sender_weights": "aaa", "receiver_weights": "ccc"}]})
+    write(
+        tmp_path,
+        {
+            **make_profile(),
+            "sender_weights": "aaa",
+            "receiver_weights": "bbb",
+            "verified_on": [{"sender_weights": "aaa", "receiver_weights": "ccc"}],
+        },
+    )
     sel = Selector(tmp_path, "tiny")
     sel.choose("base", "code", FP, FP, context_tokens=1024, weights=("aaa", "ccc"))
     assert sel.fallbacks["profile scored on other weights"] == 0

@@ -1,4 +1,5 @@
 """The deployment through a real tritonserver: HTTP and gRPC, reuse, streaming, load, bad input."""
+
 import json
 import urllib.error
 import urllib.request
@@ -8,7 +9,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-import tritonclient.http as httpclient
 
 from kvrelay.server import client
 from kvrelay.errors import KvRelayError
@@ -17,12 +17,14 @@ CONTEXT = open(__file__.replace("test_server.py", "../../kvrelay/model/kv_format
 
 
 def tenant():
-    return f"t-{uuid.uuid4().hex[:8]}"   # a fresh tenant: nothing published yet
+    return f"t-{uuid.uuid4().hex[:8]}"  # a fresh tenant: nothing published yet
 
 
 def ask(server, model, question, tenant_, protocol="http", max_tokens=12, **kw):
     url = server.http_url if protocol == "http" else server.grpc_url
-    return client.infer(url, question, max_tokens, protocol=protocol, model=model, context=CONTEXT, tenant=tenant_, **kw)
+    return client.infer(
+        url, question, max_tokens, protocol=protocol, model=model, context=CONTEXT, tenant=tenant_, **kw
+    )
 
 
 def test_http_and_grpc_answer_the_same(server):
@@ -40,9 +42,9 @@ def test_second_variant_reuses_donor_kv_and_matches_its_own_prefill(server):
     reuse = ask(server, "code", "What does pack_tensor do?", t)
     assert reuse.info["kv_donor_model"] == "base" and reuse.info["kv_route"].startswith("reuse")
     assert reuse.info["kv_recomputed_layers"] == 8 and reuse.info["kv_reused_tokens"] >= 512
-    own = ask(server, "code", "What does pack_tensor do?", tenant())      # code alone, nothing to reuse
+    own = ask(server, "code", "What does pack_tensor do?", tenant())  # code alone, nothing to reuse
     assert own.info["kv_route"] == "full: miss"
-    assert reuse.text == own.text                                        # recompute-all == full prefill
+    assert reuse.text == own.text  # recompute-all == full prefill
 
 
 def test_partial_plan_reports_reused_and_recomputed_layers(server):
@@ -63,13 +65,23 @@ def test_streaming_grpc_and_http(server):
     t = tenant()
     whole = ask(server, "base", "Explain block hashes.", t, max_tokens=10)
     chunks = []
-    s = client.stream(server.grpc_url, "Explain block hashes.", 10, on_text=chunks.append, model="base",
-                      context=CONTEXT, tenant=t)
+    s = client.stream(
+        server.grpc_url, "Explain block hashes.", 10, on_text=chunks.append, model="base", context=CONTEXT, tenant=t
+    )
     assert s.chunks == 10 and "".join(chunks) == s.text == whole.text and s.ttft_s < s.latency_s
-    body = json.dumps({"text_input": "Explain block hashes.", "context": CONTEXT, "max_tokens": 4, "variant_name": "base",
-                       "stream": True, "tenant": t}).encode()
-    with urllib.request.urlopen(urllib.request.Request(
-            f"http://{server.http_url}/v2/models/ensemble_stream/generate_stream", body), timeout=60) as r:
+    body = json.dumps(
+        {
+            "text_input": "Explain block hashes.",
+            "context": CONTEXT,
+            "max_tokens": 4,
+            "variant_name": "base",
+            "stream": True,
+            "tenant": t,
+        }
+    ).encode()
+    with urllib.request.urlopen(
+        urllib.request.Request(f"http://{server.http_url}/v2/models/ensemble_stream/generate_stream", body), timeout=60
+    ) as r:
         events = [json.loads(l[5:]) for l in r.read().decode().splitlines() if l.startswith("data:")]
     assert [e["output_tokens"] for e in events] == [1, 2, 3, 4]
 
@@ -85,7 +97,9 @@ def test_32_parallel_requests_no_errors(server):
 def _raw_infer(server, inputs):
     body = json.dumps({"inputs": inputs}).encode()
     try:
-        with urllib.request.urlopen(urllib.request.Request(f"http://{server.http_url}/v2/models/ensemble/infer", body), timeout=60) as r:
+        with urllib.request.urlopen(
+            urllib.request.Request(f"http://{server.http_url}/v2/models/ensemble/infer", body), timeout=60
+        ) as r:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
@@ -94,17 +108,40 @@ def _raw_infer(server, inputs):
 TEXT = {"name": "text_input", "shape": [1], "datatype": "BYTES", "data": ["hello"]}
 
 
-@pytest.mark.parametrize("inputs,msg", [
-    ([TEXT, {"name": "max_tokens", "shape": [1], "datatype": "INT32", "data": [4]},
-      {"name": "variant_name", "shape": [1], "datatype": "BYTES", "data": ["nope"]}], "unknown model 'nope'"),
-    ([{**TEXT, "data": ["   "]}, {"name": "max_tokens", "shape": [1], "datatype": "INT32", "data": [4]}], "text_input is empty"),
-    ([TEXT, {"name": "max_tokens", "shape": [1], "datatype": "INT32", "data": [0]}], "max_tokens must be in 1..256"),
-    ([TEXT, {"name": "max_tokens", "shape": [1], "datatype": "INT32", "data": [10**9]}], "max_tokens must be in 1..256"),
-    ([TEXT, {"name": "max_tokens", "shape": [1], "datatype": "FP32", "data": [4.0]}], "max_tokens"),
-    ([TEXT, {"name": "max_tokens", "shape": [2], "datatype": "INT32", "data": [4, 4]}], "max_tokens"),
-    ([{**TEXT, "data": ["word " * 5000]}, {"name": "max_tokens", "shape": [1], "datatype": "INT32", "data": [4]}],
-     "exceeds the 4096-token context"),
-])
+@pytest.mark.parametrize(
+    "inputs,msg",
+    [
+        (
+            [
+                TEXT,
+                {"name": "max_tokens", "shape": [1], "datatype": "INT32", "data": [4]},
+                {"name": "variant_name", "shape": [1], "datatype": "BYTES", "data": ["nope"]},
+            ],
+            "unknown model 'nope'",
+        ),
+        (
+            [{**TEXT, "data": ["   "]}, {"name": "max_tokens", "shape": [1], "datatype": "INT32", "data": [4]}],
+            "text_input is empty",
+        ),
+        (
+            [TEXT, {"name": "max_tokens", "shape": [1], "datatype": "INT32", "data": [0]}],
+            "max_tokens must be in 1..256",
+        ),
+        (
+            [TEXT, {"name": "max_tokens", "shape": [1], "datatype": "INT32", "data": [10**9]}],
+            "max_tokens must be in 1..256",
+        ),
+        ([TEXT, {"name": "max_tokens", "shape": [1], "datatype": "FP32", "data": [4.0]}], "max_tokens"),
+        ([TEXT, {"name": "max_tokens", "shape": [2], "datatype": "INT32", "data": [4, 4]}], "max_tokens"),
+        (
+            [
+                {**TEXT, "data": ["word " * 5000]},
+                {"name": "max_tokens", "shape": [1], "datatype": "INT32", "data": [4]},
+            ],
+            "exceeds the 4096-token context",
+        ),
+    ],
+)
 def test_bad_inputs_are_invalid_arg_and_the_server_keeps_serving(server, inputs, msg):
     status, body = _raw_infer(server, inputs)
     assert status == 400 and msg in body["error"], body
@@ -131,8 +168,14 @@ def test_metrics_show_reuse(server):
     ask(server, "base", "Summarise.", t)
     ask(server, "code", "Summarise.", t)
     text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    hits = [l for l in text.splitlines() if l.startswith("kvrelay_store_hits_total") and 'donor="base"' in l
-            and 'receiver="code"' in l and 'model="ensemble"' in l]       # model = the entry point used
+    hits = [
+        l
+        for l in text.splitlines()
+        if l.startswith("kvrelay_store_hits_total")
+        and 'donor="base"' in l
+        and 'receiver="code"' in l
+        and 'model="ensemble"' in l
+    ]  # model = the entry point used
     assert hits and float(hits[0].split()[-1]) >= 1
     assert not [l for l in text.splitlines() if l.startswith("kvrelay_") and 'model="orchestrator_stream"' in l]
     assert "kvrelay_layers_recomputed_total" in text and "kvrelay_kv_bytes_moved_total" in text
@@ -155,8 +198,11 @@ def test_a_prefix_cache_hit_is_its_own_route_not_a_full_prefill(server):
 
 def _fetched_bytes(server) -> float:
     text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-    return sum(float(l.split()[-1]) for l in text.splitlines()
-               if l.startswith("kvrelay_kv_bytes_moved_total") and 'direction="fetch"' in l)
+    return sum(
+        float(l.split()[-1])
+        for l in text.splitlines()
+        if l.startswith("kvrelay_kv_bytes_moved_total") and 'direction="fetch"' in l
+    )
 
 
 def test_a_repeat_reuse_does_not_move_the_donor_pages_again(server):
@@ -166,7 +212,9 @@ def test_a_repeat_reuse_does_not_move_the_donor_pages_again(server):
     moved = _fetched_bytes(server)
     again = ask(server, "base", "Who produces pages?", t)
     assert first.info["kv_route"].startswith("reuse") and "cached in the engine" not in first.info["kv_route"]
-    assert again.info["kv_route"].startswith("reuse") and again.info["kv_route"].endswith("hybrid KV cached in the engine")
+    assert again.info["kv_route"].startswith("reuse") and again.info["kv_route"].endswith(
+        "hybrid KV cached in the engine"
+    )
     assert again.text == first.text and again.info["kv_recomputed_layers"] == first.info["kv_recomputed_layers"] == 2
     assert _fetched_bytes(server) == moved
 

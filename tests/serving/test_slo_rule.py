@@ -1,5 +1,6 @@
 """The selector's SLO rule runs in serving: with a deployment SLO the core fits a latency model to its
 own prefills, an idle request recomputes the most layers that meet the SLO, a queued one the fewest."""
+
 import pytest
 
 from helpers.profiles import write_profile
@@ -36,13 +37,14 @@ def ask(core, model, tokens):
 @pytest.mark.parametrize("core", [60.0], indirect=True)
 def test_an_idle_request_with_a_loose_slo_recomputes_more_than_a_queued_one(core):
     for i in range(3):
-        ask(core, "code", ctx(i))                      # full prefills: the latency model's first samples
+        ask(core, "code", ctx(i))  # full prefills: the latency model's first samples
     assert core.latency.predict(256, 8) is not None
     idle = ask(core, "base", ctx(0))
     assert idle.route.startswith("reuse: idle: most recompute meeting the 60.000s SLO") and idle.recomputed_layers == 8
     ids = core.ids
-    queued = core.selector.choose("code", "base", ids["code"].fingerprint, ids["base"].fingerprint,
-                                  context_tokens=256, queued=2, slo_s=60.0)
+    queued = core.selector.choose(
+        "code", "base", ids["code"].fingerprint, ids["base"].fingerprint, context_tokens=256, queued=2, slo_s=60.0
+    )
     assert queued.plan == CHEAP and queued.reason.startswith("queueing")
 
 
@@ -59,6 +61,6 @@ def test_the_online_model_fits_cost_per_layer_and_waits_for_samples():
     m.observe(1000, 30, 3.0)
     assert m.predict(1000, 30) is None
     m.observe(2000, 30, 6.0)
-    assert m.predict(1000, 3) == pytest.approx(0.3)          # full prefills only: cost in proportion to layers
-    m.observe(1000, 3, 0.5)                                   # a fixed share per token shows up with re-prefills
+    assert m.predict(1000, 3) == pytest.approx(0.3)  # full prefills only: cost in proportion to layers
+    m.observe(1000, 3, 0.5)  # a fixed share per token shows up with re-prefills
     assert 0.3 < m.predict(1000, 3) < 0.6 and m.predict(1000, 30) == pytest.approx(3.0, rel=0.1)

@@ -1,5 +1,6 @@
 """Redis at maxmemory (noeviction) under concurrent requests: every request is answered (publishes
 that Redis refuses are dropped, never the request), and nothing is left without a TTL or an owner."""
+
 from concurrent.futures import ThreadPoolExecutor
 
 import redis
@@ -20,11 +21,13 @@ def test_a_full_redis_fails_no_request_and_leaves_no_orphan(test_profiles):
     raw.config_set("maxmemory-policy", "noeviction")
     core = Orchestrator(deployment(test_profiles), store=RedisStore(srv.url, timeout_s=2.0, backoff_s=0.0))
     try:
+
         def one(i):
             sink = Collect()
             ctx = [2000 + 101 * i + t for t in range(16 * 20)]
             core.serve(ServeRequest(tokens=ctx + [i], max_tokens=2, model=("base", "code")[i % 2], tenant="t"), sink)
             return sink.replies[-1]
+
         with ThreadPoolExecutor(8) as pool:
             replies = list(pool.map(one, range(48)))
         core.router.flush()

@@ -5,6 +5,7 @@ engines over Triton BLS and Triton 2.51's Python backend corrupted its heap: at 
 `orchestrator_stream` stub died (SIGSEGV / SIGABRT, `double free or corruption`) within two minutes,
 and within STRESS_S seconds in the runs measured for this test.
 """
+
 import json
 import os
 import signal
@@ -35,9 +36,18 @@ def busy(tmp_path_factory, test_profiles):
 
 def test_32_mixed_clients_zero_errors_and_every_stub_alive(busy):
     before = {p.name: p.pid for p in procstats.server_tree(busy.proc.pid)}
-    spec = stress.StressSpec(busy.http_url, busy.grpc_url, ("base", "code"), stress.source_contexts(6),
-                             clients=STRESS_CLIENTS, duration_s=STRESS_S, max_tokens=(2, 8), timeout_s=60,
-                             tenants=("a", "b"), server_pid=busy.proc.pid)
+    spec = stress.StressSpec(
+        busy.http_url,
+        busy.grpc_url,
+        ("base", "code"),
+        stress.source_contexts(6),
+        clients=STRESS_CLIENTS,
+        duration_s=STRESS_S,
+        max_tokens=(2, 8),
+        timeout_s=60,
+        tenants=("a", "b"),
+        server_pid=busy.proc.pid,
+    )
     s = stress.summary(stress.run(spec))
     print(stress.render(s))
     assert s["errors"] == 0, s["errors_by_message"]
@@ -51,14 +61,23 @@ def _load(server, stop: threading.Event, results: list):
     """Back-to-back HTTP /infer requests until stopped: ("ok" | HTTP status | error class, seconds).
     /infer, not /generate: Triton 2.51's generate endpoint answers 400 for every error code."""
     text = lambda name, v: {"name": name, "shape": [1], "datatype": "BYTES", "data": [v]}
-    body = json.dumps({"inputs": [text("text_input", "Summarise."), text("context", CONTEXT), text("variant_name", "code"),
-                                  text("tenant", "k"), {"name": "max_tokens", "shape": [1], "datatype": "INT32",
-                                                        "data": [4]}]}).encode()
+    body = json.dumps(
+        {
+            "inputs": [
+                text("text_input", "Summarise."),
+                text("context", CONTEXT),
+                text("variant_name", "code"),
+                text("tenant", "k"),
+                {"name": "max_tokens", "shape": [1], "datatype": "INT32", "data": [4]},
+            ]
+        }
+    ).encode()
     while not stop.is_set():
         t0 = time.monotonic()
         try:
-            with urllib.request.urlopen(urllib.request.Request(
-                    f"http://{server.http_url}/v2/models/ensemble/infer", body), timeout=60) as r:
+            with urllib.request.urlopen(
+                urllib.request.Request(f"http://{server.http_url}/v2/models/ensemble/infer", body), timeout=60
+            ) as r:
                 out = {o["name"]: o["data"][0] for o in json.loads(r.read())["outputs"]}
                 outcome = "ok" if out["output_tokens"] == 4 else "wrong answer"
         except urllib.error.HTTPError as e:
@@ -87,7 +106,7 @@ def test_a_killed_stub_under_load_is_noticed_and_the_server_restarts(tmp_path, t
             time.sleep(0.1)
         assert sup.problem() == f"stub {victim} died"
         t0 = time.monotonic()
-        assert sup.check()                      # restarts tritonserver on the same ports
+        assert sup.check()  # restarts tritonserver on the same ports
         assert time.monotonic() - t0 < 60 and sup.problem() is None
         n = len(results)
         time.sleep(3)
@@ -101,5 +120,6 @@ def test_a_killed_stub_under_load_is_noticed_and_the_server_restarts(tmp_path, t
     assert max(d for _, d in results) < 60, "a request hung instead of failing"
     failures = [r for r, _ in results if r != "ok"]
     print(f"{len(results)} requests, {len(failures)} failed during the restart: {sorted(set(failures))[:5]}")
-    assert not any(f.startswith("HTTP 4") or f == "wrong answer" for f in failures), \
+    assert not any(f.startswith("HTTP 4") or f == "wrong answer" for f in failures), (
         "a server failure blamed on the client, or a wrong answer"
+    )

@@ -1,5 +1,6 @@
 """Tenants do not share engine prefix-cache blocks (the cross-tenant timing side channel), unless the
 deployment opts in; with prefix caching off nothing is cached at all. Real tiny engines, in-process."""
+
 import statistics
 import time
 
@@ -39,7 +40,7 @@ def test_another_tenants_context_is_computed_from_scratch(isolated):
     a2, _ = ask(isolated, ctx + [3], "alice")
     assert a.route == "full: miss" and b.route == "full: miss"
     assert b.reused_tokens == 0, "bob's prefill hit alice's blocks"
-    assert a2.route.startswith("prefix") and a2.reused_tokens == len(ctx)   # same-tenant reuse still works
+    assert a2.route.startswith("prefix") and a2.reused_tokens == len(ctx)  # same-tenant reuse still works
 
 
 def test_the_timing_side_channel_is_gone(isolated):
@@ -57,7 +58,7 @@ def test_the_timing_side_channel_is_gone(isolated):
         ctx_a, ctx_f = context(100 + i, 48), context(200 + i, 48)
         ask(isolated, ctx_a + [1], "alice")
         pair = [(shared, ctx_a), (fresh, ctx_f)]
-        for out, ctx in (pair if i % 2 else pair[::-1]):   # alternate which of bob's two goes first
+        for out, ctx in pair if i % 2 else pair[::-1]:  # alternate which of bob's two goes first
             out.append(timed(ctx + [2], "bob"))
         own.append(timed(ctx_a + [3], "alice"))
     s, f, o = (statistics.median(x) for x in (shared, fresh, own))

@@ -1,6 +1,7 @@
 """What Triton's own tools send (genai-perf 0.0.16 through perf_analyzer, tensorrtllm_backend
 clients), replayed exactly over gRPC streaming and HTTP against a real server: every entry point
 answers, names the variant, honours what it can and refuses the rest with INVALID_ARG."""
+
 import json
 import queue
 import urllib.error
@@ -18,8 +19,12 @@ def genai_perf_entry(model: str, max_tokens=6, streaming=True, deterministic=Tru
     (genai_perf/inputs/converters/tensorrtllm_converter.py): perf_analyzer sends each key whose name
     is an input of the model, shaped by the model's config. "model" is a bare string there, which
     perf_analyzer refuses as malformed if the model has an input of that name."""
-    e = {"model": model, "text_input": ["Explain what a page store is."], "max_tokens": [max_tokens],
-         "exclude_input_in_output": [True]}
+    e = {
+        "model": model,
+        "text_input": ["Explain what a page store is."],
+        "max_tokens": [max_tokens],
+        "exclude_input_in_output": [True],
+    }
     if streaming:
         e["stream"] = [True]
     if deterministic:
@@ -64,28 +69,34 @@ def text(r) -> str:
     return r.as_numpy("text_output").reshape(-1)[0].decode()
 
 
-@pytest.mark.parametrize("model,streaming", [("ensemble", False), ("ensemble", True), ("ensemble_stream", True),
-                                             ("code", False), ("code", True)])
+@pytest.mark.parametrize(
+    "model,streaming",
+    [("ensemble", False), ("ensemble", True), ("ensemble_stream", True), ("code", False), ("code", True)],
+)
 def test_genai_perf_requests_are_answered_on_every_entry_point(server, model, streaming):
     out = grpc_stream(server, model, genai_perf_entry(model, streaming=streaming))
     assert out and not isinstance(out[0], Exception), out
     last = out[-1]
-    assert int(last.as_numpy("output_tokens")[0]) == 6                  # min_length = max_tokens: exactly 6
+    assert int(last.as_numpy("output_tokens")[0]) == 6  # min_length = max_tokens: exactly 6
     assert last.as_numpy("variant")[0].decode() == ("code" if model == "code" else "base")
     if streaming and model != "ensemble":
-        assert len(out) == 6                                             # token by token
+        assert len(out) == 6  # token by token
     else:
         assert len(out) == 1
 
 
 def post(server, model: str, body: dict, stream=False):
-    req = urllib.request.Request(f"http://{server.http_url}/v2/models/{model}/generate{'_stream' if stream else ''}",
-                                 data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"http://{server.http_url}/v2/models/{model}/generate{'_stream' if stream else ''}",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
             raw = r.read().decode()
-            return r.status, [json.loads(x[5:]) for x in raw.splitlines() if x.startswith("data:")] if stream \
-                else json.loads(raw)
+            return r.status, [
+                json.loads(x[5:]) for x in raw.splitlines() if x.startswith("data:")
+            ] if stream else json.loads(raw)
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
 
@@ -97,17 +108,20 @@ def test_a_variant_is_its_own_http_model_and_says_who_answered(server):
     status, events = post(server, "code", {**body, "stream": True}, stream=True)
     assert status == 200 and len(events) == 4 and events[-1]["variant"] == "code"
     status, d = post(server, "ensemble", {"text_input": "What is a block?", "max_tokens": 2})
-    assert status == 200 and d["variant"] == "base", d                # no model given: the first variant
+    assert status == 200 and d["variant"] == "base", d  # no model given: the first variant
 
 
-@pytest.mark.parametrize("extra,msg", [
-    ({"beam_width": 2}, "beam_width must be 1"),
-    ({"exclude_input_in_output": False}, "exclude_input_in_output must be true"),
-    ({"return_log_probs": True}, "return_log_probs is not supported"),
-    ({"min_length": 9}, "min_length must be in 0..max_tokens (4)"),
-    ({"top_k": -1}, "top_k must be >= 0"),
-    ({"bad_words": "x" * 5000}, "bad_words: at most 64 words of 4096 characters"),
-])
+@pytest.mark.parametrize(
+    "extra,msg",
+    [
+        ({"beam_width": 2}, "beam_width must be 1"),
+        ({"exclude_input_in_output": False}, "exclude_input_in_output must be true"),
+        ({"return_log_probs": True}, "return_log_probs is not supported"),
+        ({"min_length": 9}, "min_length must be in 0..max_tokens (4)"),
+        ({"top_k": -1}, "top_k must be >= 0"),
+        ({"bad_words": "x" * 5000}, "bad_words: at most 64 words of 4096 characters"),
+    ],
+)
 def test_what_cannot_be_honoured_is_refused_the_same_on_http_and_grpc(server, extra, msg):
     body = {"text_input": "hi", "max_tokens": 4, **extra}
     status, d = post(server, "code", body)
@@ -117,8 +131,9 @@ def test_what_cannot_be_honoured_is_refused_the_same_on_http_and_grpc(server, ex
 
 
 def test_top_k_and_pad_id_and_end_id_are_accepted(server):
-    status, d = post(server, "ensemble", {"text_input": "hi", "max_tokens": 3, "top_k": 5, "pad_id": 0,
-                                          "end_id": 2, "beam_width": 1})
+    status, d = post(
+        server, "ensemble", {"text_input": "hi", "max_tokens": 3, "top_k": 5, "pad_id": 0, "end_id": 2, "beam_width": 1}
+    )
     assert status == 200 and d["variant"] == "base" and d["output_tokens"] <= 3, d
 
 

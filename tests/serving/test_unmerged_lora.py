@@ -1,5 +1,6 @@
 """lora = "unmerged" in the serving core (no Triton): a user's LoRA variants run as adapters on the
 base's one engine, a full fine-tune on its own; bad settings are clear errors."""
+
 from __future__ import annotations
 
 import threading
@@ -27,11 +28,14 @@ def family(tmp_path_factory):
         full = um.make_full(base, um.make_lora(base, root / "for-full", seed=3, target_modules=ALL), root / "full")
         refs = {"base": um.load(base), "qv": um.merged(base, qv), "all": um.merged(base, al), "full": um.load(full)}
 
-        def deployment(extra: str = "lora = \"unmerged\"\n") -> dp.Deployment:
+        def deployment(extra: str = 'lora = "unmerged"\n') -> dp.Deployment:
             toml = root / "mine.toml"
-            toml.write_text(f'profiles_dir = "{root / "none"}"\n{extra}\n[family]\nname = "mine"\nbase = "base"\n'
-                            '[family.variants]\nqv = "qv"\nall = "all"\nfull = "full"\n')
+            toml.write_text(
+                f'profiles_dir = "{root / "none"}"\n{extra}\n[family]\nname = "mine"\nbase = "base"\n'
+                '[family.variants]\nqv = "qv"\nall = "all"\nfull = "full"\n'
+            )
             return dp.load(toml)
+
         deployment.root, deployment.base = root, base
         yield deployment, refs
 
@@ -39,15 +43,20 @@ def family(tmp_path_factory):
 def test_adapters_share_the_base_engine_and_a_full_checkpoint_has_its_own(family):
     deployment, _ = family
     assert dp.engine_groups(deployment()) == {"base": ["base", "qv", "all"], "full": ["full"]}
-    assert dp.engine_groups(deployment("")) == {m: [m] for m in ("base", "qv", "all", "full")}   # merged default
+    assert dp.engine_groups(deployment("")) == {m: [m] for m in ("base", "qv", "all", "full")}  # merged default
 
 
-@pytest.mark.parametrize("extra, message", [
-    ('lora = "folded"\n', "lora must be 'merged' or 'unmerged'"),
-    ('lora = "unmerged"\nmax_loras = 0\n', "max_loras must be an integer >= 1"),
-    ('lora = "unmerged"\n[models.base]\n[models.qv]\ndtype = "bfloat16"\n[models.all]\n',
-     "share the 'base' engine but ask for different devices or dtypes"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ('lora = "folded"\n', "lora must be 'merged' or 'unmerged'"),
+        ('lora = "unmerged"\nmax_loras = 0\n', "max_loras must be an integer >= 1"),
+        (
+            'lora = "unmerged"\n[models.base]\n[models.qv]\ndtype = "bfloat16"\n[models.all]\n',
+            "share the 'base' engine but ask for different devices or dtypes",
+        ),
+    ],
+)
 def test_bad_settings_are_clear_errors(family, extra, message):
     deployment, _ = family
     with pytest.raises(KvRelayError, match=message):
@@ -88,8 +97,9 @@ def test_served_variants_decode_together_and_each_equals_its_merge(family):
             t.join(120)
         for m, ref in refs.items():
             x = torch.tensor([prompts[m]])
-            want = ref.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=10, do_sample=False,
-                                pad_token_id=0)[0, x.shape[1]:].tolist()
+            want = ref.generate(
+                x, attention_mask=torch.ones_like(x), max_new_tokens=10, do_sample=False, pad_token_id=0
+            )[0, x.shape[1] :].tolist()
             reply = sinks[m].replies[-1]
             assert reply.finished and reply.model == m and reply.output_ids == want, m
     finally:
@@ -106,15 +116,16 @@ def test_an_adapter_added_while_serving_is_servable_at_once_and_bad_ones_are_ref
     try:
         prompt = [1] + [3 + (11 * j) % 250 for j in range(30)]
         x = torch.tensor([prompt])
-        want = ref.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False,
-                            pad_token_id=0)[0, x.shape[1]:].tolist()
+        want = ref.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False, pad_token_id=0)[
+            0, x.shape[1] :
+        ].tolist()
         errors, base_sink = [], Collect()
 
         def base_load():
             try:
                 for _ in range(3):
                     core.serve(ServeRequest(tokens=prompt, max_tokens=6, model="base", tenant="b"), base_sink)
-            except Exception as e:          # noqa: BLE001 - any failure of the others is the bug
+            except Exception as e:  # noqa: BLE001 - any failure of the others is the bug
                 errors.append(e)
 
         t = threading.Thread(target=base_load)
@@ -128,14 +139,16 @@ def test_an_adapter_added_while_serving_is_servable_at_once_and_bad_ones_are_ref
         assert first.replies[-1].output_ids == want == again.replies[-1].output_ids
         assert first.replies[-1].model == "new" and core.runners["new"] is core.runners["base"]
         with pytest.raises(KvRelayError, match="already served from"):
-            core.serve(ServeRequest(tokens=prompt, max_tokens=2, model="new", lora_path=str(deployment.root / "qv")),
-                       Collect())
+            core.serve(
+                ServeRequest(tokens=prompt, max_tokens=2, model="new", lora_path=str(deployment.root / "qv")), Collect()
+            )
         with pytest.raises(KvRelayError, match="one of the deployment's models"):
             core.serve(ServeRequest(tokens=prompt, max_tokens=2, model="qv", lora_path=str(new)), Collect())
         with pytest.raises(KvRelayError, match="adapter_config.json"):
-            core.serve(ServeRequest(tokens=prompt, max_tokens=2, model="bad", lora_path=str(deployment.root)),
-                       Collect())
-        with pytest.raises(KvRelayError, match="unknown model 'bad'"):      # nothing was registered
+            core.serve(
+                ServeRequest(tokens=prompt, max_tokens=2, model="bad", lora_path=str(deployment.root)), Collect()
+            )
+        with pytest.raises(KvRelayError, match="unknown model 'bad'"):  # nothing was registered
             core.serve(ServeRequest(tokens=prompt, max_tokens=2, model="bad"), Collect())
     finally:
         core.close()

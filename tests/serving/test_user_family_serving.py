@@ -3,6 +3,7 @@ adapter, a merged full checkpoint) served by a real tritonserver with lora = "un
 both adapters in one engine, the full checkpoint in its own): a plain tritonclient query per variant
 answers what HF transformers generates on that variant (greedy, same prompt), token for token, alone
 and with all four asked at once (decoded in one batch)."""
+
 from __future__ import annotations
 
 import time
@@ -22,22 +23,24 @@ ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 CONTEXT = " ".join(f"w{(11 * i) % 250}" for i in range(120))
 QUESTIONS = {"base": "w3 w4 w5", "qv": "w7 w8", "all": "w9 w10 w11 w12", "full": "w13"}
 MAX_TOKENS = 12
-LATE: dict = {}        # an adapter the server does not know at start (registered by a request)
+LATE: dict = {}  # an adapter the server does not know at start (registered by a request)
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("byom")
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("KVRELAY_HOME", str(root / "home"))     # the server's stubs inherit it
+        mp.setenv("KVRELAY_HOME", str(root / "home"))  # the server's stubs inherit it
         base = um.make_base(root / "base")
         qv = um.make_lora(base, root / "qv", seed=1)
         al = um.make_lora(base, root / "all", seed=2, target_modules=ALL)
         full = um.make_full(base, um.make_lora(base, root / "for-full", seed=3, target_modules=ALL), root / "full")
         toml = root / "mine.toml"
-        toml.write_text(f'profiles_dir = "{root / "no-profiles"}"\nmax_tokens_limit = 64\nlora = "unmerged"\n\n'
-                        '[family]\nname = "mine"\n'
-                        'base = "base"\n[family.variants]\nqv = "qv"\nall = "all"\nfull = "full"\n')
+        toml.write_text(
+            f'profiles_dir = "{root / "no-profiles"}"\nmax_tokens_limit = 64\nlora = "unmerged"\n\n'
+            '[family]\nname = "mine"\n'
+            'base = "base"\n[family.variants]\nqv = "qv"\nall = "all"\nfull = "full"\n'
+        )
         dep = dp.validate(dp.load(toml))
         refs = {"base": um.load(base), "qv": um.merged(base, qv), "all": um.merged(base, al), "full": um.load(full)}
         late = um.make_lora(base, root / "late", seed=4, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"])
@@ -52,9 +55,10 @@ def served(tmp_path_factory):
 def _hf(model, ids: list[int]) -> list[int]:
     # the prompt holds <unk> (id 0 = pad): an explicit mask, or generate() would mask those positions out
     x = torch.tensor([ids])
-    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=MAX_TOKENS, do_sample=False,
-                         pad_token_id=0)
-    return out[0, len(ids):].tolist()
+    out = model.generate(
+        x, attention_mask=torch.ones_like(x), max_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=0
+    )
+    return out[0, len(ids) :].tolist()
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
@@ -105,6 +109,6 @@ def test_an_adapter_registered_on_the_running_server_answers_within_seconds(serv
     assert got.info["variant"] == "late" and got.text == want
     again = client.infer(server.grpc_url, "w20 w21", MAX_TOKENS, protocol="grpc", model="late", context=CONTEXT)
     assert again.text == want
-    assert first_s < 30, first_s          # registration + the request; measured in docs/lora-serving.md
+    assert first_s < 30, first_s  # registration + the request; measured in docs/lora-serving.md
     with pytest.raises(Exception, match="adapter_config.json"):
         client.infer(server.http_url, "w1", 2, model="broken", lora_path=str(late.parent / "nowhere"))

@@ -2,6 +2,7 @@
 
 (tests/store is a package so that this conftest does not replace tests/conftest.py as the module
 `conftest` that other test modules import from.)"""
+
 from __future__ import annotations
 
 import pytest
@@ -22,6 +23,7 @@ def redis_server():
 def raw_redis(redis_server):
     """A plain client on the test's server, to corrupt or inspect what the store wrote."""
     import redis
+
     r = redis.Redis.from_url(redis_server.url, socket_timeout=2)
     yield r
     r.close()

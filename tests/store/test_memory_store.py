@@ -1,10 +1,11 @@
 """The in-process tier: byte cap, LRU eviction that keeps contexts' leading pages longest."""
+
 from kvrelay.store import MemoryStore
 
 from .util import FMT, ctx, make_pages
 
 B = FMT.block_size
-PAGE = make_pages(ctx(B)).kv[0].nbytes + make_pages(ctx(B)).e[0].nbytes   # bytes one page holds
+PAGE = make_pages(ctx(B)).kv[0].nbytes + make_pages(ctx(B)).e[0].nbytes  # bytes one page holds
 
 
 def test_lru_eviction_under_the_byte_cap():

@@ -1,4 +1,5 @@
 """The Redis tier against a real redis-server: corruption, partial pages, a dead or hung server, sharing."""
+
 import time
 
 import pytest
@@ -20,7 +21,7 @@ def test_two_servers_share_pages_through_one_redis(redis_server):
     a, b = RedisStore(redis_server.url), RedisStore(redis_server.url)
     p = make_pages(ctx(3 * B))
     assert a.put("t1", p) == 3
-    assert b.put("t1", p) == 0                      # idempotent across clients too
+    assert b.put("t1", p) == 0  # idempotent across clients too
     assert b.lookup("t1", p.fingerprint, p.tokens, B) == {p.producer: 3}
     assert torch.equal(b.fetch("t1", p.fingerprint, p.producer, p.tokens, FMT, 3).kv, p.kv)
 
@@ -41,14 +42,14 @@ def test_a_corrupt_value_is_detected_dropped_and_missing(redis_server, raw_redis
     store.put("t1", p)
     (key,) = _value_keys(raw_redis, p.hashes[2], "k3")
     blob = bytearray(raw_redis.get(key))
-    blob[-1] ^= 0xFF                                 # one flipped byte in the payload
+    blob[-1] ^= 0xFF  # one flipped byte in the payload
     raw_redis.set(key, bytes(blob))
     got = store.fetch("t1", p.fingerprint, p.producer, p.tokens, FMT, 4)
-    assert got.num_pages == 2 and torch.equal(got.kv, p.kv[:2])    # the valid prefix
+    assert got.num_pages == 2 and torch.equal(got.kv, p.kv[:2])  # the valid prefix
     assert store.stats()["corrupt_dropped"] == 1
-    assert _value_keys(raw_redis, p.hashes[2], "*") == []           # page deleted from the store
+    assert _value_keys(raw_redis, p.hashes[2], "*") == []  # page deleted from the store
     assert store.lookup("t1", p.fingerprint, p.tokens, B) == {p.producer: 2}
-    assert store.put("t1", p) == 1                                  # recomputed and stored again
+    assert store.put("t1", p) == 1  # recomputed and stored again
     assert torch.equal(store.fetch("t1", p.fingerprint, p.producer, p.tokens, FMT, 4).kv, p.kv)
 
 
@@ -89,7 +90,7 @@ def test_a_layer_lost_after_a_stream_started_fails_the_stream(redis_server, raw_
     (key,) = _value_keys(raw_redis, p.hashes[1], "k4")
     real_read = store._read
 
-    def read(handles, wants):   # the value vanishes between the stream's start and its layer's load
+    def read(handles, wants):  # the value vanishes between the stream's start and its layer's load
         if wants == [("k", 4)]:
             raw_redis.delete(key)
         return real_read(handles, wants)
@@ -106,10 +107,12 @@ def test_killed_server_means_store_unavailable_quickly(redis_server):
     p = make_pages(ctx(3 * B))
     store.put("t1", p)
     redis_server.kill()
-    for call in (lambda: store.lookup("t1", p.fingerprint, p.tokens, B),
-                 lambda: store.fetch("t1", p.fingerprint, p.producer, p.tokens, FMT, 3),
-                 lambda: store.stream("t1", p.fingerprint, p.producer, p.tokens, FMT, 3),
-                 lambda: store.put("t1", p)):
+    for call in (
+        lambda: store.lookup("t1", p.fingerprint, p.tokens, B),
+        lambda: store.fetch("t1", p.fingerprint, p.producer, p.tokens, FMT, 3),
+        lambda: store.stream("t1", p.fingerprint, p.producer, p.tokens, FMT, 3),
+        lambda: store.put("t1", p),
+    ):
         t0 = time.monotonic()
         with pytest.raises(StoreUnavailable):
             call()
@@ -130,8 +133,10 @@ def test_hung_server_times_out(redis_server):
     store.put("t1", p)
     redis_server.pause()
     try:
-        for call in (lambda: store.lookup("t1", p.fingerprint, p.tokens, B),
-                     lambda: store.fetch("t1", p.fingerprint, p.producer, p.tokens, FMT, 2)):
+        for call in (
+            lambda: store.lookup("t1", p.fingerprint, p.tokens, B),
+            lambda: store.fetch("t1", p.fingerprint, p.producer, p.tokens, FMT, 2),
+        ):
             t0 = time.monotonic()
             with pytest.raises(StoreUnavailable, match="Timeout"):
                 call()
@@ -162,6 +167,7 @@ def test_server_dying_mid_stream(redis_server, monkeypatch):
 
 # --- attacks by a writer who can reach Redis (issue: pages that prove what they are) ---------------
 
+
 def _attacked(redis_server, raw_redis, attack):
     """Put 4 pages, let `attack(key_of_page2_layer3, raw)` rewrite one value, fetch: the valid prefix
     comes back, the attacked page is dropped, counted by kind and reported to the callback."""
@@ -179,17 +185,21 @@ def _attacked(redis_server, raw_redis, attack):
 
 def test_a_valid_blob_moved_from_another_layers_key_is_refused(redis_server, raw_redis):
     def move(key, raw, p):
-        (other,) = _value_keys(raw, p.hashes[2], "k4")    # a genuine page value, right shape and dtype
+        (other,) = _value_keys(raw, p.hashes[2], "k4")  # a genuine page value, right shape and dtype
         raw.set(key, raw.get(other))
+
     store, seen = _attacked(redis_server, raw_redis, move)
     assert seen == ["auth"] and store.rejected == {"auth": 1}
 
 
 def test_a_blob_forged_without_the_secret_is_refused_zeros_or_nans(redis_server, raw_redis):
     from kvrelay.model.kv_format import pack_tensor
+
     for fill in (0.0, float("nan")):
-        def forge(key, raw, p):   # what an attacker can compute: the format, the key, but not the secret
+
+        def forge(key, raw, p):  # what an attacker can compute: the format, the key, but not the secret
             raw.set(key, pack_tensor(torch.full(tuple(p.kv.shape[2:]), fill), key, b""))
+
         store, seen = _attacked(redis_server, raw_redis, forge)
         assert seen == ["auth"]
         raw_redis.flushdb()
@@ -197,9 +207,11 @@ def test_a_blob_forged_without_the_secret_is_refused_zeros_or_nans(redis_server,
 
 def test_nan_values_under_a_valid_mac_are_refused(redis_server, raw_redis):
     from kvrelay.model.kv_format import pack_tensor
+
     secret = b"deployment-secret-32-bytes-long!"
 
-    def poison(key, raw, p):   # e.g. a buggy engine that published NaNs with the right secret
+    def poison(key, raw, p):  # e.g. a buggy engine that published NaNs with the right secret
         raw.set(key, pack_tensor(torch.full(tuple(p.kv.shape[2:]), float("nan")), key, secret))
+
     store, seen = _attacked(redis_server, raw_redis, poison)
     assert seen == ["non_finite"] and store.rejected == {"non_finite": 1}

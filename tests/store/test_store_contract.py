@@ -1,4 +1,5 @@
 """What every page store tier guarantees (run against MemoryStore and a real redis-server)."""
+
 import pytest
 import torch
 
@@ -14,15 +15,15 @@ B = FMT.block_size
 def assert_same_pages(got: KVPages, want: KVPages, n=None):
     n = want.num_pages if n is None else n
     assert got.num_pages == n
-    assert got.tokens == want.tokens[:n * B] and got.hashes == want.hashes[:n]
+    assert got.tokens == want.tokens[: n * B] and got.hashes == want.hashes[:n]
     assert got.producer == want.producer and got.fingerprint == want.fingerprint and got.derived_from == ""
-    assert torch.equal(got.kv, want.kv[:n]) and torch.equal(got.e, want.e[:n])   # bit-exact
+    assert torch.equal(got.kv, want.kv[:n]) and torch.equal(got.e, want.e[:n])  # bit-exact
 
 
 def test_round_trip_is_bit_exact_and_put_idempotent(store):
     p = make_pages(ctx(5 * B))
     assert store.put("t1", p) == 5
-    assert store.put("t1", p) == 0                      # already there: nothing new
+    assert store.put("t1", p) == 0  # already there: nothing new
     got = store.fetch("t1", p.fingerprint, p.producer, p.tokens, FMT, 5)
     assert got.format == FMT and got.layers is None
     assert_same_pages(got, p)
@@ -41,25 +42,25 @@ def test_round_trip_bfloat16(store):
 
 def test_lookup_counts_leading_blocks_per_producer(store):
     tokens = ctx(6 * B)
-    store.put("t1", make_pages(tokens, producer="base@w1"))            # 6 blocks
-    store.put("t1", make_pages(tokens[:2 * B + 3], producer="code@w2"))  # 2 full blocks
+    store.put("t1", make_pages(tokens, producer="base@w1"))  # 6 blocks
+    store.put("t1", make_pages(tokens[: 2 * B + 3], producer="code@w2"))  # 2 full blocks
     assert store.lookup("t1", "fp-tiny", tokens + [7, 7], B) == {"base@w1": 6, "code@w2": 2}
-    diverged = tokens[:3 * B] + [999] + tokens[3 * B + 1:]
+    diverged = tokens[: 3 * B] + [999] + tokens[3 * B + 1 :]
     assert store.lookup("t1", "fp-tiny", diverged, B) == {"base@w1": 3, "code@w2": 2}
-    assert store.lookup("t1", "fp-tiny", [999] + tokens[1:], B) == {}   # first block differs: nothing
-    assert store.lookup("t1", "fp-tiny", tokens[:B - 1], B) == {}       # no full block
-    assert store.lookup("t1", "fp-tiny", tokens, 2 * B) == {}           # other block size: other pages
+    assert store.lookup("t1", "fp-tiny", [999] + tokens[1:], B) == {}  # first block differs: nothing
+    assert store.lookup("t1", "fp-tiny", tokens[: B - 1], B) == {}  # no full block
+    assert store.lookup("t1", "fp-tiny", tokens, 2 * B) == {}  # other block size: other pages
     assert store.stats()["lookups"] == 5
 
 
 def test_a_producer_only_ever_gets_its_own_pages(store):
     """A cross-model entry never serves another producer: fetch is per producer, lookup reports each."""
     tokens = ctx(4 * B)
-    base, code = make_pages(tokens, producer="base@w1", seed=1), make_pages(tokens[:2 * B], producer="code@w2", seed=2)
+    base, code = make_pages(tokens, producer="base@w1", seed=1), make_pages(tokens[: 2 * B], producer="code@w2", seed=2)
     store.put("t1", base)
     store.put("t1", code)
     got = store.fetch("t1", "fp-tiny", "code@w2", tokens, FMT, 4)
-    assert_same_pages(got, code, n=2)                 # its own 2 pages, not base's 4
+    assert_same_pages(got, code, n=2)  # its own 2 pages, not base's 4
     assert store.fetch("t1", "fp-tiny", "legal@w3", tokens, FMT, 4).num_pages == 0
     assert store.stats()["misses"] == 2 + 4
 
@@ -93,8 +94,9 @@ def test_only_a_models_own_whole_pages_are_stored(store):
     subset = KVPages(p.format, p.producer, p.fingerprint, p.tokens, p.kv[:, :2], p.e, layers=(0, 1))
     with pytest.raises(KvRelayError, match="layers"):
         store.put("t1", subset)
-    salted = KVPages(p.format, p.producer, p.fingerprint, p.tokens, p.kv, p.e,
-                     hashes=block_hashes(p.tokens, B, salt=b"donor|plan"))
+    salted = KVPages(
+        p.format, p.producer, p.fingerprint, p.tokens, p.kv, p.e, hashes=block_hashes(p.tokens, B, salt=b"donor|plan")
+    )
     with pytest.raises(KvRelayError, match="hash"):
         store.put("t1", salted)
     with pytest.raises(KvRelayError, match="tenant"):
@@ -137,7 +139,7 @@ def test_bad_requests(store):
     p = make_pages(ctx(2 * B))
     store.put("t1", p)
     with pytest.raises(KvRelayError, match="num_blocks"):
-        store.fetch("t1", p.fingerprint, p.producer, p.tokens, FMT, 3)   # more blocks than tokens
+        store.fetch("t1", p.fingerprint, p.producer, p.tokens, FMT, 3)  # more blocks than tokens
     with pytest.raises(KvRelayError, match="out of range"):
         store.fetch("t1", p.fingerprint, p.producer, p.tokens, FMT, 2, layers=[6])
     with pytest.raises(KvRelayError, match="e_layers"):
@@ -157,18 +159,19 @@ def test_stream_yields_what_fetch_returns(store):
         assert s.num_tokens == 4 * B and s.layers == fetched.layers
         for l in s.format.e_layers:
             assert torch.equal(s.e_layer(l), fetched.e_layer(l))
-        for l in (fetched.layers or range(FMT.num_layers)):
+        for l in fetched.layers or range(FMT.num_layers):
             assert torch.equal(s.kv_layer(l), fetched.kv_layer(l))
         assert_same_pages(s.wait(), fetched)
         if e_layers:
             order = [w for w in s.layer_times if w[0] == "e"]
-            assert order == [("e", 4), ("e", 2)]          # E first, in the order asked
-        assert list(s.layer_times)[:len(s.format.e_layers)] == [("e", l) for l in (e_layers or FMT.e_layers)]
+            assert order == [("e", 4), ("e", 2)]  # E first, in the order asked
+        assert list(s.layer_times)[: len(s.format.e_layers)] == [("e", l) for l in (e_layers or FMT.e_layers)]
 
 
 def test_stream_fails_cleanly_when_a_layer_never_comes(store, monkeypatch):
     """A loader stuck on a layer: the engine's wait is bounded and ends in StoreUnavailable."""
     import threading
+
     p = make_pages(ctx(2 * B))
     store.put("t1", p)
     release = threading.Event()
@@ -182,7 +185,7 @@ def test_stream_fails_cleanly_when_a_layer_never_comes(store, monkeypatch):
     monkeypatch.setattr(store, "_read", stuck)
     monkeypatch.setattr(store, "stream_wait_s", 0.2)
     s = store.stream("t1", p.fingerprint, p.producer, p.tokens, FMT, 2)
-    assert torch.equal(s.e_layer(2), p.e_layer(2))       # E arrived; recompute could run
+    assert torch.equal(s.e_layer(2), p.e_layer(2))  # E arrived; recompute could run
     with pytest.raises(StoreUnavailable, match="did not arrive"):
         s.kv_layer(0)
     release.set()
@@ -200,13 +203,14 @@ def test_stream_reports_a_failed_loader(store, monkeypatch):
 
     monkeypatch.setattr(store, "_read", broken)
     s = store.stream("t1", p.fingerprint, p.producer, p.tokens, FMT, 2)
-    assert torch.equal(s.kv_layer(2), p.kv_layer(2))     # loaded before the failure: still served
+    assert torch.equal(s.kv_layer(2), p.kv_layer(2))  # loaded before the failure: still served
     with pytest.raises(StoreUnavailable, match="connection lost"):
         s.kv_layer(3)
 
 
 def test_concurrent_use(store):
     import threading
+
     errors = []
 
     def worker(k):

@@ -1,5 +1,6 @@
 """Real engine pages through the store: a re-prefill from a streamed donor equals one from fetched
 pages and one from the sender's pages themselves (tiny family, both tiers)."""
+
 import pytest
 import torch
 
@@ -11,6 +12,7 @@ from kvrelay.model.plan import RecomputePlan
 def engines(tiny_family):
     from kvrelay.model.engine_api import EngineConfig
     from kvrelay.engines import make_engine
+
     cfg = lambda: EngineConfig(block_size=16, kv_cache_bytes=32 << 20, prefix_caching=False)
     return make_engine("tiny", "base", cfg()), make_engine("tiny", "code", cfg())
 
@@ -24,14 +26,15 @@ def test_reprefill_from_streamed_equals_fetched(engines, store, rng):
     S, R = engines
     B = S.page_format.block_size
     vocab = S.cfg.vocab_size
-    context = [rng.randrange(vocab) for _ in range(5 * B + rng.randrange(B - 3))]   # + 3 below: 5 full blocks
-    pages = S.generate([Request("donor", context + [5, 6, 7], SamplingParams(max_tokens=1),
-                                export_pages=True)])["donor"].pages
+    context = [rng.randrange(vocab) for _ in range(5 * B + rng.randrange(B - 3))]  # + 3 below: 5 full blocks
+    pages = S.generate([Request("donor", context + [5, 6, 7], SamplingParams(max_tokens=1), export_pages=True)])[
+        "donor"
+    ].pages
     assert store.put("acme", pages) == pages.num_pages == 5
 
     prompt = context + [rng.randrange(vocab) for _ in range(9)]
     found = store.lookup("acme", R.fingerprint, prompt, B)
-    assert found == {S.model_id: 5}                         # the sender's, never the receiver's own
+    assert found == {S.model_id: 5}  # the sender's, never the receiver's own
     plan = RecomputePlan(((2, 4),))
     reused, e_needed = plan.reused_layers(R.num_layers), plan.e_layers_needed()
     args = ("acme", R.fingerprint, S.model_id, prompt, R.page_format, found[S.model_id])

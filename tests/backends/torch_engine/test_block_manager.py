@@ -11,9 +11,9 @@ def test_prefix_match_shares_blocks_and_counts_refs():
     bm.register(a[1], b"h1")
     assert bm.match_prefix([b"h0", b"h1", b"h2"]) == a
     bm.release(a)
-    assert bm.num_available == 2            # still referenced by the matcher
+    assert bm.num_available == 2  # still referenced by the matcher
     bm.release(a)
-    assert bm.num_available == 4            # cached, evictable
+    assert bm.num_available == 4  # cached, evictable
 
 
 def test_lru_evicts_oldest_unreferenced_first():
@@ -24,10 +24,10 @@ def test_lru_evicts_oldest_unreferenced_first():
     bm.release([blocks[1]])
     bm.release([blocks[0]])
     bm.release([blocks[2]])
-    bm.match_prefix([b"h1"])                # touching h1 makes it most recent... and referenced
+    bm.match_prefix([b"h1"])  # touching h1 makes it most recent... and referenced
     new = bm.allocate(1)
-    assert new == [blocks[0]]               # h0 was released before h2
-    assert bm.match_prefix([b"h0"]) == []   # evicted: its hash is gone
+    assert new == [blocks[0]]  # h0 was released before h2
+    assert bm.match_prefix([b"h0"]) == []  # evicted: its hash is gone
     assert bm.match_prefix([b"h2"]) == [blocks[2]]
 
 

@@ -1,4 +1,5 @@
 """Engine behaviour: scheduling, sampling, caching and refusals (tiny family)."""
+
 import pytest
 import torch
 
@@ -73,26 +74,40 @@ def test_stop_sequences_end_generation(base, rng):
 
 
 def test_same_model_prefix_cache_and_lru_eviction(tiny_family, base, rng):
-    eng = TorchEngine.from_dir("base", tiny_family.model_dir("base"),
-                               EngineConfig(kv_cache_bytes=base.page_format.page_bytes * 24))
+    eng = TorchEngine.from_dir(
+        "base", tiny_family.model_dir("base"), EngineConfig(kv_cache_bytes=base.page_format.page_bytes * 24)
+    )
     assert eng.blocks.num_blocks == 24
     p = toks(rng, 64)
     first = eng.generate([Request("1", p + [5], greedy(1))])["1"]
     again = eng.generate([Request("2", p + [6], greedy(1))])["2"]
     assert first.prefill.cached_tokens == 0 and again.prefill.cached_tokens == 64
-    for i in range(6):                                         # push p out of the cache
+    for i in range(6):  # push p out of the cache
         eng.generate([Request(f"x{i}", toks(rng, 90), greedy(1))])
-    after = eng.generate([Request("3", p + [6], greedy(1), )])["3"]
+    after = eng.generate(
+        [
+            Request(
+                "3",
+                p + [6],
+                greedy(1),
+            )
+        ]
+    )["3"]
     assert after.prefill.cached_tokens == 0
     assert after.output_tokens == again.output_tokens
 
 
 def test_preemption_when_cache_runs_out_keeps_outputs_correct(tiny_family, rng):
     big = TorchEngine.from_dir("base", tiny_family.model_dir("base"), EngineConfig(kv_cache_bytes=64 << 20))
-    small = TorchEngine.from_dir("base", tiny_family.model_dir("base"),
-                                 EngineConfig(kv_cache_bytes=big.page_format.page_bytes * 12, prefix_caching=False))
-    prompts = [toks(rng, 40) for _ in range(4)]                 # 4 x (3..5 blocks) > 12 blocks while decoding
-    want = {f"r{i}": big.generate([Request(f"r{i}", p, greedy(30))])[f"r{i}"].output_tokens for i, p in enumerate(prompts)}
+    small = TorchEngine.from_dir(
+        "base",
+        tiny_family.model_dir("base"),
+        EngineConfig(kv_cache_bytes=big.page_format.page_bytes * 12, prefix_caching=False),
+    )
+    prompts = [toks(rng, 40) for _ in range(4)]  # 4 x (3..5 blocks) > 12 blocks while decoding
+    want = {
+        f"r{i}": big.generate([Request(f"r{i}", p, greedy(30))])[f"r{i}"].output_tokens for i, p in enumerate(prompts)
+    }
     got = small.generate([Request(f"r{i}", p, greedy(30)) for i, p in enumerate(prompts)])
     assert {k: v.output_tokens for k, v in got.items()} == want
 
@@ -106,15 +121,18 @@ def test_abort(base, rng):
     assert not base.has_unfinished()
 
 
-@pytest.mark.parametrize("req,msg", [
-    (Request("e", [], greedy(1)), "empty prompt"),
-    (Request("e", [1, 2], SamplingParams(max_tokens=0)), "max_tokens must be an integer in 1..4096"),
-    (Request("e", [1, 2], SamplingParams(max_tokens=10**9)), "max_tokens must be"),
-    (Request("e", [1] * 4090, greedy(10)), "exceeds the model's context limit of 4096"),
-    (Request("e", [1, 10**6], greedy(1)), "token ids must be in 0..49151"),
-    (Request("e", [1, 2], SamplingParams(temperature=-1)), "temperature must be >= 0"),
-    (Request("e", [1, 2], SamplingParams(top_p=0)), "top_p must be in"),
-])
+@pytest.mark.parametrize(
+    "req,msg",
+    [
+        (Request("e", [], greedy(1)), "empty prompt"),
+        (Request("e", [1, 2], SamplingParams(max_tokens=0)), "max_tokens must be an integer in 1..4096"),
+        (Request("e", [1, 2], SamplingParams(max_tokens=10**9)), "max_tokens must be"),
+        (Request("e", [1] * 4090, greedy(10)), "exceeds the model's context limit of 4096"),
+        (Request("e", [1, 10**6], greedy(1)), "token ids must be in 0..49151"),
+        (Request("e", [1, 2], SamplingParams(temperature=-1)), "temperature must be >= 0"),
+        (Request("e", [1, 2], SamplingParams(top_p=0)), "top_p must be in"),
+    ],
+)
 def test_bad_requests_are_refused_at_once(base, req, msg):
     with pytest.raises(KvRelayError, match=msg):
         base.add_request(req)
@@ -150,9 +168,22 @@ def test_bad_plans_and_donors_are_clear_errors(base, code, rng):
         code.add_request(Request("x", prompt, greedy(1), donor=foreign, plan=RecomputePlan.none()))
     wrong_geom = PageFormat(**{**pages.format.to_dict(), "block_size": 32})
     with pytest.raises(KvRelayError, match="do not fit"):
-        code.add_request(Request("x", prompt, greedy(1), donor=KVPages(
-            wrong_geom, "base", base.fingerprint, pages.tokens, pages.kv.reshape(2, *wrong_geom.kv_shape),
-            pages.e.reshape(2, *wrong_geom.e_shape)), plan=RecomputePlan.none()))
+        code.add_request(
+            Request(
+                "x",
+                prompt,
+                greedy(1),
+                donor=KVPages(
+                    wrong_geom,
+                    "base",
+                    base.fingerprint,
+                    pages.tokens,
+                    pages.kv.reshape(2, *wrong_geom.kv_shape),
+                    pages.e.reshape(2, *wrong_geom.e_shape),
+                ),
+                plan=RecomputePlan.none(),
+            )
+        )
     with pytest.raises(KvRelayError, match="empty prompt"):
         code.add_request(Request("x", [], greedy(1), donor=pages, plan=RecomputePlan.none()))
     assert not code.has_unfinished()
@@ -160,16 +191,17 @@ def test_bad_plans_and_donors_are_clear_errors(base, code, rng):
 
 def test_hybrid_pages_cannot_be_a_donor(base, code, rng):
     pages = _pages(base, rng)
-    hybrid = code.generate([Request("h", pages.tokens + [3], greedy(1), donor=pages,
-                                    plan=RecomputePlan(((2, 4),)), export_pages=True)])["h"].pages
+    hybrid = code.generate(
+        [Request("h", pages.tokens + [3], greedy(1), donor=pages, plan=RecomputePlan(((2, 4),)), export_pages=True)]
+    )["h"].pages
     assert hybrid.derived_from.startswith(base.model_id + "|") and hybrid.producer == code.model_id
     with pytest.raises(KvRelayError, match="only a model's own KV can be a donor"):
         base.add_request(Request("x", pages.tokens + [3], greedy(1), donor=hybrid, plan=RecomputePlan.none()))
 
 
 def test_donor_covering_another_context_reuses_only_the_shared_blocks(base, code, rng):
-    pages = _pages(base, rng)                      # 4 blocks
-    prompt = pages.tokens[:40] + toks(rng, 30)     # shares 2 full blocks + 8 tokens
+    pages = _pages(base, rng)  # 4 blocks
+    prompt = pages.tokens[:40] + toks(rng, 30)  # shares 2 full blocks + 8 tokens
     out = code.generate([Request("x", prompt, greedy(1), donor=pages, plan=RecomputePlan.none())])["x"]
     assert out.prefill.reused_tokens == 32
     unrelated = code.generate([Request("y", toks(rng, 40), greedy(1), donor=pages, plan=RecomputePlan.none())])["y"]
@@ -178,15 +210,16 @@ def test_donor_covering_another_context_reuses_only_the_shared_blocks(base, code
 
 def test_own_pages_restored_from_a_store_are_exact(tiny_family, base, rng):
     fresh = TorchEngine.from_dir("base", tiny_family.model_dir("base"), EngineConfig(kv_cache_bytes=32 << 20))
-    pages = _pages(base, rng)                                 # "published" by another instance of base
+    pages = _pages(base, rng)  # "published" by another instance of base
     assert pages.producer == fresh.model_id and "@" in fresh.model_id
     prompt = pages.tokens + [11, 12]
     want = base.generate([Request("w", prompt, SamplingParams(max_tokens=1, return_logits=1))])["w"].logits[0]
-    got = fresh.generate([Request("g", prompt, SamplingParams(max_tokens=1, return_logits=1), donor=pages,
-                                  plan=RecomputePlan.none())])["g"]
+    got = fresh.generate(
+        [Request("g", prompt, SamplingParams(max_tokens=1, return_logits=1), donor=pages, plan=RecomputePlan.none())]
+    )["g"]
     assert (got.logits[0] - want).abs().max() < 2e-4
     plain = fresh.generate([Request("p", prompt, greedy(1))])["p"]
-    assert plain.prefill.cached_tokens == 64                  # exact KV: a plain prefix hit afterwards
+    assert plain.prefill.cached_tokens == 64  # exact KV: a plain prefix hit afterwards
 
 
 def test_hybrid_kv_never_answers_a_plain_prefix_hit(base, code, rng):
@@ -196,13 +229,14 @@ def test_hybrid_kv_never_answers_a_plain_prefix_hit(base, code, rng):
     plain = code.generate([Request("p", prompt, greedy(1))])["p"]
     assert plain.prefill.cached_tokens == 0
     again = code.generate([Request("h2", prompt, greedy(1), donor=pages, plan=RecomputePlan.none())])["h2"]
-    assert again.prefill.cached_tokens == 64      # same donor and plan: the hybrid blocks are reused
+    assert again.prefill.cached_tokens == 64  # same donor and plan: the hybrid blocks are reused
 
 
 def test_bfloat16_engine_runs_and_stays_close(tiny_family, rng):
     f32 = TorchEngine.from_dir("base", tiny_family.model_dir("base"), EngineConfig(kv_cache_bytes=32 << 20))
-    bf16 = TorchEngine.from_dir("base", tiny_family.model_dir("base"),
-                                EngineConfig(kv_cache_bytes=32 << 20, dtype="bfloat16"))
+    bf16 = TorchEngine.from_dir(
+        "base", tiny_family.model_dir("base"), EngineConfig(kv_cache_bytes=32 << 20, dtype="bfloat16")
+    )
     p = toks(rng, 40)
     a = f32.generate([Request("a", p, SamplingParams(max_tokens=1, return_logits=1))])["a"].logits[0]
     b = bf16.generate([Request("b", p, SamplingParams(max_tokens=1, return_logits=1))])["b"].logits[0]
@@ -215,7 +249,12 @@ class _FailingDonor:
 
     def __init__(self, pages):
         self.pages = pages
-        self.format, self.producer, self.fingerprint, self.tokens = pages.format, pages.producer, pages.fingerprint, pages.tokens
+        self.format, self.producer, self.fingerprint, self.tokens = (
+            pages.format,
+            pages.producer,
+            pages.fingerprint,
+            pages.tokens,
+        )
         self.num_tokens = pages.num_tokens
         self.derived_from = ""
 
@@ -233,8 +272,17 @@ def test_donor_failing_mid_load_degrades_to_a_correct_full_prefill(base, code, r
     prompt = pages.tokens + [3, 4, 5]
     want = code.generate([Request("w", prompt, SamplingParams(max_tokens=3, ignore_eos=True, return_logits=1))])["w"]
     free_before = code.blocks.num_available
-    got = code.generate([Request("f", prompt, SamplingParams(max_tokens=3, ignore_eos=True, return_logits=1),
-                                 donor=_FailingDonor(pages), plan=RecomputePlan(((2, 4),)))])["f"]
+    got = code.generate(
+        [
+            Request(
+                "f",
+                prompt,
+                SamplingParams(max_tokens=3, ignore_eos=True, return_logits=1),
+                donor=_FailingDonor(pages),
+                plan=RecomputePlan(((2, 4),)),
+            )
+        ]
+    )["f"]
     assert got.output_tokens == want.output_tokens and (got.logits[0] - want.logits[0]).abs().max() < 2e-4
     assert got.prefill.donor_failed.startswith("store went away") and got.prefill.reused_tokens == 0
     assert code.blocks.num_available == free_before and not code.has_unfinished()
@@ -265,12 +313,15 @@ def test_min_tokens_holds_back_stops_and_bad_words_are_never_generated(base, rng
     first = free[0]
     stopped = base.generate([Request("stop", p, SamplingParams(max_tokens=6, stop_token_ids=(first,)))])["stop"]
     assert stopped.output_tokens == [first] and stopped.finish_reason == "stop"
-    held = base.generate([Request("min", p, SamplingParams(max_tokens=6, stop_token_ids=(first,), min_tokens=4))])["min"]
-    assert len(held.output_tokens) >= 4 and held.output_tokens[0] != first   # the stop token is masked until then
-    banned = base.generate([Request("bad", p, SamplingParams(max_tokens=6, ignore_eos=True,
-                                                             bad_sequences=((first,), tuple(free[1:3]))))])["bad"]
+    held = base.generate([Request("min", p, SamplingParams(max_tokens=6, stop_token_ids=(first,), min_tokens=4))])[
+        "min"
+    ]
+    assert len(held.output_tokens) >= 4 and held.output_tokens[0] != first  # the stop token is masked until then
+    banned = base.generate(
+        [Request("bad", p, SamplingParams(max_tokens=6, ignore_eos=True, bad_sequences=((first,), tuple(free[1:3]))))]
+    )["bad"]
     assert first not in banned.output_tokens
-    two = [tuple(banned.output_tokens[i:i + 2]) for i in range(5)]
+    two = [tuple(banned.output_tokens[i : i + 2]) for i in range(5)]
     assert tuple(free[1:3]) not in two
 
 

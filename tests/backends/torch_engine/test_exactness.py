@@ -5,9 +5,9 @@
 - sender == receiver is lossless whatever the plan;
 - token-by-token decode == a full forward; paged == unpaged attention; our model == transformers.
 """
+
 import random
 
-import pytest
 import torch
 
 from kvrelay.model.engine_api import Request, SamplingParams
@@ -22,7 +22,8 @@ def _tokens(rng, engine, n):
 
 def _case(rng, family, S):
     from conftest import FAMILY_CONTEXT
-    n = FAMILY_CONTEXT[family] + rng.randrange(S.page_format.block_size)   # random tail: partial block
+
+    n = FAMILY_CONTEXT[family] + rng.randrange(S.page_format.block_size)  # random tail: partial block
     ctx = _tokens(rng, S, n)
     return ctx, ctx + _tokens(rng, S, 9), ctx + _tokens(rng, S, 7)  # context, sender prompt, receiver prompt
 
@@ -32,8 +33,9 @@ def _donor_pages(S, prompt):
 
 
 def _run(engine, prompt, plan=None, donor=None, rid="r"):
-    out = engine.generate([Request(rid, prompt, SamplingParams(max_tokens=1, return_logits=1), donor=donor,
-                                   plan=plan, export_pages=True)])[rid]
+    out = engine.generate(
+        [Request(rid, prompt, SamplingParams(max_tokens=1, return_logits=1), donor=donor, plan=plan, export_pages=True)]
+    )[rid]
     return out.logits[0], out.pages, out.prefill
 
 
@@ -46,6 +48,7 @@ ATOL_HF = 1e-3
 
 def test_engine_matches_transformers(pair, rng):
     from transformers import LlamaForCausalLM
+
     family, S, R = pair
     hf = LlamaForCausalLM.from_pretrained(str(R.model_dir), dtype=torch.float32).eval()
     for toks in (_tokens(rng, R, 48), _tokens(random.Random(15), R, 48)):
@@ -65,7 +68,7 @@ def test_recompute_all_layers_equals_receiver_full_prefill(pair, rng):
     assert hybrid.derived_from and not full_pages.derived_from
     assert (hybrid.kv - full_pages.kv).abs().max() < ATOL
     # and the donor really differs, so the test can tell recompute from reuse
-    n = min(pages.num_pages, full_pages.num_pages)   # the prompts' tails may fill different block counts
+    n = min(pages.num_pages, full_pages.num_pages)  # the prompts' tails may fill different block counts
     assert (pages.kv[:n, -1] - full_pages.kv[:n, -1]).abs().max() > 1e-3
 
 
@@ -99,8 +102,12 @@ def test_sender_equals_receiver_is_lossless(pair, rng):
     pages = _donor_pages(S, p_s)
     full_logits, full_pages, _ = _run(S, p_r, rid="own")
     L = S.num_layers
-    for plan in [RecomputePlan.none(), RecomputePlan(((2, 4),)), RecomputePlan(((0, 2), (L - 2, L))),
-                 RecomputePlan.all(L)]:
+    for plan in [
+        RecomputePlan.none(),
+        RecomputePlan(((2, 4),)),
+        RecomputePlan(((0, 2), (L - 2, L))),
+        RecomputePlan.all(L),
+    ]:
         logits, hybrid, _ = _run(S, p_r, plan, pages, rid=str(plan))
         assert (logits - full_logits).abs().max() < ATOL, plan
         n = hybrid.num_pages
@@ -121,11 +128,11 @@ def test_paged_and_unpaged_attention_agree(pair, rng):
     """Chunked prefill over cached pages and batched decode of unequal lengths vs. no cache at all."""
     family, S, R = pair
     a = _tokens(rng, R, 50)
-    R.generate([Request("warm", a[:40], SamplingParams(max_tokens=1))])     # caches 2 full blocks
+    R.generate([Request("warm", a[:40], SamplingParams(max_tokens=1))])  # caches 2 full blocks
     prompts = {"ext": a, "short": _tokens(rng, R, 5), "odd": _tokens(rng, R, 23)}
     reqs = [Request(k, v, SamplingParams(max_tokens=6, ignore_eos=True, return_logits=6)) for k, v in prompts.items()]
     outs = R.generate(reqs)
-    assert outs["ext"].prefill.cached_tokens == 32                         # really read from pages
+    assert outs["ext"].prefill.cached_tokens == 32  # really read from pages
     for k, p in prompts.items():
         dense = R.forward_dense(p + outs[k].output_tokens)
         for i, lg in enumerate(outs[k].logits):

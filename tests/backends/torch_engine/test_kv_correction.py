@@ -4,6 +4,7 @@
 - a corrected layer's K, V == the receiver's projections of the donor's E entering it;
 - prompt_logits rows == the unpaged forward's, for full prefill and for re-prefill.
 """
+
 import pytest
 import torch
 
@@ -16,6 +17,7 @@ from test_exactness import ATOL, _case, _tokens
 
 def _all_e(engine):
     from kvrelay.backends.torch_engine.engine import TorchEngine
+
     L = engine.num_layers
     cfg = EngineConfig(block_size=16, kv_cache_bytes=256 << 20, e_layers=tuple(range(1, L)))
     return TorchEngine.from_dir(engine.name, engine.model_dir, cfg)
@@ -36,8 +38,8 @@ def test_plan_text_round_trips_and_names_its_e_layers():
     p = RecomputePlan.parse("4-8+kv")
     assert p.correct_kv and str(p) == "4-8+kv" and RecomputePlan.parse(str(p)) == p
     assert str(RecomputePlan.parse("none+kv")) == "none+kv"
-    assert p.e_layers_needed(10) == [1, 2, 3, 4, 8, 9]     # every reused layer > 0, and the group start
-    assert p.kv_layers_needed(10) == []                    # no donor KV at all
+    assert p.e_layers_needed(10) == [1, 2, 3, 4, 8, 9]  # every reused layer > 0, and the group start
+    assert p.kv_layers_needed(10) == []  # no donor KV at all
     assert RecomputePlan.parse("4-8").kv_layers_needed(10) == [0, 1, 2, 3, 8, 9]
     with pytest.raises(PlanError):
         p.e_layers_needed()
@@ -74,13 +76,13 @@ def test_corrected_layers_are_the_receivers_projections_of_donor_e(all_e_pair, r
         pos = torch.arange(n * 16)
         cos, sin = R.model.rope(pos, l)
         k, v = R.model.layers[l].project_kv(donor.e_layer(l)[: n * 16], cos, sin)
-    got = fixed.pages.kv[:n, l]                              # [n, 2, H, B, D]
+    got = fixed.pages.kv[:n, l]  # [n, 2, H, B, D]
     assert (got[:, 0].permute(0, 2, 1, 3).reshape(n * 16, *k.shape[1:]) - k).abs().max() < ATOL
     assert (got[:, 1].permute(0, 2, 1, 3).reshape(n * 16, *v.shape[1:]) - v).abs().max() < ATOL
 
 
 def test_correction_without_e_at_reused_layers_is_a_plan_error(pair, rng):
-    family, S, R = pair                                      # default pages: E at even layers only
+    family, S, R = pair  # default pages: E at even layers only
     ctx, p_s, p_r = _case(rng, family, S)
     donor = _run(S, p_s, rid="donor").pages
     with pytest.raises(PlanError, match="corrects K/V"):

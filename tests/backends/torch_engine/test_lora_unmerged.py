@@ -4,6 +4,7 @@ Reference: PEFT's own merge (merge_and_unload) run by HF transformers; adapters 
 test over a tiny random Llama. Each adapter's greedy tokens must equal its merged model's, alone and
 decoded in one batch with other adapters and the base.
 """
+
 import pytest
 import torch
 
@@ -14,13 +15,15 @@ from kvrelay.model.plan import RecomputePlan
 from helpers import user_models as um
 
 ATOL = 1e-4
-ADAPTERS = {   # name -> PEFT LoraConfig fields (what PEFT writes for LoRA, each in one adapter)
+ADAPTERS = {  # name -> PEFT LoraConfig fields (what PEFT writes for LoRA, each in one adapter)
     "qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-    "all": dict(r=8, lora_alpha=16, target_modules="all-linear", rank_pattern={"down_proj": 2},
-                alpha_pattern={"o_proj": 3}),
+    "all": dict(
+        r=8, lora_alpha=16, target_modules="all-linear", rank_pattern={"down_proj": 2}, alpha_pattern={"o_proj": 3}
+    ),
     "rs": dict(r=4, lora_alpha=4, use_rslora=True, target_modules=["k_proj", "gate_proj", "up_proj"]),
-    "upper": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                  layers_to_transform=[2, 3]),
+    "upper": dict(
+        r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], layers_to_transform=[2, 3]
+    ),
 }
 
 
@@ -36,6 +39,7 @@ def family(tmp_path_factory):
 
 def _engine(base, adapters, **cfg):
     from kvrelay.backends.torch_engine.engine import TorchEngine
+
     engine = TorchEngine.from_dir("base", base, EngineConfig(block_size=16, kv_cache_bytes=64 << 20, **cfg))
     for n, d in adapters.items():
         engine.add_adapter(n, d)
@@ -51,9 +55,17 @@ def _reference(model, prompt, n):
     """HF greedy generate on the merged model, and its logits at each generated step."""
     ids = torch.tensor([prompt])
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                             do_sample=False, output_logits=True, return_dict_in_generate=True, pad_token_id=0)
-    return out.sequences[0, len(prompt):].tolist(), [x[0] for x in out.logits]
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            min_new_tokens=n,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+        )
+    return out.sequences[0, len(prompt) :].tolist(), [x[0] for x in out.logits]
 
 
 def _req(rid, prompt, adapter="", n=8, **kw):
@@ -74,7 +86,7 @@ def test_each_adapter_alone_equals_peft_merge(family):
 def test_mixed_adapters_decode_in_one_batch_each_equal_to_its_merge(family):
     base, adapters, refs = family
     engine = _engine(base, adapters, max_loras=4)
-    names = ["", "qv", "all", "rs", "upper", "qv", ""]      # two on one adapter, two on the base
+    names = ["", "qv", "all", "rs", "upper", "qv", ""]  # two on one adapter, two on the base
     reqs = [_req(f"r{i}", _prompt(10 + i, 20 + 3 * i), n) for i, n in enumerate(names)]
     for r in reqs:
         engine.add_request(r)
@@ -103,7 +115,7 @@ def test_fewer_slots_than_adapters_swaps_them_lru_and_stays_exact(family):
         for o in engine.step():
             done[o.request_id] = o
         assert len(engine.resident_adapters) <= 1
-        assert len({s.req.adapter for s in engine.running}) <= 1     # the one slot is pinned by the runners
+        assert len({s.req.adapter for s in engine.running}) <= 1  # the one slot is pinned by the runners
     for r, name in zip(reqs, names):
         assert done[r.request_id].output_tokens == _reference(refs[name], r.prompt_tokens, 5)[0], name
 
@@ -111,18 +123,19 @@ def test_fewer_slots_than_adapters_swaps_them_lru_and_stays_exact(family):
 def test_prefix_cache_never_shares_blocks_across_weights(family):
     base, adapters, _ = family
     engine = _engine(base, {"qv": adapters["qv"]})
-    prompt = _prompt(50, 70)                                   # 4 full blocks
+    prompt = _prompt(50, 70)  # 4 full blocks
     first = engine.generate([_req("a", prompt, "", n=2)])["a"].prefill
     other = engine.generate([_req("b", prompt, "qv", n=2)])["b"].prefill
     again = engine.generate([_req("c", prompt, "qv", n=2)])["c"].prefill
-    assert first.cached_tokens == 0 and other.cached_tokens == 0    # the base's blocks are not qv's
-    assert again.cached_tokens == 64                              # qv's own blocks are
+    assert first.cached_tokens == 0 and other.cached_tokens == 0  # the base's blocks are not qv's
+    assert again.cached_tokens == 64  # qv's own blocks are
 
 
 def test_adapter_pages_carry_its_identity_and_k_v_correction_is_exact(family):
     """Pages exported by an adapter's request name the adapter's weights; corrected reuse of its own
     pages (K, V rebuilt with its low-rank q/k/v terms) equals its full prefill."""
     from kvrelay.backends.torch_engine.engine import TorchEngine
+
     base, adapters, _ = family
     cfg = EngineConfig(block_size=16, kv_cache_bytes=64 << 20, e_layers=(1, 2, 3), prefix_caching=False)
     engine = TorchEngine.from_dir("base", base, cfg)
@@ -159,7 +172,7 @@ def test_removed_adapter_refuses_new_requests_and_aborts_queued_ones_with_the_re
     base, adapters, refs = family
     engine = _engine(base, {"qv": adapters["qv"], "all": adapters["all"]})
     engine.add_request(_req("running", _prompt(80), "all"))
-    engine.step()                                              # admitted: pinned, keeps its weights
+    engine.step()  # admitted: pinned, keeps its weights
     engine.add_request(_req("queued", _prompt(81), "qv"))
     engine.remove_adapter("qv")
     engine.remove_adapter("all")
@@ -171,6 +184,8 @@ def test_removed_adapter_refuses_new_requests_and_aborts_queued_ones_with_the_re
             done[o.request_id] = o
     assert done["queued"].finish_reason == "abort" and "was removed" in done["queued"].error
     assert done["running"].output_tokens == _reference(refs["all"], _prompt(80), 8)[0]
-    engine.add_adapter("qv", adapters["qv"])                 # and back, servable at once
-    assert engine.generate([_req("back", _prompt(83), "qv")])["back"].output_tokens == \
-        _reference(refs["qv"], _prompt(83), 8)[0]
+    engine.add_adapter("qv", adapters["qv"])  # and back, servable at once
+    assert (
+        engine.generate([_req("back", _prompt(83), "qv")])["back"].output_tokens
+        == _reference(refs["qv"], _prompt(83), 8)[0]
+    )
