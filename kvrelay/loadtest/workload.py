@@ -16,7 +16,6 @@ No Locust, no torch here: the schedule is plain Python, safe under gevent or thr
 
 from __future__ import annotations
 
-import math
 import random
 import sys
 import time
@@ -387,9 +386,3 @@ class Schedule:
         if self.first_start is None or self.last_end is None:
             return 0.0
         return max(self.last_end - self.first_start, 1e-9)
-
-
-def expected_zipf_share(n: int, s: float, top: int) -> float:
-    """Share of requests that go to the `top` most popular contexts (for docs and tests)."""
-    w = zipf_weights(n, s)
-    return math.fsum(w[:top])

@@ -224,24 +224,6 @@ class KVPages:
             "layers": None if self.layers is None else list(self.layers),
         }
 
-    @classmethod
-    def from_parts(cls, meta: dict, tokens: list[int], kv: torch.Tensor, e: torch.Tensor) -> "KVPages":
-        try:
-            fmt = PageFormat.from_dict(meta["format"])
-            layers = meta.get("layers")
-            return cls(
-                fmt,
-                meta["producer"],
-                meta["fingerprint"],
-                list(tokens),
-                kv,
-                e,
-                derived_from=meta.get("derived_from", ""),
-                layers=None if layers is None else tuple(layers),
-            )
-        except (KeyError, TypeError) as err:
-            raise KvRelayError(f"malformed page metadata: {err}") from None
-
     def reference(self) -> "KVPages":
         """The same pages with no KV and no E: what a repeat reuse sends when the receiver should
         still hold the hybrid KV it built from these pages (an engine then reuses its cached blocks,

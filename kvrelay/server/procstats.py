@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import glob
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 from kvrelay.server.tritonserver import stub_pids
 
@@ -21,9 +21,6 @@ class Proc:
     name: str  # "tritonserver" or the stub's model name
     rss_mib: float
     threads: int
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def _stat(pid: int) -> tuple[str, int] | None:

@@ -320,7 +320,6 @@ class StreamedPages:
         self._e = [torch.empty((0, *req.fmt.e_shape[1:]), dtype=req.fmt.torch_dtype)] * len(req.fmt.e_layers)
         self._ready = {w: threading.Event() for w in req.wants}
         self._error: BaseException | None = None
-        self._cancel = False
         self.started = time.perf_counter()
         self.layer_times: dict[tuple[str, int], float] = {}  # seconds after start each layer was ready
         if n == 0:
@@ -371,10 +370,6 @@ class StreamedPages:
         e = torch.stack(self._e, dim=1) if self._e else torch.empty((n, *fmt.e_shape), dtype=fmt.torch_dtype)
         return self._req.pages(n, kv, e)
 
-    def cancel(self) -> None:
-        """Stop loading (the caller gave up on this donor); waiting calls raise StoreUnavailable."""
-        self._cancel = True
-
     def _wait(self, want, timeout: float | None = None) -> None:
         ev = self._ready[want]
         if not ev.wait(self._store.stream_wait_s if timeout is None else timeout):
@@ -389,8 +384,6 @@ class StreamedPages:
         store, req, n = self._store, self._req, self._n
         try:
             for want in req.wants:
-                if self._cancel:
-                    raise StoreUnavailable("cancelled")
                 vals = store._read(self._handles, [want])[want]
                 kind, layer = want
                 for i in range(n):
