@@ -132,10 +132,6 @@ def add_arguments(p):
     p.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
 
 
-def _log(msg: str) -> None:
-    print(f"kvrelay: {msg}", file=sys.stderr, flush=True)
-
-
 def _check_url(url: str) -> str:
     url = url.split("://", 1)[-1].rstrip("/")
     host, _, port = url.rpartition(":")
@@ -325,8 +321,8 @@ def _plan_mixed(args, url: str | None) -> MixedPlan:
             f"--max-tokens {spec.max_tokens[1]} exceeds the deployment's max_tokens_limit {dep.max_tokens_limit}"
         )
     t0 = time.monotonic()
-    workload = wl.build(spec, log=_log)
-    _log(
+    workload = wl.build(spec, log=report.log)
+    report.log(
         f"workload: {len(workload.requests)} requests over {len(workload.contexts)} contexts "
         f"({workload.context_source}, {min(c.tokens for c in workload.contexts)}-"
         f"{max(c.tokens for c in workload.contexts)} tokens), {len(spec.models)} models, built in "
@@ -336,12 +332,12 @@ def _plan_mixed(args, url: str | None) -> MixedPlan:
         need = _pages_needed(dep, workload)
         sized = "" if args.store else size_store(dep, need)
         if sized:
-            _log(sized)
+            report.log(sized)
         short = store_shortfall(dep, need)
         if short:
             warnings.append(short)
     for w in warnings:
-        _log(f"warning: {w}")
+        report.log(f"warning: {w}")
     return MixedPlan(dep, spec, workload, out_dir, pairs, warnings, t0)
 
 
@@ -363,10 +359,10 @@ def _run_mixed(args, url: str | None, plan: MixedPlan) -> dict:
         http = url if args.protocol.startswith("http") else ""
         return {
             args.mode: lr.run_mode(
-                f"sharing {args.mode}", lr.make_state(plan.workload, opts, http, grpc), opts, plan.out_dir, _log
+                f"sharing {args.mode}", lr.make_state(plan.workload, opts, http, grpc), opts, plan.out_dir, report.log
             )
         }
-    return lr.run_both(plan.dep, plan.workload, opts, plan.out_dir, log=_log)
+    return lr.run_both(plan.dep, plan.workload, opts, plan.out_dir, log=report.log)
 
 
 def _report_mixed(args, url: str | None, plan: MixedPlan, runs: dict) -> int:

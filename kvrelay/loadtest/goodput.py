@@ -379,7 +379,7 @@ class Scenario:
 
 
 def run(args) -> int:
-    log = lambda m: print(f"kvrelay: {m}", file=sys.stderr, flush=True)
+    log = report.log
     if args.resummarize:
         summary = resummarize(Path(args.resummarize), args.slo_ttft)
         print(json.dumps(summary, indent=1) if args.json else text_report(summary))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 from collections import Counter
 
 from kvrelay.profiler.scores import token_f1
@@ -41,6 +42,11 @@ SUMMARY_KEYS = (
     "mean_layers_recomputed",
     "routes",
 )
+
+
+def log(msg: str) -> None:
+    """Progress of a load test, on stderr (stdout is the result)."""
+    print(f"kvrelay: {msg}", file=sys.stderr, flush=True)
 
 
 def percentile(values, p: float) -> float | None:

@@ -24,6 +24,7 @@ from locust.html import get_html_report
 from locust.stats import PERCENTILES_TO_REPORT, StatsCSVFileWriter, stats_history
 
 from kvrelay.errors import KvRelayError
+from kvrelay.loadtest import report
 from kvrelay.loadtest import users as lu
 from kvrelay.loadtest.workload import Schedule, Workload
 from kvrelay.server.launch import start
@@ -108,7 +109,7 @@ def warm_up(state: lu.LoadState, protocol: str, log) -> list[dict]:
 
 def run_mode(label: str, state: lu.LoadState, opts: RunOptions, out_dir: Path, log=None) -> ModeRun:
     """Warm up, then run the measured sequence through Locust; write <label>_*.csv and <label>.html."""
-    log = log or (lambda m: print(f"kvrelay: {m}", file=sys.stderr))
+    log = log or report.log
     out_dir.mkdir(parents=True, exist_ok=True)
     warm = warm_up(state, opts.protocol, log)
     user_cls = lu.USER_CLASSES[opts.protocol]
@@ -175,7 +176,7 @@ def make_state(workload: Workload, opts: RunOptions, http_url: str, grpc_url: st
 
 def run_both(dep, workload: Workload, opts: RunOptions, out_dir: Path, modes=("off", "on"), log=None) -> dict:
     """For each mode: a fresh server (own workdir, repository, in-memory store), the same workload."""
-    log = log or (lambda m: print(f"kvrelay: {m}", file=sys.stderr))
+    log = log or report.log
     out: dict[str, ModeRun] = {}
     for mode in modes:
         d = dataclasses.replace(dep, sharing=(mode == "on"))

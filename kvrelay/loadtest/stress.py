@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvrelay.errors import KvRelayError
+from kvrelay.loadtest.report import percentile
 from kvrelay.server import procstats
 from kvrelay.server.client import _info, _inputs, _message, _text
 
@@ -267,10 +268,8 @@ def run(spec: StressSpec, progress=None) -> StressResult:
 
 
 def _pct(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    xs = sorted(xs)
-    return round(xs[min(len(xs) - 1, int(q / 100 * len(xs)))], 3)
+    v = percentile(xs, q)  # the load tests' one percentile (linear), as report.py and goodput compute it
+    return None if v is None else round(v, 3)
 
 
 def _procs_summary(res: StressResult) -> dict:

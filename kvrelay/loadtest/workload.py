@@ -17,12 +17,12 @@ No Locust, no torch here: the schedule is plain Python, safe under gevent or thr
 from __future__ import annotations
 
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 
 from kvrelay.errors import KvRelayError
 from kvrelay.families import corpora, family_spec
+from kvrelay.loadtest import report
 from kvrelay.model import tokenizer as tk
 from kvrelay.profiler import evaldata
 
@@ -210,7 +210,7 @@ def warmup_sequence(spec: WorkloadSpec, contexts: list[Context]) -> list[Request
 def build(spec: WorkloadSpec, log=None) -> Workload:
     """The workload for a family: contexts (pool + warm-up) and both request sequences."""
     spec.validate()
-    log = log or (lambda msg: print(f"kvrelay: {msg}", file=sys.stderr))
+    log = log or report.log
     n_warm = 1 if spec.warmup else 0
     fam = family_spec(spec.family)
     base = fam.model(fam.base)
