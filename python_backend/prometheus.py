@@ -6,6 +6,8 @@ import threading
 
 import triton_python_backend_utils as pb_utils
 
+from kvrelay.serving.routes import RouteKind
+
 
 class Metrics:
     def __init__(self):
@@ -52,12 +54,17 @@ class Metrics:
     def prefill(self, entry: str, route, receiver: str, info: dict) -> None:
         donor = route.donor or "-"
         self._add("requests", 1, model=entry, receiver=receiver, route=route.kind, donor=donor)
-        kind = {"full": "full", "prefix": "prefix", "reuse": "reprefill", "restore": "restore"}[route.kind]
+        kind = {
+            RouteKind.FULL: "full",
+            RouteKind.PREFIX: "prefix",
+            RouteKind.REUSE: "reprefill",
+            RouteKind.RESTORE: "restore",
+        }[route.kind]
         self._add("prefill_s", float(info["seconds"]), model=entry, kind=kind, receiver=receiver)
         self._add("prefill_n", 1, model=entry, kind=kind, receiver=receiver)
-        if route.kind == "full":
+        if route.kind is RouteKind.FULL:
             self._add("full", 1, model=entry, receiver=receiver, reason=route.reason.split(":")[0].split(" (")[0][:60])
-        if route.kind not in ("reuse", "restore"):
+        if route.kind not in (RouteKind.REUSE, RouteKind.RESTORE):
             return
         self._add("hits", 1, model=entry, donor=donor, receiver=receiver)
         self._add("recomputed", int(info["recomputed_layers"]), model=entry, donor=donor, receiver=receiver)

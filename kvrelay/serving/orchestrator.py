@@ -29,6 +29,7 @@ from kvrelay.paths import profiles_dir
 from kvrelay.serving import deployment as dp
 from kvrelay.serving.engine_runner import EngineFailure, EngineRunner
 from kvrelay.serving.router import Decision, Router
+from kvrelay.serving.routes import RouteKind
 from kvrelay.serving.selector import OnlineLatency, Selector
 from kvrelay.store import open_store
 
@@ -297,7 +298,7 @@ class Orchestrator:
         if not (call.req.stream or out.finished):
             return
         route, info = call.d.route, call.info
-        reusing = route.kind in ("reuse", "restore") and info is not None
+        reusing = route.kind in (RouteKind.REUSE, RouteKind.RESTORE) and info is not None
         ids = list(out.output_tokens)
         # the tokens whose KV was not computed for this request: the donor's, or this engine's prefix cache
         reused_tokens = info.reused_tokens if reusing else info.cached_tokens if info else 0

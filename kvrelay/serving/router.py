@@ -26,6 +26,7 @@ from kvrelay.model.engine_api import PrefillInfo
 from kvrelay.model.kv_format import KVPages, block_hashes
 from kvrelay.model.plan import RecomputePlan
 from kvrelay.serving import routes
+from kvrelay.serving.routes import RouteKind
 
 log = logging.getLogger("kvrelay.router")
 COALESCE_ROUNDS = 3  # in-flight prefills a request waits for, one after another, before prefilling itself
@@ -46,7 +47,7 @@ class Decision:
     @property
     def plan(self):
         """The recompute plan the engine runs with the donor pages: none for a restore (own pages)."""
-        return RecomputePlan.none() if self.route.kind == "restore" else self.route.plan
+        return RecomputePlan.none() if self.route.kind is RouteKind.RESTORE else self.route.plan
 
 
 class Router:
@@ -89,7 +90,7 @@ class Router:
                     route.export = route.export and self.dep.publish
                     prefill = (
                         self.inflight.begin(receiver, tenant, me.fingerprint, hashes)
-                        if hashes and route.kind == "full" and route.export
+                        if hashes and route.kind is RouteKind.FULL and route.export
                         else None
                     )
                     if waited:
@@ -113,13 +114,13 @@ class Router:
         a page reference when the engine should still hold the hybrid KV, or None. None for a
         reuse or restore turns the route into a full prefill (the pages are gone or the store is down)."""
         route, me = d.route, self.ids[d.receiver]
-        if route.kind not in ("reuse", "restore"):
+        if route.kind not in (RouteKind.REUSE, RouteKind.RESTORE):
             return None
         donor = self.ids[route.donor]
         fmt = donor.page_format
         if route.cached:
             return KVPages.reference_to(fmt, route.producer, donor.fingerprint, tokens[: route.blocks * fmt.block_size])
-        if route.kind == "restore":
+        if route.kind is RouteKind.RESTORE:
             layers, e_layers = None, []
         else:
             layers, e_layers = route.plan.kv_layers_needed(me.num_layers), route.plan.e_layers_needed(me.num_layers)
@@ -132,7 +133,7 @@ class Router:
             self.metrics.store_error(entry)
             pages = None
         if pages is None or pages.num_pages == 0:
-            d.route = routes.Route("full", "donor pages unavailable", export=False)
+            d.route = routes.Route(RouteKind.FULL, "donor pages unavailable", export=False)
             return None
         self.metrics.bytes_moved(entry, "fetch", pages.kv.nbytes + pages.e.nbytes)
         return pages
@@ -140,7 +141,7 @@ class Router:
     def donor_refused(self, d: Decision, why: str) -> None:
         """The engine refused the donor pages (e.g. a stale page): a correct full prefill instead."""
         log.warning("engine refused donor pages, full prefill: %s", why)
-        d.route = routes.Route("full", "engine refused donor pages", export=False)
+        d.route = routes.Route(RouteKind.FULL, "engine refused donor pages", export=False)
 
     def prefill_done(
         self, d: Decision, info: PrefillInfo, exported: KVPages | None, tokens: list[int], entry: str = ""
@@ -156,9 +157,9 @@ class Router:
                 with self._lock:
                     self._pending.add(f)
                 f.add_done_callback(self._done)
-        elif d.route.kind in ("full", "prefix"):
+        elif d.route.kind in (RouteKind.FULL, RouteKind.PREFIX):
             self.recent.add(d.receiver, d.scope, block_hashes(tokens, B))
-        if d.route.kind == "reuse":
+        if d.route.kind is RouteKind.REUSE:
             if info.reused_tokens and not info.donor_failed:
                 self.recent.add_hybrid(d.receiver, d.scope, d.route, tokens, B)
             else:  # evicted, or the engine fell back: the next repeat sends pages again

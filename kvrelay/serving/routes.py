@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from enum import Enum
 from dataclasses import dataclass
 
 from kvrelay.serving.deployment import ModelIdentity
@@ -24,9 +25,24 @@ from kvrelay.model.plan import RecomputePlan
 log = logging.getLogger("kvrelay.serving.routes")
 
 
+class RouteKind(str, Enum):
+    """How a request's prefill is served (the module docstring says when each is chosen). A str, so
+    it reads as its value in logs, JSON, metrics labels and the client's kv_route."""
+
+    FULL = "full"
+    PREFIX = "prefix"
+    RESTORE = "restore"
+    REUSE = "reuse"
+
+    def __str__(self) -> str:
+        return self.value
+
+    __format__ = str.__format__
+
+
 @dataclass(slots=True)
 class Route:
-    kind: str  # "full" | "restore" | "reuse"
+    kind: RouteKind
     reason: str
     donor: str = ""  # donor model name
     producer: str = ""  # donor model_id (store key)
@@ -102,12 +118,12 @@ def route(
     B = me.page_format.block_size
     full_blocks = len(tokens) // B
     if full_blocks == 0:
-        return Route("full", "context shorter than one block")
+        return Route(RouteKind.FULL, "context shorter than one block")
     try:
         found = store.lookup(tenant, me.fingerprint, tokens, B)
     except KvRelayError as e:  # StoreUnavailable and friends: serve anyway, from scratch
         log.warning("page store lookup failed, full prefill: %s", e)
-        return Route("full", f"store unavailable: {e}")
+        return Route(RouteKind.FULL, f"store unavailable: {e}")
     by_id = {i.model_id: i for i in ids.values() if i.fingerprint == me.fingerprint}
     own = found.get(me.model_id, 0)
     cross = sorted(
@@ -118,10 +134,10 @@ def route(
     key = (receiver, scope, block_hashes(tokens[: own * B], B)[-1] if own else b"")
     if own and (not cross or own >= cross[0][0]):
         if key in recent:
-            return Route("prefix", "own prefix: engine cache", export=False)
-        return Route("restore", "own pages from the store", receiver, me.model_id, own)
+            return Route(RouteKind.PREFIX, "own prefix: engine cache", export=False)
+        return Route(RouteKind.RESTORE, "own pages from the store", receiver, me.model_id, own)
     if not sharing or not cross:
-        return Route("full", "miss" if not cross else "sharing off", export=export)
+        return Route(RouteKind.FULL, "miss" if not cross else "sharing off", export=export)
     n, donor, producer = cross[0]
     choice = selector.choose(
         donor,
@@ -134,8 +150,8 @@ def route(
         weights=(ids[donor].weights, me.weights),
     )
     if choice.plan is None:
-        return Route("full", choice.reason, export=export)
-    r = Route("reuse", choice.reason, donor, producer, n, choice.plan)
+        return Route(RouteKind.FULL, choice.reason, export=export)
+    r = Route(RouteKind.REUSE, choice.reason, donor, producer, n, choice.plan)
     if _hybrid_key(receiver, scope, r, tokens, B) in recent:
         r.cached, r.reason = True, f"{r.reason}; hybrid KV cached in the engine"
     return r
