@@ -268,7 +268,7 @@ class TorchEngine:
         self._inbox.append(Sequence(request, list(toks), generator=gen, model_id=model_id))
 
     def _check_donor(self, donor: DonorKV, plan: RecomputePlan | None) -> None:
-        if getattr(donor, "derived_from", ""):
+        if donor.derived_from:
             raise KvRelayError(
                 f"pages from {donor.producer!r} were themselves derived from {donor.derived_from!r}; "
                 "only a model's own KV can be a donor"
@@ -285,7 +285,7 @@ class TorchEngine:
 
     def _check_payload(self, donor: DonorKV, plan: RecomputePlan) -> None:
         reused = plan.kv_layers_needed(self.num_layers)
-        if hasattr(donor, "has_layers") and not donor.has_layers(reused):
+        if not donor.has_layers(reused):
             raise PlanError(
                 f"plan {plan} reuses layers {reused}, but pages from {donor.producer!r} carry KV "
                 f"only for layers {list(donor.layers)}"
@@ -686,4 +686,4 @@ def _carries_payload(donor: DonorKV) -> bool:
     """False for a reference (KVPages.reference: no KV, no E): "the hybrid KV of this donor and plan
     should still be in your prefix cache" (the orchestrator remembers the reuses it ran), so a
     repeat does not move the donor's pages again."""
-    return not getattr(donor, "is_reference", False)
+    return not donor.is_reference

@@ -73,12 +73,17 @@ class DonorKV(Protocol):
     (its e_layer / kv_layer block until that layer has arrived)."""
 
     format: PageFormat
-    producer: str
+    producer: str  # model id of the weights that computed it
     fingerprint: str
     tokens: list[int]
+    derived_from: str  # "" = the producer's own exact KV; else hybrid (never a donor)
+    layers: tuple[int, ...] | None  # the layers whose KV it carries (None = every layer)
 
     @property
     def num_tokens(self) -> int: ...
+    @property
+    def is_reference(self) -> bool: ...  # no payload: "the hybrid KV should still be in your cache"
+    def has_layers(self, layers) -> bool: ...
     def e_layer(self, layer: int) -> torch.Tensor: ...
     def kv_layer(self, layer: int) -> torch.Tensor: ...
 

@@ -338,6 +338,10 @@ class StreamedPages:
     def num_pages(self) -> int:
         return self._n
 
+    @property
+    def is_reference(self) -> bool:
+        return False  # streamed pages always carry their payload
+
     def has_layers(self, layers) -> bool:
         return self.layers is None or set(layers) <= set(self.layers)
 

@@ -256,7 +256,10 @@ class _FailingDonor:
             pages.tokens,
         )
         self.num_tokens = pages.num_tokens
-        self.derived_from = ""
+        self.derived_from, self.layers, self.is_reference = "", None, False
+
+    def has_layers(self, layers):
+        return True
 
     def e_layer(self, layer):
         return self.pages.e_layer(layer)
