@@ -23,15 +23,17 @@ from typing import Protocol
 from kvrelay.engines import make_engine
 from kvrelay.families import family_spec
 from kvrelay.errors import KvRelayError
-from kvrelay.model.engine_api import EngineConfig, PrefillInfo, Request, RequestOutput, SamplingParams
+from kvrelay.model.engine_api import Engine, EngineConfig, PrefillInfo, Request, RequestOutput, SamplingParams
 from kvrelay.model.kv_format import KVPages
 from kvrelay.paths import profiles_dir
 from kvrelay.serving import deployment as dp
 from kvrelay.serving.engine_runner import EngineFailure, EngineRunner
 from kvrelay.serving.router import Decision, Router
+from kvrelay.serving.metrics import Metrics, NoMetrics
 from kvrelay.serving.routes import RouteKind
 from kvrelay.serving.selector import OnlineLatency, Selector
 from kvrelay.store import open_store
+from kvrelay.store.base import PageStore
 
 log = logging.getLogger("kvrelay.orchestrator")
 CANCEL_POLL_S = 0.5  # how often a request waiting on its engine asks whether the client left ...
@@ -87,15 +89,15 @@ class Sink(Protocol):
     def cancelled(self) -> bool: ...
 
 
-class NoMetrics:
-    def prefill(self, entry: str, route, receiver: str, info: dict) -> None: ...
-    def bytes_moved(self, entry: str, direction: str, n: int) -> None: ...
-    def store_error(self, entry: str) -> None: ...
-    def page_rejected(self, reason: str) -> None: ...
-
-
 class Orchestrator:
-    def __init__(self, dep: dp.Deployment, engines: dict | None = None, metrics=None, store=None, selector=None):
+    def __init__(
+        self,
+        dep: dp.Deployment,
+        engines: dict[str, Engine] | None = None,
+        metrics: Metrics | None = None,
+        store: PageStore | None = None,
+        selector: Selector | None = None,
+    ):
         """engines: name -> Engine (default: built from the deployment); store/selector likewise."""
         self.dep = dep
         self.ids = dp.identities(dep)

@@ -26,7 +26,12 @@ from kvrelay.model.engine_api import PrefillInfo
 from kvrelay.model.kv_format import KVPages, block_hashes
 from kvrelay.model.plan import RecomputePlan
 from kvrelay.serving import routes
+from kvrelay.serving import deployment as dp
+from kvrelay.serving.deployment import ModelIdentity
+from kvrelay.serving.metrics import Metrics
 from kvrelay.serving.routes import RouteKind
+from kvrelay.serving.selector import Selector
+from kvrelay.store.base import PageStore
 
 log = logging.getLogger("kvrelay.router")
 COALESCE_ROUNDS = 3  # in-flight prefills a request waits for, one after another, before prefilling itself
@@ -51,7 +56,14 @@ class Decision:
 
 
 class Router:
-    def __init__(self, dep, ids: dict, store, selector, metrics):
+    def __init__(
+        self,
+        dep: dp.Deployment,
+        ids: dict[str, ModelIdentity],
+        store: PageStore,
+        selector: Selector,
+        metrics: Metrics,
+    ):
         self.dep, self.ids, self.store, self.selector, self.metrics = dep, ids, store, selector, metrics
         # with prefix caching off the engines keep nothing: nothing is "recently computed" either
         self.recent = routes.RecentlyComputed(capacity=65536 if dep.prefix_caching else 0)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import bisect
 import logging
 import threading
+from typing import Protocol
 from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,13 @@ class Choice:
     reason: str
     expected_quality: float | None
     expected_prefill_s: float | None
+
+
+class Latency(Protocol):
+    """Predicted prefill seconds for (context tokens, layers recomputed); None while it cannot say
+    (OnlineLatency before it has seen enough prefills)."""
+
+    def predict(self, tokens: int, layers: int) -> float | None: ...
 
 
 class LatencyModel:
@@ -175,7 +183,7 @@ class Selector:
         self,
         profiles_dir: Path,
         family: str,
-        latency: LatencyModel | None = None,
+        latency: Latency | None = None,
         quality_target: float = 0.01,
         quality_mode: str = "target",
         e_layers: tuple[int, ...] | None = None,
