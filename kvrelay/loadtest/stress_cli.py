@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 
 from kvrelay.errors import KvRelayError
-from kvrelay.loadtest.cli import _check_url, _range
+from kvrelay.loadtest.options import check_url, int_range
 from kvrelay.model.synthetic import is_synthetic
 from kvrelay.server import procstats
 
@@ -35,7 +35,7 @@ def add_arguments(p):
     p.add_argument("--clients", type=int, default=64, help="concurrent clients (default 64)")
     p.add_argument("--duration", type=float, default=600.0, help="seconds of load (default 600)")
     p.add_argument("--contexts", type=int, default=10, help="shared contexts in the pool (default 10)")
-    p.add_argument("--max-tokens", type=_range, default=(4, 16), help="output length LO-HI tokens (default 4-16)")
+    p.add_argument("--max-tokens", type=int_range, default=(4, 16), help="output length LO-HI tokens (default 4-16)")
     p.add_argument(
         "--disconnect",
         type=float,
@@ -61,9 +61,9 @@ def _contexts(family: str, n: int):
 
 
 def _target(url: str, grpc_url: str | None) -> tuple[str, str]:
-    http = _check_url(url)
+    http = check_url(url)
     host, port = http.rsplit(":", 1)
-    grpc = _check_url(grpc_url) if grpc_url else f"{host}:{int(port) + 1}"
+    grpc = check_url(grpc_url) if grpc_url else f"{host}:{int(port) + 1}"
     if not port.isdigit():
         raise KvRelayError(f"--url must be HOST:PORT, got {url!r}")
     return http, grpc

@@ -339,7 +339,7 @@ def test_store_is_sized_to_the_pages_the_workload_publishes(tiny_family):
     from types import SimpleNamespace as NS
 
     from kvrelay.serving import deployment as dp
-    from kvrelay.loadtest import cli
+    from kvrelay.loadtest import mixed as cli
 
     dep = dp.for_family("tiny", store="memory:1MiB")
     fmt = dp.identities(dep)["base"].page_format
