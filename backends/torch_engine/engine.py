@@ -12,7 +12,6 @@ token for every running sequence together.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -170,10 +169,11 @@ class TorchEngine:
         if not name or name == self.name:
             raise KvRelayError(f"adapter name {name!r} is empty or the base's own name")
         adapter = ck.read_adapter(Path(directory), self._hf_config())
+        model_id = model_id or f"{name}@{self.weights}+lora-{fp.sha256_file(adapter.weights)[:12]}"
         with self._adapters_lock:
             if name in self._adapters:
                 raise KvRelayError(f"adapter {name!r} is already registered on {self.name!r}")
-            self._adapters[name] = (adapter, model_id or f"{name}@{self.weights}+lora-{_file_digest(adapter.weights)}")
+            self._adapters[name] = (adapter, model_id)
 
     def remove_adapter(self, name: str) -> None:
         """Unregister (from any thread): new requests for it are refused; running ones finish."""
@@ -659,14 +659,6 @@ class TorchEngine:
     @property
     def dtype_name(self) -> str:
         return dtype_name(self.pool.kv.dtype)
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()[:12]
 
 
 def _segments(seqs: list[Sequence]) -> LoraBatch | None:

@@ -42,15 +42,6 @@ class LoraWeights:
     name: str
     model_id: str  # name@weights digest: the identity its KV pages carry
     layers: list[dict[str, tuple[torch.Tensor, torch.Tensor]]]
-    rank: int  # the adapter's r (largest, with rank_pattern)
-
-    @property
-    def nbytes(self) -> int:
-        return sum(
-            a.numel() * a.element_size() + b.numel() * b.element_size()
-            for layer in self.layers
-            for a, b in layer.values()
-        )
 
 
 def _part_rows(layer, linear: str) -> list[int]:
@@ -87,7 +78,7 @@ def load_lora(
                 col += a.shape[0]
             fused[linear] = (A.to(device, dtype).contiguous(), B.to(device, dtype).contiguous())
         layers.append(fused)
-    return LoraWeights(name, model_id, layers, max(m.rank for m in adapter.modules))
+    return LoraWeights(name, model_id, layers)
 
 
 class LoraBatch:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import fcntl
-import hashlib
 import importlib
 import json
 import os
@@ -35,6 +34,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from kvrelay.errors import FamilyChanged, FamilyNotBuilt, KvRelayError, StaleFamily
+from kvrelay.model import fingerprint as fp
 from kvrelay.model import synthetic
 from kvrelay.model.spec import FamilySpec, ModelSpec
 from kvrelay.paths import family_dir
@@ -340,14 +340,6 @@ def family_models(family: str) -> list[str]:
 # --- a registered family's files ----------------------------------------------------------------
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def changed_files(manifest: dict) -> list[tuple[str, str, str]]:
     """[(model, path, why)] for every recorded file that is missing or whose content changed; files
     whose size and mtime are as recorded are not read."""
@@ -363,7 +355,7 @@ def changed_files(manifest: dict) -> list[tuple[str, str, str]]:
             if (st.st_size, st.st_mtime_ns) == (rec["size"], rec["mtime_ns"]):
                 continue
             if p not in shas:
-                shas[p] = sha256_file(p)
+                shas[p] = fp.sha256_file(p)
             if shas[p] != rec["sha256"]:
                 out.append(
                     (

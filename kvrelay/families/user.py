@@ -226,7 +226,7 @@ def validate(name: str, base: str | Path, variants: dict[str, str | Path]) -> li
 def _record(path: Path, shas: dict) -> dict:
     st = path.stat()
     if path not in shas:
-        shas[path] = registry.sha256_file(path)
+        shas[path] = fp.sha256_file(path)
     return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": shas[path]}
 
 

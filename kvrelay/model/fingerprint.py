@@ -74,6 +74,19 @@ def weight_files(model_dir: Path) -> list[Path]:
     return sorted(files, key=lambda f: f.name)
 
 
+def update_from_file(h, path: Path) -> None:
+    """Feed a file's bytes to hash `h`, 4 MiB at a time (weights do not fit memory twice)."""
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    update_from_file(h, path)
+    return h.hexdigest()
+
+
 def weights_digest(model_dir: Path) -> str:
     """Digest of a model's weight files: part of a producer's identity in the page store, so pages of a
     rebuilt or retrained model are never served as the new weights' KV. A LoRA variant's covers the
@@ -90,9 +103,7 @@ def weights_digest(model_dir: Path) -> str:
         pass
     h = hashlib.sha256()
     for f in files:
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
+        update_from_file(h, f)
     digest = h.hexdigest()[:12]
     try:
         cache.write_text(f"{stamp}\n{digest}\n", encoding="utf-8")
