@@ -35,6 +35,14 @@ def parse_bytes(text) -> int:
     return n
 
 
+def parse_int_list(text: str, what: str) -> list[int]:
+    """'A,B,C' -> [A, B, C]; `what` (the option's name) goes into the error."""
+    try:
+        return [int(x) for x in str(text).split(",")]
+    except ValueError:
+        raise KvRelayError(f"{what} must be comma-separated integers, got {text!r}") from None
+
+
 def parse_range(text, minimum: int = 0) -> tuple[int, int]:
     """'N' or 'LO-HI' (integers, minimum <= LO <= HI) -> (LO, HI)."""
     try:

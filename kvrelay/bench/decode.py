@@ -15,6 +15,7 @@ Adapters: the family's own LoRA variants first, then random ones at the same ran
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import sys
@@ -25,6 +26,7 @@ from kvrelay.errors import KvRelayError
 from kvrelay.families import family_spec
 from kvrelay.model import tokenizer
 from kvrelay.model.checkpoint import adapter_dir
+from kvrelay.units import parse_int_list
 
 BATCHES = "1,8,32"
 
@@ -44,18 +46,10 @@ def add_arguments(p):
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
-def _ints(text: str, what: str) -> list[int]:
-    try:
-        vals = [int(x) for x in text.split(",")]
-    except ValueError:
-        raise KvRelayError(f"{what} must be comma-separated integers, got {text!r}") from None
-    if not vals or min(vals) < 1:
-        raise KvRelayError(f"{what} must be >= 1, got {text!r}")
-    return vals
-
-
 def run(args) -> int:
-    batches = _ints(args.batches, "--batches")
+    batches = parse_int_list(args.batches, "--batches")
+    if min(batches) < 1:
+        raise KvRelayError(f"--batches must be >= 1, got {args.batches!r}")
     if args.adapters < 1 or args.prompt < 1 or args.tokens < 2 or args.repeats < 1:
         raise KvRelayError("--adapters, --prompt and --repeats must be >= 1, --tokens >= 2")
     result = bench(
@@ -112,7 +106,7 @@ def bench(
     for i, d in enumerate(random_adapters(base.model_dir, n_adapters - len(names), rank, key=family)):
         engine.add_adapter(f"random-{i}", d)
         names.append(f"random-{i}")
-    merged = TorchEngine.from_spec(fam.model(variant), EngineConfig(**{**_fields(cfg), "max_loras": 1}))
+    merged = TorchEngine.from_spec(fam.model(variant), dataclasses.replace(cfg, max_loras=1))
     hf = _hf_model(fam.model(variant).model_dir)
 
     g = torch.Generator().manual_seed(0)
@@ -164,10 +158,6 @@ def bench(
         "vs_hf": {b: v["vs_hf"] for b, v in per.items()},
         "mixed_over_single": {b: v["mixed_over_single"] for b, v in per.items() if int(b) > 1},
     }
-
-
-def _fields(cfg) -> dict:
-    return {k: getattr(cfg, k) for k in cfg.__slots__}
 
 
 def _hf_model(model_dir):

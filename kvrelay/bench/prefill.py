@@ -21,6 +21,7 @@ import sys
 import time
 
 from kvrelay.errors import KvRelayError
+from kvrelay.units import parse_int_list
 from kvrelay.families import family_models
 from kvrelay.model.plan import RecomputePlan
 
@@ -46,10 +47,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    try:
-        lengths = [int(x) for x in args.lengths.split(",")]
-    except ValueError:
-        raise KvRelayError(f"--lengths must be comma-separated integers, got {args.lengths!r}") from None
+    lengths = parse_int_list(args.lengths, "--lengths")
     if any(n < 16 for n in lengths) or args.repeats < 1 or args.suffix < 1:
         raise KvRelayError("--lengths must be >= 16, --repeats and --suffix >= 1")
     result = bench(
