@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from kvrelay.serving.orchestrator import ClientGone
 from kvrelay.serving import deployment as dp
 from kvrelay.model.plan import RecomputePlan
 from kvrelay.server.launch import start
@@ -52,3 +53,19 @@ def server(tmp_path_factory, test_profiles):
     r = Running(deployment(test_profiles), tmp_path_factory.mktemp("server"))
     yield r.server
     r.close()
+
+
+class Collect:
+    """A Sink for Orchestrator.serve that keeps every reply; `leave_after` replies, then the client
+    hangs up (ClientGone)."""
+
+    def __init__(self, leave_after: int | None = None):
+        self.replies, self.leave_after = [], leave_after
+
+    def send(self, reply):
+        if self.leave_after is not None and len(self.replies) >= self.leave_after:
+            raise ClientGone()
+        self.replies.append(reply)
+
+    def cancelled(self):
+        return False

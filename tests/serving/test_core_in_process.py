@@ -9,22 +9,9 @@ from kvrelay.serving.engine_runner import EngineFailure
 from kvrelay.serving.orchestrator import ClientGone, Orchestrator, ServeRequest
 from kvrelay.store import MemoryStore
 
-from .conftest import deployment
+from .conftest import Collect, deployment
 
 CTX = list(range(300, 300 + 16 * 12))  # 12 blocks of context
-
-
-class Collect:
-    def __init__(self, leave_after: int | None = None):
-        self.replies, self.leave_after = [], leave_after
-
-    def send(self, reply):
-        if self.leave_after is not None and len(self.replies) >= self.leave_after:
-            raise ClientGone()
-        self.replies.append(reply)
-
-    def cancelled(self):
-        return False
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,8 @@ from kvrelay.serving import deployment as dp
 from kvrelay.serving.orchestrator import Orchestrator, ServeRequest
 from kvrelay.store import MemoryStore
 
+from .conftest import Collect
+
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -61,17 +63,6 @@ def test_bad_settings_are_clear_errors(family, extra, message):
     deployment, _ = family
     with pytest.raises(KvRelayError, match=message):
         dp.engine_groups(deployment(extra))
-
-
-class Collect:
-    def __init__(self):
-        self.replies = []
-
-    def send(self, reply):
-        self.replies.append(reply)
-
-    def cancelled(self):
-        return False
 
 
 def test_served_variants_decode_together_and_each_equals_its_merge(family):
