@@ -24,6 +24,12 @@ class Metrics:
             ),
             "recomputed": f("kvrelay_layers_recomputed_total", "Layers recomputed in re-prefill, by donor -> receiver"),
             "reused": f("kvrelay_layers_reused_total", "Layers whose KV was reused, by donor -> receiver"),
+            "shared": f(
+                "kvrelay_shared_layer_tokens_total",
+                "Context tokens whose lower layers' KV a model took bit-exact from blocks another model of its "
+                "engine computed with the same weights there (a LoRA adapter that leaves them untouched, "
+                "or the base), by donor -> receiver",
+            ),
             "bytes": f("kvrelay_kv_bytes_moved_total", "KV/E bytes moved between store and engines, by direction"),
             "prefill_s": f(
                 "kvrelay_prefill_seconds_total",
@@ -62,6 +68,8 @@ class Metrics:
         }[route.kind]
         self._add("prefill_s", float(info["seconds"]), model=entry, kind=kind, receiver=receiver)
         self._add("prefill_n", 1, model=entry, kind=kind, receiver=receiver)
+        if info.get("shared_tokens"):
+            self._add("shared", int(info["shared_tokens"]), model=entry, donor=info["shared_from"], receiver=receiver)
         if route.kind is RouteKind.FULL:
             self._add("full", 1, model=entry, receiver=receiver, reason=route.reason.split(":")[0].split(" (")[0][:60])
         if route.kind not in (RouteKind.REUSE, RouteKind.RESTORE):

@@ -37,6 +37,13 @@ class BlockManager:
             self._acquire(b)
         return out
 
+    def cached_prefix(self, hashes: list[bytes]) -> int:
+        """How many leading blocks are cached (no references taken)."""
+        n = 0
+        while n < len(hashes) and hashes[n] in self.by_hash:
+            n += 1
+        return n
+
     def allocate(self, n: int) -> list[int]:
         if n > self.num_available:
             raise KvRelayError(f"KV cache full: need {n} blocks, {self.num_available} available")

@@ -40,6 +40,28 @@ from .weights import read_weights
 log = logging.getLogger("kvrelay.engine")
 
 
+@dataclass(frozen=True, slots=True)
+class _Adapter:
+    """A registered adapter: its files, the identity its pages carry, and the lowest layer it
+    changes (PEFT layers_to_transform, or target modules that skip the first layers): below that
+    layer its KV is the base's bit for bit, so the two share those layers' blocks."""
+
+    files: ck.LoraAdapter
+    model_id: str
+    first_layer: int
+
+
+@dataclass(frozen=True, slots=True)
+class _LowerLayers:
+    """Blocks in this engine whose lower layers a prompt can take as they are (same tokens, same
+    weights in those layers): the leading `blocks` blocks under `hashes`, computed by `donor`."""
+
+    donor: str  # model name (the base's, or an adapter's)
+    layers: int  # layers [0, layers) copied; [layers, L) recomputed from the E kept at `layers`
+    blocks: int
+    hashes: list[bytes]
+
+
 @dataclass(slots=True, eq=False)  # identity: a sequence is itself, not its contents
 class Sequence:
     req: Request
@@ -54,6 +76,7 @@ class Sequence:
     first_token_time_ns: int = 0
     admitted_at: int = 0
     model_id: str = ""  # the weights it runs: the base's, or its adapter's
+    base_layers: int = 0  # its lowest layers whose weights are the base's (all for the base itself)
     lora: LoraWeights | None = None  # its adapter while admitted (pinned resident)
 
     @property
@@ -103,7 +126,7 @@ class TorchEngine:
         self._admissions = 0
         self._active: set[str] = set()  # request ids queued or running
         # LoRA adapters: registered (name -> adapter on disk, its model id), resident (LRU), pins
-        self._adapters: dict[str, tuple[ck.LoraAdapter, str]] = {}
+        self._adapters: dict[str, _Adapter] = {}
         self._resident: OrderedDict[str, LoraWeights] = OrderedDict()
         self._pins: Counter[str] = Counter()
         self._adapters_lock = threading.Lock()  # register / remove come from other threads
@@ -170,10 +193,11 @@ class TorchEngine:
             raise KvRelayError(f"adapter name {name!r} is empty or the base's own name")
         adapter = ck.read_adapter(Path(directory), self._hf_config())
         model_id = model_id or f"{name}@{self.weights}+lora-{fp.sha256_file(adapter.weights)[:12]}"
+        first = min((m.layer for m in adapter.modules), default=self.num_layers)
         with self._adapters_lock:
             if name in self._adapters:
                 raise KvRelayError(f"adapter {name!r} is already registered on {self.name!r}")
-            self._adapters[name] = (adapter, model_id)
+            self._adapters[name] = _Adapter(adapter, model_id, first)
 
     def remove_adapter(self, name: str) -> None:
         """Unregister (from any thread): new requests for it are refused; running ones finish."""
@@ -185,7 +209,7 @@ class TorchEngine:
     def adapters(self) -> dict[str, str]:
         """Registered adapter -> its model id."""
         with self._adapters_lock:
-            return {n: mid for n, (_, mid) in self._adapters.items()}
+            return {n: a.model_id for n, a in self._adapters.items()}
 
     @property
     def resident_adapters(self) -> list[str]:
@@ -214,9 +238,9 @@ class TorchEngine:
                 self._pins.pop(victim, None)
             with self._adapters_lock:
                 reg = self._adapters.get(seq.req.adapter)
-            if reg is None or reg[1] != key:
+            if reg is None or reg.model_id != key:
                 raise KvRelayError(f"adapter {seq.req.adapter!r} ({key}) was removed from {self.name!r}")
-            w = load_lora(seq.req.adapter, key, reg[0], self.model, self.pool.kv.dtype, self.device)
+            w = load_lora(seq.req.adapter, key, reg.files, self.model, self.pool.kv.dtype, self.device)
             self._resident[key] = w
         self._resident.move_to_end(key)
         self._pins[key] += 1
@@ -251,7 +275,7 @@ class TorchEngine:
             self._check_donor(request.donor, request.plan)
         if request.request_id in self._active:
             raise KvRelayError(f"request_id {request.request_id!r} is already running on {self.name!r}")
-        model_id = self.model_id
+        model_id, base_layers = self.model_id, self.num_layers
         if request.adapter:
             with self._adapters_lock:
                 reg = self._adapters.get(request.adapter)
@@ -260,12 +284,12 @@ class TorchEngine:
                         f"no adapter {request.adapter!r} on {self.name!r}; registered: "
                         f"{sorted(self._adapters) or 'none'}"
                     )
-                model_id = reg[1]
+                model_id, base_layers = reg.model_id, reg.first_layer
         gen = None
         if request.sampling.seed is not None:
             gen = torch.Generator().manual_seed(request.sampling.seed)
         self._active.add(request.request_id)
-        self._inbox.append(Sequence(request, list(toks), generator=gen, model_id=model_id))
+        self._inbox.append(Sequence(request, list(toks), generator=gen, model_id=model_id, base_layers=base_layers))
 
     def _check_donor(self, donor: DonorKV, plan: RecomputePlan | None) -> None:
         if donor.derived_from:
@@ -382,23 +406,75 @@ class TorchEngine:
         return out
 
     def _full_prefill(self, seq: Sequence) -> tuple[PrefillInfo, torch.Tensor]:
-        B = self.page_format.block_size
+        B, L = self.page_format.block_size, self.num_layers
         toks = seq.tokens
         seq.salt = self._scope(seq)
         hashes = block_hashes(toks, B, salt=seq.salt)
-        cached = []
-        if self.config.prefix_caching:  # keep >= 1 token to compute: its logits start generation
-            cached = self.blocks.match_prefix(hashes[: (len(toks) - self._tail(seq)) // B])
+        limit = (len(toks) - self._tail(seq)) // B  # keep >= 1 token to compute: its logits start generation
+        cached = self.blocks.match_prefix(hashes[:limit]) if self.config.prefix_caching else []
+        lower = self._lower_layers(seq, len(cached), limit)
+        src = []
+        if lower is not None:  # take references first, so that our own allocation cannot evict them
+            src = self.blocks.match_prefix(lower.hashes[: lower.blocks])
+            self.blocks.release(src[: len(cached)])
+            src = src[len(cached) :]
+        try:
+            seq.table = cached + self.blocks.allocate(-(-len(toks) // B) - len(cached))
+        except KvRelayError:  # the held blocks left too little room: compute every layer instead
+            self.blocks.release(src)
+            src, lower = [], None
+            seq.table = cached + self.blocks.allocate(-(-len(toks) // B) - len(cached))
         start = len(cached) * B
-        seq.table = cached + self.blocks.allocate(-(-len(toks) // B) - len(cached))
-        h = self._run(seq, toks[start:], start, 0, self.num_layers, capture_e=True)
+        info = PrefillInfo(prompt_tokens=len(toks), cached_tokens=start)
+        if lower is not None:
+            h = self._copy_lower_layers(src, seq.table[len(cached) : len(cached) + len(src)], lower.layers)
+            self.blocks.release(src)
+            self._run(seq, None, start, lower.layers, L, h=h, capture_e=True)
+            info.shared_tokens, info.shared_layers, info.shared_from = len(src) * B, lower.layers, lower.donor
+            start += len(src) * B
+        h = self._run(seq, toks[start:], start, 0, L, capture_e=True)
         self._register(seq, hashes)
-        return PrefillInfo(prompt_tokens=len(toks), cached_tokens=start), h[-self._tail(seq) :]
+        return info, h[-self._tail(seq) :]
+
+    def _lower_layers(self, seq: Sequence, own: int, limit: int) -> _LowerLayers | None:
+        """Where another model of this engine computed this prompt's blocks past our own `own` cached
+        ones with the same weights in the lowest layers: the base for an adapter that leaves them
+        untouched, or such an adapter for the base or another adapter. The longest run wins, then
+        the most layers. Our own KV in those layers is theirs bit for bit, so it is taken as it is;
+        the rest is recomputed from the hidden state they kept (E) where our weights start to differ."""
+        if not self.config.prefix_caching or limit <= own or seq.base_layers == 0:
+            return None
+        B, salt = self.page_format.block_size, seq.req.cache_salt
+        donors = [] if not seq.req.adapter else [(self.name, self.model_id, "", self.num_layers)]
+        with self._adapters_lock:
+            donors += [(n, a.model_id, n, a.first_layer) for n, a in self._adapters.items() if a.first_layer > 0]
+        best = None
+        for name, model_id, adapter, first in donors:
+            if model_id == seq.model_id:
+                continue
+            layers = max((l for l in self.page_format.e_layers if l <= min(first, seq.base_layers)), default=0)
+            if layers == 0:
+                continue
+            hashes = block_hashes(seq.tokens[: limit * B], B, salt=_scope(salt, model_id if adapter else ""))
+            n = self.blocks.cached_prefix(hashes)
+            if n > own and (best is None or (n, layers) > (best.blocks, best.layers)):
+                best = _LowerLayers(name, layers, n, hashes)
+        return best
+
+    def _copy_lower_layers(self, src: list[int], dst: list[int], layers: int) -> torch.Tensor:
+        """KV of layers [0, layers) and the E kept below `layers` from blocks src into dst; returns
+        the E entering layer `layers` over those blocks' tokens, where recomputing starts."""
+        s = torch.tensor(src, dtype=torch.long, device=self.device)
+        d = torch.tensor(dst, dtype=torch.long, device=self.device)
+        self.pool.kv[d, :layers] = self.pool.kv[s, :layers]
+        below = sum(1 for l in self.page_format.e_layers if l < layers)
+        self.pool.e[d, :below] = self.pool.e[s, :below]
+        return self.pool.e[s, self.pool.e_index[layers]].flatten(0, 1)
 
     def _scope(self, seq: Sequence) -> bytes:
         """The prefix-cache scope of a sequence's own KV: its request's salt, and its adapter's
         weights (blocks of different weights never match)."""
-        return seq.req.cache_salt + (b"\x00lora\x00" + seq.model_id.encode() if seq.req.adapter else b"")
+        return _scope(seq.req.cache_salt, seq.model_id if seq.req.adapter else "")
 
     @staticmethod
     def _tail(seq: Sequence) -> int:
@@ -672,6 +748,11 @@ def _segments(seqs: list[Sequence]) -> LoraBatch | None:
             segs.append((seqs[i].lora, i, j))
         i = j
     return LoraBatch(segs) if segs else None
+
+
+def _scope(salt: bytes, adapter_model_id: str) -> bytes:
+    """Prefix-cache scope: the tenant's salt, and an adapter's weights ("" = the base's)."""
+    return salt + (b"\x00lora\x00" + adapter_model_id.encode() if adapter_model_id else b"")
 
 
 def _carries_payload(donor: DonorKV) -> bool:

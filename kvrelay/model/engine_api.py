@@ -114,6 +114,12 @@ class PrefillInfo:
     seconds: float = 0.0
     donor_failed: str = ""  # why donor pages given with the request were not used ("": they were,
     # or none were given); the prefill was then a full one
+    # Exact lower-layer sharing inside one engine: tokens whose KV in layers [0, shared_layers) came
+    # from blocks another model of the engine computed with the same weights there (an adapter that
+    # leaves them untouched, or the base); their upper layers were recomputed. Own KV, not hybrid.
+    shared_tokens: int = 0
+    shared_layers: int = 0
+    shared_from: str = ""  # that model's name
 
 
 @dataclass(slots=True)

@@ -149,3 +149,50 @@ def test_an_adapter_added_while_serving_is_servable_at_once_and_bad_ones_are_ref
             merged.serve(ServeRequest(tokens=[1, 5, 6], max_tokens=2, model="new", lora_path=str(new)), Collect())
     finally:
         merged.close()
+
+
+class _Prefills:
+    """A Metrics that keeps each prefill's info (what the Prometheus counters are made from)."""
+
+    def __init__(self):
+        self.infos = []
+
+    def prefill(self, entry, route, receiver, info):
+        self.infos.append((receiver, info))
+
+    def bytes_moved(self, entry, direction, n): ...
+    def store_error(self, entry): ...
+    def page_rejected(self, reason): ...
+
+
+def test_an_adapter_over_the_upper_layers_takes_the_base_lower_layers_in_its_engine(family):
+    """An adapter with PEFT layers_to_transform leaves the lower layers the base's: after the base
+    served a context, the adapter's request takes those layers' KV from the base's blocks (counted,
+    reported to the client) and answers exactly as its merged model does."""
+    deployment, refs = family
+    upper = um.make_lora(
+        deployment.base, deployment.root / "upper", seed=9, target_modules=ALL, layers_to_transform=[2, 3]
+    )
+    ref = um.merged(deployment.base, upper).eval()
+    metrics = _Prefills()
+    core = Orchestrator(deployment(), store=MemoryStore(64 << 20), metrics=metrics)
+    try:
+        ctx = [1] + [3 + (13 * j) % 250 for j in range(95)]
+        core.serve(ServeRequest(tokens=ctx + [7, 8], max_tokens=2, model="base", tenant="t"), Collect())
+        prompt = ctx + [9, 10, 11]
+        sink = Collect()
+        core.serve(ServeRequest(tokens=prompt, max_tokens=6, model="upper", tenant="t", lora_path=str(upper)), sink)
+        x = torch.tensor([prompt])
+        want = ref.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False, pad_token_id=0)
+        reply = sink.replies[-1]
+        assert reply.output_ids == want[0, x.shape[1] :].tolist()
+        B = core.ids["base"].page_format.block_size
+        assert (reply.donor, reply.reused_layers, reply.recomputed_layers) == ("base", 2, 2)
+        assert reply.reused_tokens == len(ctx) // B * B
+        receiver, info = metrics.infos[-1]
+        assert receiver == "upper" and info["shared_tokens"] == reply.reused_tokens and info["shared_from"] == "base"
+        other = Collect()  # another tenant's blocks are never taken
+        core.serve(ServeRequest(tokens=prompt, max_tokens=1, model="upper", tenant="u"), other)
+        assert other.replies[-1].reused_tokens == 0 and metrics.infos[-1][1]["shared_tokens"] == 0
+    finally:
+        core.close()

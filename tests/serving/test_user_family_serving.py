@@ -44,9 +44,10 @@ def served(tmp_path_factory):
         dep = dp.validate(dp.load(toml))
         refs = {"base": um.load(base), "qv": um.merged(base, qv), "all": um.merged(base, al), "full": um.load(full)}
         late = um.make_lora(base, root / "late", seed=4, target_modules=["q_proj", "k_proj", "v_proj", "down_proj"])
+        upper = um.make_lora(base, root / "upper", seed=5, target_modules=ALL, layers_to_transform=[2, 3])
         r = Running(dep, root / "server")
         try:
-            LATE.update(dir=late, ref=um.merged(base, late))
+            LATE.update(dir=late, ref=um.merged(base, late), upper=upper, upper_ref=um.merged(base, upper))
             yield r.server, refs
         finally:
             r.close()
@@ -112,3 +113,30 @@ def test_an_adapter_registered_on_the_running_server_answers_within_seconds(serv
     assert first_s < 30, first_s  # registration + the request; measured in docs/lora-serving.md
     with pytest.raises(Exception, match="adapter_config.json"):
         client.infer(server.http_url, "w1", 2, model="broken", lora_path=str(late.parent / "nowhere"))
+
+
+def test_an_adapter_over_the_upper_layers_takes_the_base_lower_layers_counted_in_metrics(served):
+    """An adapter with PEFT layers_to_transform = [2, 3] (of 4 layers), registered on the running
+    server: after the base answered over a context, the adapter's answer over it takes layers 0-1 of
+    the base's blocks bit-exact in the shared engine (kv_donor_model, kv_reused_layers, and
+    kvrelay_shared_layer_tokens_total on /metrics) and equals its PEFT merge's."""
+    import urllib.request
+
+    server, _ = served
+    tok = um.tokenizer()
+    ctx = " ".join(f"w{(17 * i) % 250}" for i in range(120))
+    client.infer(server.http_url, "w1", 2, model="base", context=ctx, tenant="s")
+    want = tk.decode(tok, _hf(LATE["upper_ref"], sum(tk.prompt_ids(tok, ctx, "w30 w31"), [])))
+    got = client.infer(
+        server.http_url, "w30 w31", MAX_TOKENS, model="upper", context=ctx, tenant="s", lora_path=str(LATE["upper"])
+    )
+    assert got.text == want
+    assert (got.info["kv_donor_model"], got.info["kv_reused_layers"], got.info["kv_recomputed_layers"]) == (
+        "base",
+        2,
+        2,
+    )
+    assert got.info["kv_reused_tokens"] > 0
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    line = next(x for x in text.splitlines() if x.startswith("kvrelay_shared_layer_tokens_total") and "upper" in x)
+    assert 'donor="base"' in line and float(line.split()[-1]) == got.info["kv_reused_tokens"]

@@ -128,7 +128,53 @@ def test_prefix_cache_never_shares_blocks_across_weights(family):
     other = engine.generate([_req("b", prompt, "qv", n=2)])["b"].prefill
     again = engine.generate([_req("c", prompt, "qv", n=2)])["c"].prefill
     assert first.cached_tokens == 0 and other.cached_tokens == 0  # the base's blocks are not qv's
+    assert other.shared_tokens == 0  # qv changes layer 0: no layer of its KV is the base's
     assert again.cached_tokens == 64  # qv's own blocks are
+
+
+def test_adapter_takes_the_lower_layers_it_leaves_untouched_from_the_base_bit_exact(family):
+    """ "upper" (layers_to_transform [2, 3]) over a 4-layer base: after the base computed a context,
+    the adapter's prefill takes layers 0-1 of its blocks as they are and recomputes layers 2-3 from
+    the base's E at layer 2; outputs equal the merged model's and the KV equals its own full prefill."""
+    base, adapters, refs = family
+    engine = _engine(base, {"upper": adapters["upper"], "qv": adapters["qv"]})
+    ctx = _prompt(90, 64)  # 4 full blocks
+    prompt = ctx + _prompt(91, 9)
+    engine.generate([_req("b0", ctx + _prompt(92, 5), "", n=2)])
+    out = engine.generate([_req("u", prompt, "upper", n=8)])["u"]
+    p = out.prefill
+    assert (p.shared_tokens, p.shared_layers, p.shared_from, p.cached_tokens) == (64, 2, "base", 0)
+    assert out.output_tokens == _reference(refs["upper"], prompt, 8)[0]
+    shared_kv = _context_kv(engine, prompt, "upper")
+    alone = _engine(base, {"upper": adapters["upper"]})  # nothing cached: its own full prefill
+    alone.generate([_req("u", prompt, "upper", n=1)])
+    assert torch.equal(shared_kv[:, :2], _context_kv(alone, prompt, "upper")[:, :2])  # taken as they are
+    assert (shared_kv - _context_kv(alone, prompt, "upper")).abs().max() < ATOL
+    # the shared blocks are the adapter's own from now on: a repeat is a plain prefix hit
+    assert engine.generate([_req("u2", prompt, "upper", n=1)])["u2"].prefill.cached_tokens == 64
+    # the other way: the base takes layers 0-1 from the adapter's blocks of a context it has not seen
+    ctx2 = _prompt(93, 48)
+    engine.generate([_req("u3", ctx2 + _prompt(94, 3), "upper", n=1)])
+    b = engine.generate([_req("b1", ctx2 + _prompt(95, 4), "", n=8)])["b1"]
+    assert (b.prefill.shared_tokens, b.prefill.shared_from) == (48, "upper")
+    assert b.output_tokens == _reference(refs[""], ctx2 + _prompt(95, 4), 8)[0]
+    # an adapter that changes layer 0 never takes any; another tenant's blocks are never taken
+    assert engine.generate([_req("q", prompt, "qv", n=1)])["q"].prefill.shared_tokens == 0
+    salted = _req("s", _prompt(96, 40) + [5], "upper", n=1, cache_salt=b"tenant-b")
+    engine.generate([_req("s0", _prompt(96, 40) + [6], "", n=1)])
+    assert engine.generate([salted])["s"].prefill.shared_tokens == 0
+
+
+def _context_kv(engine, prompt, adapter):
+    """The cached KV of the prompt's full blocks under the adapter's own scope: [blocks, L, 2, H, B, D]."""
+    from kvrelay.model.kv_format import block_hashes
+
+    seq_scope = engine._scope(
+        type("S", (), {"req": _req("x", prompt, adapter), "model_id": engine.adapters[adapter]})()
+    )
+    hashes = block_hashes(prompt, engine.page_format.block_size, salt=seq_scope)
+    blocks = [engine.blocks.by_hash[h] for h in hashes[: len(prompt) // engine.page_format.block_size]]
+    return engine.pool.kv[torch.tensor(blocks)].clone()
 
 
 def test_adapter_pages_carry_its_identity_and_k_v_correction_is_exact(family):
