@@ -71,7 +71,7 @@ class Metrics:
         if info.get("shared_tokens"):
             self._add("shared", int(info["shared_tokens"]), model=entry, donor=info["shared_from"], receiver=receiver)
         if route.kind is RouteKind.FULL:
-            self._add("full", 1, model=entry, receiver=receiver, reason=route.reason.split(":")[0].split(" (")[0][:60])
+            self._add("full", 1, model=entry, receiver=receiver, reason=route.cause or "unspecified")
         if route.kind not in (RouteKind.REUSE, RouteKind.RESTORE):
             return
         self._add("hits", 1, model=entry, donor=donor, receiver=receiver)

@@ -145,7 +145,9 @@ class Router:
             self.metrics.store_error(entry)
             pages = None
         if pages is None or pages.num_pages == 0:
-            d.route = routes.Route(RouteKind.FULL, "donor pages unavailable", export=False)
+            d.route = routes.Route(
+                RouteKind.FULL, "donor pages unavailable", export=False, cause="donor pages unavailable"
+            )
             return None
         self.metrics.bytes_moved(entry, "fetch", pages.kv.nbytes + pages.e.nbytes)
         return pages
@@ -153,7 +155,9 @@ class Router:
     def donor_refused(self, d: Decision, why: str) -> None:
         """The engine refused the donor pages (e.g. a stale page): a correct full prefill instead."""
         log.warning("engine refused donor pages, full prefill: %s", why)
-        d.route = routes.Route(RouteKind.FULL, "engine refused donor pages", export=False)
+        d.route = routes.Route(
+            RouteKind.FULL, "engine refused donor pages", export=False, cause="engine refused donor pages"
+        )
 
     def prefill_done(
         self, d: Decision, info: PrefillInfo, exported: KVPages | None, tokens: list[int], entry: str = ""

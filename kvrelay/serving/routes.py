@@ -50,6 +50,7 @@ class Route:
     plan: RecomputePlan | None = None
     export: bool = False  # publish this prompt's pages after a full prefill
     cached: bool = False  # reuse whose hybrid KV the receiver's engine should still hold
+    cause: str = ""  # a full prefill's cause as a short fixed label (metrics); `reason` is for people
 
 
 class RecentlyComputed:
@@ -118,12 +119,12 @@ def route(
     B = me.page_format.block_size
     full_blocks = len(tokens) // B
     if full_blocks == 0:
-        return Route(RouteKind.FULL, "context shorter than one block")
+        return Route(RouteKind.FULL, "context shorter than one block", cause="context shorter than one block")
     try:
         found = store.lookup(tenant, me.fingerprint, tokens, B)
     except KvRelayError as e:  # StoreUnavailable and friends: serve anyway, from scratch
         log.warning("page store lookup failed, full prefill: %s", e)
-        return Route(RouteKind.FULL, f"store unavailable: {e}")
+        return Route(RouteKind.FULL, f"store unavailable: {e}", cause="store unavailable")
     by_id = {i.model_id: i for i in ids.values() if i.fingerprint == me.fingerprint}
     own = found.get(me.model_id, 0)
     cross = sorted(
@@ -137,7 +138,8 @@ def route(
             return Route(RouteKind.PREFIX, "own prefix: engine cache", export=False)
         return Route(RouteKind.RESTORE, "own pages from the store", receiver, me.model_id, own)
     if not sharing or not cross:
-        return Route(RouteKind.FULL, "miss" if not cross else "sharing off", export=export)
+        why = "miss" if not cross else "sharing off"
+        return Route(RouteKind.FULL, why, export=export, cause=why)
     n, donor, producer = cross[0]
     choice = selector.choose(
         donor,
@@ -150,7 +152,7 @@ def route(
         weights=(ids[donor].weights, me.weights),
     )
     if choice.plan is None:
-        return Route(RouteKind.FULL, choice.reason, export=export)
+        return Route(RouteKind.FULL, choice.reason, export=export, cause=choice.cause)
     r = Route(RouteKind.REUSE, choice.reason, donor, producer, n, choice.plan)
     if _hybrid_key(receiver, scope, r, tokens, B) in recent:
         r.cached, r.reason = True, f"{r.reason}; hybrid KV cached in the engine"

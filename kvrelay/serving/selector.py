@@ -63,6 +63,7 @@ class Choice:
     reason: str
     expected_quality: float | None
     expected_prefill_s: float | None
+    cause: str = ""  # with plan None: the fallback key (NO_PROFILE, ...), for counters and labels
 
 
 class Latency(Protocol):
@@ -240,7 +241,7 @@ class Selector:
             first = (pair + (key,)) not in self._logged
             self._logged.add(pair + (key,))
         log.log(logging.WARNING if first else logging.DEBUG, "full prefill for %s->%s: %s", *pair, reason)
-        return Choice(None, reason, None, None)
+        return Choice(None, reason, None, None, key)
 
     def _candidates(self, sender: str, receiver: str, sender_fp: str, receiver_fp: str):
         """(plans of this pair's frontier that meet the quality target, None, None), or (None, the

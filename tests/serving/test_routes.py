@@ -24,7 +24,7 @@ class FixedSelector:
     def choose(self, sender, receiver, sender_fp, receiver_fp, *, context_tokens, queued=0, slo_s=None, weights=None):
         self.calls.append((sender, receiver, context_tokens, queued))
         reason = "fixed plan" if self.plan is not None else f"no profile for {sender}->{receiver}"
-        return Choice(self.plan, reason, None, None)
+        return Choice(self.plan, reason, None, None, "" if self.plan is not None else "no profile")
 
 
 def pages(producer, tokens, fingerprint="fp"):
@@ -49,7 +49,7 @@ def store():
 
 def test_miss_is_a_full_prefill_that_publishes(store):
     r = route(store, FixedSelector(RecomputePlan.none()), IDS, "code", "t", CTX + [1, 2], RecentlyComputed())
-    assert (r.kind, r.reason, r.export) == ("full", "miss", True)
+    assert (r.kind, r.reason, r.export, r.cause) == ("full", "miss", True, "miss")
 
 
 def test_other_variants_pages_go_through_the_selectors_plan(store):
@@ -64,6 +64,7 @@ def test_no_profile_means_full_prefill_with_the_selectors_reason(store):
     store.put("t", pages("base", CTX))
     r = route(store, FixedSelector(None), IDS, "code", "t", CTX + [7], RecentlyComputed())
     assert (r.kind, r.reason) == ("full", "no profile for base->code")
+    assert r.cause == "no profile"  # the metrics label: fixed, never cut from the text
 
 
 def test_own_pages_restore_unless_this_server_computed_them(store):

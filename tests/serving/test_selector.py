@@ -84,7 +84,7 @@ def test_a_plan_that_matched_by_luck_is_not_chosen(tmp_path):
 def test_no_plan_meeting_target_falls_back(profiles):
     sel = Selector(profiles, "tiny", quality_target=0.0)
     c = sel.choose("base", "code", FP, FP, context_tokens=1024)
-    assert c.plan is None and "quality target" in c.reason
+    assert c.plan is None and "quality target" in c.reason and c.cause == "no plan meets the quality target"
     assert sel.fallbacks["no plan meets the quality target"] == 1
 
 
@@ -93,7 +93,7 @@ def test_no_profile_fallback_is_logged_and_counted(profiles, caplog):
     with caplog.at_level(logging.DEBUG, logger="kvrelay.serving.selector"):
         c = sel.choose("code", "legal", FP, FP, context_tokens=100)
         sel.choose("code", "legal", FP, FP, context_tokens=100)
-    assert c == Choice(None, c.reason, None, None)
+    assert c == Choice(None, c.reason, None, None, "no profile")
     assert c.reason.startswith("no profile for code->legal")
     assert sel.fallbacks["no profile"] == 2
     warnings = [r for r in caplog.records if r.name == "kvrelay.serving.selector" and r.levelno == logging.WARNING]
