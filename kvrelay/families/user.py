@@ -320,6 +320,6 @@ def describe(manifest: dict, model: str) -> str:
         return (
             f"LoRA r={lo.get('r')} alpha={lo.get('lora_alpha')} on {','.join(lo.get('target_modules', []))}"
             + (f" ({'; '.join(extra)})" if extra else "")
-            + ", merged at load"
+            + ' (merged at load, or unmerged on the base\'s engine with lora = "unmerged")'
         )
     return {"base": "base", "full": "full checkpoint"}.get(kind, kind)

@@ -80,7 +80,7 @@ def test_add_list_remove_through_the_cli(dirs, home):
         assert all(p.is_symlink() for p in fam.model_dir(m).iterdir() if not p.name.startswith(".kvrelay"))
     listing = kvrelay("models", "list", env_home=home).stdout
     assert "mine" in listing and "registered" in listing
-    assert "LoRA r=4 alpha=8 on q_proj,v_proj, merged at load" in listing
+    assert "LoRA r=4 alpha=8 on q_proj,v_proj (merged at load, or unmerged" in listing
     assert f"LoRA r=4 alpha=8 on {','.join(ALL)}" in listing and "full checkpoint" in listing
     weights = fam.manifest()["weights"]
     assert len(set(weights.values())) == 4, "each model has its own weights digest"
