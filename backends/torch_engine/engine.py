@@ -413,17 +413,15 @@ class TorchEngine:
         limit = (len(toks) - self._tail(seq)) // B  # keep >= 1 token to compute: its logits start generation
         cached = self.blocks.match_prefix(hashes[:limit]) if self.config.prefix_caching else []
         lower = self._lower_layers(seq, len(cached), limit)
-        src = []
+        need, src = -(-len(toks) // B) - len(cached), []
         if lower is not None:  # take references first, so that our own allocation cannot evict them
             src = self.blocks.match_prefix(lower.hashes[: lower.blocks])
             self.blocks.release(src[: len(cached)])
             src = src[len(cached) :]
-        try:
-            seq.table = cached + self.blocks.allocate(-(-len(toks) // B) - len(cached))
-        except KvRelayError:  # the held blocks left too little room: compute every layer instead
-            self.blocks.release(src)
-            src, lower = [], None
-            seq.table = cached + self.blocks.allocate(-(-len(toks) // B) - len(cached))
+            if self.blocks.num_available < need:  # holding them leaves too little room: compute every layer
+                self.blocks.release(src)
+                src, lower = [], None
+        seq.table = cached + self.blocks.allocate(need)
         start = len(cached) * B
         info = PrefillInfo(prompt_tokens=len(toks), cached_tokens=start)
         if lower is not None:
@@ -445,17 +443,18 @@ class TorchEngine:
         if not self.config.prefix_caching or limit <= own or seq.base_layers == 0:
             return None
         B, salt = self.page_format.block_size, seq.req.cache_salt
-        donors = [] if not seq.req.adapter else [(self.name, self.model_id, "", self.num_layers)]
+        # (name, the adapter model id its blocks are scoped by: "" for the base, first adapted layer)
+        donors = [(self.name, "", self.num_layers)] if seq.req.adapter else []
         with self._adapters_lock:
-            donors += [(n, a.model_id, n, a.first_layer) for n, a in self._adapters.items() if a.first_layer > 0]
+            donors += [(n, a.model_id, a.first_layer) for n, a in self._adapters.items() if a.first_layer > 0]
         best = None
-        for name, model_id, adapter, first in donors:
-            if model_id == seq.model_id:
+        for name, adapter_id, first in donors:
+            if adapter_id == seq.model_id:
                 continue
             layers = max((l for l in self.page_format.e_layers if l <= min(first, seq.base_layers)), default=0)
             if layers == 0:
                 continue
-            hashes = block_hashes(seq.tokens[: limit * B], B, salt=_scope(salt, model_id if adapter else ""))
+            hashes = block_hashes(seq.tokens[: limit * B], B, salt=_scope(salt, adapter_id))
             n = self.blocks.cached_prefix(hashes)
             if n > own and (best is None or (n, layers) > (best.blocks, best.layers)):
                 best = _LowerLayers(name, layers, n, hashes)
