@@ -68,7 +68,7 @@ class Metrics:
         }[route.kind]
         self._add("prefill_s", float(info["seconds"]), model=entry, kind=kind, receiver=receiver)
         self._add("prefill_n", 1, model=entry, kind=kind, receiver=receiver)
-        if info.get("shared_tokens"):
+        if info["shared_tokens"]:
             self._add("shared", int(info["shared_tokens"]), model=entry, donor=info["shared_from"], receiver=receiver)
         if route.kind is RouteKind.FULL:
             self._add("full", 1, model=entry, receiver=receiver, reason=route.cause or "unspecified")

@@ -302,21 +302,26 @@ class Orchestrator:
         route, info = call.d.route, call.info
         reusing = route.kind in (RouteKind.REUSE, RouteKind.RESTORE) and info is not None
         ids = list(out.output_tokens)
-        # the tokens whose KV was not computed for this request: the donor's, or this engine's prefix
-        # cache (with the lower layers another model of the engine computed with the same weights)
-        reused_tokens = info.reused_tokens if reusing else info.cached_tokens + info.shared_tokens if info else 0
-        shared = not reusing and info is not None and info.shared_tokens > 0
+        # what the client is told of the context's KV: the donor's (reuse, restore), else this engine's
+        # prefix cache plus the lower layers another model of the engine computed with the same weights
+        donor, reused_layers, recomputed_layers, reused_tokens = "", 0, 0, 0
+        if reusing:
+            donor, reused_layers, recomputed_layers = route.donor, info.reused_layers, info.recomputed_layers
+            reused_tokens = info.reused_tokens
+        elif info is not None:
+            reused_tokens = info.cached_tokens + info.shared_tokens
+            if info.shared_tokens:
+                donor, reused_layers = info.shared_from, info.shared_layers
+                recomputed_layers = call.me.num_layers - info.shared_layers
         call.sink.send(
             Reply(
                 output_ids=ids,
                 prev_len=max(len(ids) - 1, 0) if call.req.stream else 0,
                 finished=out.finished,
                 route=f"{route.kind}: {route.reason}",
-                donor=route.donor if reusing else info.shared_from if shared else "",
-                reused_layers=info.reused_layers if reusing else info.shared_layers if shared else 0,
-                recomputed_layers=(
-                    info.recomputed_layers if reusing else call.me.num_layers - info.shared_layers if shared else 0
-                ),
+                donor=donor,
+                reused_layers=reused_layers,
+                recomputed_layers=recomputed_layers,
                 reused_tokens=reused_tokens,
                 first_token_time_ns=out.first_token_time_ns or call.first_token_time_ns,
                 model=call.me.name,
