@@ -26,7 +26,7 @@ from kvrelay.model.engine_api import DonorKV, EngineConfig, PrefillInfo, Request
 from kvrelay.errors import KvRelayError, PlanError
 from kvrelay.model import checkpoint as ck
 from kvrelay.model.kv_format import DTYPES, KVPages, PageFormat, block_hashes, dtype_name, shared_blocks
-from kvrelay.model.spec import ModelSpec, read_hf_config
+from kvrelay.model.spec import ModelSpec, adapter_weights, read_hf_config
 from kvrelay.model.plan import RecomputePlan
 
 from .attention import DecodeAttention, DenseAttention, PagedKVPool, PrefillAttention
@@ -192,7 +192,7 @@ class TorchEngine:
         if not name or name == self.name:
             raise KvRelayError(f"adapter name {name!r} is empty or the base's own name")
         adapter = ck.read_adapter(Path(directory), self._hf_config())
-        model_id = model_id or f"{name}@{self.weights}+lora-{fp.sha256_file(adapter.weights)[:12]}"
+        model_id = model_id or f"{name}@{adapter_weights(self.weights, adapter.weights)}"
         first = min((m.layer for m in adapter.modules), default=self.num_layers)
         with self._adapters_lock:
             if name in self._adapters:

@@ -28,7 +28,7 @@ def summary_lines(family) -> list[str]:
     weights = manifest.get("weights", {})
     base_loss = build.get(family.base, {}).get("heldout_loss", {})
     lines = []
-    for m, d in family.models.items():
+    for m, d in family.dirs.items():
         b = build.get(m, {})
         parts = [f"  {m:<6} {d}"]
         if m == family.base and b.get("steps"):

@@ -29,14 +29,13 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
 from kvrelay.errors import FamilyChanged, FamilyNotBuilt, KvRelayError, StaleFamily
 from kvrelay.model import fingerprint as fp
 from kvrelay.model import synthetic
-from kvrelay.model.spec import FamilySpec, ModelSpec
+from kvrelay.model.spec import MANIFEST, FamilySpec, ModelSpec
 from kvrelay.paths import family_dir
 
 FAMILY_NAMES: tuple[str, ...] = ("tiny", "smol", "smol-quick", "smol-lora", "gemma-lora")
@@ -47,34 +46,8 @@ _BUILDERS = {
     "smol-lora": "kvrelay.families.smol_lora",
     "gemma-lora": "kvrelay.families.gemma_lora",
 }
-MANIFEST = "family.json"
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 FORMAT = 1
-
-
-@dataclass(frozen=True)
-class Family:
-    name: str
-    root: Path  # family_dir(name)
-    base: str  # name of the base model
-    models: dict[str, Path]  # model name -> HF model dir, base first
-    fingerprint: str  # kvrelay.model.spec.ModelSpec.fingerprint of every model (all equal)
-
-    def model_dir(self, name: str) -> Path:
-        try:
-            return self.models[name]
-        except KeyError:
-            raise KvRelayError(
-                f"family {self.name!r} has no model {name!r}; its models: {', '.join(self.models)}"
-            ) from None
-
-    @property
-    def variants(self) -> list[str]:
-        return [m for m in self.models if m != self.base]
-
-    def manifest(self) -> dict:
-        """The parsed family.json (build info, eval losses)."""
-        return json.loads((self.root / MANIFEST).read_text())
 
 
 def is_registered(name: str) -> bool:
@@ -129,7 +102,7 @@ def _not_built(name: str, why: str, cls: type[FamilyNotBuilt] = FamilyNotBuilt) 
     return cls(f"model family {name!r} is not built ({why}); run: kvrelay models build --family {name}")
 
 
-def load_family(name: str) -> Family:
+def load_family(name: str) -> FamilySpec:
     """The built family `name`; FamilyNotBuilt (naming the build command) if it is not on disk."""
     _check_name(name)
     root = family_dir(name)
@@ -150,7 +123,7 @@ def load_family(name: str) -> Family:
         )
     if manifest.get("kind") == "registered":
         verify_files(name, manifest)  # FamilyChanged naming the file
-        return Family(name=name, root=root, base=base, models={m: root / m for m in names}, fingerprint=fingerprint)
+        return _family(name, root, names, fingerprint)
     built, current = manifest.get("recipe", 1), recipe(name)
     if built != current:
         raise _not_built(
@@ -164,7 +137,11 @@ def load_family(name: str) -> Family:
                 f"model family {name!r} is incomplete: {d} lacks {', '.join(missing)}; "
                 f"run: kvrelay models build --family {name} --force"
             )
-    return Family(name=name, root=root, base=base, models=models, fingerprint=fingerprint)
+    return _family(name, root, names, fingerprint)
+
+
+def _family(name: str, root: Path, names: list[str], fingerprint: str) -> FamilySpec:
+    return FamilySpec(name, tuple(names), root, fingerprint, {m: root / m for m in names})
 
 
 def is_built(name: str) -> bool:
@@ -198,7 +175,7 @@ def _version() -> str:
         return "unknown"
 
 
-def build_family(name: str, force: bool = False, progress: bool = True) -> Family:
+def build_family(name: str, force: bool = False, progress: bool = True) -> FamilySpec:
     """Build family `name` into family_dir(name). Returns at once if it is already built (unless force)."""
     if is_registered(name) and not force:
         return load_family(name)
@@ -316,7 +293,7 @@ def _manifest(name: str, builder, tmp: Path, info: dict, seconds: float) -> dict
     }
 
 
-def ensure_built(name: str) -> Family:
+def ensure_built(name: str) -> FamilySpec:
     """Load family `name`, building it first if it is not on disk."""
     try:
         return load_family(name)
@@ -327,9 +304,8 @@ def ensure_built(name: str) -> Family:
 def family_spec(name: str) -> FamilySpec:
     """A family by name, synthetic or built (FamilyNotBuilt naming the build command if not on disk)."""
     if synthetic.is_synthetic(name):
-        return FamilySpec(name, True, tuple(synthetic.spec(name)[1]))
-    fam = load_family(name)
-    return FamilySpec(name, False, tuple(fam.models), dict(fam.models))
+        return FamilySpec(name, tuple(synthetic.spec(name)[1]))
+    return load_family(name)
 
 
 def family_models(family: str) -> list[str]:

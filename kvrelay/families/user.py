@@ -235,7 +235,7 @@ def definition(sources: list[Source]) -> dict:
 
 
 def register(name: str, base: str | Path, variants: dict[str, str | Path], replace: bool = False):
-    """Validate, then register family `name` atomically (under its lock); returns the Family."""
+    """Validate, then register family `name` atomically (under its lock); returns the FamilySpec."""
     sources = validate(name, base, variants)
     if registry.family_dir(name).exists() and not replace:
         where = registry.family_dir(name)

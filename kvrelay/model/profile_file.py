@@ -142,7 +142,7 @@ def fixed(
 def write_fixed(root: str | Path, family: str, models: dict, plan_text: str, command: str) -> list[str]:
     """A fixed profile (see `fixed`) of `plan_text` under `root` for every ordered pair of `models`
     (name -> identity with .fingerprint and .num_layers: a kvrelay.model.spec.ModelSpec or a
-    deployment's ModelIdentity). Returns the pair names (sender__receiver)."""
+    deployment's ServedModel). Returns the pair names (sender__receiver)."""
     out = []
     for s in models:
         for r in models:

@@ -52,6 +52,12 @@ def kv_shape(cfg: dict) -> tuple[int, int, int, int]:
     )
 
 
+def adapter_weights(base_weights: str, adapter_file: Path) -> str:
+    """The weights id of an adapter file served over weights `base_weights` (one formula for the
+    engine and the serving core: pages are keyed by it)."""
+    return f"{base_weights}+lora-{fp.sha256_file(adapter_file)[:12]}"
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     family: str
@@ -83,6 +89,13 @@ class ModelSpec:
             seed,
         )
 
+    def adapter_over(self, name: str, adapter_file: Path) -> "ModelSpec":
+        """A PEFT adapter served over this model without being registered in its family (added to a
+        running server): its weights are this model's plus the adapter file's digest."""
+        return ModelSpec(
+            self.family, name, self.hf_config, self.fingerprint, adapter_weights(self.weights, adapter_file)
+        )
+
     @property
     def synthetic(self) -> bool:
         return self.model_dir is None
@@ -110,17 +123,50 @@ class ModelSpec:
         return PageFormat.for_model(*kv_shape(self.hf_config), block_size, dtype, e_layers)
 
 
+MANIFEST = "family.json"  # a family directory's record (kvrelay.families.registry writes it)
+
+
 @dataclass(frozen=True)
 class FamilySpec:
+    """A model family, the one type for it: built by kvrelay, registered from a user's directories
+    (both on disk under `root`, read by kvrelay.families.load_family) or synthetic (root None: real
+    shapes, random weights drawn at load time)."""
+
     name: str
-    synthetic: bool
     models: tuple[str, ...]  # base first
-    dirs: dict = field(compare=False, repr=False, default_factory=dict)  # built: model -> its directory
+    root: Path | None = None  # the family's directory; None: synthetic
+    fingerprint: str = ""  # every model's (all equal); synthetic: per model, read it from model()
+    dirs: dict[str, Path] = field(compare=False, repr=False, default_factory=dict)  # on disk: model -> dir
     _specs: dict = field(compare=False, repr=False, default_factory=dict)
+
+    @property
+    def synthetic(self) -> bool:
+        return self.root is None
 
     @property
     def base(self) -> str:
         return self.models[0]
+
+    @property
+    def variants(self) -> list[str]:
+        return list(self.models[1:])
+
+    def model_dir(self, name: str) -> Path:
+        """The Hugging Face model directory of model `name` (a family on disk)."""
+        if self.synthetic:
+            raise KvRelayError(f"family {self.name!r} is synthetic: its models have no directory")
+        try:
+            return self.dirs[name]
+        except KeyError:
+            raise KvRelayError(
+                f"family {self.name!r} has no model {name!r}; its models: {', '.join(self.models)}"
+            ) from None
+
+    def manifest(self) -> dict:
+        """The parsed family.json (build or registration info, weights digests)."""
+        if self.synthetic:
+            raise KvRelayError(f"family {self.name!r} is synthetic: it has no family.json")
+        return json.loads((self.root / MANIFEST).read_text())
 
     def model(self, name: str, **synthetic_overrides) -> ModelSpec:
         """overrides (synthetic families only) shrink shapes for tests on small machines."""

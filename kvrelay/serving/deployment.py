@@ -16,6 +16,7 @@ from kvrelay.errors import KvRelayError
 from kvrelay.families import family_spec, user
 from kvrelay.model import checkpoint as ck
 from kvrelay.model.kv_format import DTYPES, PageFormat
+from kvrelay.model.spec import ModelSpec
 from kvrelay.units import parse_bytes
 
 
@@ -187,32 +188,44 @@ def validate(dep: Deployment) -> Deployment:
 
 
 @dataclass(frozen=True, slots=True)
-class ModelIdentity:
-    """What the orchestrator must know of a variant without loading it."""
+class ServedModel:
+    """A model as this deployment serves it: its identity (ModelSpec, the one identity type) and the
+    KV page format the deployment gives it (block size, dtype, E layers)."""
 
-    name: str
-    model_id: str
-    fingerprint: str
+    spec: ModelSpec
     page_format: PageFormat
-    max_model_len: int
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def model_id(self) -> str:
+        return self.spec.model_id
+
+    @property
+    def fingerprint(self) -> str:
+        return self.spec.fingerprint
+
+    @property
+    def weights(self) -> str:
+        return self.spec.weights
+
+    @property
+    def max_model_len(self) -> int:
+        return self.spec.max_position_embeddings
 
     @property
     def num_layers(self) -> int:
         return self.page_format.num_layers
 
-    @property
-    def weights(self) -> str:
-        """The weights digest (model_id is name@digest)."""
-        return self.model_id.partition("@")[2]
 
-
-def identities(dep: Deployment) -> dict[str, ModelIdentity]:
+def identities(dep: Deployment) -> dict[str, ServedModel]:
     fam = family_spec(dep.family)
     out = {}
     for m in dep.models:
         spec = fam.model(m.name)
-        fmt = spec.page_format(dep.block_size, m.dtype, dep.e_layer_list(spec.num_layers))
-        out[m.name] = ModelIdentity(m.name, spec.model_id, spec.fingerprint, fmt, spec.max_position_embeddings)
+        out[m.name] = ServedModel(spec, spec.page_format(dep.block_size, m.dtype, dep.e_layer_list(spec.num_layers)))
     return out
 
 

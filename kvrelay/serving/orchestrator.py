@@ -18,11 +18,13 @@ import queue
 import threading
 import uuid
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Protocol
 
 from kvrelay.engines import make_engine
 from kvrelay.families import family_spec
 from kvrelay.errors import KvRelayError
+from kvrelay.model import checkpoint as ck
 from kvrelay.model.engine_api import Engine, EngineConfig, PrefillInfo, Request, RequestOutput, SamplingParams
 from kvrelay.model.kv_format import KVPages
 from kvrelay.paths import profiles_dir
@@ -157,9 +159,10 @@ class Orchestrator:
                 raise KvRelayError(
                     f"the family's base {self._base!r} is not in this deployment; adapters run on its engine"
                 )
-            base.engine.add_adapter(name, directory)
             me = self.ids[self._base]
-            ident = dp.ModelIdentity(name, base.engine.adapters[name], me.fingerprint, me.page_format, me.max_model_len)
+            adapter = ck.read_adapter(Path(directory), me.spec.hf_config)  # clear errors before anything changes
+            ident = dp.ServedModel(me.spec.adapter_over(name, adapter.weights), me.page_format)
+            base.engine.add_adapter(name, directory, ident.model_id)
             # copy-on-write: the router and routes read these dicts on other threads without locks
             self.ids = {**self.ids, name: ident}
             self.router.ids = self.ids

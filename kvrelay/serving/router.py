@@ -27,7 +27,7 @@ from kvrelay.model.kv_format import KVPages, block_hashes
 from kvrelay.model.plan import RecomputePlan
 from kvrelay.serving import routes
 from kvrelay.serving import deployment as dp
-from kvrelay.serving.deployment import ModelIdentity
+from kvrelay.serving.deployment import ServedModel
 from kvrelay.serving.metrics import Metrics
 from kvrelay.serving.routes import RouteKind
 from kvrelay.serving.selector import Selector
@@ -59,7 +59,7 @@ class Router:
     def __init__(
         self,
         dep: dp.Deployment,
-        ids: dict[str, ModelIdentity],
+        ids: dict[str, ServedModel],
         store: PageStore,
         selector: Selector,
         metrics: Metrics,

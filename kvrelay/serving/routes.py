@@ -17,7 +17,7 @@ from collections import OrderedDict
 from enum import Enum
 from dataclasses import dataclass
 
-from kvrelay.serving.deployment import ModelIdentity
+from kvrelay.serving.deployment import ServedModel
 from kvrelay.errors import KvRelayError
 from kvrelay.model.kv_format import block_hashes
 from kvrelay.model.plan import RecomputePlan
@@ -101,7 +101,7 @@ def _hybrid_key(receiver: str, tenant: str, r: Route, tokens: list[int], block_s
 def route(
     store,
     selector,
-    ids: dict[str, ModelIdentity],
+    ids: dict[str, ServedModel],
     receiver: str,
     tenant: str,
     tokens: list[int],

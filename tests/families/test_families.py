@@ -7,13 +7,14 @@ import pytest
 import kvrelay.cli
 from kvrelay import families
 from kvrelay.errors import FamilyNotBuilt, KvRelayError, SourceMissing
-from kvrelay.families import FAMILY_NAMES, Family, build_family, ensure_built, load_family
+from kvrelay.model.spec import FamilySpec
+from kvrelay.families import FAMILY_NAMES, build_family, ensure_built, load_family
 from kvrelay.families import registry, sources, tiny as tiny_builder
 from kvrelay.model.spec import ModelSpec
 
 
 @pytest.fixture(scope="session")
-def tiny() -> Family:
+def tiny() -> FamilySpec:
     return ensure_built("tiny")  # default cache: built once (~80 s on 2 cores), then reused
 
 
@@ -40,7 +41,7 @@ def test_tiny_loads(tiny):
     assert tiny.name == "tiny" and tiny.base == "base"
     assert list(tiny.models) == ["base", "code", "legal"]
     assert tiny.root == registry.family_dir("tiny")
-    for name, d in tiny.models.items():
+    for name, d in tiny.dirs.items():
         assert tiny.model_dir(name) == d
         for f in ("config.json", "model.safetensors", "tokenizer.json", "eval.json"):
             assert (d / f).is_file(), d / f
@@ -70,14 +71,14 @@ def test_tiny_is_an_hf_model(tiny):
 
 
 def test_one_fingerprint(tiny):
-    fps = {m: ModelSpec.from_dir(m, d).fingerprint for m, d in tiny.models.items()}
+    fps = {m: ModelSpec.from_dir(m, d).fingerprint for m, d in tiny.dirs.items()}
     assert set(fps.values()) == {tiny.fingerprint}
 
 
 def test_variant_weights_differ_from_base(tiny):
     from safetensors.torch import load_file
 
-    w = {m: load_file(str(d / "model.safetensors")) for m, d in tiny.models.items()}
+    w = {m: load_file(str(d / "model.safetensors")) for m, d in tiny.dirs.items()}
     assert set(w["code"]) == set(w["base"])
     for variant in ("code", "legal"):
         changed = [k for k in w["base"] if (w[variant][k] - w["base"][k]).norm() > 1e-4 * w["base"][k].norm()]
@@ -95,7 +96,7 @@ def test_variants_beat_base_on_their_domain(tiny):
     from kvrelay.families import finetune
 
     tok = AutoTokenizer.from_pretrained(tiny.model_dir("base"))
-    models = {m: LlamaForCausalLM.from_pretrained(d) for m, d in tiny.models.items()}
+    models = {m: LlamaForCausalLM.from_pretrained(d) for m, d in tiny.dirs.items()}
     for domain in ("code", "legal"):
         # other windows than the build's evaluation used, same held-out documents
         blocks = finetune.heldout_blocks(tok, domain, 8, 128, seed=99)

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from kvrelay.serving.deployment import ModelIdentity
+from kvrelay.model.spec import ModelSpec
+from kvrelay.serving.deployment import ServedModel
 from kvrelay.errors import KvRelayError
 from kvrelay.model.kv_format import KVPages, PageFormat
 from kvrelay.model.plan import RecomputePlan
@@ -12,7 +13,7 @@ from kvrelay.serving.selector import Choice
 from kvrelay.store import MemoryStore
 
 FMT = PageFormat.for_model(4, 2, 8, 32, 4)
-IDS = {n: ModelIdentity(n, f"{n}@w{n}", "fp", FMT, 4096) for n in ("base", "code", "legal")}
+IDS = {n: ServedModel(ModelSpec("t", n, {}, "fp", f"w{n}"), FMT) for n in ("base", "code", "legal")}
 
 
 class FixedSelector:
