@@ -440,7 +440,7 @@ class TorchEngine:
         untouched, or such an adapter for the base or another adapter. The longest run wins, then
         the most layers. Our own KV in those layers is theirs bit for bit, so it is taken as it is;
         the rest is recomputed from the hidden state they kept (E) where our weights start to differ."""
-        if not self.config.prefix_caching or limit <= own or seq.base_layers == 0:
+        if not (self.config.prefix_caching and self.config.share_lower_layers) or limit <= own or seq.base_layers == 0:
             return None
         B, salt = self.page_format.block_size, seq.req.cache_salt
         # (name, the adapter model id its blocks are scoped by: "" for the base, first adapted layer)

@@ -31,6 +31,8 @@ class EngineConfig:
     e_layers: tuple[int, ...] | None = None  # layers whose entering hidden state is kept for export;
     # None = every 2nd layer (the profiler's stride-2 group starts)
     prefix_caching: bool = True
+    share_lower_layers: bool = True  # take untouched lower layers' KV from another model's blocks
+    # in this engine (False: each model prefills every layer itself; the no-sharing baseline)
     max_loras: int = 4  # LoRA adapters resident at once (LRU; the rest stay on disk)
 
 

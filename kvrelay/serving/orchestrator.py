@@ -410,6 +410,7 @@ def build_engines(dep: dp.Deployment) -> dict:
                 max_loras=dep.max_loras,
                 kv_cache_bytes=max(dep.model(n).kv_cache_bytes for n in members),
                 prefix_caching=dep.prefix_caching,
+                share_lower_layers=dep.sharing,
                 e_layers=ids[m.name].page_format.e_layers,
             ),
             adapters=adapters,

@@ -196,3 +196,29 @@ def test_an_adapter_over_the_upper_layers_takes_the_base_lower_layers_in_its_eng
         assert other.replies[-1].reused_tokens == 0 and metrics.infos[-1][1]["shared_tokens"] == 0
     finally:
         core.close()
+
+
+def test_sharing_off_keeps_every_variant_on_its_own_prefill_in_the_one_engine(family):
+    """sharing = false is the no-sharing baseline of the load tests: the adapter over the upper
+    layers then prefills every layer itself even though the base's blocks of the context are in
+    the same engine (it took them with sharing on, above), and answers the same."""
+    deployment, _ = family
+    upper = um.make_lora(
+        deployment.base, deployment.root / "upper-off", seed=9, target_modules=ALL, layers_to_transform=[2, 3]
+    )
+    metrics = _Prefills()
+    core = Orchestrator(
+        deployment('lora = "unmerged"\nsharing = false\n'), store=MemoryStore(64 << 20), metrics=metrics
+    )
+    try:
+        ctx = [1] + [3 + (13 * j) % 250 for j in range(95)]
+        core.serve(ServeRequest(tokens=ctx + [7, 8], max_tokens=2, model="base", tenant="t"), Collect())
+        sink = Collect()
+        core.serve(
+            ServeRequest(tokens=ctx + [9, 10, 11], max_tokens=6, model="upper", tenant="t", lora_path=str(upper)), sink
+        )
+        reply = sink.replies[-1]
+        assert (reply.reused_tokens, reply.reused_layers, reply.donor) == (0, 0, "")
+        assert metrics.infos[-1][0] == "upper" and metrics.infos[-1][1]["shared_tokens"] == 0
+    finally:
+        core.close()
