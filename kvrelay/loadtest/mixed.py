@@ -1,6 +1,6 @@
 """The mixed scenario of `kvrelay loadtest`: the same seeded workload (kvrelay.loadtest.workload)
 against sharing off, then sharing on, on servers it starts (or one at --url); one report
-(kvrelay.loadtest.report). The command's dispatcher is kvrelay/loadtest/cli.py."""
+(kvrelay.loadtest.report). The command's dispatcher is kvrelay/loadtest/loadtest_cmd.py."""
 
 from __future__ import annotations
 
