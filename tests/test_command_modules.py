@@ -5,6 +5,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 from kvrelay.cli import COMMANDS
@@ -55,3 +57,19 @@ def test_the_check_sees_every_form_of_import():
         "from kvrelay.families import report\n"
     )
     assert [h.split(":")[0] for h in _cmd_imports(src)] == ["1", "2", "4", "5"], _cmd_imports(src)
+
+
+def test_the_command_line_is_built_without_torch_numpy_triton_or_locust():
+    """`kvrelay --help` imports every command module: a command module imports what needs torch (or
+    numpy, tritonclient, Locust) inside run(), so building the parser loads none of them. Except, for
+    now, `kvrelay store stats`: any module of kvrelay.store imports the package, whose __init__ imports
+    the stores and so torch (pages are tensors); until that package loads lazily it is left out here."""
+    code = (
+        "import sys, kvrelay.cli as c; "
+        "c.COMMANDS = [x for x in c.COMMANDS if not x[1].startswith('kvrelay.store.')]; c.build_parser(); "
+        "print(' '.join(m for m in ('torch', 'numpy', 'transformers', 'tritonclient', 'locust', 'gevent') "
+        "if m in sys.modules))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "", f"building the parser imported: {r.stdout.strip()}"

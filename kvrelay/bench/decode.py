@@ -22,11 +22,15 @@ import statistics
 import sys
 import time
 
+import torch
+
+from kvrelay.backends.torch_engine.engine import TorchEngine
 from kvrelay.bench.adapters import random_adapters
 from kvrelay.errors import KvRelayError
 from kvrelay.families import family_spec
 from kvrelay.model import tokenizer
 from kvrelay.model.checkpoint import adapter_dir
+from kvrelay.model.engine_api import EngineConfig, Request, SamplingParams
 
 
 def bench(
@@ -39,11 +43,6 @@ def bench(
     variant: str | None = None,
     progress: bool = False,
 ) -> dict:
-    import torch
-
-    from kvrelay.backends.torch_engine.engine import TorchEngine
-    from kvrelay.model.engine_api import EngineConfig
-
     fam = family_spec(family)
     if fam.synthetic:
         raise KvRelayError(f"family {family!r} has random weights and no adapters; use a built LoRA family")
@@ -128,7 +127,6 @@ def bench(
 
 
 def _hf_model(model_dir):
-    import torch
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
@@ -137,7 +135,6 @@ def _hf_model(model_dir):
 def _hf_decode(model, prompts, tokens: int) -> float:
     """transformers' greedy generate, batch of equal-length prompts: decode tokens/s, timed from the
     first generated token to the last (a stopping criterion sees each step end; it never stops)."""
-    import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     class Clock(StoppingCriteria):
@@ -166,7 +163,6 @@ def _hf_decode(model, prompts, tokens: int) -> float:
 
 def _engine_decode(engine, prompts, adapters, tokens: int) -> float:
     """Admit every request in one step (prefill + first token), then time the decode steps."""
-    from kvrelay.model.engine_api import Request, SamplingParams
 
     sp = SamplingParams(max_tokens=tokens, ignore_eos=True)
     for i, (p, a) in enumerate(zip(prompts, adapters)):

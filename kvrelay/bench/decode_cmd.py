@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 
-from kvrelay.bench.decode import bench
 from kvrelay.errors import KvRelayError
 from kvrelay.units import parse_int_list
 
@@ -29,6 +28,8 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    from kvrelay.bench.decode import bench  # lazy: torch, kept out of kvrelay --help
+
     batches = parse_int_list(args.batches, "--batches")
     if min(batches) < 1:
         raise KvRelayError(f"--batches must be >= 1, got {args.batches!r}")

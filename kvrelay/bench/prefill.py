@@ -20,9 +20,13 @@ import statistics
 import sys
 import time
 
+from kvrelay.engines import make_engine
 from kvrelay.errors import KvRelayError
 from kvrelay.families import family_models
+from kvrelay.model.engine_api import EngineConfig, Request, SamplingParams
 from kvrelay.model.plan import RecomputePlan
+from kvrelay.store import open_store
+from kvrelay.store.redis_server import RedisServer
 
 FRACTIONS = (0.10, 0.25, 0.50)
 
@@ -44,12 +48,9 @@ def bench(
         return _bench(
             family, lengths, repeats, suffix, device, dtype, sender, receiver, progress, None, **synthetic_overrides
         )
-    from kvrelay.store import open_store
 
     server = None
     if store == "redis":
-        from kvrelay.store.redis_server import RedisServer
-
         server = RedisServer()
         store = server.url
     try:
@@ -84,9 +85,6 @@ class _Bench:
     """One sender -> receiver pair, timed at one context length at a time."""
 
     def __init__(self, family, lengths, suffix, device, dtype, sender, receiver, st, synthetic_overrides):
-        from kvrelay.engines import make_engine
-        from kvrelay.model.engine_api import EngineConfig, SamplingParams
-
         self.family, self.suffix, self.device, self.st = family, suffix, device, st
         self.dtype = dtype or ("float32" if device == "cpu" else "bfloat16")
         models = family_models(family)
@@ -117,7 +115,6 @@ class _Bench:
 
     def _timed_store(self, rid, q, plan, pipelined) -> tuple[float, float]:
         """Wall clock: lookup + fetch (or stream) of what the plan needs + the re-prefill (first token)."""
-        from kvrelay.model.engine_api import Request
 
         R, S, st = self.R, self.S, self.st
         t0 = time.perf_counter()
@@ -133,7 +130,6 @@ class _Bench:
 
     def measure(self, n: int, repeats: int, bar) -> dict:
         """Medians at context length n: full prefill, re-prefill per fraction (and from the store)."""
-        from kvrelay.model.engine_api import Request
 
         ctx = self._tokens(n)
         pages = self.S.generate([Request("donor", ctx + self._tokens(self.suffix), self.one, export_pages=True)])[

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 
-from kvrelay.bench.prefill import bench
 from kvrelay.errors import KvRelayError
 from kvrelay.units import parse_int_list
 
@@ -29,6 +28,8 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    from kvrelay.bench.prefill import bench  # lazy: torch, kept out of kvrelay --help
+
     lengths = parse_int_list(args.lengths, "--lengths")
     if any(n < 16 for n in lengths) or args.repeats < 1 or args.suffix < 1:
         raise KvRelayError("--lengths must be >= 16, --repeats and --suffix >= 1")

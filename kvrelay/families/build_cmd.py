@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+import sys
 import time
 
+from kvrelay.errors import KvRelayError
 from kvrelay.families.registry import FAMILY_NAMES, build_family, is_built, load_family
 from kvrelay.families.report import rebuild_report, summary_lines
 
@@ -41,11 +44,6 @@ def run(args) -> int:
 if __name__ == "__main__":
     # `python -m kvrelay.families.build_cmd --family NAME`: the same command without importing the other
     # subcommands' modules (usable while those are missing or broken) nor kvrelay.cli, the layer above.
-    import argparse
-    import sys
-
-    from kvrelay.errors import KvRelayError
-
     _p = argparse.ArgumentParser(prog="python -m kvrelay.families.build_cmd", description=__doc__.splitlines()[0])
     add_arguments(_p)
     try:

@@ -194,7 +194,7 @@ def poisson(pool, model: str, rate: float, n: int, max_tokens: int, tenant: str,
 
 def sequential(state, requests, log, what: str) -> list[dict]:
     """One request at a time (idle points, reference texts, the senders' store phase)."""
-    from kvrelay.loadtest import users as lu
+    from kvrelay.loadtest import users as lu  # lazy: Locust monkey-patches the process on import
 
     recs = []
     for r in requests:
@@ -304,7 +304,7 @@ class Scenario:
         return b
 
     def _state(self, server, model, requests):
-        from kvrelay.loadtest import users as lu
+        from kvrelay.loadtest import users as lu  # lazy: Locust monkey-patches the process on import
 
         wl = _workload(self.dep, self.pool, self.source, self.merge, model, requests)
         return lu.LoadState(
@@ -339,7 +339,7 @@ class Scenario:
             sequential(self._state(server, s, reqs), reqs, self.log, f"store phase: {s}'s pages")
 
     def sweep(self, server, pair: Pair, mode: str, capacity: float, fractions, reference) -> list[dict]:
-        from kvrelay.loadtest import runner as lr
+        from kvrelay.loadtest import runner as lr  # lazy: Locust monkey-patches the process on import
 
         tenant = pair.tenant if mode != "full" else "goodput-full"
         points = []

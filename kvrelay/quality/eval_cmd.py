@@ -13,7 +13,6 @@ from kvrelay.families import load_family
 from kvrelay.paths import profiles_dir
 from kvrelay.profiler.evaldata import DATASET_KINDS, SPLITS
 from kvrelay.profiler.options import TF_CONTEXT, parse_context_tokens
-from kvrelay.quality.gen_eval import evaluate, print_table
 from kvrelay.serving.selector import LatencyModel
 
 
@@ -79,6 +78,7 @@ def add_arguments(p):
 
 
 def _run_tf(args) -> int:
+    # lazy: torch, kept out of kvrelay --help
     from kvrelay.profiler.tf_run import TFSettings
     from kvrelay.quality import tf_eval
 
@@ -134,6 +134,7 @@ def _run_tf(args) -> int:
 def run(args) -> int:
     if args.metric == "teacher-forced":
         return _run_tf(args)
+    from kvrelay.quality import gen_eval  # lazy: torch, kept out of kvrelay --help
 
     if not (args.sender and args.receiver):
         raise KvRelayError("--metric generation needs --sender and --receiver")
@@ -156,7 +157,7 @@ def run(args) -> int:
             latency = LatencyModel.from_bench(json.loads(Path(args.bench).read_text()))
         except (OSError, ValueError) as e:
             raise KvRelayError(f"cannot read --bench {args.bench}: {e}") from None
-    res = evaluate(
+    res = gen_eval.evaluate(
         args.family,
         args.sender,
         args.receiver,
@@ -179,5 +180,5 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(res, indent=1))
     else:
-        print_table(res)
+        gen_eval.print_table(res)
     return 0

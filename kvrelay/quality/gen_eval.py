@@ -24,12 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvrelay import paths
+from kvrelay.engines import make_engine
 from kvrelay.errors import KvRelayError
 from kvrelay.families import load_family
 from kvrelay.model import profile_file
 from kvrelay.model import tokenizer as tk
 from kvrelay.model.plan import RecomputePlan
-from kvrelay.profiler import evaldata
+from kvrelay.profiler import cacheblend as cb
+from kvrelay.profiler import evaldata, scoring
 from kvrelay.serving.selector import Selector
 
 METHODS = ("full_prefill", "full_reuse", "selected", "cacheblend")
@@ -136,9 +138,6 @@ def _setup(
     cacheblend,
     domains,
 ) -> _Setup:
-    from kvrelay.engines import make_engine
-    from kvrelay.profiler import scoring
-
     fam = load_family(family)
     for m in (sender, receiver):
         fam.model_dir(m)
@@ -196,7 +195,6 @@ def _setup(
 
 def _warm_up(st: _Setup) -> None:
     """First calls pay allocation and kernel selection costs: not in any method's timings."""
-    from kvrelay.profiler import scoring
 
     warm = st.preps[0]
     w_pages = scoring.sender_pages(st.S, warm, "warm-s")
@@ -206,8 +204,6 @@ def _warm_up(st: _Setup) -> None:
 
 def _measure(st: _Setup, prep, agree_tokens: int, repeats: int) -> dict:
     """One sample through every method: {method: scores}."""
-    from kvrelay.profiler import cacheblend as cb
-    from kvrelay.profiler import scoring
 
     R, tok, s, plan = st.R, st.tok, prep.sample, st.plan
     methods = {"full_prefill": None, "full_reuse": RecomputePlan.none(), "selected": plan}
@@ -247,8 +243,6 @@ def _measure(st: _Setup, prep, agree_tokens: int, repeats: int) -> dict:
 
 
 def _summarize(st: _Setup, rows: dict, *, split, kind, seed, quality_target, queued, slo_s) -> dict:
-    from kvrelay.profiler import cacheblend as cb
-
     L, plan, budget, preps, choice = st.R.num_layers, st.plan, st.budget, st.preps, st.choice
     full_s = _mean(r["prefill_s"] for r in rows["full_prefill"])
     out_methods = {}
