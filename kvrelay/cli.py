@@ -13,50 +13,52 @@ from importlib.metadata import PackageNotFoundError, version
 
 from kvrelay.errors import KvRelayError
 
-# (command path, module, help). Each module has `add_arguments(parser)` and `run(args) -> int`.
+# (command path, module, help). Each module has `add_arguments(parser)` and `run(args) -> int` and is named
+# <word>_cmd.py in its package: a command module is thin, and nothing but this dispatcher imports one
+# (tests/test_command_modules.py).
 GROUPS = {
     ("models",): "build, register and list model families",
     ("bench",): "benchmarks that print figures",
     ("store",): "inspect a page store",
 }
 COMMANDS = [
-    (("models", "build"), "kvrelay.families.cli", "build a model family's weights (cached outside git)"),
-    (("models", "list"), "kvrelay.families.cli_list", "list model families and whether they are built"),
+    (("models", "build"), "kvrelay.families.build_cmd", "build a model family's weights (cached outside git)"),
+    (("models", "list"), "kvrelay.families.list_cmd", "list model families and whether they are built"),
     (
         ("models", "add"),
-        "kvrelay.families.cli_add",
+        "kvrelay.families.add_cmd",
         "register a family from your own model directories (checkpoints, PEFT LoRA adapters)",
     ),
-    (("models", "remove"), "kvrelay.families.cli_remove", "forget a family registered with `models add`"),
-    (("bench", "prefill"), "kvrelay.bench.prefill", "full prefill vs. layer-selective re-prefill timings"),
+    (("models", "remove"), "kvrelay.families.remove_cmd", "forget a family registered with `models add`"),
+    (("bench", "prefill"), "kvrelay.bench.prefill_cmd", "full prefill vs. layer-selective re-prefill timings"),
     (
         ("bench", "decode"),
-        "kvrelay.bench.decode",
+        "kvrelay.bench.decode_cmd",
         "batched decode vs. HF generate; LoRA adapters unmerged, one vs. mixed",
     ),
     (
         ("demo",),
-        "kvrelay.server.demo",
+        "kvrelay.server.demo_cmd",
         "the main job: a real server, a donor answers, other variants reuse its KV (--in-process: no server)",
     ),
-    (("serve",), "kvrelay.server.serve", "run tritonserver with the family's models, orchestrator and page store"),
-    (("query",), "kvrelay.server.query", "send one request to a running server; print text and KV reuse"),
+    (("serve",), "kvrelay.server.serve_cmd", "run tritonserver with the family's models, orchestrator and page store"),
+    (("query",), "kvrelay.server.query_cmd", "send one request to a running server; print text and KV reuse"),
     (("repo",), "kvrelay.server.repo_cmd", "write the Triton model repository for a deployment"),
     (
         ("profile",),
-        "kvrelay.profiler.cli",
+        "kvrelay.profiler.profile_cmd",
         "offline profile of a (sender, receiver) pair; `profile plot`, `profile check`",
     ),
-    (("eval",), "kvrelay.quality.evaluate", "quality and prefill time: full prefill vs. full reuse vs. selected plan"),
+    (("eval",), "kvrelay.quality.eval_cmd", "quality and prefill time: full prefill vs. full reuse vs. selected plan"),
     (
         ("loadtest",),
-        "kvrelay.loadtest.cli",
+        "kvrelay.loadtest.loadtest_cmd",
         "Locust load test: the same workload with sharing off and on; throughput ratio",
     ),
-    (("store", "stats"), "kvrelay.store.stats_cli", "keys, bytes, tenants and orphans of a Redis page store"),
+    (("store", "stats"), "kvrelay.store.stats_cmd", "keys, bytes, tenants and orphans of a Redis page store"),
     (
         ("stress",),
-        "kvrelay.loadtest.stress_cli",
+        "kvrelay.loadtest.stress_cmd",
         "many concurrent mixed clients (HTTP, gRPC, streaming, hang-ups); errors, server RSS",
     ),
 ]

@@ -1,5 +1,6 @@
-"""`kvrelay bench decode`: batched decode of the engine against HF transformers' `generate`, side by
-side in one run, on a LoRA family's merged variant and on the same variant served unmerged.
+"""The decode benchmark (`kvrelay bench decode`, kvrelay/bench/decode_cmd.py): batched decode of the
+engine against HF transformers' `generate`, side by side in one run, on a LoRA family's merged
+variant and on the same variant served unmerged.
 
 Per batch size, tokens/s of decode only (the prefill and first token excluded on both sides):
   hf            transformers generate on the variant's merged checkpoint (its own DynamicCache)
@@ -21,45 +22,15 @@ import statistics
 import sys
 import time
 
+import torch
+
+from kvrelay.backends.torch_engine.engine import TorchEngine
 from kvrelay.bench.adapters import random_adapters
 from kvrelay.errors import KvRelayError
 from kvrelay.families import family_spec
 from kvrelay.model import tokenizer
 from kvrelay.model.checkpoint import adapter_dir
-from kvrelay.units import parse_int_list
-
-BATCHES = "1,8,32"
-
-
-def add_arguments(p):
-    p.add_argument(
-        "--family",
-        default="smol-lora",
-        help="a built LoRA family (smol-lora, gemma-lora, or one registered with `models add`)",
-    )
-    p.add_argument("--variant", help="the variant measured alone (default: the family's first LoRA variant)")
-    p.add_argument("--batches", default=BATCHES, help=f"batch sizes, comma-separated (default {BATCHES})")
-    p.add_argument("--adapters", type=int, default=8, help="distinct adapters in the mixed batch (default 8)")
-    p.add_argument("--prompt", type=int, default=128, help="prompt tokens per request (default 128)")
-    p.add_argument("--tokens", type=int, default=32, help="tokens generated per request (default 32)")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-
-
-def run(args) -> int:
-    batches = parse_int_list(args.batches, "--batches")
-    if min(batches) < 1:
-        raise KvRelayError(f"--batches must be >= 1, got {args.batches!r}")
-    if args.adapters < 1 or args.prompt < 1 or args.tokens < 2 or args.repeats < 1:
-        raise KvRelayError("--adapters, --prompt and --repeats must be >= 1, --tokens >= 2")
-    result = bench(
-        args.family, batches, args.adapters, args.prompt, args.tokens, args.repeats, args.variant, progress=True
-    )  # progress on stderr, the result on stdout
-    if args.json:
-        print(json.dumps(result, indent=1))
-    else:
-        _table(result)
-    return 0
+from kvrelay.model.engine_api import EngineConfig, Request, SamplingParams
 
 
 def bench(
@@ -72,11 +43,6 @@ def bench(
     variant: str | None = None,
     progress: bool = False,
 ) -> dict:
-    import torch
-
-    from kvrelay.backends.torch_engine.engine import TorchEngine
-    from kvrelay.model.engine_api import EngineConfig
-
     fam = family_spec(family)
     if fam.synthetic:
         raise KvRelayError(f"family {family!r} has random weights and no adapters; use a built LoRA family")
@@ -161,7 +127,6 @@ def bench(
 
 
 def _hf_model(model_dir):
-    import torch
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
@@ -170,7 +135,6 @@ def _hf_model(model_dir):
 def _hf_decode(model, prompts, tokens: int) -> float:
     """transformers' greedy generate, batch of equal-length prompts: decode tokens/s, timed from the
     first generated token to the last (a stopping criterion sees each step end; it never stops)."""
-    import torch
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     class Clock(StoppingCriteria):
@@ -199,7 +163,6 @@ def _hf_decode(model, prompts, tokens: int) -> float:
 
 def _engine_decode(engine, prompts, adapters, tokens: int) -> float:
     """Admit every request in one step (prefill + first token), then time the decode steps."""
-    from kvrelay.model.engine_api import Request, SamplingParams
 
     sp = SamplingParams(max_tokens=tokens, ignore_eos=True)
     for i, (p, a) in enumerate(zip(prompts, adapters)):
@@ -211,20 +174,3 @@ def _engine_decode(engine, prompts, adapters, tokens: int) -> float:
     while engine.has_unfinished():
         engine.step()
     return len(prompts) * (tokens - 1) / (time.perf_counter() - t0)
-
-
-def _table(r: dict) -> None:
-    print(
-        f"decode, {r['family']}/{r['variant']} (rank {r['rank']}), prompt {r['prompt_tokens']} + "
-        f"{r['new_tokens']} tokens, {r['threads']} threads, median of {r['repeats']}; tokens/s"
-    )
-    print(
-        f"{'batch':>5} {'HF generate':>12} {'engine merged':>14} {'unmerged':>9} {'mixed':>7} "
-        f"{'vs_hf':>6} {'mixed/single':>13}"
-    )
-    for b, v in r["batches"].items():
-        print(
-            f"{b:>5} {v['hf_tokens_per_s']:>12.1f} {v['merged_tokens_per_s']:>14.1f} {v['single_tokens_per_s']:>9.1f} "
-            f"{v['mixed_tokens_per_s']:>7.1f} {v['vs_hf']:>6.2f} {v['mixed_over_single']:>13.2f}"
-            f"  ({v['distinct_adapters_mixed']} adapters)"
-        )

@@ -84,7 +84,7 @@ def build(workdir: Path, progress: bool = True) -> dict:
 def build_recipe(workdir: Path, recipe: Recipe, progress: bool = True) -> dict:
     """The base converted from the GGUF, then each variant: the base's weights with its top layers
     trained on its domain for exactly recipe.max_steps steps (seeded), evaluated on recipe.eval_domains."""
-    from kvrelay.families import finetune
+    from kvrelay.families import finetune  # lazy: torch; load_family imports this builder (RECIPE)
 
     name = recipe.name
     tok, model, evaluate, info = convert_base(
@@ -148,7 +148,7 @@ def convert_base(
     workdir/base, evaluated on held-out eval_domains in batches of `batch` rows (each row starting with
     BOS when `bos`: finetune.with_bos).
     Returns (tokenizer, base model, evaluate(model, label) -> {domain: loss}, build info {base: ...})."""
-    from kvrelay.families import finetune, sources
+    from kvrelay.families import finetune  # lazy: torch; load_family imports this builder (RECIPE)
 
     source = source or sources.SMOLLM2
     t0 = time.monotonic()
@@ -189,7 +189,7 @@ def finish_variant(
 ) -> tuple[dict, float]:
     """Evaluate a trained variant, fail the build unless it beats the base on its own domain, save it and
     its eval.json. Returns (held-out losses, eval seconds)."""
-    from kvrelay.families import finetune
+    from kvrelay.families import finetune  # lazy: torch; load_family imports this builder (RECIPE)
 
     base_eval = info[BASE]["heldout_loss"]
     t = time.monotonic()

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvrelay.errors import SourceMissing
-from kvrelay.families import corpora, sources
+from kvrelay.families import corpora, smol, sources
 
 NAME = "smol-lora"
 BASE = "base"
@@ -127,7 +127,7 @@ def build_lora(workdir: Path, recipe: LoraRecipe, progress: bool = True) -> dict
     import torch
     from peft import LoraConfig, get_peft_model
 
-    from kvrelay.families import finetune, smol
+    from kvrelay.families import finetune  # lazy: torch; load_family imports this builder (RECIPE)
 
     name, L, B = recipe.name, recipe.block_len, recipe.batch
     tok, base, evaluate, info = smol.convert_base(

@@ -51,7 +51,7 @@ def build(workdir: Path, progress: bool = True) -> dict:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from kvrelay.families import finetune, sources
+    from kvrelay.families import finetune  # lazy: torch; load_family imports this builder (RECIPE)
 
     tok = sources.load_tokenizer()
     config = LlamaConfig(

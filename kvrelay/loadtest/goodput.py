@@ -194,7 +194,7 @@ def poisson(pool, model: str, rate: float, n: int, max_tokens: int, tenant: str,
 
 def sequential(state, requests, log, what: str) -> list[dict]:
     """One request at a time (idle points, reference texts, the senders' store phase)."""
-    from kvrelay.loadtest import users as lu
+    from kvrelay.loadtest import users as lu  # lazy: Locust monkey-patches the process on import
 
     recs = []
     for r in requests:
@@ -304,7 +304,7 @@ class Scenario:
         return b
 
     def _state(self, server, model, requests):
-        from kvrelay.loadtest import users as lu
+        from kvrelay.loadtest import users as lu  # lazy: Locust monkey-patches the process on import
 
         wl = _workload(self.dep, self.pool, self.source, self.merge, model, requests)
         return lu.LoadState(
@@ -339,7 +339,7 @@ class Scenario:
             sequential(self._state(server, s, reqs), reqs, self.log, f"store phase: {s}'s pages")
 
     def sweep(self, server, pair: Pair, mode: str, capacity: float, fractions, reference) -> list[dict]:
-        from kvrelay.loadtest import runner as lr
+        from kvrelay.loadtest import runner as lr  # lazy: Locust monkey-patches the process on import
 
         tenant = pair.tenant if mode != "full" else "goodput-full"
         points = []
@@ -379,12 +379,35 @@ class Scenario:
 
 
 def run(args) -> int:
-    log = report.log
+    """setup (deployment, settings, pool, pairs) -> each pair's in-process bound -> full prefill per
+    receiver -> the sharing modes -> the summary, written and printed."""
     if args.resummarize:
         summary = resummarize(Path(args.resummarize), args.slo_ttft)
         print(json.dumps(summary, indent=1) if args.json else text_report(summary))
         return 1 if summary["errors"] else 0
     t_start = time.monotonic()
+    dep, ids, st, sc, pairs = _setup(args, report.log)
+    bounds = {p.name: sc.bound(p) for p in pairs}
+    results = {
+        p.name: {
+            "sender": p.sender,
+            "receiver": p.receiver,
+            "plan": p.plan,
+            "layers_recomputed": p.layers_recomputed,
+            "selector": p.reason,
+            "bound": bounds[p.name],
+            "modes": {},
+        }
+        for p in pairs
+    }
+    full_modes, references = _measure_full(sc, dep, ids, pairs, bounds)
+    _measure_sharing(sc, dep, ids, pairs, bounds, references, results)
+    return _report(args, dep, st, sc, results, full_modes, t_start)
+
+
+def _setup(args, log):
+    """The deployment and its identities, the settings, the results directory, the context pool and
+    the pairs with their plans: (dep, ids, st, scenario, pairs)."""
     dep, _ = resolve(family=args.family, deployment=args.deployment)
     ids = dp.identities(dep)
     st = settings_from(args, min(i.max_model_len for i in ids.values()))
@@ -405,32 +428,22 @@ def run(args) -> int:
         dep = dataclasses.replace(dep, e_layers="all")  # K/V-corrected plans read the donor's E at every layer
         ids = dp.identities(dep)
         log("K/V-corrected plans: engines keep E at every layer (e_layers = all)")
-    bounds = {p.name: sc.bound(p) for p in pairs}
+    return dep, ids, st, sc, pairs
+
+
+def _serve(sc: Scenario, d, what: str):
+    t0 = time.monotonic()
+    s = start(d, sc.out / "servers" / what)
+    sc.log(f"{what} server ready in {time.monotonic() - t0:.0f}s ({', '.join(d.model_names)}; store {d.store})")
+    return s
+
+
+def _measure_full(sc: Scenario, dep, ids: dict, pairs: list[Pair], bounds: dict) -> tuple[dict, dict]:
+    """Full prefill, per receiver (the same curve serves every pair with that receiver), on one server
+    with sharing off: ({receiver: its idle point, capacity and sweep}, {receiver: its texts per context})."""
     receivers = list(dict.fromkeys(p.receiver for p in pairs))
-    senders = list(dict.fromkeys(p.sender for p in pairs))
-    involved = list(dict.fromkeys(senders + receivers))
-    results = {
-        p.name: {
-            "sender": p.sender,
-            "receiver": p.receiver,
-            "plan": p.plan,
-            "layers_recomputed": p.layers_recomputed,
-            "selector": p.reason,
-            "bound": bounds[p.name],
-            "modes": {},
-        }
-        for p in pairs
-    }
-
-    def serve(d, what):
-        t0 = time.monotonic()
-        s = start(d, out_dir / "servers" / what)
-        log(f"{what} server ready in {time.monotonic() - t0:.0f}s ({', '.join(d.model_names)}; store {d.store})")
-        return s
-
-    # full prefill, per receiver (the same curve serves every pair with that receiver)
     full_modes, references = {}, {}
-    server = serve(serving_deployment(dep, ids, receivers, False, sc.longest), "full")
+    server = _serve(sc, serving_deployment(dep, ids, receivers, False, sc.longest), "full")
     try:
         for r in receivers:
             pair = next(p for p in pairs if p.receiver == r)
@@ -440,24 +453,32 @@ def run(args) -> int:
             full_modes[r] = {
                 "idle": idle,
                 "capacity_rps": round(cap, 5),
-                "points": sc.sweep(server, pair, "full", cap, st.full_fractions, None),
+                "points": sc.sweep(server, pair, "full", cap, sc.st.full_fractions, None),
             }
     finally:
         server.stop()
+    return full_modes, references
 
+
+def _measure_sharing(sc: Scenario, dep, ids: dict, pairs: list[Pair], bounds: dict, references: dict, results: dict):
+    """The sharing modes (plan, reuse), one server each with every model of the pairs: the senders
+    store their pages, then each pair's idle pass and sweep, into results[pair]["modes"][mode]."""
+    receivers = list(dict.fromkeys(p.receiver for p in pairs))
+    senders = list(dict.fromkeys(p.sender for p in pairs))
+    involved = list(dict.fromkeys(senders + receivers))
     pages = sum(_per_token_bytes(ids[s]) * sum(c.tokens + 64 for c in sc.pool) for s in senders)
-    for mode in [m for m in st.modes if m != "full"]:
+    for mode in [m for m in sc.st.modes if m != "full"]:
         profiles = None
         if mode == "reuse":
             profile_file.write_fixed(
-                out_dir / "profiles-full-reuse",
+                sc.out / "profiles-full-reuse",
                 dep.family,
                 {m: ids[m] for m in involved},
                 "none",
                 "kvrelay loadtest --plan none",
             )
-            profiles = str(out_dir / "profiles-full-reuse")
-        server = serve(serving_deployment(dep, ids, involved, True, sc.longest, int(pages * 1.2), profiles), mode)
+            profiles = str(sc.out / "profiles-full-reuse")
+        server = _serve(sc, serving_deployment(dep, ids, involved, True, sc.longest, int(pages * 1.2), profiles), mode)
         try:
             sc.store_phase(server, senders)
             for p in pairs:
@@ -467,11 +488,16 @@ def run(args) -> int:
                 results[p.name]["modes"][mode] = {
                     "idle": idle,
                     "capacity_rps": round(cap, 5),
-                    "points": sc.sweep(server, p, mode, cap, st.share_fractions, references[p.receiver]),
+                    "points": sc.sweep(server, p, mode, cap, sc.st.share_fractions, references[p.receiver]),
                 }
         finally:
             server.stop()
 
+
+def _report(args, dep, st: Settings, sc: Scenario, results: dict, full_modes: dict, t_start: float) -> int:
+    """The summary (SLO, goodputs, ratios, plots; the run's pool, settings and files), requests.jsonl
+    and summary.json written, the summary printed; exit status 1 when any request failed."""
+    out_dir = sc.out
     summary = summarize(results, full_modes, st, out_dir)
     summary.update(
         {

@@ -1,6 +1,6 @@
 """The mixed scenario of `kvrelay loadtest`: the same seeded workload (kvrelay.loadtest.workload)
 against sharing off, then sharing on, on servers it starts (or one at --url); one report
-(kvrelay.loadtest.report). The command's dispatcher is kvrelay/loadtest/cli.py."""
+(kvrelay.loadtest.report). The command's dispatcher is kvrelay/loadtest/loadtest_cmd.py."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from kvrelay.errors import KvRelayError
 from kvrelay.loadtest.options import check_url, interrupts_stop_cleanly
@@ -18,16 +17,12 @@ from kvrelay.loadtest import report
 from kvrelay.loadtest import workload as wl
 from kvrelay.model import profile_file
 from kvrelay.paths import profiles_dir
+from kvrelay.server.launch import resolve
+from kvrelay.serving import deployment as dp
 from kvrelay.units import parse_bytes
-
-if TYPE_CHECKING:
-    from kvrelay.loadtest.workload import Workload, WorkloadSpec
-    from kvrelay.serving.deployment import Deployment
 
 
 def _pages_needed(dep, workload) -> int:
-    from kvrelay.serving import deployment as dp
-
     ids = dp.identities(dep)
     tokens = {c.id: c.tokens for c in workload.contexts}
     return sum(
@@ -111,9 +106,9 @@ def _validate_mixed(args) -> str | None:
 class MixedPlan:
     """What a mixed run will do: the deployment as run, the workload, where results go, what to say."""
 
-    dep: Deployment
-    spec: WorkloadSpec
-    workload: Workload
+    dep: dp.Deployment
+    spec: wl.WorkloadSpec
+    workload: wl.Workload
     out_dir: Path
     pairs: list[str]
     warnings: list[str]
@@ -122,15 +117,11 @@ class MixedPlan:
 
 
 def _plan_mixed(args, url: str | None) -> MixedPlan:
-    from kvrelay.server.launch import resolve
-
     dep, _ = resolve(family=args.family, deployment=args.deployment, store=args.store)
     warnings: list[str] = []
     out_dir = Path(args.out or Path("loadtest-results") / time.strftime("%Y%m%d-%H%M%S")).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.plan:
-        from kvrelay.serving import deployment as dp
-
         profile_file.write_fixed(
             out_dir / "profiles", dep.family, dp.identities(dep), args.plan, f"kvrelay loadtest --plan {args.plan}"
         )
@@ -191,7 +182,7 @@ def _plan_mixed(args, url: str | None) -> MixedPlan:
 
 def _run_mixed(args, url: str | None, plan: MixedPlan) -> dict:
     """Both modes on fresh servers, or the one mode of the server at --url: {mode: run}."""
-    from kvrelay.loadtest import runner as lr
+    from kvrelay.loadtest import runner as lr  # lazy: Locust monkey-patches the process on import
 
     interrupts_stop_cleanly()
     opts = lr.RunOptions(

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from kvrelay.errors import KvRelayError
 from kvrelay.loadtest.report import percentile
+from kvrelay.model.synthetic import is_synthetic
 from kvrelay.server import procstats
 from kvrelay.server.client import _info, _inputs, _message, _text
 
@@ -375,3 +376,9 @@ def token_contexts(n: int, tokens: tuple[int, int] = (300, 600), vocab: int = 10
     """For tokenizer-less (synthetic) families: token ids written as text."""
     rng = random.Random(seed)
     return tuple(" ".join(str(rng.randrange(vocab)) for _ in range(rng.randint(*tokens))) for _ in range(n))
+
+
+def contexts(family: str, n: int) -> tuple[str, ...]:
+    """n shared contexts for a family's requests: token ids as text for a synthetic (tokenizer-less)
+    family, else text cut from this package's source."""
+    return token_contexts(n) if is_synthetic(family) else source_contexts(n)

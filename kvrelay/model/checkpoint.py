@@ -329,6 +329,18 @@ def read_adapter(adapter_dir: Path, base_cfg: dict, num_layers: int | None = Non
     adapter_dir = Path(adapter_dir)
     path = adapter_dir / ADAPTER_CONFIG
     c = read_json(path)
+    r, alpha, n_layers = _check_adapter_config(path, c, base_cfg, num_layers)
+    weights = next((adapter_dir / f for f in ADAPTER_WEIGHTS if (adapter_dir / f).is_file()), None)
+    if weights is None:
+        raise CheckpointError(f"{adapter_dir}: no adapter weights: expected {' or '.join(ADAPTER_WEIGHTS)}")
+    found = _lora_tensors(weights, n_layers)
+    modules = _lora_modules(path, c, weights, found, base_cfg, r, alpha)
+    return LoraAdapter(adapter_dir, c, weights, tuple(modules))
+
+
+def _check_adapter_config(path: Path, c: dict, base_cfg: dict, num_layers: int | None) -> tuple[int, float, int]:
+    """adapter_config.json: plain LoRA on the projections, within the base's layers: (r, lora_alpha,
+    the base's layer count)."""
     peft_type = str(c.get("peft_type", "")).upper()
     if peft_type != "LORA":
         raise CheckpointError(f"{path}: field 'peft_type' is {c.get('peft_type')!r}; only LORA adapters are supported")
@@ -359,7 +371,6 @@ def read_adapter(adapter_dir: Path, base_cfg: dict, num_layers: int | None = Non
         r, alpha = int(c["r"]), float(c.get("lora_alpha", 8))
     except (KeyError, TypeError, ValueError):
         raise CheckpointError(f"{path}: field 'r' missing or not an integer") from None
-    ranks, alphas = c.get("rank_pattern") or {}, c.get("alpha_pattern") or {}
     layers = c.get("layers_to_transform")
     n_layers = num_layers if num_layers is not None else base_cfg["num_hidden_layers"]
     if isinstance(layers, int):
@@ -368,13 +379,14 @@ def read_adapter(adapter_dir: Path, base_cfg: dict, num_layers: int | None = Non
         raise CheckpointError(
             f"{path}: field 'layers_to_transform' {layers} is outside the base's layers 0..{n_layers - 1}"
         )
+    return r, alpha, n_layers
 
-    weights = next((adapter_dir / f for f in ADAPTER_WEIGHTS if (adapter_dir / f).is_file()), None)
-    if weights is None:
-        raise CheckpointError(f"{adapter_dir}: no adapter weights: expected {' or '.join(ADAPTER_WEIGHTS)}")
-    tensors = file_tensors(weights)
+
+def _lora_tensors(weights: Path, n_layers: int) -> dict[tuple[int, str], dict[str, Tensor]]:
+    """The weights file's LoRA tensors: {(layer, projection): {"A": tensor, "B": tensor}}; anything
+    else (DoRA, embeddings, lm_head, an unknown name, a layer the base lacks, a non-float) refused."""
     found: dict[tuple[int, str], dict[str, Tensor]] = {}
-    for name, t in tensors.items():
+    for name, t in file_tensors(weights).items():
         m = _LORA_KEY.match(name)
         if m is None or PROJECTIONS.get(m.group(3)) != m.group(2):
             what = (
@@ -400,6 +412,13 @@ def read_adapter(adapter_dir: Path, base_cfg: dict, num_layers: int | None = Non
         found.setdefault((layer, m.group(3)), {})[m.group(4)] = t
     if not found:
         raise CheckpointError(f"{weights}: holds no LoRA tensors")
+    return found
+
+
+def _lora_modules(path: Path, c: dict, weights: Path, found: dict, base_cfg: dict, r: int, alpha: float) -> list:
+    """One LoraModule per adapted projection, in layer then projection order: A and B both present,
+    rank and alpha from the config's patterns, shapes those of the base's projection."""
+    ranks, alphas = c.get("rank_pattern") or {}, c.get("alpha_pattern") or {}
     modules = []
     for (layer, proj), ab in sorted(found.items(), key=lambda kv: (kv[0][0], list(PROJECTIONS).index(kv[0][1]))):
         module = f"model.layers.{layer}.{PROJECTIONS[proj]}.{proj}"
@@ -426,4 +445,4 @@ def read_adapter(adapter_dir: Path, base_cfg: dict, num_layers: int | None = Non
             )
         scale = a / math.sqrt(rank) if c.get("use_rslora") else a / rank
         modules.append(LoraModule(layer, proj, rank, scale))
-    return LoraAdapter(adapter_dir, c, weights, tuple(modules))
+    return modules

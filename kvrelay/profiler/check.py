@@ -35,6 +35,8 @@ def check(
     progress: bool = True,
     record: bool = False,
 ) -> dict:
+    """The profile and the settings checked -> the models' fingerprints compared -> the frontier plans
+    re-scored on fresh samples -> each judged against the threshold -> recorded when asked and ok."""
     if not 0 < threshold < 1:
         raise KvRelayError(f"--threshold is a relative quality drop in (0, 1), got {threshold}")
     prof = profile_file.load(profile_path)
@@ -68,19 +70,31 @@ def check(
         report["problems"].append("the models' fingerprints differ from the profile's: re-profile")
         report["ok"] = False
         return report
+    max_tokens = ds.get("max_tokens") or d["metric"].get("tokens") or 8
+    per_plan = _fresh_scores(prof, fam, tok, n, seed, max_tokens, batch, progress)
+    _judge(prof, per_plan, quality_target, threshold, report)
+    weights = tuple(s.weights for s in specs)
+    report["weights"] = list(weights)
+    report["weights_status"] = profile_file.weights_status(d, weights)
+    if record and report["ok"]:
+        _record(prof, profile_path, weights, n, seed, max_tokens, threshold, report)
+    return report
+
+
+def _fresh_scores(prof, fam, tok, n: int, seed: int, max_tokens: int, batch: int, progress: bool) -> list[list[float]]:
+    """Each frontier plan's agreement on n fresh samples (the profile's dataset settings, this seed)."""
+    d = prof.data
+    ds = d["dataset"]
     data = evaldata.build(
         tok, ds["kind"], ds.get("split", "profile"), n, context_tokens=tuple(ds["context_tokens"]), seed=seed
     )
     preps = [scoring.prepare(tok, s) for s in data]
     longest = max(len(p.prompt) for p in preps)
-    max_tokens = ds.get("max_tokens") or d["metric"].get("tokens") or 8
     S = make_engine(d["family"], d["sender"], scoring.engine_config(fam.model_dir(d["sender"]), longest, 1, 1))
     R = make_engine(
         d["family"], d["receiver"], scoring.engine_config(fam.model_dir(d["receiver"]), longest, max_tokens, batch)
     )
-    floor = prof.full_prefill_quality * (1 - quality_target)
-    points = prof.frontier
-    plans = [p.plan for p in points]
+    plans = [p.plan for p in prof.frontier]
     per_plan: list[list[float]] = [[] for _ in plans]
     bar = tqdm(
         total=len(preps) * len(plans),
@@ -99,7 +113,14 @@ def check(
 
         scoring.run_plans(R, tok, prep, pages, plans, max_tokens, max_tokens, batch, on_done=done)
     bar.close()
-    for p, raw, qs in zip(points, d["frontier"], per_plan):
+    return per_plan
+
+
+def _judge(prof, per_plan: list[list[float]], quality_target: float, threshold: float, report: dict) -> None:
+    """Each frontier plan, fresh against profiled: into report["plans"], a selectable plan that fell
+    beyond the threshold into report["problems"]; report["ok"]."""
+    floor = prof.full_prefill_quality * (1 - quality_target)
+    for p, raw, qs in zip(prof.frontier, prof.data["frontier"], per_plan):
         fresh = sum(qs) / len(qs)
         observed = float(raw.get("observed_quality", p.quality))  # like with like: agreement observed
         drop = (observed - fresh) / observed if observed > 0 else 0.0
@@ -122,22 +143,22 @@ def check(
                 f"({-100 * drop:+.1f}%), beyond the {threshold:.0%} threshold"
             )
     report["ok"] = not report["problems"]
-    weights = tuple(s.weights for s in specs)
-    report["weights"] = list(weights)
-    report["weights_status"] = profile_file.weights_status(d, weights)
-    if record and report["ok"]:
-        d.setdefault("verified_on", []).append(
-            {
-                "sender_weights": weights[0],
-                "receiver_weights": weights[1],
-                "samples": n,
-                "seed": seed,
-                "max_tokens": max_tokens,
-                "threshold": threshold,
-                "created": profile_file.now_utc(),
-                "plans": [{k: p[k] for k in ("plan", "profiled", "fresh")} for p in report["plans"]],
-            }
-        )
-        profile_file.save(d, profile_path)
-        report["recorded"] = True
-    return report
+
+
+def _record(prof, profile_path, weights: tuple, n: int, seed: int, max_tokens: int, threshold: float, report: dict):
+    """Append the passing check to the profile's verified_on and save it."""
+    d = prof.data
+    d.setdefault("verified_on", []).append(
+        {
+            "sender_weights": weights[0],
+            "receiver_weights": weights[1],
+            "samples": n,
+            "seed": seed,
+            "max_tokens": max_tokens,
+            "threshold": threshold,
+            "created": profile_file.now_utc(),
+            "plans": [{k: p[k] for k in ("plan", "profiled", "fresh")} for p in report["plans"]],
+        }
+    )
+    profile_file.save(d, profile_path)
+    report["recorded"] = True

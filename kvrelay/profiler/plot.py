@@ -27,7 +27,6 @@ def plot(profile_path: str | Path, out: str | Path | None = None) -> Path:
     out = Path(out) if out else default_png(profile_path)
     if prof.teacher_forced:
         return _plot_tf(plt, d, out)
-    L = d["num_layers"]
     has_kl = all("kl" in c for c in d["configs"])
     fig, axes = plt.subplots(
         1,
@@ -36,7 +35,20 @@ def plot(profile_path: str | Path, out: str | Path | None = None) -> Path:
         dpi=110,
         gridspec_kw={"width_ratios": [3, 2]} if has_kl else None,
     )
-    ax = axes[0] if has_kl else axes
+    bounded = _quality_panel(axes[0] if has_kl else axes, d)
+    if has_kl:
+        _kl_panel(axes[1], d, bounded)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def _quality_panel(ax, d: dict) -> bool:
+    """Quality against layers recomputed: every scored config (and its flip-model bound when the profile
+    has one), the Pareto frontier, the baselines and the 1% target. True when configs carry a bound."""
+    L = d["num_layers"]
     xs = [c["layers_recomputed"] for c in d["configs"]]
     ys = [c["quality"] for c in d["configs"]]
     ax.scatter(xs, ys, s=14, color="0.6", label=f"scored configs ({len(xs)}): observed", zorder=2)
@@ -65,6 +77,25 @@ def plot(profile_path: str | Path, out: str | Path | None = None) -> Path:
             color="tab:red",
         )
     b = d["baselines"]
+    _baseline_lines(ax, b, L)
+    ax.set_xlabel(f"layers recomputed (of {L})")
+    ax.set_ylabel(f"quality: {d['metric']['name']} with {d['receiver']}'s full prefill (0-100)")
+    ds = d["dataset"]
+    ax.set_title(
+        f"{d['family']}: {d['sender']} -> {d['receiver']}  ({ds['samples']} {ds['kind']} samples, "
+        f"{ds.get('context_tokens_seen', ds['context_tokens'])} ctx tokens, stride {d['stride']})",
+        fontsize=9,
+    )
+    ax.plot([L], [b["full_prefill"]["quality"]], "*", color="tab:green", ms=10, zorder=4)
+    ax.set_xlim(-0.5, L + 0.5)
+    lo = min(ys + [b["full_reuse"]["quality"]])
+    ax.set_ylim(max(0, lo - 5), 101.5)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    return bounded
+
+
+def _baseline_lines(ax, b: dict, L: int) -> None:
     ax.axhline(
         b["full_prefill"]["quality"],
         color="tab:green",
@@ -80,50 +111,36 @@ def plot(profile_path: str | Path, out: str | Path | None = None) -> Path:
         label=f"full reuse (0 layers): {b['full_reuse']['quality']:.1f}",
     )
     ax.axhline(b["full_prefill"]["quality"] * 0.99, color="tab:green", ls=":", lw=1.0, label="1% quality target")
-    ax.set_xlabel(f"layers recomputed (of {L})")
-    ax.set_ylabel(f"quality: {d['metric']['name']} with {d['receiver']}'s full prefill (0-100)")
-    ds = d["dataset"]
-    ax.set_title(
-        f"{d['family']}: {d['sender']} -> {d['receiver']}  ({ds['samples']} {ds['kind']} samples, "
-        f"{ds.get('context_tokens_seen', ds['context_tokens'])} ctx tokens, stride {d['stride']})",
-        fontsize=9,
+
+
+def _kl_panel(kx, d: dict, bounded: bool) -> None:
+    """The smooth view: how far each config's next-token distributions are from the full prefill (the
+    top-2 logit gap's shift when configs carry a flip-model bound, else KL)."""
+    L = d["num_layers"]
+    xs = [c["layers_recomputed"] for c in d["configs"]]
+    key = "gap_shift" if bounded else "kl"
+    kx.scatter(xs, [c[key] for c in d["configs"]], s=14, color="0.6", label="scored configs")
+    on = {str(f["plan"]) for f in d["frontier"]}
+    fr = [c for c in d["configs"] if str(c["plan"]) in on]
+    kx.plot(
+        [c["layers_recomputed"] for c in fr],
+        [c[key] for c in fr],
+        "o",
+        color="tab:red",
+        ms=5,
+        label="frontier configs",
     )
-    ax.plot([L], [b["full_prefill"]["quality"]], "*", color="tab:green", ms=10, zorder=4)
-    ax.set_xlim(-0.5, L + 0.5)
-    lo = min(ys + [b["full_reuse"]["quality"]])
-    ax.set_ylim(max(0, lo - 5), 101.5)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    if has_kl:  # the smooth view: how far each config's next-token distributions are from the full prefill
-        kx = axes[1]
-        key = "gap_shift" if bounded else "kl"
-        kx.scatter(xs, [c[key] for c in d["configs"]], s=14, color="0.6", label="scored configs")
-        on = {str(f["plan"]) for f in d["frontier"]}
-        fr = [c for c in d["configs"] if str(c["plan"]) in on]
-        kx.plot(
-            [c["layers_recomputed"] for c in fr],
-            [c[key] for c in fr],
-            "o",
-            color="tab:red",
-            ms=5,
-            label="frontier configs",
-        )
-        if bounded:  # spans orders of magnitude: an exact plan moves the gap by fp noise only
-            kx.set_yscale("log")
-            kx.set_ylabel("mean |shift of the top-2 logit gap|, logits")
-        else:
-            kx.axhline(0.0, color="tab:green", lw=1.2, label="full prefill")
-            kx.set_ylabel("mean KL(full || plan), nats")
-        kx.set_xlabel(f"layers recomputed (of {L})")
-        kx.set_title(f"{'gap shift' if bounded else 'next-token KL'} at positions with identical prefixes", fontsize=9)
-        kx.set_xlim(-0.5, max(xs) + 1)
-        kx.grid(alpha=0.3)
-        kx.legend(fontsize=7, loc="upper right")
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    if bounded:  # spans orders of magnitude: an exact plan moves the gap by fp noise only
+        kx.set_yscale("log")
+        kx.set_ylabel("mean |shift of the top-2 logit gap|, logits")
+    else:
+        kx.axhline(0.0, color="tab:green", lw=1.2, label="full prefill")
+        kx.set_ylabel("mean KL(full || plan), nats")
+    kx.set_xlabel(f"layers recomputed (of {L})")
+    kx.set_title(f"{'gap shift' if bounded else 'next-token KL'} at positions with identical prefixes", fontsize=9)
+    kx.set_xlim(-0.5, max(xs) + 1)
+    kx.grid(alpha=0.3)
+    kx.legend(fontsize=7, loc="upper right")
 
 
 def _plot_tf(plt, d: dict, out: Path) -> Path:

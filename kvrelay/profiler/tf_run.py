@@ -152,10 +152,38 @@ def cheapest(configs: list[dict], key: str = "meets_target") -> dict | None:
     return min(ok, key=lambda c: (c.get("prefill_s_fit", c["layers_recomputed"]), c["layers_recomputed"]), default=None)
 
 
+@dataclass
+class _Run:
+    """One profiling run's contexts and engines."""
+
+    cases: list
+    S: object  # the sender's engine
+    R: object  # the receiver's engine
+    preps: list  # teacher.prepare of each case
+
+    @property
+    def num_layers(self) -> int:
+        return self.R.num_layers
+
+
 def profile(st: TFSettings, out: str | Path | None, *, progress: bool = True, command: str = "") -> dict:
-    """Profile st.sender -> st.receiver; write the profile to `out` (None: return it only)."""
+    """Profile st.sender -> st.receiver; write the profile to `out` (None: return it only).
+
+    setup (cases, engines) -> both models' full prefills (baselines) -> the candidate plans scored on
+    every case -> prefill time of the frontier and of what meets a target -> the profile data."""
     st.validate()
     t0 = time.time()
+    run = _setup(st)
+    bases = _baselines(st, run, progress)
+    crit, plans, configs, sender_summary = _score_plans(st, run, bases, progress)
+    full_mean, n_t = _time_plans(st, run, bases, plans, configs)
+    data = _profile_data(st, run, bases, crit, configs, sender_summary, full_mean, n_t, command, t0)
+    if out is not None:
+        profile_file.save(data, out)
+    return data
+
+
+def _setup(st: TFSettings) -> _Run:
     fam = load_family(st.family)
     for m in (st.sender, st.receiver):
         fam.model_dir(m)
@@ -164,42 +192,54 @@ def profile(st: TFSettings, out: str | Path | None, *, progress: bool = True, co
     longest = max(len(tk.encode(tok, c.context)) for c in cases) + st.ref_tokens + 8
     S = make_engine(st.family, st.sender, teacher.engine_config(fam.model_dir(st.sender), longest, 1))
     R = make_engine(st.family, st.receiver, teacher.engine_config(fam.model_dir(st.receiver), longest, st.batch))
-    L = R.num_layers
-    preps = [teacher.prepare(tok, c, R, st.ref_tokens) for c in cases]
-    bar = tqdm(
-        total=len(preps),
+    return _Run(cases, S, R, [teacher.prepare(tok, c, R, st.ref_tokens) for c in cases])
+
+
+def _bar(st: TFSettings, total: int, unit: str, what: str, progress: bool):
+    return tqdm(
+        total=total,
         file=sys.stderr,
         disable=not progress,
-        unit="ctx",
+        unit=unit,
         dynamic_ncols=True,
-        desc=f"profile {st.family} {st.sender}->{st.receiver} baselines",
+        desc=f"profile {st.family} {st.sender}->{st.receiver} {what}",
     )
+
+
+def _baselines(st: TFSettings, run: _Run, progress: bool) -> list:
+    """Each case's full prefills on both models (teacher.baseline)."""
+    bar = _bar(st, len(run.preps), "ctx", "baselines", progress)
     bases = []
-    for p in preps:
-        bases.append(teacher.baseline(S, R, p))
+    for p in run.preps:
+        bases.append(teacher.baseline(run.S, run.R, p))
         bar.update(1)
     bar.close()
+    return bases
+
+
+def _score_plans(st: TFSettings, run: _Run, bases: list, progress: bool):
+    """Per-layer criticality -> the candidate plans -> each scored on every case and summarized:
+    ((criticality of kv, of e), plans, configs, the sender's own summary)."""
+    L = run.num_layers
     mean = lambda rows: [sum(r[l] for r in rows) / len(rows) for l in range(L)]
     crit_kv, crit_e = mean([b.crit_kv for b in bases]), mean([b.crit_e for b in bases])
     plans = teacher.candidate_plans(crit_kv, crit_e, st.stride, st.max_frac, st.max_groups)
-    bar = tqdm(
-        total=len(plans) * len(preps),
-        file=sys.stderr,
-        disable=not progress,
-        unit="cfg",
-        dynamic_ncols=True,
-        desc=f"profile {st.family} {st.sender}->{st.receiver} plans",
-    )
+    bar = _bar(st, len(plans) * len(run.preps), "cfg", "plans", progress)
     per_plan = {str(p): [] for p in plans}
-    for prep, base in zip(preps, bases):
-        sums = teacher.score_plans(R, prep, base, plans, st.batch, on_done=lambda i: bar.update(1))
+    for prep, base in zip(run.preps, bases):
+        sums = teacher.score_plans(run.R, prep, base, plans, st.batch, on_done=lambda i: bar.update(1))
         for p, s in zip(plans, sums):
             per_plan[str(p)].append(s)
     bar.close()
     receiver, sender = [b.receiver for b in bases], [b.sender for b in bases]
     configs = [config_entry(p, tg.summarize(per_plan[str(p)], receiver, sender, st.seed)) for p in plans]
     sender_summary = tg.summarize(sender, receiver, sender, st.seed)
-    # prefill time: the frontier and whatever meets a target, on the first time_cases contexts
+    return (crit_kv, crit_e), plans, configs, sender_summary
+
+
+def _time_plans(st: TFSettings, run: _Run, bases: list, plans: list, configs: list[dict]) -> tuple[float, int]:
+    """Prefill time of the frontier and of whatever meets a target, on the first time_cases contexts,
+    into configs (with the cost fit): (full prefill's mean seconds, the contexts timed)."""
     front = {
         tuple(map(tuple, f["plan"])) + (f.get("kv_correction", False),) for f in profile_file.pareto_frontier(configs)
     }
@@ -208,6 +248,7 @@ def profile(st: TFSettings, out: str | Path | None, *, progress: bool = True, co
         for i, c in enumerate(configs)
         if c["meets_target"] or c["meets_strict"] or tuple(map(tuple, c["plan"])) + (c["kv_correction"],) in front
     ]
+    R, preps = run.R, run.preps
     n_t = min(st.time_cases, len(preps))
     full_s = [teacher.time_prefill(R, preps[j], bases[j], None) for j in range(n_t)]
     full_mean = sum(full_s) / n_t
@@ -215,42 +256,35 @@ def profile(st: TFSettings, out: str | Path | None, *, progress: bool = True, co
         ts = [teacher.time_prefill(R, preps[j], bases[j], plans[i]) for j in range(n_t)]
         configs[i]["prefill_s"] = round(sum(ts) / n_t, 4)
         configs[i]["prefill_speedup"] = round(full_mean / configs[i]["prefill_s"], 3)
-    fit_cost(configs, full_mean, L)
-    reuse = configs[0]
+    fit_cost(configs, full_mean, run.num_layers)
+    return full_mean, n_t
+
+
+def _profile_data(st, run: _Run, bases, crit, configs, sender_summary, full_mean, n_t, command, t0) -> dict:
+    """The profile file's content (profile_file schema, metric teacher_forced)."""
+    L = run.num_layers
     chosen = cheapest(configs)
-    seen = [len(p.ctx) for p in preps]
-    data = {
+    return {
         "format": profile_file.FORMAT,
         "family": st.family,
         "sender": st.sender,
         "receiver": st.receiver,
-        "sender_fingerprint": S.fingerprint,
-        "receiver_fingerprint": R.fingerprint,
-        "sender_weights": S.weights,
-        "receiver_weights": R.weights,
+        "sender_fingerprint": run.S.fingerprint,
+        "receiver_fingerprint": run.R.fingerprint,
+        "sender_weights": run.S.weights,
+        "receiver_weights": run.R.weights,
         "num_layers": L,
         "stride": st.stride,
         "max_group_layers": max(st.stride, int(L * st.max_frac)),
         "max_groups": st.max_groups,
-        "dataset": {
-            "kind": "user" if st.data else "domain-text",
-            "split": "profile",
-            "samples": len(preps),
-            "seed": st.seed,
-            "context_tokens": list(st.context_tokens),
-            "context_tokens_seen": [min(seen), max(seen)],
-            "ref_tokens": st.ref_tokens,
-            "domains": sorted({c.domain for c in cases}),
-            "data": st.data or "",
-            "sample_ids": [c.id for c in cases],
-        },
+        "dataset": _dataset_entry(st, run),
         "metric": {
             "name": METRIC_NAME,
             "description": METRIC_DESCRIPTION,
             "target": tg.TARGET.describe(),
             "strict": tg.STRICT.describe(),
         },
-        "criticality": {"kv": [round(x, 5) for x in crit_kv], "e": [round(x, 5) for x in crit_e]},
+        "criticality": {"kv": [round(x, 5) for x in crit[0]], "e": [round(x, 5) for x in crit[1]]},
         "configs": configs,
         "frontier": profile_file.pareto_frontier(configs),
         "frontier_time": frontier_by_time(configs),
@@ -261,26 +295,7 @@ def profile(st: TFSettings, out: str | Path | None, *, progress: bool = True, co
             "kv_correction": chosen["kv_correction"],
             "layers_recomputed": chosen["layers_recomputed"],
         },
-        "baselines": {
-            "full_prefill": {"layers_recomputed": L, "quality": 100.0, "prefill_s": round(full_mean, 4)},
-            "full_reuse": {
-                "plan": [],
-                "layers_recomputed": 0,
-                "quality": reuse["quality"],
-                "retained_gain": reuse["retained_gain"],
-                "top1_agreement": reuse["top1_agreement"],
-                "kl": reuse["kl"],
-                "prefill_s": reuse.get("prefill_s"),
-            },
-            "sender_full_prefill": {
-                "nll": sender_summary["nll"],
-                "kl": sender_summary["kl"],
-                "top1_agreement": sender_summary["top1_agreement"],
-            },
-            "receiver_full_prefill": {
-                "nll": round(sum(r.nll for r in receiver) / sum(r.positions for r in receiver), 5)
-            },
-        },
+        "baselines": _baselines_entry(L, configs[0], bases, sender_summary, full_mean),
         "notes": (
             f"criticality-guided search: per budget of 2..{max(st.stride, int(L * st.max_frac))} layers the best "
             f"1- and {st.max_groups}-group windows, plain and K/V-corrected; prefill_s on {n_t} contexts "
@@ -291,6 +306,42 @@ def profile(st: TFSettings, out: str | Path | None, *, progress: bool = True, co
         "created": profile_file.now_utc(),
         "seconds": round(time.time() - t0, 1),
     }
-    if out is not None:
-        profile_file.save(data, out)
-    return data
+
+
+def _dataset_entry(st: TFSettings, run: _Run) -> dict:
+    seen = [len(p.ctx) for p in run.preps]
+    return {
+        "kind": "user" if st.data else "domain-text",
+        "split": "profile",
+        "samples": len(run.preps),
+        "seed": st.seed,
+        "context_tokens": list(st.context_tokens),
+        "context_tokens_seen": [min(seen), max(seen)],
+        "ref_tokens": st.ref_tokens,
+        "domains": sorted({c.domain for c in run.cases}),
+        "data": st.data or "",
+        "sample_ids": [c.id for c in run.cases],
+    }
+
+
+def _baselines_entry(L: int, reuse: dict, bases: list, sender_summary: dict, full_mean: float) -> dict:
+    """Full prefill, full reuse (configs[0], plan none) and both models' own full prefills."""
+    receiver = [b.receiver for b in bases]
+    return {
+        "full_prefill": {"layers_recomputed": L, "quality": 100.0, "prefill_s": round(full_mean, 4)},
+        "full_reuse": {
+            "plan": [],
+            "layers_recomputed": 0,
+            "quality": reuse["quality"],
+            "retained_gain": reuse["retained_gain"],
+            "top1_agreement": reuse["top1_agreement"],
+            "kl": reuse["kl"],
+            "prefill_s": reuse.get("prefill_s"),
+        },
+        "sender_full_prefill": {
+            "nll": sender_summary["nll"],
+            "kl": sender_summary["kl"],
+            "top1_agreement": sender_summary["top1_agreement"],
+        },
+        "receiver_full_prefill": {"nll": round(sum(r.nll for r in receiver) / sum(r.positions for r in receiver), 5)},
+    }

@@ -14,6 +14,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    # lazy: torch, kept out of kvrelay --help
     from kvrelay.server.launch import resolve
     from kvrelay.server.triton_repo import generate
 

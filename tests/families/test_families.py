@@ -340,16 +340,16 @@ def test_cli_list_counts_an_unreadable_profile_instead_of_crashing(families_cli,
 
     shutil.copytree(kvrelay.paths.profiles_dir() / "tiny", tmp_path / "tiny")
     (tmp_path / "tiny" / "base__broken.json").write_text("not json")
-    from kvrelay.families import cli_list
+    from kvrelay.families import report
 
-    monkeypatch.setattr(cli_list, "profiles_dir", lambda configured=None: tmp_path)
+    monkeypatch.setattr(report, "profiles_dir", lambda configured=None: tmp_path)
     assert families_cli(["models", "list"]) == 0
     line = next(l for l in capsys.readouterr().out.splitlines() if "profiles:" in l)
     assert "1 unreadable" in line, line
 
 
 def test_rebuild_report_says_whether_the_weights_were_reproduced():
-    from kvrelay.families.cli import rebuild_report
+    from kvrelay.families.report import rebuild_report
 
     assert "all 2 weights digests equal" in rebuild_report({"base": "a1", "code": "b2"}, {"base": "a1", "code": "b2"})
     r = rebuild_report({"base": "a1", "code": "b2"}, {"base": "a1", "code": "c3"})

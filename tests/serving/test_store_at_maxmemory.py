@@ -8,7 +8,7 @@ import redis
 from helpers.redis_server import RedisServer
 from kvrelay.serving.orchestrator import Orchestrator, ServeRequest
 from kvrelay.store import RedisStore
-from kvrelay.store.stats_cli import scan
+from kvrelay.store.redis_stats import scan
 
 from .conftest import deployment
 from .test_core_in_process import Collect

@@ -10,7 +10,7 @@ import pytest
 
 from kvrelay.store import RedisStore
 from kvrelay.store.base import StoreUnavailable
-from kvrelay.store.stats_cli import scan
+from kvrelay.store.redis_stats import scan
 
 from .util import FMT, ctx, make_pages
 

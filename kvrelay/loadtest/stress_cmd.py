@@ -17,7 +17,6 @@ from pathlib import Path
 
 from kvrelay.errors import KvRelayError
 from kvrelay.loadtest.options import check_url, int_range
-from kvrelay.model.synthetic import is_synthetic
 from kvrelay.server import procstats
 
 
@@ -54,12 +53,6 @@ def add_arguments(p):
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
 
 
-def _contexts(family: str, n: int):
-    from kvrelay.loadtest import stress
-
-    return stress.token_contexts(n) if is_synthetic(family) else stress.source_contexts(n)
-
-
 def _target(url: str, grpc_url: str | None) -> tuple[str, str]:
     http = check_url(url)
     host, port = http.rsplit(":", 1)
@@ -71,7 +64,7 @@ def _target(url: str, grpc_url: str | None) -> tuple[str, str]:
 
 def _served(http_url: str) -> tuple[str, list[str]]:
     """(family, models) of a running server, from the deployment its orchestrator reads."""
-    from kvrelay.serving import deployment as dp
+    from kvrelay.serving import deployment as dp  # lazy: torch, kept out of kvrelay --help
 
     try:
         with urllib.request.urlopen(f"http://{http_url}/v2/models/orchestrator_stream/config", timeout=10) as r:
@@ -87,7 +80,7 @@ def _served(http_url: str) -> tuple[str, list[str]]:
 
 
 def run(args) -> int:
-    from kvrelay.loadtest import stress
+    from kvrelay.loadtest import stress  # lazy: numpy, kept out of kvrelay --help
 
     if args.grpc_url and not args.url:
         raise KvRelayError("--grpc-url only goes with --url")
@@ -114,6 +107,7 @@ def run(args) -> int:
             family, models = _served(http)
             pid = procstats.server_pid_for_port(int(http.rsplit(":", 1)[1]))
         else:
+            # lazy: torch, kept out of kvrelay --help
             from kvrelay.server.launch import resolve, start
 
             if args.store == "redis":
@@ -140,7 +134,7 @@ def run(args) -> int:
             http,
             grpc,
             tuple(models),
-            _contexts(family, args.contexts),
+            stress.contexts(family, args.contexts),
             clients=args.clients,
             duration_s=args.duration,
             max_tokens=args.max_tokens,

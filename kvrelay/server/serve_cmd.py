@@ -29,6 +29,7 @@ def _interrupt(*_):
 
 
 def run(args) -> int:
+    # lazy: torch, kept out of kvrelay --help
     from kvrelay.server.launch import resolve
     from kvrelay.server.supervisor import Supervised
 

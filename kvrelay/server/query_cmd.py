@@ -27,7 +27,7 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from kvrelay.server import client
+    from kvrelay.server import client  # lazy: numpy, kept out of kvrelay --help
 
     context = None
     if args.context_file:

@@ -111,12 +111,12 @@ def run(args) -> int:
     from kvrelay.loadtest import runner as lr  # noqa: F401,I001
 
     if args.scenario == "goodput":
-        from kvrelay.loadtest import goodput
+        from kvrelay.loadtest import goodput  # lazy: torch, kept out of kvrelay --help
 
         _validate_goodput(args)
         interrupts_stop_cleanly()
         return goodput.run(args)
-    from kvrelay.loadtest import mixed
+    from kvrelay.loadtest import mixed  # lazy: torch, kept out of kvrelay --help
 
     return mixed.run(args)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from kvrelay.errors import KvRelayError
 from kvrelay.families import user
-from kvrelay.families.cli_list import model_lines
+from kvrelay.families.report import model_lines
 
 
 def add_arguments(p) -> None:

@@ -69,6 +69,7 @@ def _context(args) -> str:
 
 
 def run_server(args) -> int:
+    # lazy: torch, kept out of kvrelay --help
     from kvrelay.server import client
     from kvrelay.server.launch import start
     from kvrelay.serving import deployment as dp
@@ -111,6 +112,7 @@ def run_server(args) -> int:
 
 
 def run_in_process(args) -> int:
+    # lazy: torch, kept out of kvrelay --help
     from kvrelay.engines import make_engine
     from kvrelay.model.engine_api import EngineConfig, Request, SamplingParams
 

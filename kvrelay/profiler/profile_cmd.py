@@ -164,11 +164,11 @@ def run(args) -> int:
     if len(rest) != 1:
         raise KvRelayError(f"`kvrelay profile {action}` takes exactly one PROFILE.json, got {len(rest)}")
     if action == "plot":
-        from kvrelay.profiler.plot import plot
+        from kvrelay.profiler.plot import plot  # lazy: numpy, kept out of kvrelay --help
 
         print(plot(rest[0], args.out))
         return 0
-    from kvrelay.profiler.check import check
+    from kvrelay.profiler.check import check  # lazy: torch, kept out of kvrelay --help
 
     rep = check(
         rest[0],
@@ -241,7 +241,7 @@ def _layers(args, rest) -> int:
 def _profile(args) -> int:
     if args.metric == "teacher-forced":
         return _profile_tf(args)
-    from kvrelay.profiler.run import Settings, profile
+    from kvrelay.profiler.run import Settings, profile  # lazy: torch, kept out of kvrelay --help
 
     missing = [f"--{k}" for k in ("family", "sender", "receiver", "out") if not getattr(args, k)]
     if missing:
@@ -277,7 +277,7 @@ def _profile(args) -> int:
 
 
 def _tf_settings(args, sender: str, receiver: str):
-    from kvrelay.profiler.tf_run import TFSettings
+    from kvrelay.profiler.tf_run import TFSettings  # lazy: torch, kept out of kvrelay --help
 
     return TFSettings(
         family=args.family,
@@ -350,7 +350,9 @@ def _plan_text(c: dict) -> str:
 
 
 def _profile_tf(args) -> int:
+    # lazy: torch, kept out of kvrelay --help
     from kvrelay.profiler import tf_run
+    from kvrelay.profiler.plot import plot
 
     if not args.family:
         raise KvRelayError("kvrelay profile needs --family (e.g. --family smol-lora --sender base --receiver code)")
@@ -394,7 +396,5 @@ def _profile_tf(args) -> int:
         print(_tf_line(data) + f"  -> {out}", flush=True)
         if args.all_pairs:
             print(f"[{i + 1}/{len(pairs)}] pairs done; about {eta / 60:.0f} min left", file=sys.stderr, flush=True)
-        from kvrelay.profiler.plot import plot
-
         plot(out, None)
     return 0
