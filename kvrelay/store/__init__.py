@@ -10,18 +10,38 @@ See kvrelay.store.base for the interface and its guarantees, redis_store for the
 
 from __future__ import annotations
 
+import importlib
 import os
 import secrets
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 from kvrelay.errors import KvRelayError
 from kvrelay.paths import home
 from kvrelay.units import parse_bytes
 
-from .base import PageStore, StoreUnavailable, StreamedPages
-from .memory import MemoryStore
-from .redis_store import RedisStore
+if TYPE_CHECKING:
+    from .base import PageStore, StoreUnavailable, StreamedPages
+    from .memory import MemoryStore
+    from .redis_store import RedisStore
+
+# lazy: the stores hold pages as tensors (torch); `kvrelay --help` reaches this package through
+# `kvrelay store stats`, which scans Redis keys and needs none of them.
+_STORES = {
+    "PageStore": "base",
+    "StoreUnavailable": "base",
+    "StreamedPages": "base",
+    "MemoryStore": "memory",
+    "RedisStore": "redis_store",
+}
+
+
+def __getattr__(name: str):
+    if name in _STORES:
+        return getattr(importlib.import_module(f"{__name__}.{_STORES[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "PageStore",
@@ -65,6 +85,8 @@ def open_store(spec: str) -> PageStore:
         raise KvRelayError("empty page store spec: use memory, memory:<size> or redis://host:port/db")
     spec = spec.strip()
     if spec == "memory" or spec.startswith("memory:"):
+        from .memory import MemoryStore  # lazy: torch (see _STORES)
+
         return MemoryStore(parse_bytes(spec[len("memory:") :]) if ":" in spec else DEFAULT_MEMORY_BYTES)
     parts = urlsplit(spec)
     if parts.scheme in ("redis", "rediss"):
@@ -91,5 +113,7 @@ def open_store(spec: str) -> PageStore:
             raise KvRelayError(
                 f"page store spec {spec!r}: unknown options {sorted(opts)} (timeout, ttl, prefix, key_file)"
             )
+        from .redis_store import RedisStore  # lazy: torch (see _STORES)
+
         return RedisStore(urlunsplit(parts._replace(query="")), **kwargs)
     raise KvRelayError(f"unknown page store {spec!r}: use memory, memory:<size> or redis://host:port/db")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-from kvrelay.store.redis_store import _esc
+from kvrelay.store.redis_names import esc as _esc
 
 
 def scan(r, prefix: str) -> dict:

@@ -30,12 +30,13 @@ import time
 import uuid
 from collections.abc import Sequence
 from contextlib import contextmanager
-from urllib.parse import quote, urlsplit, urlunsplit
 
 from kvrelay.errors import KvRelayError
 from kvrelay.model.kv_format import KVPages, PageCorrupt, PageFormat, pack_tensor, unpack_tensor
 
 from .base import PageStore, StoreUnavailable
+from .redis_names import esc as _esc
+from .redis_names import redact
 
 _DROP = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -48,19 +49,6 @@ return 1
 
 PUT_CHUNK_PAGES = 16  # pages per pipeline round trip when writing
 PENDING_TTL_S = 300  # a value not yet committed by its page's marker expires after this
-
-
-def _esc(s: str) -> str:
-    return quote(s, safe="")
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for messages and metrics."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class _Handle:

@@ -13,7 +13,7 @@ import json
 
 from kvrelay.errors import KvRelayError
 from kvrelay.store.redis_stats import scan
-from kvrelay.store.redis_store import redact
+from kvrelay.store.redis_names import redact
 
 
 def add_arguments(p):
