@@ -19,9 +19,17 @@ ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 
 
 def random_adapter(
-    base_dir: Path, out: Path, rank: int = 16, alpha: int = 32, seed: int = 0, targets: tuple[str, ...] = ALL_LINEAR
+    base_dir: Path,
+    out: Path,
+    rank: int = 16,
+    alpha: int = 32,
+    seed: int = 0,
+    targets: tuple[str, ...] = ALL_LINEAR,
+    layers: tuple[int, ...] | None = None,
+    scale: float = 0.002,
 ) -> Path:
-    """One adapter over the base at base_dir (its config.json gives the shapes); kept if present."""
+    """One adapter over the base at base_dir (its config.json gives the shapes); kept if present.
+    `layers`: PEFT's layers_to_transform (None = every layer); `scale`: of B's entries."""
     import torch
     from safetensors.torch import save_file
 
@@ -31,12 +39,12 @@ def random_adapter(
     cfg = read_hf_config(base_dir)
     g = torch.Generator().manual_seed(seed)
     tensors = {}
-    for layer in range(cfg["num_hidden_layers"]):
+    for layer in range(cfg["num_hidden_layers"]) if layers is None else layers:
         for proj in targets:
             n_out, n_in = ck.projection_shape(cfg, proj)
             name = f"base_model.model.model.layers.{layer}.{ck.PROJECTIONS[proj]}.{proj}"
             tensors[name + ".lora_A.weight"] = torch.randn(rank, n_in, generator=g) / n_in**0.5
-            tensors[name + ".lora_B.weight"] = torch.randn(n_out, rank, generator=g) * 0.002
+            tensors[name + ".lora_B.weight"] = torch.randn(n_out, rank, generator=g) * scale
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(tmp / "adapter_model.safetensors"))
@@ -52,6 +60,7 @@ def random_adapter(
                 "bias": "none",
                 "base_model_name_or_path": None,
                 "inference_mode": True,
+                **({} if layers is None else {"layers_to_transform": list(layers)}),
             },
             indent=1,
         )
@@ -60,9 +69,21 @@ def random_adapter(
     return out
 
 
-def random_adapters(base_dir: Path, n: int, rank: int = 16, key: str = "") -> list[Path]:
-    """n adapters over base_dir, cached per (key, rank, index)."""
+def random_adapters(
+    base_dir: Path,
+    n: int,
+    rank: int = 16,
+    key: str = "",
+    layers: tuple[int, ...] | None = None,
+    scale: float = 0.002,
+) -> list[Path]:
+    """n adapters over base_dir, cached per (key, rank, layers as a range, scale, index)."""
     root = paths.home() / "bench-adapters" / (key or Path(base_dir).name)
+    tag = f"r{rank}" + ("" if layers is None else f"-l{min(layers)}-{max(layers)}")
+    tag += "" if scale == 0.002 else f"-s{scale:g}"
     return [
-        random_adapter(base_dir, root / f"r{rank}-{i:02d}", rank=rank, alpha=2 * rank, seed=1000 + i) for i in range(n)
+        random_adapter(
+            base_dir, root / f"{tag}-{i:02d}", rank=rank, alpha=2 * rank, seed=1000 + i, layers=layers, scale=scale
+        )
+        for i in range(n)
     ]
