@@ -60,6 +60,12 @@ def add_arguments(p):
         "--zipf", type=float, default=0.5, help="Zipf exponent of context popularity (0 = uniform; default 0.5)"
     )
     p.add_argument(
+        "--variant-zipf",
+        type=float,
+        default=0.0,
+        help="Zipf exponent of model popularity, in the deployment's order (0 = uniform, the default)",
+    )
+    p.add_argument(
         "--rate", type=float, help="Poisson arrivals per second (default: closed loop, each user back-to-back)"
     )
     p.add_argument("--seed", type=int, default=0)

@@ -149,6 +149,7 @@ def _plan_mixed(args, url: str | None) -> MixedPlan:
         context_tokens=tuple(args.context_tokens),
         max_tokens=tuple(args.max_tokens),
         zipf_s=args.zipf,
+        variant_zipf_s=args.variant_zipf,
         rate=args.rate,
         seed=args.seed,
         warmup=args.warmup,
@@ -211,8 +212,14 @@ def _report_mixed(args, url: str | None, plan: MixedPlan, runs: dict) -> int:
     both = {"off", "on"} <= set(runs)
     quality = report.quality(runs["off"].records, runs["on"].records, args.quality_samples, args.seed) if both else None
     cross = report.cross_model(runs["off"].records, runs["on"].records) if both else None
-    if "on" in modes and modes["on"]["ok"] and not any(modes["on"]["routes"].get(k) for k in ("reuse", "restore")):
-        warnings.append("sharing on served no request from the store: check profiles and the routes above")
+    on = modes.get("on")
+    if (
+        on
+        and on["ok"]
+        and not on["shared_lower_layers_rate"]
+        and not any(on["routes"].get(k) for k in ("reuse", "restore"))
+    ):
+        warnings.append("sharing on reused no KV (no store route, no shared lower layers): check profiles and routes")
     for m, r in runs.items():
         with open(out_dir / f"requests_{m}.jsonl", "w", encoding="utf-8") as f:
             for rec in sorted(r.records, key=lambda x: x["index"]):

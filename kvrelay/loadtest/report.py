@@ -80,6 +80,9 @@ def summarize(records: list[dict], window_s: float) -> dict:
     reasons = Counter(f"{r.get('route') or '?'}: {r.get('route_reason') or ''}".rstrip(": ") for r in ok)
     reused = [r for r in ok if r.get("route") == "reuse"]
     from_store = sum(1 for r in ok if r.get("route") in ("reuse", "restore"))
+    # exact lower-layer sharing inside one engine (lora = "unmerged"): a full-prefill route whose
+    # lowest layers came from another model's blocks
+    shared = sum(1 for r in ok if r.get("route") not in ("reuse", "restore") and r.get("reused_tokens"))
     errors = Counter((r.get("error") or "?")[:200] for r in records if not r.get("ok"))
     return {
         "requests": len(records),
@@ -100,6 +103,7 @@ def summarize(records: list[dict], window_s: float) -> dict:
             "mean": _ms(sum(lat) / len(lat)) if lat else None,
         },
         "reuse_rate": round(from_store / len(ok), 4) if ok else 0.0,
+        "shared_lower_layers_rate": round(shared / len(ok), 4) if ok else 0.0,
         "mean_layers_recomputed": round(sum(r.get("recomputed_layers") or 0 for r in reused) / len(reused), 3)
         if reused
         else None,

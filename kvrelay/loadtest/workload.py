@@ -1,7 +1,8 @@
 """The load-test workload: a pool of long shared contexts and a seeded request sequence over it.
 
 Each request picks a context by a Zipf law over the pool (rank k drawn with weight 1 / k^s; s = 0 is
-uniform), a variant uniformly over the deployment's models, a question (the context's own task
+uniform), a variant uniformly over the deployment's models (or by a Zipf law of its own, in
+deployment order: S-LoRA's popular-adapters workload), a question (the context's own task
 question or a generic one) and a short output length (8-32 tokens by default). Arrivals are closed
 loop (every user sends its next request as soon as its last one is answered) or Poisson at a given
 rate. Everything is drawn from `random.Random(seed)`, so two runs with the same spec (sharing off,
@@ -43,6 +44,7 @@ class WorkloadSpec:
     context_tokens: tuple[int, int] = (2048, 4000)
     max_tokens: tuple[int, int] = (8, 16)
     zipf_s: float = 0.5
+    variant_zipf_s: float = 0.0  # Zipf exponent of model popularity, in deployment order (0 = uniform)
     rate: float | None = None  # Poisson arrivals per second; None = closed loop
     seed: int = 0
     tenant: str = "loadtest"
@@ -59,8 +61,8 @@ class WorkloadSpec:
         a, b = self.max_tokens
         if not 1 <= a <= b:
             raise KvRelayError(f"max tokens must satisfy 1 <= lo <= hi, got {a}-{b}")
-        if self.zipf_s < 0:
-            raise KvRelayError(f"the Zipf exponent must be >= 0, got {self.zipf_s}")
+        if self.zipf_s < 0 or self.variant_zipf_s < 0:
+            raise KvRelayError(f"Zipf exponents must be >= 0, got {self.zipf_s} and {self.variant_zipf_s}")
         if self.rate is not None and not self.rate > 0:
             raise KvRelayError(f"--rate must be > 0 requests/s, got {self.rate}")
         if self.warmup < 0:
@@ -169,10 +171,14 @@ def generate(spec: WorkloadSpec, contexts: list[Context]) -> list[Request]:
         raise KvRelayError("no contexts to draw requests from")
     rng = random.Random(f"kvrelay-loadtest:{spec.seed}")
     weights = zipf_weights(len(contexts), spec.zipf_s)
+    popularity = zipf_weights(len(spec.models), spec.variant_zipf_s)
     out, t = [], 0.0
     for i in range(spec.requests):
         ctx = contexts[rng.choices(range(len(contexts)), weights=weights)[0]]
-        model = spec.models[rng.randrange(len(spec.models))]
+        if spec.variant_zipf_s:  # (uniform draws stay as they were: same seed, same sequence)
+            model = spec.models[rng.choices(range(len(spec.models)), weights=popularity)[0]]
+        else:
+            model = spec.models[rng.randrange(len(spec.models))]
         question = ctx.questions[rng.randrange(len(ctx.questions))]
         max_tokens = rng.randint(*spec.max_tokens)
         arrival = None

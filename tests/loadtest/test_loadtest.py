@@ -52,6 +52,14 @@ def test_contexts_follow_zipf_and_variants_are_uniform():
     assert set(by_model) == set(MODELS) and all(abs(n - 2000) < 200 for n in by_model.values())
 
 
+def test_variants_follow_their_own_zipf_when_asked():
+    models = tuple(f"m{i:02d}" for i in range(32))
+    reqs = wl.generate(spec(models=models, requests=8000, variant_zipf_s=1.0), contexts())
+    by_model, w = Counter(r.model for r in reqs), wl.zipf_weights(32, 1.0)
+    for i, m in enumerate(models):  # within 5 binomial standard deviations of the Zipf share
+        assert abs(by_model[m] - 8000 * w[i]) < 5 * math.sqrt(8000 * w[i] * (1 - w[i])) + 1, (m, by_model)
+
+
 def test_same_seed_same_sequence_other_seed_differs():
     a, b = wl.generate(spec(seed=7), contexts()), wl.generate(spec(seed=7), contexts())
     assert a == b
@@ -76,6 +84,7 @@ def test_spec_validation():
         dict(context_tokens=(10, 20)),
         dict(max_tokens=(9, 8)),
         dict(zipf_s=-1),
+        dict(variant_zipf_s=-0.5),
         dict(rate=0.0),
         dict(models=()),
     ):
@@ -186,6 +195,10 @@ def test_summarize_and_compare():
     off = report.summarize([rec(0), rec(1)], window_s=2.0)
     c = report.compare({"off": off, "on": s})
     assert c["throughput_ratio"] == 1.5
+    # a full-prefill route whose lower layers came from another model's blocks counts as shared
+    shared = report.summarize([rec(0), {**rec(1), "reused_tokens": 96}, {**rec(2), "reused_tokens": 0}], window_s=1.0)
+    assert shared["shared_lower_layers_rate"] == pytest.approx(1 / 3, abs=1e-4) and shared["reuse_rate"] == 0.0
+    assert s["shared_lower_layers_rate"] == 0.0  # store routes are counted as reuse, not here
 
 
 def test_quality_compares_reuse_served_requests_with_sharing_off():
