@@ -82,7 +82,8 @@ def summarize(records: list[dict], window_s: float) -> dict:
     from_store = sum(1 for r in ok if r.get("route") in ("reuse", "restore"))
     # exact lower-layer sharing inside one engine (lora = "unmerged"): a full-prefill route whose
     # lowest layers came from another model's blocks
-    shared = sum(1 for r in ok if r.get("route") not in ("reuse", "restore") and r.get("reused_tokens"))
+    # (a `prefix` route's reused tokens are the model's own cached blocks)
+    shared = sum(1 for r in ok if r.get("route") == "full" and r.get("reused_tokens"))
     errors = Counter((r.get("error") or "?")[:200] for r in records if not r.get("ok"))
     return {
         "requests": len(records),

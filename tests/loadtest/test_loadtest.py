@@ -196,8 +196,9 @@ def test_summarize_and_compare():
     c = report.compare({"off": off, "on": s})
     assert c["throughput_ratio"] == 1.5
     # a full-prefill route whose lower layers came from another model's blocks counts as shared
-    shared = report.summarize([rec(0), {**rec(1), "reused_tokens": 96}, {**rec(2), "reused_tokens": 0}], window_s=1.0)
-    assert shared["shared_lower_layers_rate"] == pytest.approx(1 / 3, abs=1e-4) and shared["reuse_rate"] == 0.0
+    recs = [rec(0), {**rec(1), "reused_tokens": 96}, {**rec(2, route="prefix"), "reused_tokens": 96}, rec(3)]
+    shared = report.summarize(recs, window_s=1.0)  # own prefix hits are not sharing
+    assert shared["shared_lower_layers_rate"] == 0.25 and shared["reuse_rate"] == 0.0
     assert s["shared_lower_layers_rate"] == 0.0  # store routes are counted as reuse, not here
 
 
