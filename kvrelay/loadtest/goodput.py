@@ -386,7 +386,7 @@ def run(args) -> int:
         print(json.dumps(summary, indent=1) if args.json else text_report(summary))
         return 1 if summary["errors"] else 0
     t_start = time.monotonic()
-    dep, ids, st, sc, pairs = _setup(args, report.log)
+    dep, ids, sc, pairs = _setup(args, report.log)
     bounds = {p.name: sc.bound(p) for p in pairs}
     results = {
         p.name: {
@@ -402,12 +402,12 @@ def run(args) -> int:
     }
     full_modes, references = _measure_full(sc, dep, ids, pairs, bounds)
     _measure_sharing(sc, dep, ids, pairs, bounds, references, results)
-    return _report(args, dep, st, sc, results, full_modes, t_start)
+    return _report(args, dep, sc, results, full_modes, t_start)
 
 
 def _setup(args, log):
     """The deployment and its identities, the settings, the results directory, the context pool and
-    the pairs with their plans: (dep, ids, st, scenario, pairs)."""
+    the pairs with their plans: (dep, ids, scenario, pairs); the settings are scenario.st."""
     dep, _ = resolve(family=args.family, deployment=args.deployment)
     ids = dp.identities(dep)
     st = settings_from(args, min(i.max_model_len for i in ids.values()))
@@ -428,7 +428,7 @@ def _setup(args, log):
         dep = dataclasses.replace(dep, e_layers="all")  # K/V-corrected plans read the donor's E at every layer
         ids = dp.identities(dep)
         log("K/V-corrected plans: engines keep E at every layer (e_layers = all)")
-    return dep, ids, st, sc, pairs
+    return dep, ids, sc, pairs
 
 
 def _serve(sc: Scenario, d, what: str):
@@ -494,10 +494,10 @@ def _measure_sharing(sc: Scenario, dep, ids: dict, pairs: list[Pair], bounds: di
             server.stop()
 
 
-def _report(args, dep, st: Settings, sc: Scenario, results: dict, full_modes: dict, t_start: float) -> int:
+def _report(args, dep, sc: Scenario, results: dict, full_modes: dict, t_start: float) -> int:
     """The summary (SLO, goodputs, ratios, plots; the run's pool, settings and files), requests.jsonl
     and summary.json written, the summary printed; exit status 1 when any request failed."""
-    out_dir = sc.out
+    out_dir, st = sc.out, sc.st
     summary = summarize(results, full_modes, st, out_dir)
     summary.update(
         {

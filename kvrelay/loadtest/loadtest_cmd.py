@@ -130,5 +130,7 @@ def run(args) -> int:
 def _validate_goodput(args) -> None:
     if args.url or args.mode:
         raise KvRelayError("the goodput scenario starts its own servers: no --url or --mode")
+    if args.variant_zipf:
+        raise KvRelayError("--variant-zipf is for the mixed scenario: goodput asks each pair's receiver")
     if args.plan and args.profiles:
         raise KvRelayError("--plan writes its own profiles: give --plan or --profiles, not both")

@@ -103,6 +103,12 @@ def test_bad_pairs_are_refused_before_anything_starts(tiny_family):
     assert r.returncode == 2 and "SENDER:RECEIVER of two different models" in r.stderr, r.stderr
 
 
+def test_variant_popularity_is_refused_for_goodput():
+    cmd = [sys.executable, "-m", "kvrelay.cli", "loadtest", "--scenario", "goodput", "--family", "tiny"]
+    r = subprocess.run([*cmd, "--variant-zipf", "1.0"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--variant-zipf is for the mixed scenario" in r.stderr, r.stderr
+
+
 def test_an_earlier_run_is_resummarized_at_another_slo_without_measuring(result):
     s, out, _ = result
     r = subprocess.run(
