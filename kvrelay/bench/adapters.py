@@ -69,6 +69,12 @@ def random_adapter(
     return out
 
 
+def _layers_tag(layers: tuple[int, ...]) -> str:
+    """A cache name that tells any two layer sets apart: a run as lo-hi, anything else listed."""
+    lo, hi = min(layers), max(layers)
+    return f"{lo}-{hi}" if sorted(layers) == list(range(lo, hi + 1)) else "_".join(map(str, sorted(layers)))
+
+
 def random_adapters(
     base_dir: Path,
     n: int,
@@ -77,9 +83,9 @@ def random_adapters(
     layers: tuple[int, ...] | None = None,
     scale: float = 0.002,
 ) -> list[Path]:
-    """n adapters over base_dir, cached per (key, rank, layers as a range, scale, index)."""
+    """n adapters over base_dir, cached per (key, rank, layers, scale, index)."""
     root = paths.home() / "bench-adapters" / (key or Path(base_dir).name)
-    tag = f"r{rank}" + ("" if layers is None else f"-l{min(layers)}-{max(layers)}")
+    tag = f"r{rank}" + ("" if layers is None else f"-l{_layers_tag(layers)}")
     tag += "" if scale == 0.002 else f"-s{scale:g}"
     return [
         random_adapter(
