@@ -61,8 +61,10 @@ class WorkloadSpec:
         a, b = self.max_tokens
         if not 1 <= a <= b:
             raise KvRelayError(f"max tokens must satisfy 1 <= lo <= hi, got {a}-{b}")
-        if self.zipf_s < 0 or self.variant_zipf_s < 0:
-            raise KvRelayError(f"Zipf exponents must be >= 0, got {self.zipf_s} and {self.variant_zipf_s}")
+        if self.zipf_s < 0:
+            raise KvRelayError(f"the Zipf exponent of contexts (--zipf) must be >= 0, got {self.zipf_s}")
+        if self.variant_zipf_s < 0:
+            raise KvRelayError(f"the Zipf exponent of models (--variant-zipf) must be >= 0, got {self.variant_zipf_s}")
         if self.rate is not None and not self.rate > 0:
             raise KvRelayError(f"--rate must be > 0 requests/s, got {self.rate}")
         if self.warmup < 0:
